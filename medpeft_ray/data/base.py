@@ -1,0 +1,70 @@
+"""The in-memory form every dataset is turned into before training.
+
+Each dataset module decodes its own file format once into these arrays (uint8 grey images of one
+size, float labels, group ids for patient-disjoint subsets), so the training loop has exactly one
+data path whatever the source format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Task = Literal["multilabel", "multiclass"]
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """One split: ``images`` (N, H, W) uint8, ``labels`` (N, K) float32 0/1, ``groups`` (N,) ids.
+
+    ``groups`` holds the patient (or lesion) each image belongs to, so that label-ratio subsets
+    never split one patient's images.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if self.images.ndim != 3 or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, H, W), got {self.images.dtype} {self.images.shape}")
+        if self.labels.shape[0] != n or self.groups.shape[0] != n:
+            raise ValueError(
+                f"images ({n}), labels ({self.labels.shape[0]}) and groups ({self.groups.shape[0]}) differ in length"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: np.ndarray) -> "LabeledImages":
+        return LabeledImages(self.images[index], self.labels[index], self.groups[index])
+
+    def positives_per_class(self) -> np.ndarray:
+        return self.labels.sum(axis=0).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """Train, validation and test splits of one dataset, with its class names and task type."""
+
+    train: LabeledImages
+    val: LabeledImages
+    test: LabeledImages
+    class_names: tuple[str, ...]
+    task: Task
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Images and positives per class for each split (what ``data check`` style reports show)."""
+        out: dict[str, dict[str, int]] = {}
+        for split_name in ("train", "val", "test"):
+            split: LabeledImages = getattr(self, split_name)
+            counts = split.positives_per_class()
+            out[split_name] = {"images": len(split), **{c: int(n) for c, n in zip(self.class_names, counts)}}
+        return out

@@ -1,0 +1,74 @@
+"""The decode-once cache: decoded, resized uint8 arrays stored once and memory-mapped after.
+
+An entry is keyed by a content hash of everything that determines its bytes (dataset, options,
+image size, file list with sizes and mtimes), so every trial on a node, and later searches,
+reuse it, and a changed input file makes a new entry instead of a stale read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medpeft_ray.data.base import DatasetSplits, LabeledImages
+
+_FORMAT_VERSION = 1
+
+
+def cache_root() -> Path:
+    """``$MEDPEFT_CACHE``, else ``~/.cache/medpeft_ray``."""
+    return Path(os.environ.get("MEDPEFT_CACHE", Path.home() / ".cache" / "medpeft_ray"))
+
+
+def content_key(parts: dict[str, Any]) -> str:
+    blob = json.dumps({"format": _FORMAT_VERSION, **parts}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def cached_splits(key_parts: dict[str, Any], build: Callable[[], DatasetSplits]) -> DatasetSplits:
+    """Returns the cached splits for ``key_parts``, building and storing them on a miss.
+
+    The entry is written to a temporary directory and renamed into place, so concurrent trials
+    on one node never read a half-written entry; the loser of a race simply discards its copy.
+    """
+    entry = cache_root() / content_key(key_parts)
+    if (entry / "meta.json").is_file():
+        return _load(entry)
+    splits = build()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    try:
+        for name in ("train", "val", "test"):
+            split: LabeledImages = getattr(splits, name)
+            np.save(tmp / f"{name}_images.npy", split.images)
+            np.save(tmp / f"{name}_labels.npy", split.labels)
+            np.save(tmp / f"{name}_groups.npy", split.groups)
+        meta = {"class_names": list(splits.class_names), "task": splits.task, "key": key_parts}
+        (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+        os.rename(tmp, entry)
+    except OSError:
+        # Another process won the race (entry exists) or the disk is full: the in-memory copy
+        # is still good for this run.
+        for f in tmp.glob("*"):
+            f.unlink()
+        tmp.rmdir()
+    return splits
+
+
+def _load(entry: Path) -> DatasetSplits:
+    meta = json.loads((entry / "meta.json").read_text())
+
+    def split(name: str) -> LabeledImages:
+        return LabeledImages(
+            np.load(entry / f"{name}_images.npy", mmap_mode="r"),
+            np.load(entry / f"{name}_labels.npy"),
+            np.load(entry / f"{name}_groups.npy", allow_pickle=False),
+        )
+
+    return DatasetSplits(split("train"), split("val"), split("test"), tuple(meta["class_names"]), meta["task"])

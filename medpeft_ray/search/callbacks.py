@@ -1,0 +1,158 @@
+"""Driver-side Tune callbacks: write each finished trial to the leaderboard, and show progress.
+
+They run in the driver process, so every leaderboard write of a search comes from one process,
+as soon as the trial ends (a driver killed later loses no finished trial).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+
+from medpeft_ray.config import SearchConfig
+from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
+
+
+@dataclass
+class _TrialProgress:
+    started_at: float
+    best: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+    epochs_run: int = 0
+    number: int = 0
+
+
+@dataclass
+class TrialSummary:
+    """What the search remembers of a finished trial (for its closing table and timings)."""
+
+    record: TrialRecord
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def error_summary(text: str | None) -> str:
+    """The one line of a trial's error trace that says what went wrong."""
+    if not text:
+        return "trial failed (no error recorded)"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for pattern in (r"(?:TrialFailed|DataError|MedpeftError|ConfigError): (.*)", r"^(\w*Error: .*)$"):
+        for line in reversed(lines):
+            match = re.search(pattern, line)
+            if match:
+                return match.group(1)[:500]
+    return lines[-1][:500]
+
+
+class LeaderboardCallback(Callback):
+    """Records each trial's best epoch, cost and config when the trial completes, stops or fails."""
+
+    def __init__(self, config: SearchConfig, label_ratio: float, db_url: str, console: Any = None) -> None:
+        self.config = config
+        self.label_ratio = label_ratio
+        self.db_url = db_url
+        self.console = console
+        self._store: LeaderboardStore | None = None
+        self.metric = config.search.metric
+        self.maximize = config.search.resolved_mode == "max"
+        self.progress: dict[str, _TrialProgress] = {}
+        self.finished: list[TrialSummary] = []
+
+    # -- Tune hooks ---------------------------------------------------------------------------
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.progress[trial.trial_id] = _TrialProgress(started_at=time.time(), number=len(self.progress) + 1)
+        self._say(trial, f"started  {self._params(trial)}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        p = self._state(trial)
+        p.last, p.epochs_run = result, int(result.get("epoch", p.epochs_run + 1))
+        value = result.get(self.metric)
+        if value is not None and math.isfinite(value):
+            best = None if p.best is None else p.best.get(self.metric)
+            if best is None or (value > best if self.maximize else value < best):
+                p.best = result
+        self._say(trial, f"epoch {p.epochs_run}/{self.config.train.epochs}  {self.metric}={_fmt(value)}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        p = self._state(trial)
+        status = "completed" if p.epochs_run >= self.config.train.epochs else "stopped"
+        self._finish(trial, status, None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "failed", error_summary(trial.get_error()))
+
+    # Tune pickles its callbacks with the experiment state: the database engine and the console
+    # are process-local and made again where needed.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None, "console": None}
+
+    @property
+    def store(self) -> LeaderboardStore:
+        if self._store is None:
+            self._store = LeaderboardStore(self.db_url)
+        return self._store
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _state(self, trial: Any) -> _TrialProgress:
+        return self.progress.setdefault(trial.trial_id, _TrialProgress(started_at=time.time(), number=len(self.progress) + 1))
+
+    def _params(self, trial: Any) -> str:
+        return " ".join(f"{k}={_fmt(v)}" for k, v in sorted(trial.config.items()))
+
+    def _say(self, trial: Any, message: str) -> None:
+        if self.console is not None:
+            n = self._state(trial).number
+            self.console.print(
+                f"[dim]\\[ratio {self.label_ratio:g}][/dim] trial {n}/{self.config.search.num_samples} {message}",
+                highlight=False,
+            )
+
+    def _finish(self, trial: Any, status: str, error: str | None) -> None:
+        p = self._state(trial)
+        ended = time.time()
+        best, last = p.best or {}, p.last or {}
+        sampled = dict(trial.config)
+        first_step = last.get("first_step_at")
+        record = TrialRecord(
+            experiment=self.config.experiment or "search",
+            trial_id=trial.trial_id,
+            dataset=self.config.dataset.name,
+            label_ratio=self.label_ratio,
+            method=self.config.method.name,
+            backbone=self.config.model.backbone,
+            status=status,  # type: ignore[arg-type]
+            config=self.config.trial_config(self.label_ratio, sampled).model_dump(mode="json"),
+            params=sampled,
+            val_auroc=best.get("val_auroc"),
+            val_loss=best.get("val_loss"),
+            best_epoch=best.get("epoch"),
+            epochs_run=p.epochs_run,
+            trainable_params=last.get("trainable_params"),
+            total_params=last.get("total_params"),
+            wall_time_s=ended - p.started_at,
+            startup_s=(first_step - p.started_at) if first_step else None,
+            train_time_s=last.get("train_time_s"),
+            checkpoint=best.get("checkpoint_path"),
+            error=error,
+        )
+        self.store.record(record)
+        self.finished.append(TrialSummary(record, sampled))
+        if status == "failed":
+            self._say(trial, f"[red]failed[/red]: {error}")
+        else:
+            startup = f", start-up {record.startup_s:.0f} s" if record.startup_s is not None else ""
+            self._say(
+                trial,
+                f"{status}: best {self.metric}={_fmt(best.get(self.metric))} at epoch {record.best_epoch} "
+                f"({record.wall_time_s:.0f} s{startup})",
+            )

@@ -1,0 +1,323 @@
+"""The per-worker training loop: backbone + PEFT method under a DeepSpeed engine, eval, checkpoints.
+
+``run_training`` is the whole loop for one worker of one trial. It does not know about Ray: the
+Ray Train worker function (:mod:`medpeft_ray.train.worker`) calls it with Ray's rank, device and
+report function, and a plain process can call it with its own (for single runs and benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medpeft_ray.config import TrainConfig, TrialConfig
+from medpeft_ray.data import label_ratio_index, load_splits
+from medpeft_ray.errors import TrialFailed
+from medpeft_ray.methods import count_parameters, prepare_model
+from medpeft_ray.models import build_backbone
+from medpeft_ray.train.checkpoint import load_checkpoint_into, save_checkpoint
+from medpeft_ray.train.metrics import mean_auroc
+
+log = logging.getLogger(__name__)
+
+#: ``report(metrics, checkpoint_dir)``: called once per epoch on every rank; the directory is only
+#: given on rank 0 and only lives until the call returns.
+ReportFn = Callable[[dict[str, Any], Path | None], None]
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    #: a checkpoint directory to resume from (a restarted worker), or None
+    resume_from: Path | None = None
+
+
+def resolve_precision(train: TrainConfig, use_gpu: bool) -> str:
+    """``auto`` means bf16 on GPUs and fp32 on CPUs (DeepSpeed's CPU accelerator has no fp16)."""
+    if train.precision == "auto":
+        return "bf16" if use_gpu else "fp32"
+    return train.precision
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a trial: batch sizes, precision, ZeRO stage and clipping."""
+    accumulation = train.deepspeed.gradient_accumulation_steps
+    micro_batch = max(1, train.batch_size // (world_size * accumulation))
+    precision = resolve_precision(train, use_gpu)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "zero_optimization": {"stage": train.deepspeed.zero_stage},
+        "steps_per_print": 10**9,  # progress is reported per epoch, not in DeepSpeed's log
+        "wall_clock_breakdown": False,
+    }
+    if train.deepspeed.gradient_clipping > 0:
+        config["gradient_clipping"] = train.deepspeed.gradient_clipping
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return config
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters; no weight decay on biases and norms (1-d)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+    return torch.optim.AdamW(groups, lr=train.lr)
+
+
+def warmup_cosine(train: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-iteration lr factor: linear warm-up for ``warmup_epochs``, then cosine to ``min_lr``."""
+    total = max(1, train.epochs * steps_per_epoch)
+    warmup = int(round(train.warmup_epochs * steps_per_epoch))
+    floor = train.min_lr / train.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, kind: str) -> torch.Tensor:
+    """Batched augmentation of (B, 1, H, W) floats on their own device (the GPU in GPU trials).
+
+    ``crop_flip``: random-resized crop (scale 0.6-1 of the side) and horizontal flip, as one
+    ``grid_sample``; ``flip``: horizontal flip only; ``none``: unchanged.
+    """
+    if kind == "none":
+        return images
+    b = images.shape[0]
+    rand = torch.rand(b, 4, generator=generator).to(images.device)
+    flip = torch.where(rand[:, 1] < 0.5, -1.0, 1.0).to(images.device)
+    if kind == "flip":
+        return torch.where(flip.view(b, 1, 1, 1) < 0, images.flip(-1), images)
+    scale = 0.6 + 0.4 * rand[:, 0]
+    shift_x = (1 - scale) * (2 * rand[:, 2] - 1)
+    shift_y = (1 - scale) * (2 * rand[:, 3] - 1)
+    theta = torch.zeros(b, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = scale * flip
+    theta[:, 0, 2] = shift_x
+    theta[:, 1, 1] = scale
+    theta[:, 1, 2] = shift_y
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class Batches:
+    """Turns cached uint8 images into normalised 3-channel batches on the worker's device."""
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, device: torch.device, mean: float, std: float, augment: str = "none"
+    ):
+        self.images = torch.from_numpy(np.array(images, copy=True))  # a private, writable copy of the mmap
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
+        if device.type == "cuda":
+            self.images = self.images.pin_memory()
+        self.device, self.mean, self.std, self.augment = device, mean, std, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, index: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[index].to(self.device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+        if generator is not None:
+            x = augment(x, generator, self.augment)
+        x = x.sub_(self.mean).div_(self.std).expand(-1, 3, -1, -1).to(dtype)
+        return x, self.labels[index].to(self.device, non_blocking=True)
+
+
+def ensure_process_group(backend: str) -> None:
+    """A one-process group for runs outside Ray Train (DeepSpeed always needs one)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    for name in ("RANK", "LOCAL_RANK"):
+        os.environ.setdefault(name, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group(backend, rank=0, world_size=1)
+
+
+def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> dict[str, Any]:
+    """Trains one trial on this worker; returns the last epoch's metrics.
+
+    Raises:
+        TrialFailed: the loss became NaN or infinite.
+    """
+    started_at = time.time()
+    use_gpu = ctx.device.type == "cuda"
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.manual_seed(trial.train.seed)
+    np.random.seed(trial.train.seed)
+
+    data = load_splits(
+        trial.dataset.name, trial.dataset.root, trial.dataset.image_size, trial.dataset.options, trial.dataset.seed
+    )
+    train_split = data.train.subset(label_ratio_index(data.train, trial.label_ratio, trial.dataset.seed))
+    if len(train_split) < ctx.world_size:
+        raise TrialFailed(f"{len(train_split)} training images cannot feed {ctx.world_size} workers")
+
+    model = build_backbone(
+        trial.model.backbone,
+        data.num_classes,
+        trial.dataset.image_size,
+        checkpoint=trial.model.checkpoint,
+        drop_path=trial.train.drop_path,
+    )
+    model = prepare_model(model, trial.method.name, trial.method.options, trial.family)
+    trainable_params, total_params = count_parameters(model)
+
+    ds_config = deepspeed_config(trial.train, ctx.world_size, use_gpu)
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    shard_size = len(train_split) // ctx.world_size
+    steps_per_epoch = max(1, math.ceil(shard_size / micro_batch) // trial.train.deepspeed.gradient_accumulation_steps)
+    optimizer = build_optimizer(model, trial.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model.to(ctx.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(trial.train, use_gpu), torch.float32)
+
+    start_epoch = 0
+    if ctx.resume_from is not None:
+        state = load_checkpoint_into(ctx.resume_from, engine.module)
+        start_epoch = int(state["epoch"])
+        for _ in range(start_epoch * steps_per_epoch):
+            scheduler.step()  # the schedule is a function of the step: replay it to where it was
+
+    multilabel = data.task == "multilabel"
+    train_batches = Batches(
+        train_split.images, train_split.labels, ctx.device, trial.model.mean, trial.model.std, trial.train.augment
+    )
+    val_batches = Batches(data.val.images, data.val.labels, ctx.device, trial.model.mean, trial.model.std)
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if multilabel:
+            return F.binary_cross_entropy_with_logits(logits, target)
+        return F.cross_entropy(logits, target.argmax(dim=1))
+
+    first_step_at: float | None = None
+    train_time = 0.0
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, trial.train.epochs):
+        epoch_start = time.time()
+        engine.train()
+        # Every rank draws the same permutation and takes its own stride of it.
+        order_gen = torch.Generator().manual_seed(trial.train.seed * 1000 + epoch)
+        aug_gen = torch.Generator().manual_seed(trial.train.seed * 1000 + epoch + 10**6 * (ctx.rank + 1))
+        shard = torch.randperm(len(train_split), generator=order_gen)[ctx.rank :: ctx.world_size][:shard_size]
+        loss_sum = torch.zeros((), device=ctx.device)
+        steps = 0
+        for start in range(0, len(shard), micro_batch):
+            x, y = train_batches.get(shard[start : start + micro_batch], dtype, aug_gen)
+            if first_step_at is None:
+                first_step_at = time.time()
+            loss = loss_fn(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach()
+            steps += 1
+        train_loss = (loss_sum / max(1, steps)).item()  # one sync per epoch, not per step
+        if not math.isfinite(train_loss):
+            raise TrialFailed(f"training loss is {train_loss} in epoch {epoch + 1} (lr {trial.train.lr:g}); trial stopped")
+
+        val_loss, val_auroc, per_class = evaluate(engine, val_batches, dtype, loss_fn, multilabel, ctx, trial.train.eval_batch_size)
+        epoch_time = time.time() - epoch_start
+        train_time += epoch_time
+        metrics = {
+            "epoch": epoch + 1,
+            "val_auroc": val_auroc,
+            "val_loss": val_loss,
+            "train_loss": train_loss,
+            "trainable_params": trainable_params,
+            "total_params": total_params,
+            "train_images": len(train_split),
+            "epoch_time_s": epoch_time,
+            "train_time_s": train_time,
+            "worker_started_at": started_at,
+            "first_step_at": first_step_at,
+        }
+        if ctx.rank == 0:
+            with tempfile.TemporaryDirectory(prefix="medpeft-ckpt-") as tmp:
+                state = {"epoch": epoch + 1, "metrics": metrics, "val_auroc_per_class": dict(zip(data.class_names, per_class)),
+                         "trial": trial.model_dump(mode="json")}
+                report(metrics, save_checkpoint(Path(tmp), engine.module, state))
+        else:
+            report(metrics, None)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any,
+    batches: Batches,
+    dtype: torch.dtype,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    multilabel: bool,
+    ctx: WorkerContext,
+    batch_size: int,
+) -> tuple[float, float, list[float]]:
+    """Validation loss and mean AUROC over predictions gathered from every rank.
+
+    Each rank predicts its stride of the split; rank-local scores are gathered and the AUROC is
+    computed on the whole split (an average of per-rank AUROCs would be a different number).
+    """
+    engine.eval()
+    index = torch.arange(len(batches))[ctx.rank :: ctx.world_size]
+    scores, loss_sum = [], 0.0
+    for start in range(0, len(index), batch_size):
+        x, y = batches.get(index[start : start + batch_size], dtype, None)
+        logits = engine(x).float()
+        loss_sum += loss_fn(logits, y).item() * len(y)
+        probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+        scores.append(probs.cpu().numpy())
+    local = (index.numpy(), np.concatenate(scores) if scores else np.zeros((0, batches.labels.shape[1])), loss_sum)
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    all_index = np.concatenate([g[0] for g in gathered])
+    all_scores = np.concatenate([g[1] for g in gathered])[np.argsort(all_index)]
+    val_loss = sum(g[2] for g in gathered) / len(batches)
+    auroc, per_class = mean_auroc(batches.labels.numpy(), all_scores)
+    return val_loss, auroc, per_class
