@@ -117,7 +117,9 @@ def leaderboard(
     except MedpeftError as exc:
         _fail(exc)
     if output is OutputFormat.json:
-        print(json.dumps(frame.to_dict(orient="records"), indent=1, default=str))
+        # missing metrics are NaN in the DataFrame and null in JSON (NaN is not valid JSON)
+        records = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in frame.to_dict(orient="records")]
+        print(json.dumps(records, indent=1, default=str))
         return
     if output is OutputFormat.csv:
         flat = frame.assign(config=frame["config"].map(json.dumps), params=frame["params"].map(json.dumps))

@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -218,8 +219,10 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> di
     if ctx.resume_from is not None:
         state = load_checkpoint_into(ctx.resume_from, engine.module)
         start_epoch = int(state["epoch"])
-        for _ in range(start_epoch * steps_per_epoch):
-            scheduler.step()  # the schedule is a function of the step: replay it to where it was
+        with warnings.catch_warnings():  # stepping before any optimizer step is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_epoch * steps_per_epoch):
+                scheduler.step()  # the schedule is a function of the step: replay it to where it was
 
     multilabel = data.task == "multilabel"
     train_batches = Batches(

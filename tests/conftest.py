@@ -1,0 +1,40 @@
+"""Test-wide settings: nothing downloads, and the decode-once cache lives in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Set before anything imports huggingface_hub/timm/Ray, so that workers started by tests inherit it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("MEDPEFT_CACHE", tempfile.mkdtemp(prefix="medpeft-test-cache-"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def tiny_search(**sections: Any) -> dict[str, Any]:
+    """A search config small enough for a CPU test: 32 px synthetic images, a tiny ViT, 2 epochs."""
+    config: dict[str, Any] = {
+        "experiment": "tiny",
+        "dataset": {"name": "synthetic", "label_ratios": [1.0], "image_size": 32,
+                    "options": {"num_patients": 40, "num_classes": 3}},
+        "model": {"backbone": "vit_tiny_patch16_224"},
+        "method": {"name": "lora", "options": {"rank": 2}},
+        "space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
+        "train": {"epochs": 2, "batch_size": 8, "augment": "flip"},
+        "search": {"num_samples": 2, "seed": 0, "scheduler": {"type": "none"}},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+    }
+    for name, value in sections.items():
+        config[name] = {**config[name], **value} if isinstance(value, dict) else value
+    return config
+
+
+@pytest.fixture
+def tiny_config() -> Any:
+    from medpeft_ray.config import validate_search_dict
+
+    return validate_search_dict(tiny_search(), "tiny.yaml")

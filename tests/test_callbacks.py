@@ -1,0 +1,64 @@
+"""The driver-side leaderboard callback, with stand-in Tune trial objects (no Ray cluster)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from medpeft_ray.leaderboard import LeaderboardStore
+from medpeft_ray.search.callbacks import LeaderboardCallback, error_summary
+
+TRACE = """Traceback (most recent call last):
+  File "ray/train/v2/...", line 1, in fit
+ray.train.v2.api.exceptions.TrainingFailedError: Training failed due to worker errors:
+  File "medpeft_ray/train/engine.py", line 250, in run_training
+medpeft_ray.errors.TrialFailed: training loss is nan in epoch 2 (lr 10); trial stopped
+"""
+
+
+class FakeTrial:
+    def __init__(self, trial_id: str, config: dict[str, Any], error: str | None = None) -> None:
+        self.trial_id, self.config, self._error = trial_id, config, error
+
+    def get_error(self) -> str | None:
+        return self._error
+
+
+def test_error_summary_finds_the_reason() -> None:
+    assert error_summary(TRACE) == "training loss is nan in epoch 2 (lr 10); trial stopped"
+    assert error_summary("boom\nValueError: bad thing") == "ValueError: bad thing"
+    assert error_summary(None) == "trial failed (no error recorded)"
+
+
+def test_best_epoch_completed_stopped_and_failed_rows(tiny_config: Any, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'lb.db'}"
+    callback = LeaderboardCallback(tiny_config, 1.0, url)
+    good, early, bad = FakeTrial("a", {"lr": 3e-3}), FakeTrial("b", {"lr": 1e-3}), FakeTrial("c", {"lr": 9e-3}, TRACE)
+    for trial in (good, early, bad):
+        callback.on_trial_start(0, [], trial)
+    base = {"trainable_params": 10, "total_params": 100, "train_time_s": 2.0, "first_step_at": 1e18}
+    for epoch, auroc in ((1, 0.7), (2, 0.65)):  # the best epoch is the first
+        callback.on_trial_result(0, [], good, {**base, "epoch": epoch, "val_auroc": auroc, "val_loss": 0.5,
+                                               "checkpoint_path": f"/ckpt/{epoch}"})
+    callback.on_trial_result(0, [], early, {**base, "epoch": 1, "val_auroc": float("nan"), "val_loss": 0.6})
+    callback.on_trial_complete(0, [], good)
+    callback.on_trial_complete(0, [], early)
+    callback.on_trial_error(0, [], bad)
+
+    rows = {r["trial_id"]: r for r in LeaderboardStore(url).query().to_dict(orient="records")}
+    assert rows["a"]["status"] == "completed" and rows["a"]["val_auroc"] == 0.7 and rows["a"]["best_epoch"] == 1
+    assert rows["a"]["checkpoint"] == "/ckpt/1" and rows["a"]["epochs_run"] == 2
+    assert rows["a"]["config"]["train"]["lr"] == 3e-3 and rows["a"]["params"] == {"lr": 3e-3}
+    assert rows["b"]["status"] == "stopped" and math.isnan(rows["b"]["val_auroc"])  # NULL: a NaN metric is no metric
+    assert rows["c"]["status"] == "failed" and "loss is nan" in rows["c"]["error"]
+    assert len(callback.finished) == 3
+
+
+def test_callback_pickles_without_engine(tiny_config: Any, tmp_path: Path) -> None:
+    import pickle
+
+    callback = LeaderboardCallback(tiny_config, 1.0, f"sqlite:///{tmp_path / 'lb.db'}", console=object())
+    callback.store  # noqa: B018  (opens the engine)
+    clone = pickle.loads(pickle.dumps(callback))
+    assert clone.console is None and clone.store.url == callback.db_url
