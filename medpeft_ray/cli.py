@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import sys
 from enum import Enum
 from pathlib import Path
@@ -118,7 +119,7 @@ def leaderboard(
         _fail(exc)
     if output is OutputFormat.json:
         # missing metrics are NaN in the DataFrame and null in JSON (NaN is not valid JSON)
-        records = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in frame.to_dict(orient="records")]
+        records = [{k: _plain(v) for k, v in r.items()} for r in frame.to_dict(orient="records")]
         print(json.dumps(records, indent=1, default=str))
         return
     if output is OutputFormat.csv:
@@ -138,8 +139,24 @@ def leaderboard(
     console.print(table)
 
 
+def _plain(value: Any) -> Any:
+    """JSON-ready scalars: NaN/NA become None, numpy and pandas integers become int."""
+    import pandas as pd
+
+    if isinstance(value, (dict, list, str)) or value is None:
+        return value
+    if pd.isna(value):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def _cell(column: str, value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
+    value = _plain(value)
+    if value is None:
         return "-"
     if column == "params":
         return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
@@ -150,6 +167,79 @@ def _cell(column: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if column == "val_auroc" else f"{value:g}"
     return str(value)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets before spending GPU time on them.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    dataset: Optional[str] = typer.Option(None, help="dataset format (nih, chexpert, rsna, ham10000, busi, folder, csv, splitfile, synthetic)"),
+    root: Optional[Path] = typer.Option(None, help="dataset folder"),
+    option: list[str] = typer.Option([], "--option", "-o", help="a dataset option as key=value (YAML value), repeatable"),
+    space: Optional[Path] = typer.Option(None, "--space", "-s", help="take the dataset section of this search YAML instead"),
+    image_size: int = typer.Option(64, help="decode size for the check (the images are fully decoded either way)"),
+    label_ratios: str = typer.Option("0.01,0.1,1.0", help="comma-separated label ratios to report positives for"),
+    output: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json"),
+) -> None:
+    """Images per split and class, positives at each label ratio, and every unreadable file."""
+    import yaml
+
+    from medpeft_ray.data.check import check_dataset
+
+    try:
+        if space is not None:
+            from medpeft_ray.config import load_search_config
+
+            ds = load_search_config(space).dataset
+            name, root, options, ratios, seed = ds.name, ds.root, ds.options, ds.label_ratios, ds.seed
+        else:
+            if dataset is None:
+                raise MedpeftError("give --dataset NAME (and --root PATH), or --space FILE")
+            options = {}
+            for item in option:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise MedpeftError(f"--option {item!r}: expected key=value")
+                options[key.strip()] = yaml.safe_load(value)
+            name, ratios, seed = dataset, [float(r) for r in label_ratios.split(",") if r.strip()], 0
+        report = check_dataset(name, root, options, image_size=image_size, label_ratios=ratios, seed=seed)
+    except MedpeftError as exc:
+        _fail(exc)
+    except KeyError as exc:
+        from medpeft_ray.errors import ConfigError
+
+        _fail(ConfigError("dataset.name", exc.args[0]))
+    if output is OutputFormat.json:
+        from dataclasses import asdict
+
+        print(json.dumps({**asdict(report), "usable": report.usable}, indent=1, default=str))
+    else:
+        _print_report(report)
+    if not report.usable:
+        raise typer.Exit(1)
+
+
+def _print_report(report: Any) -> None:
+    console.print(f"[bold]{report.name}[/bold] {report.root or ''}: {len(report.class_names)} classes ({report.task})")
+    table = Table()
+    table.add_column("class")
+    for split in ("train", "val", "test"):
+        table.add_column(f"{split} ({report.images[split]})", justify="right")
+    for ratio, n in report.ratio_images.items():
+        table.add_column(f"train {ratio:g} ({n})", justify="right")
+    for cls in report.class_names:
+        cells = [str(report.positives[s][cls]) for s in ("train", "val", "test")]
+        cells += [str(report.ratio_positives[r][cls]) for r in report.ratio_images]
+        table.add_row(cls, *cells)
+    console.print(table)
+    console.print("positives per class; column headers give the images in each split and label-ratio subset")
+    for line in report.unreadable:
+        console.print(f"[yellow]unreadable:[/yellow] {line}", soft_wrap=True)
+    for problem in report.problems:
+        console.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
+    console.print("[green]usable[/green]" if report.usable else "[red]not usable[/red]")
 
 
 def main() -> None:

@@ -303,7 +303,7 @@ def _read_yaml(path: Path) -> Any:
 def _validate_search(raw: Any, source: Path | None) -> SearchConfig:
     if not isinstance(raw, dict):
         raise ConfigError("", f"must be a mapping of sections, got {type(raw).__name__}")
-    config = _parse(SearchConfig, raw, "")
+    config = parse_section(SearchConfig, raw, "")
     base_dir = source.parent if source is not None and source.suffix else source
     if config.experiment is None and source is not None and source.suffix:
         config = config.model_copy(update={"experiment": source.stem})
@@ -317,7 +317,7 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
         dataset_spec = get_dataset(config.dataset.name)
     except KeyError as exc:
         raise ConfigError("dataset.name", exc.args[0]) from None
-    dataset_options = _parse(dataset_spec.options, config.dataset.options, "dataset.options").model_dump()
+    dataset_options = parse_section(dataset_spec.options, config.dataset.options, "dataset.options").model_dump()
     root = config.dataset.root
     if dataset_spec.needs_root and root is None:
         raise ConfigError("dataset.root", f"required for dataset {config.dataset.name!r}")
@@ -343,7 +343,7 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
             f"{config.method.name!r} does not apply to {family} backbones like {config.model.backbone!r}"
             f" (it applies to: {', '.join(sorted(method_spec.families))})",
         )
-    method_options = _parse(method_spec.options, config.method.options, "method.options")
+    method_options = parse_section(method_spec.options, config.method.options, "method.options")
 
     # space: every searched name is a method option or a searchable train field, with valid bounds
     space_key = "space" if config.space is not None else f"(default space of {config.method.name})"
@@ -355,16 +355,10 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
             raise ConfigError(key, f"also fixed in method.options.{name}; search it or fix it, not both")
         if name not in known:
             raise ConfigError(key, f"not a searchable parameter{_did_you_mean(name, known)}; searchable: {', '.join(known)}")
-        _check_distribution(name, raw, key, method_spec.options, method_options.model_dump())
+        _check_distribution(name, raw, key, method_spec.options, method_options.model_dump(), config)
 
     # resources and batch size
-    per_step = config.resources.workers_per_trial * config.train.deepspeed.gradient_accumulation_steps
-    if config.train.batch_size % per_step:
-        raise ConfigError(
-            "train.batch_size",
-            f"{config.train.batch_size} is not divisible by resources.workers_per_trial x "
-            f"train.deepspeed.gradient_accumulation_steps ({per_step})",
-        )
+    _check_batch_divisible(config.train.batch_size, config, "train.batch_size")
     if config.train.precision == "fp16" and config.resources.gpus_per_worker == 0:
         raise ConfigError("train.precision", "fp16 needs GPUs; use fp32 or bf16 on CPU")
 
@@ -377,13 +371,15 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
     )
 
 
-def _check_distribution(name: str, raw: Any, key: str, method_options: type[BaseModel], fixed: dict[str, Any]) -> None:
+def _check_distribution(
+    name: str, raw: Any, key: str, method_options: type[BaseModel], fixed: dict[str, Any], config: SearchConfig
+) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a mapping like {type: float, low: 1e-4, high: 1e-2, log: true}")
     kind = raw.get("type")
     if kind not in _DISTRIBUTIONS:
         raise ConfigError(f"{key}.type", f"must be one of {', '.join(_DISTRIBUTIONS)}, got {kind!r}")
-    dist = _parse(_DISTRIBUTIONS[kind], raw, key)
+    dist = parse_section(_DISTRIBUTIONS[kind], raw, key)
     if isinstance(dist, (FloatDistribution, IntDistribution)):
         if dist.low > dist.high:
             raise ConfigError(f"{key}.high", f"must be >= low ({dist.low})")
@@ -391,17 +387,38 @@ def _check_distribution(name: str, raw: Any, key: str, method_options: type[Base
             raise ConfigError(f"{key}.low", "must be > 0 for a log-scale distribution")
         if isinstance(dist, IntDistribution) and dist.log and dist.step != 1:
             raise ConfigError(f"{key}.step", "must be 1 for a log-scale int distribution")
+        if isinstance(dist, FloatDistribution) and dist.log and dist.step is not None:
+            raise ConfigError(f"{key}.step", "cannot be combined with log: true (Optuna samples log scales continuously)")
         values = {"low": dist.low, "high": dist.high}
+        if name == "batch_size" and isinstance(dist, IntDistribution) and dist.step != 1:
+            # every sampled value is low + k * step: a divisible low and step keep them all divisible
+            _check_batch_divisible(dist.step, config, f"{key}.step")
     else:
         values = {f"choices.{i}": c for i, c in enumerate(dist.choices)}
     # Every bound and choice must itself be a valid value of the parameter it searches.
     for where, value in values.items():
-        target, data = (TrainConfig, {name: value}) if name in SEARCHABLE_TRAIN_FIELDS else (method_options, {**fixed, name: value})
+        # each value is checked together with the YAML's other settings (min_lr against a searched lr)
+        if name in SEARCHABLE_TRAIN_FIELDS:
+            target, data = TrainConfig, {**config.train.model_dump(), name: value}
+        else:
+            target, data = method_options, {**fixed, name: value}
         try:
             target.model_validate(data)
         except ValidationError as exc:
             errors = [e for e in exc.errors() if e["loc"][:1] == (name,)] or exc.errors()
             raise ConfigError(f"{key}.{where}", _message(errors[0])) from None
+        if name == "batch_size" and isinstance(value, int):
+            _check_batch_divisible(value, config, f"{key}.{where}")
+
+
+def _check_batch_divisible(batch_size: int, config: SearchConfig, key: str) -> None:
+    per_step = config.resources.workers_per_trial * config.train.deepspeed.gradient_accumulation_steps
+    if batch_size % per_step:
+        raise ConfigError(
+            key,
+            f"{batch_size} is not divisible by resources.workers_per_trial x "
+            f"train.deepspeed.gradient_accumulation_steps ({per_step})",
+        )
 
 
 def _resolve(path: Path, base_dir: Path | None) -> Path:
@@ -411,7 +428,8 @@ def _resolve(path: Path, base_dir: Path | None) -> Path:
     return path.resolve()
 
 
-def _parse(model: type[BaseModel], raw: Any, prefix: str) -> Any:
+def parse_section(model: type[BaseModel], raw: Any, prefix: str) -> Any:
+    """Validates ``raw`` with ``model``; raises :class:`ConfigError` naming ``prefix.key`` on the first error."""
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 import medpeft_ray.data.folder as folder_mod
+import medpeft_ray.data.records as records_mod
+from medpeft_ray.data.folder import SplitOptions
 from medpeft_ray.data import load_splits
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
 from medpeft_ray.data.cache import cache_root, cached_splits
@@ -202,7 +204,8 @@ def test_folder_flat_layout(tmp_path: Path) -> None:
     _check_splits(ds, ("benign", "malignant", "normal"))
     total = sum(counts.values())
     assert len(ds.train) + len(ds.val) + len(ds.test) == total
-    assert len(ds.val) == round(0.15 * total) and len(ds.test) == round(0.15 * total)
+    defaults = SplitOptions()
+    assert len(ds.val) == round(defaults.val_fraction * total) and len(ds.test) == round(defaults.test_fraction * total)
     # every file appears exactly once, with the label of its folder and its own pixels
     all_groups = np.concatenate([ds.train.groups, ds.val.groups, ds.test.groups])
     assert len(set(all_groups.tolist())) == total
@@ -337,7 +340,7 @@ def test_folder_is_cached_and_not_decoded_twice(tmp_path: Path, cache_dir: Path,
     def no_decode(path: Path, size: int) -> np.ndarray:
         raise AssertionError(f"decoded {path} again")
 
-    monkeypatch.setattr(folder_mod, "decode_image", no_decode)
+    monkeypatch.setattr(records_mod, "decode_image", no_decode)
     second = load_splits("folder", root, SIZE, {}, 0)
     assert isinstance(second.train.images, np.memmap)
     for name in ("train", "val", "test"):
@@ -397,6 +400,49 @@ def test_decode_image_modes_and_sizes(tmp_path: Path) -> None:
     for name, shape, mode in cases:
         path = tmp_path / name
         _write_image(path, shape, mode, 150)
-        out = folder_mod.decode_image(path, SIZE)
+        out = records_mod.decode_image(path, SIZE)
         assert out.shape == (SIZE, SIZE) and out.dtype == np.uint8
         assert abs(float(out.mean()) - 150) < 15
+
+
+def test_sixteen_bit_png_keeps_its_contrast(tmp_path, monkeypatch) -> None:
+    """16-bit radiographs are scaled to 8 bits, not clipped to white."""
+    import numpy as np
+    from PIL import Image
+
+    from medpeft_ray.data.records import decode_image
+
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    path = tmp_path / "xray16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    pixels = decode_image(path, 32)
+    assert pixels.min() < 10 and pixels.max() > 245
+    assert 100 < pixels.mean() < 155  # a ramp, not a white image
+
+
+def test_hidden_and_empty_folders_are_not_classes(tmp_path, monkeypatch) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from medpeft_ray.data import load_splits
+
+    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "ds"
+    for cls in ("a", "b", ".ipynb_checkpoints", "__MACOSX"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / cls / f"{i}.png")
+    (root / "empty").mkdir()
+    splits = load_splits("folder", root, 8, {}, 0)
+    assert splits.class_names == ("a", "b")
+
+
+def test_split_fractions_must_leave_a_train_split() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from medpeft_ray.data.folder import SplitOptions as FolderOptions
+
+    with pytest.raises(ValidationError, match="must be < 1"):
+        FolderOptions(val_fraction=0.6, test_fraction=0.6)

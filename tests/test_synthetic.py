@@ -208,9 +208,9 @@ def test_summary_counts_hand_made() -> None:
         task="multilabel",
     )
     assert ds.summary() == {
-        "train": {"images": 4, "a": 3, "b": 1, "c": 1},
-        "val": {"images": 2, "a": 0, "b": 2, "c": 1},
-        "test": {"images": 1, "a": 0, "b": 0, "c": 0},
+        "train": {"images": 4, "positives": {"a": 3, "b": 1, "c": 1}},
+        "val": {"images": 2, "positives": {"a": 0, "b": 2, "c": 1}},
+        "test": {"images": 1, "positives": {"a": 0, "b": 0, "c": 0}},
     }
     assert ds.num_classes == 3
 
@@ -222,8 +222,8 @@ def test_summary_counts_synthetic(small: DatasetSplits) -> None:
         split = getattr(small, name)
         assert summary[name]["images"] == len(split)
         for k, cls in enumerate(small.class_names):
-            assert summary[name][cls] == int(split.labels[:, k].sum())
-            assert isinstance(summary[name][cls], int)
+            assert summary[name]["positives"][cls] == int(split.labels[:, k].sum())
+            assert isinstance(summary[name]["positives"][cls], int)
 
 
 def test_labeled_images_validation() -> None:

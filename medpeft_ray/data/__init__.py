@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medpeft_ray.data import folder, synthetic  # noqa: F401  (registers the formats)
+from medpeft_ray.data import csv_table, folder, splitfile, synthetic  # noqa: F401  (registers the formats)
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
 from medpeft_ray.data.cache import cached_splits
 from medpeft_ray.data.registry import DatasetOptions, get_dataset, list_datasets, register_dataset
-from medpeft_ray.data.splits import label_ratio_index
+from medpeft_ray.data.splits import label_ratio_index, train_subset_index
 
 __all__ = [
     "DatasetOptions", "DatasetSplits", "LabeledImages", "get_dataset", "label_ratio_index", "list_datasets",
-    "load_splits", "register_dataset",
+    "load_splits", "register_dataset", "train_subset_index",
 ]
 
 
@@ -38,3 +38,5 @@ def _fingerprint(root: Path) -> str:
         stat = path.stat()
         digest.update(f"{path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+from medpeft_ray.data import busi, ham10000, rsna  # noqa: F401,E402
+from medpeft_ray.data import chexpert, nih  # noqa: F401,E402

@@ -7,8 +7,8 @@ data path whatever the source format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class LabeledImages:
         return LabeledImages(self.images[index], self.labels[index], self.groups[index])
 
     def positives_per_class(self) -> np.ndarray:
-        return self.labels.sum(axis=0).astype(np.int64)
+        return (self.labels > 0).sum(axis=0).astype(np.int64)  # NaN (unknown) is not positive
 
 
 @dataclass(frozen=True)
@@ -55,16 +55,20 @@ class DatasetSplits:
     test: LabeledImages
     class_names: tuple[str, ...]
     task: Task
+    #: files left out because they could not be decoded (``skip_unreadable``), as "path: reason"
+    skipped: tuple[str, ...] | list[str] = ()
+    #: label-ratio subsets given by the publisher (indices into ``train``), used instead of drawn ones
+    ratio_subsets: dict[float, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def summary(self) -> dict[str, dict[str, int]]:
-        """Images and positives per class for each split (what ``data check`` style reports show)."""
-        out: dict[str, dict[str, int]] = {}
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per split: ``{"images": N, "positives": {class: count}}``."""
+        out: dict[str, dict[str, Any]] = {}
         for split_name in ("train", "val", "test"):
             split: LabeledImages = getattr(self, split_name)
             counts = split.positives_per_class()
-            out[split_name] = {"images": len(split), **{c: int(n) for c, n in zip(self.class_names, counts)}}
+            out[split_name] = {"images": len(split), "positives": {c: int(n) for c, n in zip(self.class_names, counts)}}
         return out

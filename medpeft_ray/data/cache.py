@@ -49,7 +49,15 @@ def cached_splits(key_parts: dict[str, Any], build: Callable[[], DatasetSplits])
             np.save(tmp / f"{name}_images.npy", split.images)
             np.save(tmp / f"{name}_labels.npy", split.labels)
             np.save(tmp / f"{name}_groups.npy", split.groups)
-        meta = {"class_names": list(splits.class_names), "task": splits.task, "key": key_parts}
+        for i, index in enumerate(splits.ratio_subsets.values()):
+            np.save(tmp / f"ratio_{i}.npy", np.asarray(index, dtype=np.int64))
+        meta = {
+            "class_names": list(splits.class_names),
+            "task": splits.task,
+            "skipped": list(splits.skipped),
+            "ratio_subsets": list(splits.ratio_subsets),
+            "key": key_parts,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, default=str))
         os.rename(tmp, entry)
     except OSError:
@@ -71,4 +79,7 @@ def _load(entry: Path) -> DatasetSplits:
             np.load(entry / f"{name}_groups.npy", allow_pickle=False),
         )
 
-    return DatasetSplits(split("train"), split("val"), split("test"), tuple(meta["class_names"]), meta["task"])
+    ratios = {float(r): np.load(entry / f"ratio_{i}.npy") for i, r in enumerate(meta.get("ratio_subsets", []))}
+    return DatasetSplits(
+        split("train"), split("val"), split("test"), tuple(meta["class_names"]), meta["task"], meta.get("skipped", []), ratios
+    )

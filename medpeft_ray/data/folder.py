@@ -1,43 +1,44 @@
-"""A generic image folder: ``root/<class name>/*.png|jpg|jpeg`` (one class per image).
+"""A generic image folder: ``root/<class name>/*.png|jpg|jpeg|dcm`` (one class per image).
 
 When ``root/train``, ``root/val`` and ``root/test`` exist, each holds class folders and gives the
-split; otherwise the split is drawn per image from a seed.
+split; otherwise the split is drawn per image from a seed. Hidden and tool folders
+(``.ipynb_checkpoints``, ``__MACOSX``) and class folders without images are not classes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from medpeft_ray.data.base import DatasetSplits, LabeledImages
+from medpeft_ray.data.base import DatasetSplits
+from medpeft_ray.data.records import ImageRecord, build_splits, one_hot
 from medpeft_ray.data.registry import DatasetOptions, register_dataset
 from medpeft_ray.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
 
-class FolderOptions(DatasetOptions):
-    val_fraction: float = Field(0.15, ge=0, lt=1)
-    test_fraction: float = Field(0.15, ge=0, lt=1)
+class SplitOptions(DatasetOptions):
+    """Options of formats whose split is drawn by patient when the publisher gives none."""
+
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of patients drawn for validation")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="share of patients drawn for testing")
     skip_unreadable: bool = Field(False, description="skip (and count) unreadable images instead of failing")
 
-
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """A file decoded to grey uint8 and resized to ``size`` x ``size``; DataError names a bad file."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
-    except Exception as exc:  # noqa: BLE001  (PIL raises several types for corrupt files)
-        raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    @model_validator(mode="after")
+    def _fractions(self) -> "SplitOptions":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction must be < 1 (got {self.val_fraction + self.test_fraction:g})")
+        return self
 
 
-def _class_files(root: Path) -> dict[str, list[Path]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    return {c: sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
+def image_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
 
 
 def list_folder(root: Path) -> dict[str, dict[str, list[Path]]]:
@@ -45,59 +46,26 @@ def list_folder(root: Path) -> dict[str, dict[str, list[Path]]]:
     if not root.is_dir():
         raise DataError(f"{root}: dataset root is not a directory")
     if all((root / s).is_dir() for s in ("train", "val", "test")):
-        layout = {s: _class_files(root / s) for s in ("train", "val", "test")}
+        layout = {s: {c.name: image_files(c) for c in class_folders(root / s)} for s in ("train", "val", "test")}
     else:
-        layout = {"all": _class_files(root)}
-    for split, classes in layout.items():
-        if not classes or not any(classes.values()):
-            raise DataError(f"{root}: no class folders with {'/'.join(IMAGE_SUFFIXES)} images found ({split})")
+        layout = {"all": {c.name: image_files(c) for c in class_folders(root)}}
+    if not any(files for classes in layout.values() for files in classes.values()):
+        raise DataError(f"{root}: no class folders with {'/'.join(IMAGE_SUFFIXES)} images found")
     return layout
 
 
-def _decode_all(
-    files: list[Path], labels: list[int], size: int, skip_unreadable: bool
-) -> tuple[np.ndarray, np.ndarray, list[Path]]:
-    """Decoded images, their labels and files; unreadable files raise, or are dropped when skipping."""
-    images, kept_labels, kept_files = [], [], []
-    for path, label in zip(files, labels):
-        try:
-            images.append(decode_image(path, size))
-        except DataError:
-            if not skip_unreadable:
-                raise
-            continue
-        kept_labels.append(label)
-        kept_files.append(path)
-    stacked = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
-    return stacked, np.asarray(kept_labels, dtype=np.int64), kept_files
-
-
-@register_dataset("folder", options=FolderOptions, needs_root=True, task="multiclass")
-def load_folder(root: Path, image_size: int, options: FolderOptions, seed: int) -> DatasetSplits:
+@register_dataset("folder", options=SplitOptions, needs_root=True, task="multiclass")
+def load_folder(root: Path, image_size: int, options: SplitOptions, seed: int) -> DatasetSplits:
     layout = list_folder(root)
-    class_names = sorted({c for classes in layout.values() for c in classes})
-    one_hot = np.eye(len(class_names), dtype=np.float32)
-
-    def split_from(classes: dict[str, list[Path]], ids: np.ndarray | None = None) -> LabeledImages:
-        files = [f for c in class_names for f in classes.get(c, [])]
-        labels = [class_names.index(c) for c in class_names for _ in classes.get(c, [])]
-        if ids is not None:
-            files, labels = [files[i] for i in ids], [labels[i] for i in ids]
-        images, kept, kept_files = _decode_all(files, labels, image_size, options.skip_unreadable)
-        # every image is its own group: a plain folder carries no patient ids
-        groups = np.asarray([f"{f.parent.name}/{f.name}" for f in kept_files], dtype=str)
-        return LabeledImages(images, one_hot[kept].reshape(len(kept), len(class_names)), groups)
-
-    if "all" not in layout:
-        return DatasetSplits(*(split_from(layout[s]) for s in ("train", "val", "test")), tuple(class_names), "multiclass")
-    n = sum(len(v) for v in layout["all"].values())
-    order = np.random.default_rng(seed).permutation(n)
-    n_val, n_test = int(round(options.val_fraction * n)), int(round(options.test_fraction * n))
-    val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
-    return DatasetSplits(
-        split_from(layout["all"], np.sort(train)),
-        split_from(layout["all"], np.sort(val)),
-        split_from(layout["all"], np.sort(test)),
-        tuple(class_names),
-        "multiclass",
+    class_names = sorted({c for classes in layout.values() for c, files in classes.items() if files})
+    records = [
+        # a plain folder carries no patient ids: every image is its own group
+        ImageRecord(path, one_hot(class_names.index(c), len(class_names)), f"{c}/{path.name}", None if s == "all" else s)
+        for s, classes in layout.items()
+        for c, files in classes.items()
+        for path in files
+    ]
+    return build_splits(
+        records, class_names, "multiclass", image_size, seed, val_fraction=options.val_fraction,
+        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(root),
     )

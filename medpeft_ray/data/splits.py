@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from medpeft_ray.data.base import LabeledImages
+from medpeft_ray.data.base import DatasetSplits, LabeledImages
 
 
 def label_ratio_index(split: LabeledImages, ratio: float, seed: int) -> np.ndarray:
@@ -40,3 +40,11 @@ def label_ratio_index(split: LabeledImages, ratio: float, seed: int) -> np.ndarr
             holders = np.flatnonzero(group_positives[:, c] > 0)
             keep_group[holders[np.argmin(rank_of_group[holders])]] = True
     return np.flatnonzero(keep_group[group_of_image])
+
+
+def train_subset_index(splits: DatasetSplits, ratio: float, seed: int) -> np.ndarray:
+    """The training images of a label ratio: the publisher's subset where one is given, else drawn."""
+    for given, index in splits.ratio_subsets.items():
+        if math.isclose(given, ratio, rel_tol=1e-9):
+            return np.asarray(index)
+    return label_ratio_index(splits.train, ratio, seed)

@@ -7,13 +7,14 @@ row. SQLite runs in WAL mode with a busy timeout so several processes can write 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DatabaseError, OperationalError
@@ -123,7 +124,10 @@ class LeaderboardStore:
 
     def _check_schema(self, create: bool) -> None:
         try:
-            with self.engine.begin() as conn:
+            with self._creation_lock(), self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # two processes opening a new database must not both create the tables
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(7346001)"))
                 names = set(sa.inspect(conn).get_table_names())
                 if "trials" in names and "medpeft_schema" not in names:
                     raise MedpeftError(f"{self._label}: has a 'trials' table that is not a medpeft leaderboard")
@@ -137,8 +141,27 @@ class LeaderboardStore:
                 elif create:
                     _metadata.create_all(conn)
                     conn.execute(schema_table.insert().values(version=SCHEMA_VERSION))
+                else:
+                    raise MedpeftError(f"{self._label}: no leaderboard here yet (run `medpeft-ray search` first)")
         except (DatabaseError, OperationalError) as exc:
-            raise MedpeftError(f"{self._label}: not a usable leaderboard database ({exc.orig})") from None
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            raise MedpeftError(f"{self._label}: not a usable leaderboard database ({reason})") from None
+
+    @contextlib.contextmanager
+    def _creation_lock(self) -> Iterator[None]:
+        """Serialises check-and-create of a SQLite file across processes (its DDL is not transactional)."""
+        if not self.url.startswith("sqlite:///"):
+            yield
+            return
+        import fcntl
+
+        lock_path = Path(self.url.removeprefix("sqlite:///") + ".lock")
+        with open(lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def record(self, row: TrialRecord) -> None:
         """Inserts the trial's row, or replaces it if the (experiment, trial_id) pair exists."""
@@ -187,6 +210,8 @@ class LeaderboardStore:
             frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=list(t.c.keys()))
         for column in ("config", "params"):
             frame[column] = frame[column].map(json.loads)
+        for column in ("best_epoch", "epochs_run", "trainable_params", "total_params"):
+            frame[column] = frame[column].astype("Int64")  # nullable: a failed trial has no counts
         return frame
 
 

@@ -50,7 +50,7 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
     import timm
     import torch
 
-    from medpeft_ray.data import label_ratio_index, load_splits
+    from medpeft_ray.data import load_splits, train_subset_index
     from medpeft_ray.methods import count_parameters, prepare_model
     from medpeft_ray.models import build_backbone
 
@@ -65,7 +65,7 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
     for name in ("train", "val"):
         if len(getattr(splits, name)) == 0:
             raise MedpeftError(f"{ds.root or ds.name}: the {name} split has no images")
-    images_per_ratio = {r: len(label_ratio_index(splits.train, r, ds.seed)) for r in ds.label_ratios}
+    images_per_ratio = {r: len(train_subset_index(splits, r, ds.seed)) for r in ds.label_ratios}
 
     # The method is applied with the first value of each searched option, to catch options that
     # do not fit this backbone (a block index past its depth, say) before trials start.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from medpeft_ray.config import TrainConfig, TrialConfig
-from medpeft_ray.data import label_ratio_index, load_splits
+from medpeft_ray.data import load_splits, train_subset_index
 from medpeft_ray.errors import TrialFailed
 from medpeft_ray.methods import count_parameters, prepare_model
 from medpeft_ray.models import build_backbone
@@ -190,7 +190,7 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> di
     data = load_splits(
         trial.dataset.name, trial.dataset.root, trial.dataset.image_size, trial.dataset.options, trial.dataset.seed
     )
-    train_split = data.train.subset(label_ratio_index(data.train, trial.label_ratio, trial.dataset.seed))
+    train_split = data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed))
     if len(train_split) < ctx.world_size:
         raise TrialFailed(f"{len(train_split)} training images cannot feed {ctx.world_size} workers")
 
@@ -225,6 +225,8 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> di
                 scheduler.step()  # the schedule is a function of the step: replay it to where it was
 
     multilabel = data.task == "multilabel"
+    # decided once per trial, so the common all-known case pays no masking (and no GPU sync)
+    has_unknown = bool(np.isnan(train_split.labels).any() or np.isnan(data.val.labels).any())
     train_batches = Batches(
         train_split.images, train_split.labels, ctx.device, trial.model.mean, trial.model.std, trial.train.augment
     )
@@ -233,7 +235,11 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> di
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if multilabel:
-            return F.binary_cross_entropy_with_logits(logits, target)
+            if not has_unknown:
+                return F.binary_cross_entropy_with_logits(logits, target)
+            known = ~torch.isnan(target)  # unknown labels (NaN) stay out of the loss
+            losses = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(target), reduction="none")
+            return (losses * known).sum() / known.sum().clamp(min=1)
         return F.cross_entropy(logits, target.argmax(dim=1))
 
     first_step_at: float | None = None

@@ -6,8 +6,13 @@ import numpy as np
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC of one binary column (Mann-Whitney U with average ranks for ties); NaN if one class."""
-    labels = np.asarray(labels) > 0.5
+    """ROC AUC of one binary column (Mann-Whitney U with average ranks for ties); NaN if one class.
+
+    NaN labels (unknown) are left out.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    known = ~np.isnan(labels)
+    labels, scores = labels[known] > 0.5, np.asarray(scores)[known]
     n_pos = int(labels.sum())
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:

@@ -1,0 +1,93 @@
+"""``data check``: what a dataset holds and whether a search can use it, before any GPU time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from medpeft_ray.data.registry import get_dataset
+from medpeft_ray.data.splits import train_subset_index
+
+
+@dataclass
+class DatasetReport:
+    """Images per split, positives per class (per split and per label ratio), files that failed."""
+
+    name: str
+    root: str | None
+    class_names: list[str]
+    task: str
+    images: dict[str, int]
+    positives: dict[str, dict[str, int]]
+    ratio_images: dict[float, int]
+    ratio_positives: dict[float, dict[str, int]]
+    unreadable: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return not self.problems
+
+
+def check_dataset(
+    name: str,
+    root: str | Path | None,
+    options: dict[str, Any] | None = None,
+    *,
+    image_size: int = 64,
+    label_ratios: Sequence[float] = (0.01, 0.1, 1.0),
+    seed: int = 0,
+) -> DatasetReport:
+    """Decodes every image of the dataset (not cached) and reports what a search would meet.
+
+    Every unreadable file is collected (not only the first). The dataset is unusable when a split
+    is empty, when files are unreadable and ``skip_unreadable`` is off (a search would stop at the
+    first), or when a label ratio leaves a class without positives.
+
+    Raises:
+        DataError: metadata that cannot be read at all (a missing CSV, a bad label value).
+        ConfigError: an unknown option or a bad option value.
+        KeyError: an unknown dataset name.
+    """
+    spec = get_dataset(name)
+    options = dict(options or {})
+    skip_asked = bool(options.get("skip_unreadable", False))
+    if "skip_unreadable" in spec.options.model_fields:
+        options["skip_unreadable"] = True  # collect every bad file instead of stopping at the first
+    from medpeft_ray.config import parse_section
+
+    parsed = parse_section(spec.options, options, "dataset.options")
+    root_path = Path(root).expanduser().resolve() if root is not None else None
+    splits = spec.load(root_path, image_size, parsed, seed)
+
+    classes = list(splits.class_names)
+    per_split = {s: getattr(splits, s) for s in ("train", "val", "test")}
+    report = DatasetReport(
+        name=name,
+        root=str(root_path) if root_path else None,
+        class_names=classes,
+        task=splits.task,
+        images={s: len(split) for s, split in per_split.items()},
+        positives={s: dict(zip(classes, map(int, split.positives_per_class()))) for s, split in per_split.items()},
+        ratio_images={},
+        ratio_positives={},
+        unreadable=list(splits.skipped),
+    )
+    for ratio in label_ratios:
+        index = train_subset_index(splits, ratio, seed)
+        subset = splits.train.subset(index)
+        report.ratio_images[ratio] = len(subset)
+        report.ratio_positives[ratio] = dict(zip(classes, map(int, subset.positives_per_class())))
+        empty = [c for c in classes if report.ratio_positives[ratio][c] == 0 and report.positives["train"][c] > 0]
+        if empty:
+            report.problems.append(f"label ratio {ratio:g} leaves no positive for: {', '.join(empty)}")
+    for split_name, count in report.images.items():
+        if count == 0:
+            report.problems.append(f"the {split_name} split has no images")
+    if report.unreadable and not skip_asked:
+        report.problems.append(
+            f"{len(report.unreadable)} unreadable file(s): a search stops at the first; fix them or set "
+            "dataset.options.skip_unreadable: true"
+        )
+    return report

@@ -1,0 +1,201 @@
+"""From file records to decoded splits: the part every file-based dataset format shares.
+
+A format module only reads its metadata (CSV, folders, split files) into :class:`ImageRecord`s;
+:func:`build_splits` decodes the images (PNG/JPEG/16-bit/DICOM), carves patient-disjoint splits
+where the publisher gives none, and counts unreadable files when asked to skip them.
+
+Labels are floats: 1 positive, 0 negative, NaN unknown (CheXpert's "ignore" policy); unknown
+labels are left out of the loss and of that class's AUROC.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from medpeft_ray.data.base import DatasetSplits, LabeledImages, Task
+from medpeft_ray.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image: its file, its labels (K floats: 1, 0 or NaN), its patient and its split.
+
+    ``split`` is ``train``, ``val``, ``test`` or None (the split is then drawn by patient).
+    """
+
+    path: Path
+    labels: tuple[float, ...]
+    group: str
+    split: str | None = None
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Min-max scales any grey array to uint8 (a constant image becomes black)."""
+    pixels = pixels.astype(np.float32)
+    low, high = float(pixels.min()), float(pixels.max())
+    scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    return (scaled * 255.0).round().astype(np.uint8)
+
+
+def read_dicom(path: Path) -> np.ndarray:
+    """Pixels of a DICOM file as uint8: modality LUT applied, MONOCHROME1 inverted, min-max scaled."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(str(path))
+    pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+        pixels = pixels[pixels.shape[0] // 2]  # a multi-frame file: its middle frame
+    elif pixels.ndim == 3:
+        pixels = pixels.mean(axis=-1)  # colour: grey
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # MONOCHROME1 shows low values bright
+    return to_uint8(pixels)
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """A PNG/JPEG/DICOM file decoded to grey uint8, resized to ``size`` x ``size``.
+
+    Raises:
+        DataError: naming the file, when it is missing or cannot be decoded.
+    """
+    from PIL import Image
+
+    try:
+        if path.suffix.lower() in (".dcm", ".dicom"):
+            img = Image.fromarray(read_dicom(path))
+        else:
+            img = Image.open(path)
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                # 16-bit and float radiographs: Pillow's convert("L") clips at 255 (a white image)
+                img = Image.fromarray(to_uint8(np.asarray(img, dtype=np.float32)))
+        return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except Exception as exc:  # noqa: BLE001  (PIL and pydicom raise many types for corrupt files)
+        raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    images: np.ndarray
+    kept: np.ndarray  # indices of the records that decoded
+    unreadable: list[tuple[Path, str]]
+
+
+def decode_all(
+    paths: Sequence[Path],
+    size: int,
+    skip_unreadable: bool,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> DecodeResult:
+    """Decodes ``paths`` with a thread pool (Pillow and pydicom release the GIL while decoding)."""
+    workers = min(8, os.cpu_count() or 1)
+    images: list[np.ndarray | None] = [None] * len(paths)
+    unreadable: list[tuple[Path, str]] = []
+
+    def one(i: int) -> tuple[int, np.ndarray | None, str | None]:
+        try:
+            return i, decode_image(paths[i], size), None
+        except DataError as exc:
+            return i, None, str(exc)
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(one, range(len(paths)))
+        for i, image, error in progress(results) if progress else results:
+            if error is not None:
+                if not skip_unreadable:
+                    raise DataError(error)
+                unreadable.append((paths[i], error))
+            images[i] = image
+    kept = np.asarray([i for i, im in enumerate(images) if im is not None], dtype=np.int64)
+    stacked = np.stack([images[i] for i in kept]) if len(kept) else np.zeros((0, size, size), np.uint8)
+    return DecodeResult(stacked, kept, unreadable)
+
+
+def assign_splits(groups: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """A split name per record, drawn by group, so one patient never spans two splits."""
+    unique = np.unique(np.asarray(groups, dtype=str))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n_val = int(round(val_fraction * len(unique)))
+    n_test = int(round(test_fraction * len(unique)))
+    split_of_group = np.empty(len(unique), dtype=object)
+    split_of_group[order[:n_val]] = "val"
+    split_of_group[order[n_val : n_val + n_test]] = "test"
+    split_of_group[order[n_val + n_test :]] = "train"
+    lookup = dict(zip(unique.tolist(), split_of_group.tolist()))
+    return np.asarray([lookup[g] for g in groups], dtype=object)
+
+
+def build_splits(
+    records: Sequence[ImageRecord],
+    class_names: Sequence[str],
+    task: Task,
+    image_size: int,
+    seed: int,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    skip_unreadable: bool = False,
+    source: str = "dataset",
+    ratio_members: dict[float, set[Path]] | None = None,
+) -> DatasetSplits:
+    """Decodes ``records`` into train/val/test :class:`LabeledImages`.
+
+    Records without a split are assigned one by patient (``val_fraction``, ``test_fraction``);
+    records with one keep it. ``skip_unreadable`` drops undecodable files and counts them in
+    ``DatasetSplits.skipped``; otherwise the first one raises :class:`DataError` naming it.
+    ``ratio_members`` maps a label ratio to the training files the publisher lists for it.
+    """
+    if not records:
+        raise DataError(f"{source}: no images listed")
+    groups = [r.group for r in records]
+    drawn = assign_splits(groups, val_fraction, test_fraction, seed)
+    split_names = [r.split or drawn[i] for i, r in enumerate(records)]
+    for r, name in zip(records, split_names):
+        if name not in SPLITS:
+            raise DataError(f"{r.path}: unknown split {name!r}")
+    labels = np.asarray([r.labels for r in records], dtype=np.float32).reshape(len(records), len(class_names))
+    decoded = decode_all([r.path for r in records], image_size, skip_unreadable, progress=_progress(source, len(records)))
+    kept_split = np.asarray(split_names, dtype=object)[decoded.kept]
+    kept_labels = labels[decoded.kept]
+    kept_groups = np.asarray(groups, dtype=str)[decoded.kept]
+
+    def take(name: str) -> LabeledImages:
+        index = np.flatnonzero(kept_split == name)
+        return LabeledImages(decoded.images[index], kept_labels[index], kept_groups[index])
+
+    train_paths = [records[i].path for i in decoded.kept[kept_split == "train"]]
+    ratio_subsets = {
+        ratio: np.asarray([j for j, p in enumerate(train_paths) if p in members], dtype=np.int64)
+        for ratio, members in (ratio_members or {}).items()
+    }
+    return DatasetSplits(
+        take("train"), take("val"), take("test"), tuple(class_names), task,
+        skipped=[f"{p}: {e.split(': ', 1)[-1]}" for p, e in decoded.unreadable],
+        ratio_subsets=ratio_subsets,
+    )
+
+
+def _progress(source: str, total: int) -> Callable[[Iterable], Iterable] | None:
+    """A rich progress bar for the decode pass when a person is watching (stderr is a terminal)."""
+    import sys
+
+    if total < 200 or not sys.stderr.isatty():
+        return None
+    from rich.progress import track
+
+    return lambda items: track(items, total=total, description=f"decoding {source}", transient=True)
+
+
+def one_hot(index: int, num_classes: int) -> tuple[float, ...]:
+    return tuple(1.0 if k == index else 0.0 for k in range(num_classes))
