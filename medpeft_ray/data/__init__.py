@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,30 +14,71 @@ from medpeft_ray.data.splits import label_ratio_index, train_subset_index
 
 __all__ = [
     "DatasetOptions", "DatasetSplits", "LabeledImages", "get_dataset", "label_ratio_index", "list_datasets",
-    "load_splits", "register_dataset", "train_subset_index",
+    "dataset_key", "load_splits", "register_dataset", "train_subset_index",
 ]
 
 
-def load_splits(name: str, root: str | Path | None, image_size: int, options: dict[str, Any], seed: int) -> DatasetSplits:
-    """The decoded splits of a dataset, through the decode-once cache."""
+def dataset_key(name: str, root: str | Path | None, image_size: int, options: dict[str, Any], seed: int) -> dict[str, Any]:
+    """What determines a dataset's decoded bytes: the cache key (walks the dataset's files once).
+
+    Raises:
+        ConfigError: an unknown or invalid option (named ``dataset.options.<key>``).
+    """
+    from medpeft_ray.config import parse_section  # the config module imports this package
+
     spec = get_dataset(name)
-    parsed = spec.options.model_validate(options)
-    root_path = Path(root).resolve() if root is not None else None
+    parsed = parse_section(spec.options, options, "dataset.options")
     key: dict[str, Any] = {"dataset": name, "image_size": image_size, "options": parsed.model_dump(), "seed": seed}
-    if root_path is not None:
+    if root is not None:
+        root_path = Path(root).resolve()
         key["root"] = str(root_path)
         key["files"] = _fingerprint(root_path)
+    return key
+
+
+def load_splits(
+    name: str,
+    root: str | Path | None,
+    image_size: int,
+    options: dict[str, Any],
+    seed: int,
+    key: dict[str, Any] | None = None,
+) -> DatasetSplits:
+    """The decoded splits of a dataset, through the decode-once cache.
+
+    ``key`` is :func:`dataset_key` computed earlier (the search driver does it once, so trial
+    workers do not walk a 100k-image tree again); without it the key is computed here.
+
+    Raises:
+        ConfigError: an unknown or invalid option (named ``dataset.options.<key>``).
+        DataError: a file that is missing or cannot be read (named).
+    """
+    key = key or dataset_key(name, root, image_size, options, seed)
+    spec = get_dataset(name)
+    parsed = spec.options.model_validate(key["options"])
+    root_path = Path(key["root"]) if "root" in key else None
     return cached_splits(key, lambda: spec.load(root_path, image_size, parsed, seed))
 
 
 def _fingerprint(root: Path) -> str:
-    """A cheap content fingerprint of a tree: paths, sizes and mtimes of its files."""
+    """A content fingerprint of a tree: paths, sizes and mtimes of its files (not the cache's)."""
     import hashlib
 
+    from medpeft_ray.data.cache import cache_root
+
+    cache = str(cache_root().resolve())
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    for folder, dirs, files in os.walk(root):
+        if folder == cache or folder.startswith(cache + os.sep):
+            dirs[:] = []  # the cache may live inside the dataset folder: its entries must not change the key
+            continue
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
 from medpeft_ray.data import busi, ham10000, rsna  # noqa: F401,E402
 from medpeft_ray.data import chexpert, nih  # noqa: F401,E402

@@ -56,7 +56,7 @@ class DatasetSplits:
     class_names: tuple[str, ...]
     task: Task
     #: files left out because they could not be decoded (``skip_unreadable``), as "path: reason"
-    skipped: tuple[str, ...] | list[str] = ()
+    skipped: tuple[str, ...] = ()
     #: label-ratio subsets given by the publisher (indices into ``train``), used instead of drawn ones
     ratio_subsets: dict[float, np.ndarray] = field(default_factory=dict)
 

@@ -26,8 +26,8 @@ seeded by the dataset seed), the patient being the ``patientNNNNN`` component of
 from __future__ import annotations
 
 import re
-from pathlib import Path, PurePosixPath
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from pydantic import AfterValidator, Field, field_validator
@@ -47,7 +47,6 @@ OBSERVATIONS = (
 #: The five labels of the CheXpert competition.
 COMPETITION_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 POLICIES = ("u-ones", "u-zeros", "ignore")
-Policy = Literal["u-ones", "u-zeros", "ignore"]
 #: The common mix: U-Ones for these, U-Zeros for every other label.
 U_ONES_IN_MIX = ("Atelectasis", "Edema", "Pleural Effusion")
 PATH_COLUMN, VIEW_COLUMN = "Path", "Frontal/Lateral"
@@ -73,7 +72,8 @@ class CheXpertOptions(DatasetOptions):
 
     labels: list[Annotated[str, AfterValidator(_observation)]] = Field(
         default_factory=lambda: list(COMPETITION_LABELS), min_length=1,
-        description="observations to predict, in this order (default: the 5 competition labels; any of the 14 CSV columns)",
+        description="observations to predict, in this order (default: the 5 competition labels; any of the 14 "
+        "observation columns)",
     )
     uncertainty: str | dict[str, str] = Field(
         default_factory=lambda: {name: "u-ones" for name in U_ONES_IN_MIX},
@@ -103,7 +103,7 @@ class CheXpertOptions(DatasetOptions):
     def policy_of(self, label: str) -> str:
         if isinstance(self.uncertainty, str):
             return self.uncertainty
-        return self.uncertainty.get(label, "u-zeros")
+        return self.uncertainty.get(label, "u-ones" if label in U_ONES_IN_MIX else "u-zeros")
 
 
 def label_matrix(frame, csv: Path, options: CheXpertOptions) -> np.ndarray:  # frame: pandas.DataFrame
@@ -130,40 +130,41 @@ def label_matrix(frame, csv: Path, options: CheXpertOptions) -> np.ndarray:  # f
 
 
 class PathResolver:
-    """Resolves CSV ``Path`` values; decides once per first path component."""
+    """Resolves CSV ``Path`` values (as their parts); decides once per first path component."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.base: dict[str, tuple[Path, int]] = {}  # first component -> (base folder, parts to drop)
 
-    def __call__(self, value: str) -> Path:
-        parts = PurePosixPath(value.replace("\\", "/")).parts
-        if not parts:
-            return self.root
-        if parts[0] not in self.base:
-            first = parts[0]
+    def __call__(self, parts: list[str]) -> Path:
+        first = parts[0]
+        if first not in self.base:
             if first == self.root.name:
                 self.base[first] = (self.root.parent, 0)
             elif len(parts) > 1 and not (self.root / first).exists() and (self.root / parts[1]).is_dir():
                 self.base[first] = (self.root, 1)  # the dataset folder was renamed
             else:
                 self.base[first] = (self.root, 0)
-        base, drop = self.base[parts[0]]
+        base, drop = self.base[first]
         return base.joinpath(*parts[drop:])
 
 
 def read_records(csv: Path, split: str | None, options: CheXpertOptions, resolve: PathResolver) -> list[ImageRecord]:
     required = (PATH_COLUMN, *options.labels) + ((VIEW_COLUMN,) if options.frontal_only else ())
     frame = read_csv(csv, required)
-    labels = label_matrix(frame, csv, options)
-    keep = (frame[VIEW_COLUMN].str.strip() == "Frontal").to_numpy() if options.frontal_only else np.ones(len(frame), bool)
+    labels = label_matrix(frame, csv, options).tolist()
+    keep = np.ones(len(frame), bool)
+    if options.frontal_only:
+        keep = (frame[VIEW_COLUMN].str.strip() == "Frontal").to_numpy()
+    paths = frame[PATH_COLUMN].tolist()
     records = []
-    for i in np.flatnonzero(keep):
-        value = frame[PATH_COLUMN].iloc[i].strip()
-        patient = next((p for p in PurePosixPath(value.replace("\\", "/")).parts if PATIENT.match(p)), None)
+    for i in np.flatnonzero(keep).tolist():
+        value = paths[i].strip()
+        parts = [p for p in value.replace("\\", "/").split("/") if p and p != "."]
+        patient = next((p for p in parts if PATIENT.match(p)), None)
         if patient is None:
             raise DataError(f"{csv}: line {i + 2}: column {PATH_COLUMN!r}: no patientNNNNN folder in {value!r}")
-        records.append(ImageRecord(resolve(value), tuple(labels[i].tolist()), patient, split))
+        records.append(ImageRecord(resolve(parts), tuple(labels[i]), patient, split))
     return records
 
 

@@ -62,7 +62,8 @@ class NIHOptions(SplitOptions):
     )
     test_fraction: float = Field(
         0.2, ge=0, lt=1,
-        description="share of all patients drawn for testing; used only when train_val_list.txt and test_list.txt are absent",
+        description="share of all patients drawn for testing; used only when train_val_list.txt and "
+        "test_list.txt are absent",
     )
     skip_unreadable: bool = Field(False, description="skip (and count) missing or unreadable images instead of failing")
 
@@ -135,7 +136,9 @@ def official_splits(root: Path) -> tuple[set[str], set[str]] | None:
         return None
     for present, absent in ((train_val_path, test_path), (test_path, train_val_path)):
         if not absent.is_file():
-            raise DataError(f"{absent}: file not found (needed with {present.name}; remove both to draw the test split by patient)")
+            raise DataError(
+                f"{absent}: file not found (needed with {present.name}; remove both to draw the test split by patient)"
+            )
     train_val, test = read_list(train_val_path), read_list(test_path)
     both = sorted(train_val & test)
     if both:
@@ -162,7 +165,9 @@ def load_nih(root: Path, image_size: int, options: NIHOptions, seed: int) -> Dat
         if not patient:
             raise DataError(f"{csv}: line {line}: column {PATIENT_COLUMN!r}: empty patient id")
         if name in seen:
-            raise DataError(f"{csv}: line {line}: column {IMAGE_COLUMN!r}: {name!r} already listed on line {seen[name]}")
+            raise DataError(
+                f"{csv}: line {line}: column {IMAGE_COLUMN!r}: {name!r} already listed on line {seen[name]}"
+            )
         seen[name] = line
         names.append(name)
         labels.append(parse_findings(findings, csv, line))

@@ -10,6 +10,7 @@ labels are left out of the loss and of that class's AUROC.
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -109,7 +110,8 @@ def decode_all(
         except DataError as exc:
             return i, None, str(exc)
 
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         results = pool.map(one, range(len(paths)))
         for i, image, error in progress(results) if progress else results:
             if error is not None:
@@ -117,6 +119,9 @@ def decode_all(
                     raise DataError(error)
                 unreadable.append((paths[i], error))
             images[i] = image
+    finally:
+        # on the first bad file, the queued decodes are dropped instead of finishing the dataset
+        pool.shutdown(wait=True, cancel_futures=True)
     kept = np.asarray([i for i, im in enumerate(images) if im is not None], dtype=np.int64)
     stacked = np.stack([images[i] for i in kept]) if len(kept) else np.zeros((0, size, size), np.uint8)
     return DecodeResult(stacked, kept, unreadable)
@@ -124,10 +129,17 @@ def decode_all(
 
 def assign_splits(groups: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
     """A split name per record, drawn by group, so one patient never spans two splits."""
+    if not groups:
+        return np.asarray([], dtype=object)
     unique = np.unique(np.asarray(groups, dtype=str))
     order = np.random.default_rng(seed).permutation(len(unique))
-    n_val = int(round(val_fraction * len(unique)))
-    n_test = int(round(test_fraction * len(unique)))
+
+    def count(fraction: float) -> int:
+        # a split asked for keeps at least one group when there are enough to go round
+        n = int(math.floor(fraction * len(unique) + 0.5))
+        return max(n, 1) if fraction > 0 and len(unique) >= 3 else n
+
+    n_val, n_test = count(val_fraction), count(test_fraction)
     split_of_group = np.empty(len(unique), dtype=object)
     split_of_group[order[:n_val]] = "val"
     split_of_group[order[n_val : n_val + n_test]] = "test"
@@ -158,8 +170,13 @@ def build_splits(
     """
     if not records:
         raise DataError(f"{source}: no images listed")
+    widths = {len(r.labels) for r in records}
+    if widths != {len(class_names)}:
+        raise DataError(f"{source}: label vectors of lengths {sorted(widths)} for {len(class_names)} classes")
     groups = [r.group for r in records]
-    drawn = assign_splits(groups, val_fraction, test_fraction, seed)
+    # only records without a publisher's split are drawn, over their own patients
+    undecided = [i for i, r in enumerate(records) if r.split is None]
+    drawn = dict(zip(undecided, assign_splits([groups[i] for i in undecided], val_fraction, test_fraction, seed)))
     split_names = [r.split or drawn[i] for i, r in enumerate(records)]
     for r, name in zip(records, split_names):
         if name not in SPLITS:
@@ -181,7 +198,7 @@ def build_splits(
     }
     return DatasetSplits(
         take("train"), take("val"), take("test"), tuple(class_names), task,
-        skipped=[f"{p}: {e.split(': ', 1)[-1]}" for p, e in decoded.unreadable],
+        skipped=tuple(error for _, error in decoded.unreadable),  # each error starts with its file's path
         ratio_subsets=ratio_subsets,
     )
 

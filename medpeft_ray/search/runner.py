@@ -43,14 +43,15 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
     the model on the meta device (no memory, no weights), with the method applied.
 
     Returns:
-        facts for the progress line: classes, images per split and ratio, trainable params.
+        facts for the progress line (classes, images per split and ratio, trainable params) and
+        the dataset's cache key, which trials reuse instead of walking the dataset again.
     """
     import difflib
 
     import timm
     import torch
 
-    from medpeft_ray.data import load_splits, train_subset_index
+    from medpeft_ray.data import dataset_key, load_splits, train_subset_index
     from medpeft_ray.methods import count_parameters, prepare_model
     from medpeft_ray.models import build_backbone
 
@@ -61,7 +62,8 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
         raise ConfigError("model.backbone", f"unknown timm model {backbone!r}{hint}", config.experiment)
 
     ds = config.dataset
-    splits = load_splits(ds.name, ds.root, ds.image_size, ds.options, ds.seed)
+    key = dataset_key(ds.name, ds.root, ds.image_size, ds.options, ds.seed)
+    splits = load_splits(ds.name, ds.root, ds.image_size, ds.options, ds.seed, key=key)
     for name in ("train", "val"):
         if len(getattr(splits, name)) == 0:
             raise MedpeftError(f"{ds.root or ds.name}: the {name} split has no images")
@@ -87,6 +89,7 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
         "train_images_per_ratio": images_per_ratio,
         "trainable_params": trainable,
         "total_params": total,
+        "dataset_key": key,
     }
 
 
@@ -198,6 +201,7 @@ def run_search(
             use_gpu=use_gpu,
             resources_per_worker=per_worker,
             storage_path=str(results_path / "train"),
+            dataset_key=facts["dataset_key"],
         )
         searcher = OptunaSearch(
             space=SpaceSampler(config.distributions()),

@@ -24,6 +24,7 @@ class TrialPlan:
     use_gpu: bool
     resources_per_worker: dict[str, float]
     storage_path: str
+    dataset_key: dict[str, Any] | None = None  # the decode-once cache key, computed once by the driver
     max_failures: int = 0
 
 
@@ -41,7 +42,11 @@ def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
     context = tune.get_context()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={TRIAL_KEY: trial.model_dump(mode="json"), "threads": plan.resources_per_worker.get("CPU", 1)},
+        train_loop_config={
+            TRIAL_KEY: trial.model_dump(mode="json"),
+            "threads": plan.resources_per_worker.get("CPU", 1),
+            "dataset_key": plan.dataset_key,
+        },
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=plan.resources_per_worker
         ),

@@ -44,6 +44,8 @@ class WorkerContext:
     device: torch.device
     #: a checkpoint directory to resume from (a restarted worker), or None
     resume_from: Path | None = None
+    #: the dataset's cache key when the driver computed it (saves walking the dataset per trial)
+    dataset_key: dict[str, Any] | None = None
 
 
 def resolve_precision(train: TrainConfig, use_gpu: bool) -> str:
@@ -188,7 +190,8 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> di
     np.random.seed(trial.train.seed)
 
     data = load_splits(
-        trial.dataset.name, trial.dataset.root, trial.dataset.image_size, trial.dataset.options, trial.dataset.seed
+        trial.dataset.name, trial.dataset.root, trial.dataset.image_size, trial.dataset.options, trial.dataset.seed,
+        key=ctx.dataset_key,
     )
     train_split = data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed))
     if len(train_split) < ctx.world_size:

@@ -37,6 +37,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             world_size=context.get_world_size(),
             device=ray.train.torch.get_device(),
             resume_from=resume_from,
+            dataset_key=loop_config.get("dataset_key"),
         )
         run_training(trial, ctx, report)
 

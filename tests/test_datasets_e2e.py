@@ -1,0 +1,96 @@
+"""Every dataset format, in its published layout (tiny), through `data check` and a real Ray search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from conftest import tiny_search
+from PIL import Image
+from test_data_busi import Busi
+from test_data_chexpert import make_chexpert
+from test_data_ham10000 import Ham
+from test_data_nih import make_nih
+from test_data_rsna import Rsna
+
+from medpeft_ray.config import validate_search_dict
+from medpeft_ray.data.check import check_dataset
+from medpeft_ray.leaderboard import LeaderboardStore
+
+pytestmark = pytest.mark.ray
+
+
+def _folder(base: Path) -> Path:
+    root = base / "folder"
+    for c, cls in enumerate(("normal", "pneumonia")):
+        (root / cls).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(np.full((24, 24), 20 * c + 9 * i, np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+def _csv(base: Path) -> Path:
+    root = base / "csv"
+    (root / "img").mkdir(parents=True)
+    rows = ["path,patient,effusion,nodule"]
+    for i in range(24):
+        Image.fromarray(np.full((24, 24), 10 * i, np.uint8)).save(root / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,p{i // 2},{i % 2},{(i // 3) % 2}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+#: format -> (build a tiny dataset under a folder, dataset options)
+FORMATS: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
+    "nih": (lambda base: make_nih(base).root, {}),
+    "chexpert": (lambda base: make_chexpert(base).root, {}),
+    "rsna": (lambda base: Rsna(base / "rsna").root, {}),
+    "ham10000": (lambda base: Ham(base / "ham").root, {}),
+    "busi": (lambda base: Busi(base / "busi").root, {}),
+    "folder": (_folder, {}),
+    "csv": (_csv, {"group_column": "patient"}),
+}
+
+
+@pytest.fixture(scope="module")
+def ray_session():  # type: ignore[no-untyped-def]
+    import ray
+
+    from medpeft_ray.search.runner import DRIVER_RESOURCE
+
+    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 100}, log_to_driver=False, include_dashboard=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_format_checks_and_searches(name: str, tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medpeft_ray.search.runner import run_search
+
+    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
+    build, options = FORMATS[name]
+    root = build(tmp_path)
+
+    report = check_dataset(name, root, options, image_size=32, label_ratios=[0.5, 1.0])
+    assert report.usable, report.problems
+    assert report.images["train"] > 0 and report.images["val"] > 0
+
+    config = validate_search_dict(
+        tiny_search(
+            experiment=f"e2e-{name}",
+            dataset={"name": name, "root": str(root), "label_ratios": [0.5], "image_size": 32, "options": options},
+            train={"epochs": 1, "batch_size": 8, "augment": "flip"},
+            search={"num_samples": 1, "seed": 0, "scheduler": {"type": "none"}},
+        ),
+        f"{name}.yaml",
+    )
+    result = run_search(config, results=tmp_path / "results")
+    rows = LeaderboardStore(result.db_url).query().to_dict(orient="records")
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert row["status"] == "completed", row["error"]
+    assert row["dataset"] == name and row["label_ratio"] == 0.5
+    assert row["config"]["dataset"]["root"] == str(root.resolve())
+    assert 0 < row["trainable_params"] < row["total_params"]
