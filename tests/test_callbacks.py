@@ -37,7 +37,7 @@ def test_best_epoch_completed_stopped_and_failed_rows(tiny_config: Any, tmp_path
     good, early, bad = FakeTrial("a", {"lr": 3e-3}), FakeTrial("b", {"lr": 1e-3}), FakeTrial("c", {"lr": 9e-3}, TRACE)
     for trial in (good, early, bad):
         callback.on_trial_start(0, [], trial)
-    base = {"trainable_params": 10, "total_params": 100, "train_time_s": 2.0, "first_step_at": 1e18}
+    base = {"trainable_params": 10, "total_params": 100, "train_time_s": 2.0, "first_step_at": 1e18, "skipped_images": 2}
     for epoch, auroc in ((1, 0.7), (2, 0.65)):  # the best epoch is the first
         callback.on_trial_result(0, [], good, {**base, "epoch": epoch, "val_auroc": auroc, "val_loss": 0.5,
                                                "checkpoint_path": f"/ckpt/{epoch}"})
@@ -48,7 +48,7 @@ def test_best_epoch_completed_stopped_and_failed_rows(tiny_config: Any, tmp_path
 
     rows = {r["trial_id"]: r for r in LeaderboardStore(url).query().to_dict(orient="records")}
     assert rows["a"]["status"] == "completed" and rows["a"]["val_auroc"] == 0.7 and rows["a"]["best_epoch"] == 1
-    assert rows["a"]["checkpoint"] == "/ckpt/1" and rows["a"]["epochs_run"] == 2
+    assert rows["a"]["checkpoint"] == "/ckpt/1" and rows["a"]["epochs_run"] == 2 and rows["a"]["skipped_images"] == 2
     assert rows["a"]["config"]["train"]["lr"] == 3e-3 and rows["a"]["params"] == {"lr": 3e-3}
     assert rows["b"]["status"] == "stopped" and math.isnan(rows["b"]["val_auroc"])  # NULL: a NaN metric is no metric
     assert rows["c"]["status"] == "failed" and "loss is nan" in rows["c"]["error"]

@@ -28,6 +28,7 @@ def _folder(base: Path) -> Path:
         (root / cls).mkdir(parents=True)
         for i in range(12):
             Image.fromarray(np.full((24, 24), 20 * c + 9 * i, np.uint8)).save(root / cls / f"{i}.png")
+    (root / "normal" / "corrupt.png").write_bytes(b"not an image")  # skipped and counted, see FORMATS
     return root
 
 
@@ -49,7 +50,7 @@ FORMATS: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
     "rsna": (lambda base: Rsna(base / "rsna").root, {}),
     "ham10000": (lambda base: Ham(base / "ham").root, {}),
     "busi": (lambda base: Busi(base / "busi").root, {}),
-    "folder": (_folder, {}),
+    "folder": (_folder, {"skip_unreadable": True}),
     "csv": (_csv, {"group_column": "patient"}),
 }
 
@@ -94,3 +95,6 @@ def test_format_checks_and_searches(name: str, tmp_path: Path, ray_session: None
     assert row["dataset"] == name and row["label_ratio"] == 0.5
     assert row["config"]["dataset"]["root"] == str(root.resolve())
     assert 0 < row["trainable_params"] < row["total_params"]
+    # skipped unreadable files are counted in the row (the folder dataset holds one corrupt file)
+    assert row["skipped_images"] == (1 if name == "folder" else 0)
+    assert len(report.unreadable) == row["skipped_images"]

@@ -68,13 +68,13 @@ def _fingerprint(root: Path) -> str:
 
     cache = str(cache_root().resolve())
     digest = hashlib.sha256()
-    for folder, dirs, files in os.walk(root):
-        if folder == cache or folder.startswith(cache + os.sep):
+    for directory, dirs, files in os.walk(root):
+        if directory == cache or directory.startswith(cache + os.sep):
             dirs[:] = []  # the cache may live inside the dataset folder: its entries must not change the key
             continue
         dirs.sort()
         for name in sorted(files):
-            path = os.path.join(folder, name)
+            path = os.path.join(directory, name)
             stat = os.stat(path)
             digest.update(f"{os.path.relpath(path, root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()

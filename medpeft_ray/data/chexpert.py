@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import AfterValidator, Field, field_validator
 
 from medpeft_ray.data.base import DatasetSplits
-from medpeft_ray.data.nih import read_csv
+from medpeft_ray.data.tables import read_csv
 from medpeft_ray.data.records import ImageRecord, assign_splits, build_splits
 from medpeft_ray.data.registry import DatasetOptions, register_dataset
 from medpeft_ray.errors import DataError

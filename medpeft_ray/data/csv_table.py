@@ -16,6 +16,7 @@ from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.folder import SplitOptions
 from medpeft_ray.data.records import SPLITS, ImageRecord, build_splits, one_hot
 from medpeft_ray.data.registry import register_dataset
+from medpeft_ray.data.tables import read_csv
 from medpeft_ray.errors import DataError
 
 
@@ -32,18 +33,6 @@ class CsvOptions(SplitOptions):
         if self.label_columns is not None and self.class_column is not None:
             raise ValueError("give label_columns (multi-label) or class_column (multi-class), not both")
         return self
-
-
-def read_table(path: Path) -> "object":
-    """A CSV as a pandas DataFrame of strings (blank cells as ''); DataError names a missing file."""
-    import pandas as pd
-
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from None
 
 
 def binary_label(value: str, csv: Path, row: int, column: str) -> float:
@@ -63,13 +52,10 @@ def binary_label(value: str, csv: Path, row: int, column: str) -> float:
 @register_dataset("csv", options=CsvOptions, needs_root=True, task="multilabel")
 def load_csv(root: Path, image_size: int, options: CsvOptions, seed: int) -> DatasetSplits:
     csv = root / options.file
-    table = read_table(csv)
-    columns = list(table.columns)  # type: ignore[attr-defined]
     named = [c for c in (options.path_column, options.class_column, options.group_column, options.split_column) if c]
-    for column in named + list(options.label_columns or []):
-        if column not in columns:
-            raise DataError(f"{csv}: no column {column!r} (columns: {', '.join(columns)})")
-    rows = table.to_dict(orient="records")  # type: ignore[attr-defined]
+    table = read_csv(csv, tuple(named + list(options.label_columns or [])))
+    columns = list(table.columns)
+    rows = table.to_dict(orient="records")
     if options.class_column:
         task = "multiclass"
         class_names = sorted({r[options.class_column] for r in rows})

@@ -11,7 +11,6 @@ two splits, and label-ratio subsets take a lesion's images all or none.
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.folder import SplitOptions
 from medpeft_ray.data.records import ImageRecord, build_splits, one_hot
 from medpeft_ray.data.registry import register_dataset
+from medpeft_ray.data.tables import csv_rows
 from medpeft_ray.errors import DataError
 
 CLASS_NAMES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -49,36 +49,23 @@ def index_jpegs(root: Path) -> dict[str, Path]:
 
 def read_metadata(csv_path: Path) -> list[tuple[int, str, str, str]]:
     """``(row, lesion_id, image_id, dx)`` per image; the header is row 1."""
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: file not found")
     rows: list[tuple[int, str, str, str]] = []
     first_row: dict[str, int] = {}
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            for column in REQUIRED_COLUMNS:
-                if column not in columns:
-                    raise DataError(f"{csv_path}: no column {column!r} (columns: {', '.join(columns) or 'none'})")
-            for row_number, row in enumerate(reader, start=2):
-                lesion, image, dx = ((row[c] or "").strip() for c in REQUIRED_COLUMNS)
-                for column, value in (("lesion_id", lesion), ("image_id", image)):
-                    if not value:
-                        raise DataError(f"{csv_path}: row {row_number}, column {column!r}: empty value")
-                if dx.lower() not in CLASS_NAMES:
-                    raise DataError(
-                        f"{csv_path}: row {row_number}, column 'dx': value {row['dx']!r} is not one of "
-                        f"{', '.join(CLASS_NAMES)}"
-                    )
-                if image in first_row:
-                    raise DataError(
-                        f"{csv_path}: row {row_number}, column 'image_id': {image!r} is listed again "
-                        f"(first at row {first_row[image]})"
-                    )
-                first_row[image] = row_number
-                rows.append((row_number, lesion, image, dx.lower()))
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{csv_path}: not a readable CSV ({exc})") from None
+    for row_number, row in csv_rows(csv_path, REQUIRED_COLUMNS):
+        lesion, image, dx = (row[c].strip() for c in REQUIRED_COLUMNS)
+        for column, value in (("lesion_id", lesion), ("image_id", image)):
+            if not value:
+                raise DataError(f"{csv_path}: row {row_number}, column {column!r}: empty value")
+        if dx.lower() not in CLASS_NAMES:
+            raise DataError(
+                f"{csv_path}: row {row_number}, column 'dx': value {row['dx']!r} is not one of {', '.join(CLASS_NAMES)}"
+            )
+        if image in first_row:
+            raise DataError(
+                f"{csv_path}: row {row_number}, column 'image_id': {image!r} is listed again (first at row {first_row[image]})"
+            )
+        first_row[image] = row_number
+        rows.append((row_number, lesion, image, dx.lower()))
     return rows
 
 

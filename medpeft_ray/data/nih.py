@@ -28,7 +28,6 @@ one of the two list files present is an error: that would silently change the pr
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from pydantic import Field
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.folder import SplitOptions
 from medpeft_ray.data.records import ImageRecord, assign_splits, build_splits
+from medpeft_ray.data.tables import read_csv
 from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.errors import DataError
 
@@ -66,28 +66,6 @@ class NIHOptions(SplitOptions):
         "test_list.txt are absent",
     )
     skip_unreadable: bool = Field(False, description="skip (and count) missing or unreadable images instead of failing")
-
-
-def read_csv(csv: Path, required: tuple[str, ...]):  # -> pandas.DataFrame
-    """The CSV as strings (blank cells stay ""), checked for the ``required`` columns."""
-    import pandas as pd
-
-    if not csv.is_file():
-        raise DataError(f"{csv}: file not found")
-    try:
-        # index_col=False: rows with a trailing comma (an extra unnamed field) must not shift the
-        # first column into the index; pandas warns that it drops that empty field, which is wanted.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", pd.errors.ParserWarning)
-            frame = pd.read_csv(csv, dtype=str, keep_default_na=False, index_col=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        message = " ".join(str(exc).split())
-        raise DataError(f"{csv}: not a readable CSV ({type(exc).__name__}: {message})") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise DataError(f"{csv}: missing column(s) {', '.join(repr(c) for c in missing)}")
-    return frame
 
 
 def index_images(root: Path) -> dict[str, Path]:

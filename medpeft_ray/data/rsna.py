@@ -10,7 +10,6 @@ binary multi-label task (BCE). The publisher gives no split: it is drawn by pati
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from pydantic import Field
@@ -19,6 +18,7 @@ from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.folder import SplitOptions
 from medpeft_ray.data.records import ImageRecord, build_splits
 from medpeft_ray.data.registry import register_dataset
+from medpeft_ray.data.tables import csv_rows
 from medpeft_ray.errors import DataError
 
 CLASS_NAMES = ("Pneumonia",)
@@ -54,28 +54,17 @@ def read_targets(csv_path: Path) -> dict[str, tuple[float, int]]:
 
     Rows are numbered as in a spreadsheet: the header is row 1.
     """
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: file not found")
     targets: dict[str, tuple[float, int]] = {}
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            for column in (ID_COLUMN, TARGET_COLUMN):
-                if column not in columns:
-                    raise DataError(f"{csv_path}: no column {column!r} (columns: {', '.join(columns) or 'none'})")
-            for row_number, row in enumerate(reader, start=2):
-                patient = (row[ID_COLUMN] or "").strip()
-                if not patient:
-                    raise DataError(f"{csv_path}: row {row_number}, column {ID_COLUMN!r}: empty patient id")
-                target = _target(row[TARGET_COLUMN] or "", csv_path, row_number)
-                seen = targets.get(patient)
-                if seen is None:
-                    targets[patient] = (target, row_number)
-                elif target > seen[0]:
-                    targets[patient] = (target, seen[1])
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{csv_path}: not a readable CSV ({exc})") from None
+    for row_number, row in csv_rows(csv_path, (ID_COLUMN, TARGET_COLUMN)):
+        patient = row[ID_COLUMN].strip()
+        if not patient:
+            raise DataError(f"{csv_path}: row {row_number}, column {ID_COLUMN!r}: empty patient id")
+        target = _target(row[TARGET_COLUMN], csv_path, row_number)
+        seen = targets.get(patient)
+        if seen is None:
+            targets[patient] = (target, row_number)
+        elif target > seen[0]:
+            targets[patient] = (target, seen[1])
     return targets
 
 

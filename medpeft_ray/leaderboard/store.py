@@ -47,6 +47,7 @@ trials_table = sa.Table(
     sa.Column("wall_time_s", sa.Float),
     sa.Column("startup_s", sa.Float),
     sa.Column("train_time_s", sa.Float),
+    sa.Column("skipped_images", sa.Integer),  # unreadable files left out (dataset.options.skip_unreadable)
     sa.Column("params", sa.Text, nullable=False),  # the sampled hyperparameters (JSON)
     sa.Column("config", sa.Text, nullable=False),  # the full trial config (JSON)
     sa.Column("checkpoint", sa.Text),
@@ -84,6 +85,7 @@ class TrialRecord:
     wall_time_s: float | None = None
     startup_s: float | None = None
     train_time_s: float | None = None
+    skipped_images: int | None = None
     checkpoint: str | None = None
     error: str | None = None
 
@@ -210,7 +212,7 @@ class LeaderboardStore:
             frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=list(t.c.keys()))
         for column in ("config", "params"):
             frame[column] = frame[column].map(json.loads)
-        for column in ("best_epoch", "epochs_run", "trainable_params", "total_params"):
+        for column in ("best_epoch", "epochs_run", "trainable_params", "total_params", "skipped_images"):
             frame[column] = frame[column].astype("Int64")  # nullable: a failed trial has no counts
         return frame
 

@@ -142,6 +142,7 @@ class LeaderboardCallback(Callback):
             wall_time_s=ended - p.started_at,
             startup_s=(first_step - p.started_at) if first_step else None,
             train_time_s=last.get("train_time_s"),
+            skipped_images=last.get("skipped_images"),
             checkpoint=best.get("checkpoint_path"),
             error=error,
         )

@@ -90,6 +90,7 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
         "trainable_params": trainable,
         "total_params": total,
         "dataset_key": key,
+        "skipped": list(splits.skipped),
     }
 
 
@@ -167,6 +168,12 @@ def run_search(
             f"dataset {config.dataset.name} {facts['images']}, {facts['classes']} classes; "
             f"label ratios {config.dataset.label_ratios} x {config.search.num_samples} trials"
         )
+        if facts["skipped"]:
+            console.print(
+                f"[yellow]{len(facts['skipped'])} unreadable image(s) skipped[/yellow] (dataset.options.skip_unreadable), "
+                f"e.g. {facts['skipped'][0]}",
+                soft_wrap=True,
+            )
 
     # Tune's own tables and Optuna's per-study log lines would drown the per-trial progress lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

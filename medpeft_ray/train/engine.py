@@ -193,6 +193,8 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> di
         trial.dataset.name, trial.dataset.root, trial.dataset.image_size, trial.dataset.options, trial.dataset.seed,
         key=ctx.dataset_key,
     )
+    if data.skipped and ctx.rank == 0:
+        log.warning("%d unreadable image(s) skipped, e.g. %s", len(data.skipped), data.skipped[0])
     train_split = data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed))
     if len(train_split) < ctx.world_size:
         raise TrialFailed(f"{len(train_split)} training images cannot feed {ctx.world_size} workers")
@@ -281,6 +283,7 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> di
             "trainable_params": trainable_params,
             "total_params": total_params,
             "train_images": len(train_split),
+            "skipped_images": len(data.skipped),
             "epoch_time_s": epoch_time,
             "train_time_s": train_time,
             "worker_started_at": started_at,
