@@ -243,7 +243,13 @@ def _print_report(report: Any) -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except OSError as exc:
+        # a full disk or a permission error: one line naming the file; rows already written stay
+        where = f"{exc.filename}: " if exc.filename else ""
+        err_console.print(f"[red]error:[/red] {where}{exc.strerror or exc}", soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

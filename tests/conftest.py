@@ -10,9 +10,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MEDPEFT_CACHE", tempfile.mkdtemp(prefix="medpeft-test-cache-"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test decodes into a cache folder of its own (subprocesses it starts inherit it)."""
+    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def tiny_search(**sections: Any) -> dict[str, Any]:

@@ -21,13 +21,6 @@ from medpeft_ray.errors import DataError
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("MEDPEFT_CACHE", str(root))
-    return root
-
-
 def _entries(cache: Path) -> list[Path]:
     if not cache.is_dir():
         return []
@@ -429,7 +422,6 @@ def test_hidden_and_empty_folders_are_not_classes(tmp_path, monkeypatch) -> None
 
     from medpeft_ray.data import load_splits
 
-    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "ds"
     for cls in ("a", "b", ".ipynb_checkpoints", "__MACOSX"):
         (root / cls).mkdir(parents=True)

@@ -11,7 +11,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml

@@ -19,12 +19,6 @@ CLASSES = ("benign", "malignant", "normal")
 MASK_LEVELS = (255, 251)  # no image uses these
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 class Busi:
     """8 images per class, each with one or two masks; every image a flat, distinct grey level."""
 

@@ -114,12 +114,6 @@ def groups_of(split: LabeledImages) -> set[str]:
     return {str(g) for g in split.groups}
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> CheXpert:
     """A dataset that no test changes (tests that break files build their own)."""

@@ -18,11 +18,6 @@ from medpeft_ray.errors import ConfigError, DataError
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
-
-
 def write_image(path: Path, grey: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((24, 20), grey, np.uint8)).save(path)

@@ -19,12 +19,6 @@ CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 HEADER = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 class Ham:
     """14 lesions (2 per diagnosis) with 1-3 images each; every image a flat, distinct grey level."""
 

@@ -104,12 +104,6 @@ def groups_of(split: LabeledImages) -> set[str]:
     return {str(g) for g in split.groups}
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 @pytest.fixture
 def nih(tmp_path: Path) -> NIH:
     return make_nih(tmp_path)

@@ -22,12 +22,6 @@ ORIGINALS = ("CT_small.dcm", "MR_small.dcm", "image_dfl.dcm", "liver_1frame.dcm"
              "examples_overlay.dcm")
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def _rolled(source: str, shift: int, dest: Path) -> None:
     """A real DICOM file with its pixels rolled sideways (a distinct but genuine image)."""
     ds = pydicom.dcmread(get_testdata_file(source))

@@ -70,7 +70,6 @@ def ray_session():  # type: ignore[no-untyped-def]
 def test_format_checks_and_searches(name: str, tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from medpeft_ray.search.runner import run_search
 
-    monkeypatch.setenv("MEDPEFT_CACHE", str(tmp_path / "cache"))
     build, options = FORMATS[name]
     root = build(tmp_path)
 
