@@ -11,6 +11,7 @@ from conftest import tiny_search
 from PIL import Image
 from test_data_busi import Busi
 from test_data_chexpert import make_chexpert
+from test_data_csv_splitfile import make_splitfile_dataset
 from test_data_ham10000 import Ham
 from test_data_nih import make_nih
 from test_data_rsna import Rsna
@@ -43,6 +44,11 @@ def _csv(base: Path) -> Path:
     return root
 
 
+def _splitfile(base: Path) -> Path:
+    make_splitfile_dataset(base / "medpeft")
+    return base / "medpeft"
+
+
 #: format -> (build a tiny dataset under a folder, dataset options)
 FORMATS: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
     "nih": (lambda base: make_nih(base).root, {}),
@@ -52,6 +58,10 @@ FORMATS: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
     "busi": (lambda base: Busi(base / "busi").root, {}),
     "folder": (_folder, {"skip_unreadable": True}),
     "csv": (_csv, {"group_column": "patient"}),
+    "splitfile": (
+        _splitfile,
+        {"images_dir": "images", "ratio_files": {0.5: "train_50.txt"}, "group_pattern": r"(\d+)_\d+\.png$"},
+    ),
 }
 
 
