@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medpeft_ray.errors import MedpeftError
+from medpeft_ray.errors import MedpeftError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 # Piped output (a log file, CI) gets wide lines instead of rich's 80-column default.
@@ -196,12 +196,12 @@ def data_check(
             name, root, options, ratios, seed = ds.name, ds.root, ds.options, ds.label_ratios, ds.seed
         else:
             if dataset is None:
-                raise MedpeftError("give --dataset NAME (and --root PATH), or --space FILE")
+                raise UsageError("give --dataset NAME (and --root PATH), or --space FILE")
             options = {}
             for item in option:
                 key, sep, value = item.partition("=")
                 if not sep:
-                    raise MedpeftError(f"--option {item!r}: expected key=value")
+                    raise UsageError(f"--option {item!r}: expected key=value")
                 options[key.strip()] = yaml.safe_load(value)
             name, ratios, seed = dataset, [float(r) for r in label_ratios.split(",") if r.strip()], 0
         report = check_dataset(name, root, options, image_size=image_size, label_ratios=ratios, seed=seed)

@@ -28,6 +28,12 @@ class ConfigError(MedpeftError):
         return f"{where}: {self.message}" if where else self.message
 
 
+class UsageError(MedpeftError):
+    """A bad command-line argument (an unknown sort column, a malformed option), exit code 2."""
+
+    exit_code = 2
+
+
 class DataError(MedpeftError):
     """A dataset that cannot be used: a missing or unreadable file, a bad label (names the file)."""
 

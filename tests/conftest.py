@@ -46,3 +46,8 @@ def tiny_config() -> Any:
     from medpeft_ray.config import validate_search_dict
 
     return validate_search_dict(tiny_search(), "tiny.yaml")
+
+
+def all_images(splits: Any) -> list[tuple[Any, Any, Any]]:
+    """(image, labels, group) of every image of every split."""
+    return [(im, lab, g) for s in (splits.train, splits.val, splits.test) for im, lab, g in zip(s.images, s.labels, s.groups)]

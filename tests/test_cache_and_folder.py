@@ -12,7 +12,7 @@ from PIL import Image
 
 import medpeft_ray.data.folder as folder_mod
 import medpeft_ray.data.records as records_mod
-from medpeft_ray.data.folder import SplitOptions
+from medpeft_ray.data.records import SplitOptions
 from medpeft_ray.data import load_splits
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
 from medpeft_ray.data.cache import cache_root, cached_splits
@@ -436,7 +436,7 @@ def test_split_fractions_must_leave_a_train_split() -> None:
     import pytest
     from pydantic import ValidationError
 
-    from medpeft_ray.data.folder import SplitOptions as FolderOptions
+    from medpeft_ray.data.records import SplitOptions as FolderOptions
 
     with pytest.raises(ValidationError, match="must be < 1"):
         FolderOptions(val_fraction=0.6, test_fraction=0.6)

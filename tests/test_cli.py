@@ -267,7 +267,7 @@ def test_leaderboard_filter_matching_nothing(runner: CliRunner, results: Path, a
 
 def test_leaderboard_bad_sort_column(runner: CliRunner, results: Path) -> None:
     result = invoke(runner, "leaderboard", "--results", results, "--sort", "accuracy")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "cannot sort by 'accuracy'" in result.stderr
 
 

@@ -24,3 +24,16 @@ def test_full_disk_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     err = capsys.readouterr().err.strip()
     assert err == "error: /results/leaderboard.db: No space left on device"
     assert "Traceback" not in err
+
+
+def test_bad_arguments_exit_2(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from medpeft_ray.leaderboard import LeaderboardStore
+
+    LeaderboardStore(f"sqlite:///{tmp_path / 'leaderboard.db'}")
+    runner = CliRunner()
+    sort = runner.invoke(cli.app, ["leaderboard", "--results", str(tmp_path), "--sort", "bogus"])
+    assert sort.exit_code == 2 and "cannot sort by 'bogus'" in sort.output
+    option = runner.invoke(cli.app, ["data", "check", "--dataset", "synthetic", "-o", "oops"])
+    assert option.exit_code == 2 and "--option 'oops': expected key=value" in option.output

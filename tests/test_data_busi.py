@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import all_images
 from PIL import Image
 
 from medpeft_ray.config import validate_search_dict
@@ -60,9 +61,6 @@ def busi(tmp_path: Path) -> Busi:
     return Busi(tmp_path / "Dataset_BUSI_with_GT")
 
 
-def _all(splits):  # type: ignore[no-untyped-def]
-    return [(im, lab, g) for s in (splits.train, splits.val, splits.test)
-            for im, lab, g in zip(s.images, s.labels, s.groups)]
 
 
 def test_mask_names() -> None:
@@ -77,7 +75,7 @@ def test_classes_labels_groups_and_masks_ignored(busi: Busi) -> None:
     assert splits.class_names == CLASSES
     assert splits.task == "multiclass"
     seen = []
-    for image, label, group in _all(splits):
+    for image, label, group in all_images(splits):
         name, file_name = busi.identify(image)
         assert label.tolist() == [1.0 if c == name else 0.0 for c in CLASSES]
         assert group == f"{name}/{file_name}"
@@ -90,7 +88,7 @@ def test_every_image_its_own_group_and_split_sizes(busi: Busi) -> None:
     n = len(busi.level)
     splits = load_splits("busi", busi.root, SIZE, {"val_fraction": 0.25, "test_fraction": 0.25}, 5)
     assert (len(splits.val), len(splits.test)) == (round(0.25 * n), round(0.25 * n))
-    groups = [g for _, _, g in _all(splits)]
+    groups = [g for _, _, g in all_images(splits)]
     assert len(set(groups)) == n
     other = load_splits("busi", busi.root, SIZE, {"val_fraction": 0.25, "test_fraction": 0.25}, 6)
     assert set(other.test.groups.tolist()) != set(splits.test.groups.tolist()), "the seed must change the split"
@@ -132,7 +130,7 @@ def test_corrupt_image_fails_or_is_skipped(busi: Busi) -> None:
     assert str(err.value).startswith(str(bad)) and "unreadable" in str(err.value)
     splits = load_splits("busi", busi.root, SIZE, {"skip_unreadable": True}, 0)
     assert [s.split(": ")[0] for s in splits.skipped] == [str(bad)]
-    seen = {busi.identify(image) for image, _, _ in _all(splits)}
+    seen = {busi.identify(image) for image, _, _ in all_images(splits)}
     assert seen == set(busi.level) - {("malignant", bad.name)}
 
 

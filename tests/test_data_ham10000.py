@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import all_images
 from PIL import Image
 
 from medpeft_ray.config import validate_search_dict
@@ -70,9 +71,6 @@ def ham(tmp_path: Path) -> Ham:
     return Ham(tmp_path / "ham")
 
 
-def _all(splits):  # type: ignore[no-untyped-def]
-    return [(im, lab, g) for s in (splits.train, splits.val, splits.test)
-            for im, lab, g in zip(s.images, s.labels, s.groups)]
 
 
 def test_classes_labels_and_lesion_groups(ham: Ham) -> None:
@@ -80,7 +78,7 @@ def test_classes_labels_and_lesion_groups(ham: Ham) -> None:
     assert splits.class_names == CLASSES
     assert splits.task == "multiclass"
     seen = []
-    for image, label, group in _all(splits):
+    for image, label, group in all_images(splits):
         image_id = ham.identify(image)
         assert group == ham.lesion[image_id]
         assert label.tolist() == [1.0 if c == ham.dx[image_id] else 0.0 for c in CLASSES], image_id
@@ -123,7 +121,7 @@ def test_images_found_in_any_subfolder_once(ham: Ham) -> None:
     ham.path[moved].rename(nested / f"{moved}.jpg")
     Image.new("RGB", (20, 20), (3, 3, 3)).save(ham.root / "HAM10000_images_part_2" / "ISIC_9999999.jpg")
     splits = load_splits("ham10000", ham.root, SIZE, {}, 0)
-    ids = [ham.identify(image) for image, _, _ in _all(splits)]
+    ids = [ham.identify(image) for image, _, _ in all_images(splits)]
     assert sorted(ids) == sorted(ham.level)
 
 
@@ -169,7 +167,7 @@ def test_missing_and_corrupt_images_fail_or_are_skipped(ham: Ham) -> None:
     splits = load_splits("ham10000", ham.root, SIZE, {"skip_unreadable": True}, 0)
     expected = sorted([str(ham.root / f"{gone}.jpg"), str(ham.path[bad])])
     assert sorted(s.split(": ")[0] for s in splits.skipped) == expected
-    ids = [ham.identify(image) for image, _, _ in _all(splits)]
+    ids = [ham.identify(image) for image, _, _ in all_images(splits)]
     assert sorted(ids) == sorted(set(ham.level) - {gone, bad})
 
     ham.path[gone].parent.mkdir(exist_ok=True)

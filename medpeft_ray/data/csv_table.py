@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from medpeft_ray.data.base import DatasetSplits
-from medpeft_ray.data.folder import SplitOptions
+from medpeft_ray.data.records import SplitOptions
 from medpeft_ray.data.records import SPLITS, ImageRecord, build_splits, one_hot
 from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.data.tables import read_csv

@@ -9,28 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
-
 from medpeft_ray.data.base import DatasetSplits
-from medpeft_ray.data.records import ImageRecord, build_splits, one_hot
-from medpeft_ray.data.registry import DatasetOptions, register_dataset
+from medpeft_ray.data.records import ImageRecord, SplitOptions, build_splits, one_hot
+from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
-
-
-class SplitOptions(DatasetOptions):
-    """Options of formats whose split is drawn by patient when the publisher gives none."""
-
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of patients drawn for validation")
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="share of patients drawn for testing")
-    skip_unreadable: bool = Field(False, description="skip (and count) unreadable images instead of failing")
-
-    @model_validator(mode="after")
-    def _fractions(self) -> "SplitOptions":
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(f"val_fraction + test_fraction must be < 1 (got {self.val_fraction + self.test_fraction:g})")
-        return self
 
 
 def image_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:

@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
-from medpeft_ray.data.folder import SplitOptions
+from medpeft_ray.data.records import SplitOptions
 from medpeft_ray.data.records import ImageRecord, assign_splits, build_splits
 from medpeft_ray.data.tables import read_csv
 from medpeft_ray.data.registry import register_dataset

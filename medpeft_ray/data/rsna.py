@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
-from medpeft_ray.data.folder import SplitOptions
+from medpeft_ray.data.records import SplitOptions
 from medpeft_ray.data.records import ImageRecord, build_splits
 from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.data.tables import csv_rows

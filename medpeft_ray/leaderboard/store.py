@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal
 import sqlalchemy as sa
 from sqlalchemy.exc import DatabaseError, OperationalError
 
-from medpeft_ray.errors import MedpeftError
+from medpeft_ray.errors import MedpeftError, UsageError
 
 SCHEMA_VERSION = 1
 DEFAULT_RESULTS_DIR = "medpeft-results"
@@ -195,7 +195,7 @@ class LeaderboardStore:
         import pandas as pd
 
         if metric not in trials_table.c:
-            raise MedpeftError(f"cannot sort by {metric!r}; columns: {', '.join(trials_table.c.keys())}")
+            raise UsageError(f"cannot sort by {metric!r}; columns: {', '.join(trials_table.c.keys())}")
         t = trials_table
         query = sa.select(t)
         filters = {"experiment": experiment, "dataset": dataset, "method": method, "backbone": backbone, "status": status}
