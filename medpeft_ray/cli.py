@@ -169,6 +169,35 @@ def _cell(column: str, value: Any) -> str:
     return str(value)
 
 
+@app.command("methods")
+def methods_command(
+    backbone: str = typer.Option("vit_base_patch16_224", help="timm backbone name (ViT or ResNet)"),
+    num_classes: int = typer.Option(14, "--num-classes", min=1, help="classes of the task (sizes the head)"),
+    image_size: int = typer.Option(224, "--image-size", min=16, help="input side in pixels"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of a table"),
+) -> None:
+    """The PEFT methods for a backbone, with trainable parameters under their default options."""
+    from medpeft_ray.methods import method_summaries
+
+    try:
+        rows = method_summaries(backbone, num_classes, image_size)
+    except MedpeftError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table(title=f"PEFT methods on {backbone} ({num_classes} classes, {image_size} px), default options")
+    for column in ("method", "trainable params", "share", "searched by default", "notes", "what it does"):
+        table.add_column(column, justify="right" if column in ("trainable params", "share") else "left")
+    for row in sorted(rows, key=lambda r: r["trainable_params"]):
+        notes = ", ".join(n for n, on in (("identity at init", row["identity_at_init"]), ("mergeable", row["mergeable"]),
+                                           ("peft", row["peft_native"])) if on)
+        table.add_row(row["method"], f"{row['trainable_params']:,}", f"{row['trainable_percent']:.3g}%",
+                      ", ".join(row["searched"]), notes, row["description"])
+    console.print(table)
+    console.print(f"total parameters of the backbone: {min(r['total_params'] for r in rows):,}")
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets before spending GPU time on them.")
 app.add_typer(data_app, name="data")
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.errors import ConfigError
-from medpeft_ray.methods.registry import get_method
+from medpeft_ray.methods.registry import MethodOptions, get_method
 from medpeft_ray.models.backbones import backbone_family
 
 # Importing the packages registers the built-in methods and datasets.
@@ -213,8 +213,14 @@ class SearchConfig(_Strict):
 
     def distributions(self) -> dict[str, Distribution]:
         """The searched hyperparameters as parsed distributions (call after validation)."""
-        raw = self.space if self.space is not None else get_method(self.method.name).default_space
-        return {name: _DISTRIBUTIONS[d["type"]].model_validate(d) for name, d in raw.items()}  # type: ignore[misc]
+        return {name: _DISTRIBUTIONS[d["type"]].model_validate(d) for name, d in self.raw_space().items()}  # type: ignore[misc]
+
+    def raw_space(self) -> dict[str, dict[str, Any]]:
+        """The YAML's ``space``, or else the method's default space less the options the YAML fixes."""
+        if self.space is not None:
+            return self.space
+        default = get_method(self.method.name).space_for(backbone_family(self.model.backbone) or "vit")
+        return {name: dist for name, dist in default.items() if name not in self.method.options}
 
     def trial_config(self, label_ratio: float, sampled: dict[str, Any]) -> "TrialConfig":
         """The complete configuration of one trial: the fixed settings with ``sampled`` applied."""
@@ -344,10 +350,11 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
             f" (it applies to: {', '.join(sorted(method_spec.families))})",
         )
     method_options = parse_section(method_spec.options, config.method.options, "method.options")
+    _check_family(method_options, family, "method.options")
 
     # space: every searched name is a method option or a searchable train field, with valid bounds
     space_key = "space" if config.space is not None else f"(default space of {config.method.name})"
-    raw_space = config.space if config.space is not None else method_spec.default_space
+    raw_space = config.raw_space()
     known = sorted(set(method_spec.options.model_fields) | set(SEARCHABLE_TRAIN_FIELDS))
     for name, raw in raw_space.items():
         key = f"{space_key}.{name}"
@@ -355,7 +362,7 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
             raise ConfigError(key, f"also fixed in method.options.{name}; search it or fix it, not both")
         if name not in known:
             raise ConfigError(key, f"not a searchable parameter{_did_you_mean(name, known)}; searchable: {', '.join(known)}")
-        _check_distribution(name, raw, key, method_spec.options, method_options.model_dump(), config)
+        _check_distribution(name, raw, key, method_spec.options, method_options.model_dump(), config, family)
 
     # resources and batch size
     _check_batch_divisible(config.train.batch_size, config, "train.batch_size")
@@ -371,8 +378,20 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
     )
 
 
+def _check_family(options: MethodOptions, family: str | None, prefix: str) -> None:
+    """The method's own checks of its options against the backbone family (targets, block sets)."""
+    try:
+        options.check_family(family or "vit")
+    except ValueError as exc:
+        field, sep, message = str(exc).partition(": ")
+        if sep and field in type(options).model_fields:
+            raise ConfigError(f"{prefix}.{field}", message) from None
+        raise ConfigError(prefix, str(exc)) from None
+
+
 def _check_distribution(
-    name: str, raw: Any, key: str, method_options: type[BaseModel], fixed: dict[str, Any], config: SearchConfig
+    name: str, raw: Any, key: str, method_options: type[BaseModel], fixed: dict[str, Any], config: SearchConfig,
+    family: str | None,
 ) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a mapping like {type: float, low: 1e-4, high: 1e-2, log: true}")
@@ -403,10 +422,15 @@ def _check_distribution(
         else:
             target, data = method_options, {**fixed, name: value}
         try:
-            target.model_validate(data)
+            parsed = target.model_validate(data)
         except ValidationError as exc:
             errors = [e for e in exc.errors() if e["loc"][:1] == (name,)] or exc.errors()
             raise ConfigError(f"{key}.{where}", _message(errors[0])) from None
+        if isinstance(parsed, MethodOptions):
+            try:
+                parsed.check_family(family or "vit")
+            except ValueError as exc:
+                raise ConfigError(f"{key}.{where}", str(exc).partition(": ")[2] or str(exc)) from None
         if name == "batch_size" and isinstance(value, int):
             _check_batch_divisible(value, config, f"{key}.{where}")
 

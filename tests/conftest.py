@@ -51,3 +51,15 @@ def tiny_config() -> Any:
 def all_images(splits: Any) -> list[tuple[Any, Any, Any]]:
     """(image, labels, group) of every image of every split."""
     return [(im, lab, g) for s in (splits.train, splits.val, splits.test) for im, lab, g in zip(s.images, s.labels, s.groups)]
+
+
+@pytest.fixture(scope="module")
+def ray_session():  # type: ignore[no-untyped-def]
+    """A local Ray for the in-process searches of one test module (``run_search`` connects to it)."""
+    import ray
+
+    from medpeft_ray.search.runner import DRIVER_RESOURCE
+
+    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 100}, log_to_driver=False, include_dashboard=True)
+    yield
+    ray.shutdown()

@@ -139,14 +139,24 @@ def _rank_both(d: dict, _tmp: Path) -> None:
     d["method"]["options"]["rank"] = 8
 
 
-def _rank_fixed_default_space(d: dict, _tmp: Path) -> None:
-    del d["space"]
-    d["method"]["options"]["rank"] = 8
+def _searched_target_sets(d: dict, _tmp: Path) -> None:
+    del d["method"]["options"]["targets"]
+    d["space"]["targets"] = {"type": "categorical", "choices": ["q,v", "q,x"]}
 
 
 def _indivisible_batch(d: dict, _tmp: Path) -> None:
     d["train"]["batch_size"] = 30
     d["resources"]["workers_per_trial"] = 4
+
+
+def _resnet_with_vit_targets(d: dict, _tmp: Path) -> None:
+    d["model"]["backbone"] = "resnet50"
+    d["method"]["options"]["targets"] = ["q", "v"]
+
+
+def _vpt_on_resnet(d: dict, _tmp: Path) -> None:
+    d["model"]["backbone"] = "resnet50"
+    d["method"] = {"name": "vpt_deep"}
 
 
 def _fp16_on_cpu(d: dict, _tmp: Path) -> None:
@@ -167,12 +177,18 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
      "method.options.alpah", "unknown key (did you mean 'alpha'?)"),
     ("method-option-negative", _set("method", "options", "rank", value=-1),
      "method.options.rank", "must be >= 1 (got -1)"),
-    ("method-option-literal", _set("method", "options", "targets", value=["qkvv"]),
-     "method.options.targets.0", "must be one of 'qkv', 'proj', 'fc1' or 'fc2' (got 'qkvv')"),
+    ("method-option-target", _set("method", "options", "targets", value=["qkvv"]),
+     "method.options.targets", "unknown 'qkvv'; choose among q, k, v, proj, fc1, fc2"),
+    ("method-option-block-set", _set("method", "options", "blocks", value="last4"),
+     "method.options.blocks", "'last4' is not a block set: use all, first:K, last:K, every:K or indices"),
+    ("target-for-other-family", _resnet_with_vit_targets,
+     "method.options.targets", "unknown 'q', 'v'; choose among conv1, conv2, conv3, downsample"),
+    ("searched-target-set", _searched_target_sets,
+     "space.targets.choices.1", "unknown 'x'; choose among q, k, v, proj, fc1, fc2"),
     ("unknown-method", _set("method", "name", value="lorra"),
      "method.name", "unknown method 'lorra'; known: "),
-    ("method-not-for-family", _set("model", "backbone", value="resnet50"),
-     "method.name", "'lora' does not apply to resnet backbones like 'resnet50' (it applies to: vit)"),
+    ("method-not-for-family", _vpt_on_resnet,
+     "method.name", "'vpt_deep' does not apply to resnet backbones like 'resnet50' (it applies to: vit)"),
     ("unknown-dataset", _set("dataset", "name", value="nihh"),
      "dataset.name", "unknown dataset 'nihh'; known: "),
     ("folder-without-root", _folder_without_root,
@@ -205,8 +221,6 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
      "space.rank.choices", "choices must be numbers, strings, booleans or null"),
     ("searched-and-fixed", _rank_both,
      "space.rank", "also fixed in method.options.rank; search it or fix it, not both"),
-    ("fixed-and-default-space", _rank_fixed_default_space,
-     "(default space of lora).rank", "also fixed in method.options.rank"),
     ("label-ratio-zero", _set("dataset", "label_ratios", value=[0.0, 1.0]),
      "dataset.label_ratios", "every label ratio must be in (0, 1], got 0.0"),
     ("label-ratio-above-1", _set("dataset", "label_ratios", value=[0.5, 1.5]),
@@ -404,7 +418,7 @@ def test_empty_yaml_means_all_defaults(tmp_path: Path) -> None:
     assert config.experiment == "empty"
     assert config.method.name == "lora"
     assert config.dataset.name == "synthetic"
-    assert set(config.distributions()) == set(get_method("lora").default_space)
+    assert set(config.distributions()) == set(get_method("lora").space_for("vit"))
 
 
 def test_distributions_fall_back_to_method_default_space(tmp_path: Path) -> None:
@@ -413,8 +427,10 @@ def test_distributions_fall_back_to_method_default_space(tmp_path: Path) -> None
     config = load_search_config(write_yaml(tmp_path, data, "nospace.yaml"))
     assert config.space is None
     dists = config.distributions()
-    default = get_method("lora").default_space
-    assert list(dists) == list(default)
+    default = get_method("lora").space_for("vit")
+    # what the YAML fixes (targets: [q, v]) is not searched; the rest of the default space is
+    assert "targets" in default and config.method.options["targets"] == ["q", "v"]
+    assert list(dists) == [name for name in default if name != "targets"]
     assert dists["lr"] == FloatDistribution.model_validate(default["lr"])
     assert dists["rank"] == CategoricalDistribution.model_validate(default["rank"])
     assert dists["rank"].choices != [4, 8, 16]  # not the YAML's own space
@@ -459,7 +475,7 @@ def test_trial_config_routes_sampled_values() -> None:
 
     assert trial.method.name == "lora"
     assert trial.method.options == {**fixed_options, "rank": 16, "alpha": 8.0, "dropout": 0.2}
-    assert trial.method.options["targets"] == ["qkv"]
+    assert trial.method.options["targets"] == ["q", "v"]
     for name in ("lr", "weight_decay", "batch_size", "momentum", "warmup_epochs", "drop_path"):
         assert getattr(trial.train, name) == sampled[name]
         assert name not in trial.method.options

@@ -65,17 +65,6 @@ FORMATS: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_session():  # type: ignore[no-untyped-def]
-    import ray
-
-    from medpeft_ray.search.runner import DRIVER_RESOURCE
-
-    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 100}, log_to_driver=False, include_dashboard=True)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_format_checks_and_searches(name: str, tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from medpeft_ray.search.runner import run_search

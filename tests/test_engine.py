@@ -96,3 +96,35 @@ def test_nan_loss_fails_the_trial_with_a_reason(tiny_config: Any, monkeypatch: p
     trial = tiny_config.trial_config(1.0, {"lr": 3e-3})
     with pytest.raises(TrialFailed, match="training loss is nan in epoch 1"):
         _run(trial)
+
+
+def _registry_cases() -> list[tuple[str, str]]:
+    from medpeft_ray.methods import list_methods
+
+    # every ViT method on a tiny ViT; the ResNet-only ones on a small ResNet
+    return [("vit_tiny_patch16_224", m) for m in list_methods("vit")] + [
+        ("resnet18", m) for m in list_methods("resnet") if m not in list_methods("vit")
+    ]
+
+
+@pytest.mark.parametrize("backbone,method", _registry_cases())
+def test_every_method_trains_under_deepspeed_in_the_worker_loop(backbone: str, method: str) -> None:
+    from conftest import tiny_search
+
+    from medpeft_ray.config import validate_search_dict
+
+    config = validate_search_dict(
+        tiny_search(model={"backbone": backbone}, method={"name": method, "options": {}}, train={"epochs": 1}),
+        "tiny.yaml",
+    )
+    trial = config.trial_config(1.0, {"lr": 3e-3})
+    torch.manual_seed(0)
+    initial = {n: p.clone() for n, p in engine.prepare_model(
+        engine.build_backbone(backbone, 3, 32), method, {}, trial.family).named_parameters() if p.requires_grad}
+    (metrics, weights, _), = _run(trial)
+    assert math.isfinite(metrics["train_loss"]) and 0.0 <= metrics["val_auroc"] <= 1.0
+    # the checkpoint holds exactly the trainable tensors, and training moved them
+    assert set(weights) == set(initial)
+    assert metrics["trainable_params"] == sum(w.numel() for w in weights.values())
+    method_weights = [n for n in weights if not n.startswith(("head.", "fc.", "fc_norm."))]
+    assert method == "linear" or any(not torch.equal(weights[n], initial[n]) for n in method_weights)

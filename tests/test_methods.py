@@ -1,61 +1,115 @@
-"""Every registered method on a small ViT: exactly the intended parameters train, forward/backward work."""
+"""Every registered method, table-driven over the registry, on a small ViT and a small ResNet.
+
+A newly registered method must get a row in ``EXPECTED_TRAINABLE``; from then on it goes through
+every check here: exactly the intended parameters train, forward/backward, unchanged output at
+initialisation where declared, merge, save/load of the trainable state, and peft's format.
+"""
 
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from medpeft_ray.methods import count_parameters, get_method, list_methods, prepare_model
+from medpeft_ray.methods import count_parameters, get_method, list_methods, merge_method, prepare_model
 from medpeft_ray.models import build_backbone
+from medpeft_ray.train.checkpoint import PEFT_DIR, load_checkpoint_into, save_checkpoint
 
-BACKBONE = "vit_tiny_patch16_224"
+BACKBONES = {"vit": "vit_tiny_patch16_224", "resnet": "resnet18"}
+_HEAD = {"vit": r"^(head|fc_norm)\.", "resnet": r"^fc\."}
+_QV = r"blocks\.\d+\.attn\.qkv\.[qv]"
 
-#: method -> (regex every trainable name must match, regex some trainable name must match)
-EXPECTED_TRAINABLE = {
-    "full": (r".*", r"^blocks\.0\.attn\.qkv\.weight$"),
-    "linear": (r"^(head|fc_norm)\.", r"^head\.weight$"),
-    "bitfit": (r"(\.bias$|^head\.|^fc_norm\.)", r"^blocks\.3\.mlp\.fc1\.bias$"),
-    "lora": (r"(\.lora_[AB]\.default\.weight$|^head\.|^fc_norm\.)", r"^blocks\.11\.attn\.qkv\.lora_A\.default\.weight$"),
+#: (family, method) -> (regex every trainable name matches besides the head, regex some trainable name matches)
+EXPECTED_TRAINABLE: dict[tuple[str, str], tuple[str, str]] = {
+    ("vit", "full"): (r".*", r"^patch_embed\.proj\.weight$"),
+    ("vit", "linear"): (r"^$", r"^head\.weight$"),
+    ("vit", "bitfit"): (r"\.bias$", r"^blocks\.3\.mlp\.fc1\.bias$"),
+    ("vit", "layernorm"): (r"norm\w*\.(weight|bias)$", r"^blocks\.0\.norm1\.weight$"),
+    ("vit", "attention"): (r"^(pos_embed$|blocks\.\d+\.attn\.(qkv|proj)\.(weight|bias)$)", r"^pos_embed$"),
+    ("vit", "lora"): (rf"^{_QV}\.lora_[AB]\.default\.weight$", r"^blocks\.11\.attn\.qkv\.v\.lora_A\.default\.weight$"),
+    ("vit", "dora"): (rf"^{_QV}\.(lora_[AB]|lora_magnitude_vector)\.default(\.weight)?$", r"lora_magnitude_vector"),
+    ("vit", "loha"): (rf"^{_QV}\.hada_w[12]_[ab]\.default$", r"^blocks\.0\.attn\.qkv\.q\.hada_w1_a\.default$"),
+    ("vit", "lokr"): (rf"^{_QV}\.lokr_w[12](_[ab])?\.default$", r"lokr_w1"),
+    ("vit", "ia3"): (r"^blocks\.\d+\.(attn\.qkv\.[kv]|mlp\.fc2)\.ia3_l\.default$", r"^blocks\.5\.mlp\.fc2\.ia3_l\.default$"),
+    ("vit", "oft"): (rf"^{_QV}\.oft_R\.default\.weight$", r"oft_R"),
+    ("vit", "vera"): (rf"^{_QV}\.vera_lambda_[bd]\.default$", r"vera_lambda_d"),
+    ("vit", "ssf"): (r"^(patch_embed\.proj|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2))\.ssf\.(scale|shift)$",
+                     r"^blocks\.7\.mlp\.fc2\.ssf\.shift$"),
+    ("vit", "adaptformer"): (r"^blocks\.\d+\.mlp\.adapter\.(down|up)\.(weight|bias)$", r"^blocks\.0\.mlp\.adapter\.up\.weight$"),
+    ("vit", "adapter_houlsby"): (r"^blocks\.\d+\.(attn|mlp)\.adapter\.(down|up)\.(weight|bias)$", r"^blocks\.2\.attn\.adapter\.down\.weight$"),
+    ("vit", "adapter_pfeiffer"): (r"^blocks\.\d+\.mlp\.adapter\.(down|up)\.(weight|bias)$", r"^blocks\.11\.mlp\.adapter\.up\.bias$"),
+    ("vit", "vpt_shallow"): (r"^vpt\.prompts$", r"^vpt\.prompts$"),
+    ("vit", "vpt_deep"): (r"^vpt\.prompts$", r"^vpt\.prompts$"),
+    ("vit", "prefix"): (r"^blocks\.\d+\.attn\.prefix\.(key|value)$", r"^blocks\.4\.attn\.prefix\.value$"),
+    ("vit", "fact_tt"): (r"^(fact_shared\.[uv]\.weight|blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.fact\.core\.weight)$",
+                         r"^fact_shared\.v\.weight$"),
+    ("resnet", "full"): (r".*", r"^conv1\.weight$"),
+    ("resnet", "linear"): (r"^$", r"^fc\.weight$"),
+    ("resnet", "bitfit"): (r"\.bias$", r"^layer1\.0\.bn1\.bias$"),
+    ("resnet", "batchnorm"): (r"bn\d\.(weight|bias)$|downsample\.1\.(weight|bias)$", r"^layer2\.0\.downsample\.1\.weight$"),
+    ("resnet", "ssf"): (r"(bn\d|downsample\.1)\.ssf\.(scale|shift)$", r"^layer4\.1\.bn2\.ssf\.scale$"),
+    ("resnet", "tsa"): (r"^layer\d\.\d\.conv[12]\.tsa\.conv\.weight$", r"^layer3\.1\.conv2\.tsa\.conv\.weight$"),
+    ("resnet", "lora"): (r"^layer\d\.\d\.conv[123]\.lora_[AB]\.default\.weight$", r"^layer1\.0\.conv1\.lora_B\.default\.weight$"),
 }
+CASES = sorted(EXPECTED_TRAINABLE)
 
 
-def small_vit() -> torch.nn.Module:
+def backbone(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_backbone(BACKBONE, num_classes=3, image_size=32)
+    return build_backbone(BACKBONES[family], num_classes=3, image_size=32)
+
+
+def adapted(family: str, method: str, **options: object) -> torch.nn.Module:
+    return prepare_model(backbone(family), method, dict(options), family)
 
 
 def trainable_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def test_every_vit_method_has_expectations() -> None:
-    # a newly registered ViT method must be added to the table above, so it is tested
-    assert set(list_methods("vit")) == set(EXPECTED_TRAINABLE)
+def inputs() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("method", sorted(EXPECTED_TRAINABLE))
-def test_exactly_intended_parameters_train(method: str) -> None:
-    model = prepare_model(small_vit(), method, {}, "vit")
+def perturb_trainable(model: torch.nn.Module) -> None:
+    """Moves every trainable parameter off its initial value, as training would."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def test_every_registered_method_has_expectations() -> None:
+    # a newly registered method must be added to the table above, so it is tested
+    for family in BACKBONES:
+        assert set(list_methods(family)) == {m for f, m in EXPECTED_TRAINABLE if f == family}, family
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_exactly_intended_parameters_train(family: str, method: str) -> None:
+    model = adapted(family, method)
     names = trainable_names(model)
-    every, some = EXPECTED_TRAINABLE[method]
-    assert names, "nothing trains"
-    assert all(re.search(every, n) for n in names), [n for n in names if not re.search(every, n)][:5]
-    assert any(re.search(some, n) for n in names)
+    every, some = EXPECTED_TRAINABLE[(family, method)]
+    outside = [n for n in names if not re.search(_HEAD[family], n) and not re.search(every, n)]
+    assert not outside, outside[:5]
+    assert any(re.search(some, n) for n in names), names[:10]
     # the head always trains
-    assert {"head.weight", "head.bias"} <= set(names)
+    head = {"head.weight", "head.bias"} if family == "vit" else {"fc.weight", "fc.bias"}
+    assert head <= set(names)
     trainable, total = count_parameters(model)
     assert 0 < trainable <= total
-    if method != "full":
-        assert trainable < total / 10
+    if method not in ("full", "attention"):
+        assert trainable < total / 5
 
 
-@pytest.mark.parametrize("method", sorted(EXPECTED_TRAINABLE))
-def test_forward_backward_reaches_only_trainable(method: str) -> None:
-    model = prepare_model(small_vit(), method, {}, "vit")
-    x = torch.randn(2, 3, 32, 32)
-    loss = model(x).sum()
+@pytest.mark.parametrize("family,method", CASES)
+def test_forward_backward_reaches_only_trainable(family: str, method: str) -> None:
+    model = adapted(family, method).train()
+    loss = model(inputs()).sum()
     loss.backward()
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -64,43 +118,157 @@ def test_forward_backward_reaches_only_trainable(method: str) -> None:
             assert param.grad is None, name
 
 
-def test_lora_leaves_output_unchanged_at_init() -> None:
-    base = small_vit()
-    x = torch.randn(2, 3, 32, 32)
-    base.eval()
-    before = base(x)
-    adapted = prepare_model(base, "lora", {"rank": 4}, "vit").eval()
-    torch.testing.assert_close(adapted(x), before)
+@pytest.mark.parametrize("family,method", CASES)
+def test_output_at_initialisation(family: str, method: str) -> None:
+    base = backbone(family).eval()
+    with torch.no_grad():
+        before = base(inputs())
+        after = prepare_model(base, method, {}, family).eval()(inputs())
+    if get_method(method).identity_at_init:
+        torch.testing.assert_close(after, before)
+    else:  # a method that does not promise it really changes the output (prompts, SSF's random init)
+        assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("family,method", [c for c in CASES if get_method(c[1]).merge is not None])
+def test_merge_gives_same_outputs_as_plain_timm_model(family: str, method: str) -> None:
+    model = adapted(family, method)
+    perturb_trainable(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(inputs())
+        merged = merge_method(model, method).eval()
+        torch.testing.assert_close(merged(inputs()), expected, atol=2e-5, rtol=1e-4)
+    # the merged weights are a plain timm checkpoint: strict load into a fresh backbone
+    fresh = build_backbone(BACKBONES[family], num_classes=3, image_size=32)
+    fresh.load_state_dict(merged.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(inputs()), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["adaptformer", "adapter_houlsby", "vpt_deep", "prefix"])
+def test_unmergeable_method_says_so(method: str) -> None:
+    with pytest.raises(ValueError, match=f"method '{method}' cannot be merged.*mergeable: .*lora"):
+        merge_method(adapted("vit", method), method)
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_trainable_state_round_trips(family: str, method: str, tmp_path: Path) -> None:
+    model = adapted(family, method)
+    perturb_trainable(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(inputs())
+    save_checkpoint(tmp_path, model, {"epoch": 1})
+    restored = adapted(family, method).eval()
+    assert load_checkpoint_into(tmp_path, restored)["epoch"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(restored(inputs()), expected)
+    assert (tmp_path / PEFT_DIR).is_dir() == get_method(method).peft_native
+
+
+@pytest.mark.parametrize("family,method", [c for c in CASES if get_method(c[1]).peft_native])
+def test_peft_native_adapter_loads_with_peft(family: str, method: str, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from medpeft_ray.methods.peft_family import split_qkv
+
+    model = adapted(family, method)
+    perturb_trainable(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(inputs())
+    save_checkpoint(tmp_path, model, {"epoch": 1})
+    base = backbone(family)  # the same backbone: same name, classes, size and (here: seeded) weights
+    loaded = PeftModel.from_pretrained(split_qkv(base) if family == "vit" else base, str(tmp_path / PEFT_DIR)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs()), expected)
+
+
+def test_lora_defaults_follow_med_peft_q_and_v_only() -> None:
+    model = adapted("vit", "lora", rank=4)
+    adapted_layers = {n.split(".lora_")[0] for n in trainable_names(model) if ".lora_" in n}
+    assert adapted_layers == {f"blocks.{i}.attn.qkv.{p}" for i in range(12) for p in "qv"}
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.q.lora_A["default"].weight.shape == (4, 192)  # Q and V each get their own rank-r update
+    assert qkv.k.weight.requires_grad is False and not hasattr(qkv.k, "lora_A")
+    assert qkv.q.scaling["default"] == pytest.approx(32 / 4)  # alpha 32
 
 
 def test_lora_block_and_target_selection() -> None:
-    model = prepare_model(small_vit(), "lora", {"rank": 2, "blocks": [0, 5], "targets": ["qkv", "fc2"]}, "vit")
-    adapted = {n.split(".lora_")[0] for n in trainable_names(model) if ".lora_" in n}
-    assert adapted == {"blocks.0.attn.qkv", "blocks.0.mlp.fc2", "blocks.5.attn.qkv", "blocks.5.mlp.fc2"}
-    rank = model.blocks[0].attn.qkv.lora_A["default"].weight.shape[0]
-    assert rank == 2
+    model = adapted("vit", "lora", rank=2, blocks="0,5", targets="q,k,v,fc2")
+    layers = {n.split(".lora_")[0] for n in trainable_names(model) if ".lora_" in n}
+    assert layers == {f"blocks.{b}.{p}" for b in (0, 5) for p in ("attn.qkv.q", "attn.qkv.k", "attn.qkv.v", "mlp.fc2")}
+    last = adapted("vit", "adapter_pfeiffer", blocks="last:2")
+    assert {n.split(".")[1] for n in trainable_names(last) if ".adapter." in n} == {"10", "11"}
+    every = adapted("vit", "ssf", blocks="every:4")
+    assert {n.split(".")[1] for n in trainable_names(every) if n.startswith("blocks.")} == {"0", "4", "8"}
 
 
-def test_lora_block_out_of_range_is_an_error() -> None:
-    with pytest.raises(ValueError, match="out of range"):
-        prepare_model(small_vit(), "lora", {"blocks": [12]}, "vit")
+@pytest.mark.parametrize("method,options,message", [
+    ("lora", {"blocks": [12]}, r"blocks: \[12\] out of range for a 12-block backbone"),
+    ("prefix", {"blocks": "last:13"}, "only 12 blocks"),
+    ("lora", {"targets": ["qkv"]}, "targets: unknown 'qkv'; choose among q, k, v, proj, fc1, fc2"),
+])
+def test_bad_layer_choice_is_an_error(method: str, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        adapted("vit", method, **options)
 
 
 def test_method_on_wrong_family_is_an_error() -> None:
     with pytest.raises(ValueError, match="does not apply to resnet"):
-        prepare_model(small_vit(), "lora", {}, "resnet")
+        prepare_model(backbone("resnet"), "vpt_deep", {}, "resnet")
+    with pytest.raises(ValueError, match="targets: unknown 'q', 'v'; choose among conv1, conv2, conv3, downsample"):
+        prepare_model(backbone("resnet"), "lora", {"targets": "q,v"}, "resnet")
 
 
-def test_unknown_method_lists_known_ones() -> None:
-    with pytest.raises(KeyError, match="known: .*lora"):
+def test_unknown_method_and_option_are_errors() -> None:
+    with pytest.raises(KeyError, match="known: .*adaptformer.*lora.*vpt_deep"):
         get_method("lorra")
+    with pytest.raises(ValueError, match="rnak"):
+        adapted("vit", "lora", rnak=4)
 
 
-def test_resnet_selective_methods() -> None:
-    model = build_backbone("resnet18", num_classes=2, image_size=32)
-    model = prepare_model(model, "bitfit", {}, "resnet")
-    names = trainable_names(model)
-    assert {"fc.weight", "fc.bias"} <= set(names)
-    # ResNet convolutions have no bias; BatchNorm biases do and they train under bitfit
-    assert any(n.endswith("bn1.bias") for n in names)
-    assert not any(n.endswith("conv1.weight") for n in names)
+def test_vpt_prompts_stay_out_of_pooling() -> None:
+    seen: list[int] = []
+    model = adapted("vit", "vpt_deep", tokens=7)
+    model.blocks[3].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    model.eval()(inputs())
+    assert seen == [1 + 7 + 4]  # class token, 7 prompts, a 2x2 patch grid at 32 px
+    assert model.num_prefix_tokens == 8
+    # deep prompts: changing block 3's prompts changes the output; shallow has a single set
+    with torch.no_grad():
+        before = model(inputs())
+        model.vpt.prompts[3].mul_(-2.0)  # (a constant shift would vanish in LayerNorm)
+        assert not torch.allclose(model(inputs()), before)
+    assert adapted("vit", "vpt_shallow", tokens=7).vpt.prompts.shape == (1, 7, 192)
+
+
+def test_frozen_batchnorm_keeps_its_statistics() -> None:
+    frozen, tuned = adapted("resnet", "linear").train(), adapted("resnet", "batchnorm").train()
+    stats = frozen.bn1.running_mean.clone()
+    frozen(inputs()), tuned(inputs())
+    assert torch.equal(frozen.bn1.running_mean, stats)  # frozen: pre-trained statistics, never updated
+    assert not torch.equal(tuned.bn1.running_mean, stats)  # tuned BatchNorm normalises with batch statistics
+
+
+def test_counts_on_meta_device_match_real_model() -> None:
+    from medpeft_ray.methods import method_summaries
+
+    rows = {r["method"]: r for r in method_summaries(BACKBONES["vit"], num_classes=3, image_size=32)}
+    assert set(rows) == set(list_methods("vit"))
+    for method in ("lora", "vpt_deep", "fact_tt", "vera"):
+        assert rows[method]["trainable_params"] == count_parameters(adapted("vit", method))[0], method
+    assert rows["full"]["trainable_percent"] == 100.0
+    assert rows["lora"]["trainable_percent"] < 2 and rows["lora"]["peft_native"] and rows["lora"]["mergeable"]
+
+
+def test_every_method_has_a_valid_default_space() -> None:
+    from medpeft_ray.config import validate_search_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for family, method in CASES:
+            config = validate_search_dict(
+                {"model": {"backbone": BACKBONES[family]}, "method": {"name": method}}, f"{method}.yaml", Path(tmp)
+            )
+            assert "lr" in config.distributions(), method

@@ -7,30 +7,76 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medpeft_ray.methods import lora, selective  # noqa: F401  (registers the methods)
+from medpeft_ray.methods import additive, peft_family, prompts, selective  # noqa: F401  (registers the methods)
 from medpeft_ray.methods.registry import MethodOptions, MethodSpec, get_method, list_methods, register_method
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["MethodOptions", "MethodSpec", "get_method", "list_methods", "register_method", "prepare_model", "count_parameters"]
+__all__ = ["MethodOptions", "MethodSpec", "get_method", "list_methods", "register_method", "prepare_model",
+           "count_parameters", "validate_options", "merge_method", "method_summaries"]
+
+
+def validate_options(method: str, options: dict[str, Any], family: str) -> MethodOptions:
+    """``options`` parsed by the method's schema and checked against the backbone family.
+
+    Raises:
+        KeyError: an unknown method (listing the known ones).
+        ValueError: the method does not apply to ``family``, or an option does not fit it.
+    """
+    spec = get_method(method)
+    if family not in spec.families:
+        raise ValueError(f"method {method!r} does not apply to {family} backbones (it applies to {sorted(spec.families)})")
+    parsed = spec.options.model_validate(options)
+    parsed.check_family(family)
+    return parsed
 
 
 def prepare_model(model: "nn.Module", method: str, options: dict[str, Any], family: str) -> "nn.Module":
     """Freezes ``model``, applies ``method`` with ``options``, and makes the classifier head trainable.
 
     The head (and ViT's ``fc_norm``) trains under every method: a new task needs a new head.
+    A BatchNorm layer left with no trainable parameter is frozen entirely: it normalises with
+    its pre-trained running statistics in training too, and never updates them. Dropout and
+    drop-path stay active in training under every method.
     """
     from medpeft_ray.models.backbones import head_parameters
 
     spec = get_method(method)
-    if family not in spec.families:
-        raise ValueError(f"method {method!r} does not apply to {family} backbones (it applies to {sorted(spec.families)})")
+    parsed = validate_options(method, options, family)
     model.requires_grad_(False)
-    model = spec.apply(model, spec.options.model_validate(options), family)
+    model = spec.apply(model, parsed, family)
     for param in head_parameters(model, family):
         param.requires_grad_(True)
+    _freeze_frozen_batchnorm(model)
     return model
+
+
+def _keep_eval(module: "nn.Module", args: Any) -> None:
+    module.training = False
+
+
+def _freeze_frozen_batchnorm(model: "nn.Module") -> None:
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+            # engine.train() sets every module to training mode; this hook sets frozen ones back
+            module.register_forward_pre_hook(_keep_eval)
+            module.eval()
+
+
+def merge_method(model: "nn.Module", method: str) -> "nn.Module":
+    """The tuned model with the method folded into the backbone's weights: timm's own module tree.
+
+    Raises:
+        ValueError: the method adds computation that cannot be folded (adapters, prompts).
+    """
+    spec = get_method(method)
+    if spec.merge is None:
+        raise ValueError(f"method {method!r} cannot be merged into the backbone (mergeable: "
+                         f"{', '.join(n for n in list_methods() if get_method(n).merge is not None)})")
+    return spec.merge(model)
 
 
 def count_parameters(model: "nn.Module") -> tuple[int, int]:
@@ -38,3 +84,32 @@ def count_parameters(model: "nn.Module") -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def method_summaries(backbone: str, num_classes: int = 14, image_size: int = 224) -> list[dict[str, Any]]:
+    """Every method that applies to ``backbone``, with its trainable parameters under default options.
+
+    Models are built on the meta device: no memory, no weights, a second or two even for ViT-H.
+
+    Raises:
+        ConfigError: timm does not know ``backbone``, or it is neither a ViT nor a ResNet.
+    """
+    import torch
+
+    from medpeft_ray.models.backbones import backbone_family, build_backbone, check_backbone_name
+
+    check_backbone_name(backbone)
+    family = backbone_family(backbone) or "vit"
+    rows = []
+    for name in list_methods(family):
+        spec = get_method(name)
+        with torch.device("meta"):
+            model = prepare_model(build_backbone(backbone, num_classes, image_size), name, {}, family)
+        trainable, total = count_parameters(model)
+        rows.append({
+            "method": name, "backbone": backbone, "family": family,
+            "trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total,
+            "identity_at_init": spec.identity_at_init, "mergeable": spec.merge is not None, "peft_native": spec.peft_native,
+            "searched": sorted(spec.space_for(family)), "description": spec.description,
+        })
+    return rows

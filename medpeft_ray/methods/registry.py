@@ -1,9 +1,10 @@
 """The one registry of PEFT methods.
 
 A method is one function that makes a frozen backbone's chosen parameters trainable (or adds new
-trainable modules), registered with its option schema, the backbone families it applies to and
-its default search ranges. Importing this module touches no torch, so configs validate fast; the
-``apply`` functions import torch/peft when they run.
+trainable modules), registered with its option schema, the backbone families it applies to, its
+default search ranges and what it promises (output unchanged at initialisation, mergeable into
+the backbone, saved in peft's adapter format). Importing this module touches no torch, so configs
+validate fast; the ``apply`` functions import torch/peft when they run.
 """
 
 from __future__ import annotations
@@ -22,8 +23,21 @@ class MethodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    def check_family(self, family: str) -> None:
+        """Raises ValueError naming the option when a value does not fit ``family`` backbones.
+
+        Called at config validation, before any model is built.
+        """
+
 
 ApplyFn = Callable[["nn.Module", Any, str], "nn.Module"]
+MergeFn = Callable[["nn.Module"], "nn.Module"]
+
+#: Learning-rate ranges: PEFT methods prefer ~10x higher learning rates than full fine-tuning
+#: (Dutt et al.); linear probing higher still.
+LR_FULL = {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}
+LR_PEFT = {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}
+LR_LINEAR = {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}
 
 
 @dataclass(frozen=True)
@@ -37,8 +51,16 @@ class MethodSpec:
             it by :func:`medpeft_ray.methods.prepare_model`, for every method.
         options: pydantic model of the method's options, with defaults.
         families: backbone families (``vit``, ``resnet``) the method applies to.
-        default_space: search ranges used when a YAML has no ``space`` section.
+        default_space: search ranges used when a YAML has no ``space`` section
+            (see :meth:`space_for`).
         description: one line for listings.
+        identity_at_init: the adapted model computes exactly what the backbone did until the
+            first update (zero-initialised updates, identity scales).
+        merge: folds the trained method into the backbone's own weights and returns a model with
+            timm's plain module tree (None: the method adds computation that cannot be folded).
+        peft_native: applied through peft; checkpoints also hold peft's adapter format.
+        family_space: ranges added to ``default_space`` for one family (the tuned-layer choices
+            of a ViT differ from a ResNet's).
     """
 
     name: str
@@ -47,6 +69,14 @@ class MethodSpec:
     families: frozenset[str]
     default_space: dict[str, dict[str, Any]] = field(default_factory=dict)
     description: str = ""
+    identity_at_init: bool = False
+    merge: MergeFn | None = None
+    peft_native: bool = False
+    family_space: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def space_for(self, family: str) -> dict[str, dict[str, Any]]:
+        """The default search ranges on a ``family`` backbone."""
+        return {**self.default_space, **self.family_space.get(family, {})}
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -59,13 +89,20 @@ def register_method(
     families: tuple[str, ...],
     default_space: dict[str, dict[str, Any]] | None = None,
     description: str = "",
+    identity_at_init: bool = False,
+    merge: MergeFn | None = None,
+    peft_native: bool = False,
+    family_space: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
-    """Decorator that registers ``apply`` under ``name``."""
+    """Decorator that registers ``apply`` under ``name`` (see :class:`MethodSpec` for the arguments)."""
 
     def decorate(apply: ApplyFn) -> ApplyFn:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        _METHODS[name] = MethodSpec(name, apply, options, frozenset(families), dict(default_space or {}), description)
+        _METHODS[name] = MethodSpec(
+            name, apply, options, frozenset(families), dict(default_space or {}), description,
+            identity_at_init, merge, peft_native, dict(family_space or {}),
+        )
         return apply
 
     return decorate

@@ -1,47 +1,78 @@
-"""Baselines and selective methods: they train a subset of the backbone's own parameters."""
+"""Baselines and selective methods: they train a subset of the backbone's own parameters.
+
+They add nothing to the model, so the tuned model is already a plain timm model (merging is the
+identity) and its output at initialisation is the backbone's.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from medpeft_ray.methods.registry import MethodOptions, register_method
+from medpeft_ray.methods.registry import LR_FULL, LR_LINEAR, LR_PEFT, MethodOptions, register_method
 
 if TYPE_CHECKING:
     from torch import nn
-
-# Full fine-tuning prefers ~10x lower learning rates than PEFT methods (Dutt et al.).
-_FULL_LR = {"lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}}
-_PEFT_LR = {"lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}}
 
 
 class NoOptions(MethodOptions):
     pass
 
 
-@register_method(
-    "full", options=NoOptions, families=("vit", "resnet"), default_space=_FULL_LR, description="every parameter trains"
-)
+def already_plain(model: "nn.Module") -> "nn.Module":
+    """Merge of a selective method: the trained backbone is already timm's own model."""
+    return model
+
+
+def _selective(name: str, families: tuple[str, ...], description: str, lr: dict = LR_PEFT):  # noqa: ANN202
+    return register_method(
+        name, options=NoOptions, families=families, default_space={"lr": lr}, description=description,
+        identity_at_init=True, merge=already_plain,
+    )
+
+
+@_selective("full", ("vit", "resnet"), "full fine-tuning: every parameter trains", LR_FULL)
 def apply_full(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
     model.requires_grad_(True)
     return model
 
 
-@register_method(
-    "linear",
-    options=NoOptions,
-    families=("vit", "resnet"),
-    default_space={"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}},
-    description="linear probing: only the classifier head (and fc_norm) trains",
-)
+@_selective("linear", ("vit", "resnet"), "linear probing: only the classifier head (and ViT fc_norm) trains", LR_LINEAR)
 def apply_linear(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
     return model  # the head is made trainable for every method by prepare_model
 
 
-@register_method(
-    "bitfit", options=NoOptions, families=("vit", "resnet"), default_space=_PEFT_LR, description="all biases train"
-)
+@_selective("bitfit", ("vit", "resnet"), "bias tuning (BitFit; TinyTL on ResNet): every bias trains")
 def apply_bitfit(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
     for name, param in model.named_parameters():
         if name.endswith(".bias"):
             param.requires_grad_(True)
+    return model
+
+
+@_selective("layernorm", ("vit",), "LayerNorm tuning: every LayerNorm's scale and bias train")
+def apply_layernorm(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.requires_grad_(True)
+    return model
+
+
+@_selective("attention", ("vit",), "attention tuning: every attention parameter and pos_embed train (patch embedding frozen)")
+def apply_attention(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
+    for block in model.blocks:  # type: ignore[attr-defined]
+        block.attn.requires_grad_(True)
+    if getattr(model, "pos_embed", None) is not None:
+        model.pos_embed.requires_grad_(True)  # type: ignore[union-attr]
+    return model
+
+
+@_selective("batchnorm", ("resnet",), "BatchNorm tuning: every BatchNorm's scale and bias train")
+def apply_batchnorm(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.requires_grad_(True)
     return model

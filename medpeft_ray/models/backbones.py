@@ -27,6 +27,22 @@ def backbone_family(name: str) -> str | None:
     return None
 
 
+def check_backbone_name(name: str) -> None:
+    """Raises :class:`ConfigError` (key ``model.backbone``) unless timm knows ``name`` as a ViT or ResNet."""
+    import difflib
+
+    import timm
+
+    from medpeft_ray.errors import ConfigError
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError("model.backbone", f"unknown timm model {name!r}{hint}")
+    if backbone_family(name) is None:
+        raise ConfigError("model.backbone", f"{name!r} is not a supported timm ViT (vit_*, deit_*) or ResNet (resnet*) name")
+
+
 def build_backbone(
     name: str,
     num_classes: int,
@@ -45,6 +61,10 @@ def build_backbone(
     kwargs: dict = {"num_classes": num_classes, "drop_path_rate": drop_path}
     if family == "vit":
         kwargs.update(img_size=image_size, global_pool="avg")
+    else:
+        # timm zeroes each residual branch's last BatchNorm scale; in a frozen backbone without
+        # pre-trained weights that would block every gradient to adapters inside the branches
+        kwargs.update(zero_init_last=False)
     model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint is not None:
         load_checkpoint(model, Path(checkpoint))

@@ -46,20 +46,18 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
         facts for the progress line (classes, images per split and ratio, trainable params) and
         the dataset's cache key, which trials reuse instead of walking the dataset again.
     """
-    import difflib
-
-    import timm
     import torch
 
     from medpeft_ray.data import dataset_key, load_splits, train_subset_index
     from medpeft_ray.methods import count_parameters, prepare_model
     from medpeft_ray.models import build_backbone
+    from medpeft_ray.models.backbones import check_backbone_name
 
     backbone = config.model.backbone
-    if not timm.is_model(backbone):
-        close = difflib.get_close_matches(backbone, timm.list_models(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError("model.backbone", f"unknown timm model {backbone!r}{hint}", config.experiment)
+    try:
+        check_backbone_name(backbone)
+    except ConfigError as exc:
+        raise exc.with_file(config.experiment or "") from None
 
     ds = config.dataset
     key = dataset_key(ds.name, ds.root, ds.image_size, ds.options, ds.seed)

@@ -1,7 +1,8 @@
 """Adapter-only checkpoints: the trainable parameters in safetensors plus a JSON of the trial.
 
 A PEFT trial's checkpoint holds only what trained (LoRA weights, head, ...), so it is small and
-applies onto the same backbone built from the same config.
+applies onto the same backbone built from the same config. Methods applied through peft are also
+saved in peft's adapter format, in the ``peft/`` sub-folder.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 
 WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "state.json"
+PEFT_DIR = "peft"
 
 
 def trainable_state(model: "nn.Module") -> dict[str, Any]:
@@ -26,8 +28,12 @@ def save_checkpoint(directory: Path, model: "nn.Module", state: dict[str, Any]) 
     """Writes the trainable weights and ``state`` (epoch, metrics, trial config) to ``directory``."""
     from safetensors.torch import save_file
 
+    from medpeft_ray.methods.export import is_peft_model, save_peft_adapter
+
     directory.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state(model), str(directory / WEIGHTS_FILE))
+    if is_peft_model(model):
+        save_peft_adapter(model, directory / PEFT_DIR)
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
     return directory
 

@@ -1,0 +1,248 @@
+"""The LoRA family through peft: LoRA, DoRA, LoHa, LoKr, IA3, OFT, VeRA (ViT), and LoRA on ResNet convolutions.
+
+timm fuses Q, K and V into one ``attn.qkv`` Linear, and peft on it adapts all three together.
+MED-PEFT adapts Q and V only, each with its own rank-r update, so before peft runs the fused
+layer is split into ``attn.qkv.{q,k,v}`` Linears (:func:`split_qkv`; same outputs, merged back by
+:func:`fuse_qkv`) and targets are chosen among q, k, v, proj, fc1, fc2 over a block set. peft's
+``layers_to_transform`` does not understand timm's root-level ``blocks.N`` names, so blocks are
+selected in the ``target_modules`` regex instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, field_validator
+
+from medpeft_ray.methods.layers import VIT_PROJECTIONS, BlockOptions, chosen_blocks, parse_name_set
+from medpeft_ray.methods.registry import LR_PEFT, register_method
+
+if TYPE_CHECKING:
+    from torch import nn
+
+#: ResNet convolutions LoRA can adapt, by their timm names inside each residual block
+RESNET_CONVS = ("conv1", "conv2", "conv3", "downsample")
+_DEFAULT_TARGETS = {"vit": ["q", "v"], "resnet": ["conv1", "conv2", "conv3"]}
+#: searched when a YAML has no space: the tuned-layer set is first-class, next to lr and rank
+_TARGET_CHOICES = {
+    "vit": {"targets": {"type": "categorical", "choices": ["q,v", "q,k,v", "q,k,v,proj,fc1,fc2"]}},
+    "resnet": {"targets": {"type": "categorical", "choices": ["conv2", "conv1,conv2,conv3"]}},
+}
+
+
+class PeftOptions(BlockOptions):
+    """Options every peft method shares: which projections of which blocks it adapts."""
+
+    targets: list[str] | None = Field(
+        None, description="ViT: among q, k, v, proj, fc1, fc2 [q, v]; ResNet: among conv1, conv2, conv3, downsample [conv1-3]"
+    )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> list[str] | None:
+        return None if value is None else parse_name_set(value)
+
+    def check_family(self, family: str) -> None:
+        super().check_family(family)
+        known = tuple(VIT_PROJECTIONS) if family == "vit" else RESNET_CONVS
+        try:
+            parse_name_set(self.targets or _DEFAULT_TARGETS[family], known)
+        except ValueError as exc:
+            raise ValueError(f"targets: {exc}") from None
+
+    def target_names(self, family: str) -> list[str]:
+        known = tuple(VIT_PROJECTIONS) if family == "vit" else RESNET_CONVS
+        return parse_name_set(self.targets or _DEFAULT_TARGETS[family], known)
+
+
+class LoraOptions(PeftOptions):
+    rank: int = Field(8, ge=1, le=1024, description="rank r of each update")
+    alpha: float = Field(32.0, gt=0, description="scaling alpha (update scaled by alpha / r)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter input")
+
+
+class LohaOptions(PeftOptions):
+    rank: int = Field(8, ge=1, le=1024, description="rank of each Hadamard factor")
+    alpha: float = Field(8.0, gt=0, description="scaling alpha (update scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="rank dropout")
+
+
+class LokrOptions(PeftOptions):
+    rank: int = Field(8, ge=1, le=1024, description="rank of the low-rank Kronecker factor")
+    alpha: float = Field(8.0, gt=0, description="scaling alpha (update scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="rank dropout")
+
+
+class Ia3Options(PeftOptions):
+    targets: list[str] | None = Field(None, description="among q, k, v, proj, fc1, fc2 [k, v, fc2]; fc2's input is scaled")
+
+
+class OftOptions(PeftOptions):
+    block_size: int = Field(32, ge=2, le=1024, description="size of the orthogonal blocks (divides the layer width)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="module dropout")
+
+
+class VeraOptions(PeftOptions):
+    rank: int = Field(256, ge=1, le=4096, description="rank of the shared frozen random projections")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    d_initial: float = Field(0.1, gt=0, description="initial value of the trainable d scaling vector")
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT qkv split
+# ----------------------------------------------------------------------------------------------
+
+
+def split_qkv(model: "nn.Module") -> "nn.Module":
+    """Replaces every ViT block's fused ``attn.qkv`` Linear by :class:`SplitQKV` (same outputs).
+
+    A peft adapter saved by medpeft_ray loads onto ``split_qkv(backbone)``.
+    """
+    from medpeft_ray.methods.modules import SplitQKV
+
+    for block in getattr(model, "blocks", []):
+        if not isinstance(block.attn.qkv, SplitQKV):
+            block.attn.qkv = SplitQKV.from_fused(block.attn.qkv)
+    return model
+
+
+def fuse_qkv(model: "nn.Module") -> "nn.Module":
+    """Undoes :func:`split_qkv`: timm's fused ``attn.qkv`` again, with the (merged) weights."""
+    from medpeft_ray.methods.modules import SplitQKV
+
+    for block in getattr(model, "blocks", []):
+        if isinstance(block.attn.qkv, SplitQKV):
+            block.attn.qkv = block.attn.qkv.fused()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying a peft config
+# ----------------------------------------------------------------------------------------------
+
+
+def target_regex(model: "nn.Module", options: PeftOptions, family: str, names: list[str] | None = None) -> str:
+    """A full-match regex over module names selecting the chosen projections of the chosen blocks."""
+    names = names if names is not None else options.target_names(family)
+    if family == "resnet":
+        convs = "|".join("downsample\\.0" if n == "downsample" else n for n in names)
+        return rf"layer\d+\.\d+\.(?:{convs})"
+    blocks = "|".join(str(i) for i, _ in chosen_blocks(model, options))
+    paths = "|".join(VIT_PROJECTIONS[n].replace(".", r"\.") for n in names)
+    return rf"blocks\.(?:{blocks})\.(?:{paths})"
+
+
+def inject(model: "nn.Module", config: Any, family: str) -> "nn.Module":
+    """Injects a peft adapter into ``model`` in place, keeping timm's module tree and names."""
+    from peft import PeftType, inject_adapter_in_model
+
+    if family == "vit":
+        split_qkv(model)
+    if config.peft_type == PeftType.VERA:
+        # VeRA's frozen random projections are shared state that only its tuner class sets up;
+        # the layers keep references to them, so the model works on its own afterwards.
+        from peft.tuners.vera import VeraModel
+
+        VeraModel(model, config, "default")
+        model.peft_config = {"default": config}  # type: ignore[assignment]
+        return model
+    # inject_adapter_in_model leaves only the adapter trainable; no PeftModel wrapper sits
+    # between the trainer and timm's forward.
+    return inject_adapter_in_model(config, model)
+
+
+def merge_peft(model: "nn.Module") -> "nn.Module":
+    """Folds every peft adapter into its base layer and returns timm's plain module tree."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    replaced: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, BaseTunerLayer) or any(name.startswith(r + ".") for r in replaced):
+            continue
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+        replaced.append(name)
+    model.__dict__.pop("peft_config", None)
+    return fuse_qkv(model)
+
+
+def _peft(name: str, options: type[PeftOptions], description: str, space: dict[str, dict], families=("vit",),  # noqa: ANN001, ANN202
+          layer_choices: bool = True):
+    return register_method(
+        name, options=options, families=families, default_space={"lr": LR_PEFT, **space}, description=description,
+        identity_at_init=True, merge=merge_peft, peft_native=True, family_space=_TARGET_CHOICES if layer_choices else None,
+    )
+
+
+_RANKS = {"type": "categorical", "choices": [2, 4, 8, 16, 32]}
+
+
+@_peft("lora", LoraOptions, "LoRA: low-rank updates (MED-PEFT: Q and V of every block, rank r, alpha 32)",
+       {"rank": _RANKS}, families=("vit", "resnet"))
+def apply_lora(model: "nn.Module", options: LoraOptions, family: str) -> "nn.Module":
+    from peft import LoraConfig
+
+    return inject(model, LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                                    target_modules=target_regex(model, options, family)), family)
+
+
+@_peft("dora", LoraOptions, "DoRA: LoRA on the direction plus a trained magnitude per output",
+       {"rank": _RANKS})
+def apply_dora(model: "nn.Module", options: LoraOptions, family: str) -> "nn.Module":
+    from peft import LoraConfig
+
+    return inject(model, LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout, use_dora=True,
+                                    target_modules=target_regex(model, options, family)), family)
+
+
+@_peft("loha", LohaOptions, "LoHa: low-rank Hadamard-product updates", {"rank": _RANKS})
+def apply_loha(model: "nn.Module", options: LohaOptions, family: str) -> "nn.Module":
+    from peft import LoHaConfig
+
+    return inject(model, LoHaConfig(r=options.rank, alpha=options.alpha, rank_dropout=options.dropout,
+                                    target_modules=target_regex(model, options, family)), family)
+
+
+@_peft("lokr", LokrOptions, "LoKr: Kronecker-product updates with a low-rank factor", {"rank": _RANKS})
+def apply_lokr(model: "nn.Module", options: LokrOptions, family: str) -> "nn.Module":
+    from peft import LoKrConfig
+
+    return inject(model, LoKrConfig(r=options.rank, alpha=options.alpha, rank_dropout=options.dropout,
+                                    target_modules=target_regex(model, options, family)), family)
+
+
+@_peft("ia3", Ia3Options, "IA3: learned scaling of keys, values and the MLP's hidden activations",
+       {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}}, layer_choices=False)
+def apply_ia3(model: "nn.Module", options: Ia3Options, family: str) -> "nn.Module":
+    from peft import IA3Config
+
+    names = parse_name_set(options.targets or ["k", "v", "fc2"], tuple(VIT_PROJECTIONS))
+    feedforward = [n for n in names if n == "fc2"]  # IA3 scales fc2's input (the MLP's hidden units)
+    config = IA3Config(target_modules=target_regex(model, options, family, names),
+                       feedforward_modules=target_regex(model, options, family, feedforward) if feedforward else [])
+    return inject(model, config, family)
+
+
+@_peft("oft", OftOptions, "OFT: block-diagonal orthogonal rotations of the frozen weights",
+       {"block_size": {"type": "categorical", "choices": [8, 16, 32, 64]}}, layer_choices=False)
+def apply_oft(model: "nn.Module", options: OftOptions, family: str) -> "nn.Module":
+    from peft import OFTConfig
+
+    return inject(model, OFTConfig(r=0, oft_block_size=options.block_size, module_dropout=options.dropout,
+                                   target_modules=target_regex(model, options, family)), family)
+
+
+@_peft("vera", VeraOptions, "VeRA: shared frozen random projections with trained scaling vectors",
+       {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "rank": {"type": "categorical", "choices": [64, 128, 256]}}, layer_choices=False)
+def apply_vera(model: "nn.Module", options: VeraOptions, family: str) -> "nn.Module":
+    from peft import VeraConfig
+
+    # save_projection=False: the projections are re-drawn from the saved PRNG key when loaded
+    # (seeded torch.Generator draws on the CPU, which are the same on every machine)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*vera_A and vera_B.*")
+        config = VeraConfig(r=options.rank, vera_dropout=options.dropout, d_initial=options.d_initial,
+                            save_projection=False, target_modules=target_regex(model, options, family))
+    return inject(model, config, family)

@@ -1,0 +1,72 @@
+"""The ready search spaces: one per method, the MED-PEFT preset, and real searches over four of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from medpeft_ray.config import load_search_config, validate_search_dict
+from medpeft_ray.methods import get_method, list_methods
+
+SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_has_a_ready_space_on_the_synthetic_default(method: str) -> None:
+    config = load_search_config(SPACES / f"{method}.yaml")
+    assert config.method.name == method
+    assert config.dataset.name == "synthetic" and config.model.checkpoint is None
+    # the file's space is the method's own default space, written out for editing
+    family = "resnet" if config.model.backbone.startswith("resnet") else "vit"
+    if method != "lora":  # the default search fixes lora's targets and narrows its ranges
+        assert set(config.distributions()) == set(get_method(method).space_for(family))
+
+
+def test_med_peft_preset_is_the_papers_recipe(tmp_path: Path) -> None:
+    raw = yaml.safe_load((SPACES / "medpeft_lora_mrm_nih.yaml").read_text())
+    (tmp_path / "nih").mkdir()
+    torch.save({"model": {}}, tmp_path / "MRM.pth")
+    raw["dataset"]["root"] = str(tmp_path / "nih")
+    raw["model"]["checkpoint"] = str(tmp_path / "MRM.pth")
+    config = validate_search_dict(raw, "medpeft_lora_mrm_nih.yaml")
+    assert config.dataset.name == "nih" and config.dataset.label_ratios == [0.01, 0.1, 1.0]
+    assert config.model.backbone == "vit_base_patch16_224" and (config.model.mean, config.model.std) == (0.4978, 0.2449)
+    assert config.method.name == "lora" and config.method.options == {"targets": ["q", "v"], "alpha": 32, "dropout": 0.1}
+    assert config.train.optimizer == "sgd" and config.train.momentum == 0.9 and config.train.weight_decay == 0
+    assert (config.train.batch_size, config.train.warmup_epochs, config.train.drop_path) == (64, 5, 0.1)
+    ranks = config.distributions()["rank"].choices  # type: ignore[union-attr]
+    assert {4, 8, 32} <= set(ranks)  # the paper's choices at 1% / 10% / 100%
+    lr = config.distributions()["lr"]
+    assert lr.low <= 0.05 and lr.high >= 0.2  # type: ignore[union-attr]
+
+
+def _shrunk(method: str) -> dict[str, Any]:
+    """The ready YAML of ``method`` as it is, on a smaller dataset with one short trial."""
+    raw = yaml.safe_load((SPACES / f"{method}.yaml").read_text())
+    raw["dataset"].update(label_ratios=[1.0], image_size=32, options={"num_classes": 3, "num_patients": 40})
+    raw["train"].update(epochs=1, batch_size=8)
+    raw["search"].update(num_samples=1, scheduler={"type": "none"})
+    raw["resources"]["gpus_per_worker"] = 0
+    return raw
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("method", ["lora", "ssf", "vpt_deep", "tsa"])
+def test_ready_space_searches_end_to_end(method: str, tmp_path: Path, ray_session: None) -> None:
+    from medpeft_ray.leaderboard import LeaderboardStore
+    from medpeft_ray.search.runner import run_search
+
+    config = validate_search_dict(_shrunk(method), f"{method}.yaml")
+    result = run_search(config, results=tmp_path / "results")
+    rows = LeaderboardStore(result.db_url).query().to_dict(orient="records")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["status"] == "completed", row["error"]
+    assert row["method"] == method and row["backbone"] == config.model.backbone
+    assert 0.0 <= row["val_auroc"] <= 1.0
+    assert 0 < row["trainable_params"] < row["total_params"]
+    assert set(row["params"]) == set(config.distributions())
