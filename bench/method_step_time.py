@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-classes", type=int, default=14, help="multi-label outputs (NIH ChestX-ray14: 14)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per method per turn")
-    parser.add_argument("--rounds", type=int, default=10, help="round-robin passes over the methods (shuffled order)")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin passes over the methods (shuffled order)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method after building it")
     parser.add_argument("--methods", default=None, help="comma list (default: every method of the backbone's family); "
                         "full is always added as the reference")

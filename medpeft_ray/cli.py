@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import numbers
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medpeft_ray.errors import MedpeftError, UsageError
@@ -92,6 +94,31 @@ def _print_search_summary(result: Any) -> None:
         raise typer.Exit(1)
 
 
+class BoardFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    markdown = "markdown"
+
+
+class CompareBy(str, Enum):
+    methods = "methods"
+    backbones = "backbones"
+    experiments = "experiments"
+
+
+def _open_store(results: Optional[Path], db: Optional[str]) -> Any:
+    from medpeft_ray.leaderboard import LeaderboardStore, default_db_url
+
+    return LeaderboardStore(db or default_db_url(results), create=False)
+
+
+def _os_error(exc: OSError) -> MedpeftError:
+    """A failed file write (an unwritable --out, a full disk) as one line naming the file."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return MedpeftError(f"{where}{exc.strerror or exc}")
+
+
 @app.command()
 def leaderboard(
     dataset: Optional[str] = typer.Option(None, help="only this dataset"),
@@ -100,43 +127,117 @@ def leaderboard(
     backbone: Optional[str] = typer.Option(None, help="only this backbone"),
     experiment: Optional[str] = typer.Option(None, help="only this experiment"),
     status: Optional[str] = typer.Option(None, help="only trials with this status (completed, stopped, failed)"),
-    sort: str = typer.Option("val_auroc", help="column to sort by (best first)"),
-    top: Optional[int] = typer.Option(None, min=1, help="show the best N"),
-    output: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table, json or csv"),
+    since: Optional[str] = typer.Option(None, help="only trials recorded on or after this date (YYYY-MM-DD) or "
+                                        "UTC time"),
+    until: Optional[str] = typer.Option(None, help="only trials recorded on or before this date (the whole day) or "
+                                        "UTC time"),
+    sort: str = typer.Option("val_auroc", help="column to sort by, best first (val_auroc highest first; val_loss, "
+                             "times and parameter counts lowest first); the metric of the views below"),
+    top: Optional[int] = typer.Option(None, min=1, help="show the best N rows"),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="the best trial of each group: comma-separated "
+                                           "columns among method, backbone, dataset, label_ratio, experiment, status"),
+    compare: Optional[CompareBy] = typer.Option(None, "--compare", help="methods (or backbones, experiments) as "
+                                                "rows, (dataset, label ratio) as columns: best metric per cell and "
+                                                "mean rank"),
+    pareto: bool = typer.Option(False, "--pareto", help="only the trials not beaten on both the metric and trainable "
+                                                        "parameters, per (dataset, label ratio)"),
+    output: BoardFormat = typer.Option(BoardFormat.table, "--format", help="table, json, csv or markdown"),
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
-    """Show the best configurations found so far."""
-    from medpeft_ray.leaderboard import LeaderboardStore, default_db_url
+    """Show the best configurations found so far, or a comparison of methods, or the Pareto front."""
+    from medpeft_ray.leaderboard.store import lower_is_better
 
+    filters = dict(experiment=experiment, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
+                   status=status, since=since, until=until)
     try:
-        store = LeaderboardStore(db or default_db_url(results), create=False)
-        frame = store.query(
-            experiment=experiment, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
-            status=status, metric=sort, ascending=sort in ("val_loss", "wall_time_s", "trainable_params"), top=top,
-        )
+        if sum((compare is not None, pareto, group_by is not None)) > 1:
+            raise UsageError("--compare, --pareto and --group-by are separate views; pick one")
+        store = _open_store(results, db)
+        if compare is not None:
+            frame = store.compare(by=compare.value.removesuffix("s"), metric=sort, **filters)
+        elif pareto:
+            frame = store.pareto(metric=sort, **filters)
+        elif group_by is not None:
+            frame = store.best_per_group([c.strip() for c in group_by.split(",") if c.strip()], metric=sort, **filters)
+        else:
+            frame = store.query(**filters, metric=sort, ascending=lower_is_better(sort), top=top)
+        frame = frame.head(top) if top is not None else frame
+        store_empty = frame.empty and store.count() == 0
     except MedpeftError as exc:
         _fail(exc)
-    if output is OutputFormat.json:
+    if compare is not None:
+        _print_comparison(frame, output, sort, store_empty)
+    else:
+        _print_rows(frame, output, store_empty, sort)
+
+
+def _print_rows(frame: Any, output: BoardFormat, store_empty: bool, sort: str = "val_auroc") -> None:
+    if output is BoardFormat.json:
         # missing metrics are NaN in the DataFrame and null in JSON (NaN is not valid JSON)
         records = [{k: _plain(v) for k, v in r.items()} for r in frame.to_dict(orient="records")]
         print(json.dumps(records, indent=1, default=str))
         return
-    if output is OutputFormat.csv:
+    if output is BoardFormat.csv:
         flat = frame.assign(config=frame["config"].map(json.dumps), params=frame["params"].map(json.dumps))
         flat.to_csv(sys.stdout, index=False)
         return
     if frame.empty:
-        console.print("No trials match." if any((dataset, label_ratio, method, backbone, experiment, status)) else "No trials recorded yet.")
+        console.print("No trials recorded yet." if store_empty else "No trials match.")
         return
-    table = Table(title="medpeft-ray leaderboard")
     columns = ["experiment", "dataset", "label_ratio", "method", "backbone", "val_auroc", "best_epoch", "epochs_run",
                "trainable_params", "params", "status", "wall_time_s"]
+    if sort not in columns:
+        columns.insert(columns.index("val_auroc") + 1, sort)  # the column the rows are ordered by is shown
+    rows = [[_cell(column, row[column]) for column in columns] for row in frame.to_dict(orient="records")]
+    if output is BoardFormat.markdown:
+        import pandas as pd
+
+        from medpeft_ray.leaderboard.views import markdown_table
+
+        print(markdown_table(pd.DataFrame(rows, columns=[c.replace("_", " ") for c in columns])))
+        return
+    table = Table(title="medpeft-ray leaderboard")
     for column in columns:
-        table.add_column(column.replace("_", " "), justify="right" if column in ("val_auroc", "trainable_params", "wall_time_s") else "left")
-    for row in frame.to_dict(orient="records"):
-        table.add_row(*(_cell(column, row[column]) for column in columns))
+        right = column in ("val_auroc", "trainable_params", "wall_time_s")
+        table.add_column(column.replace("_", " "), justify="right" if right else "left")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))  # a value like "[q, v]" is text, not rich markup
     console.print(table)
+
+
+def _print_comparison(table: Any, output: BoardFormat, metric: str, store_empty: bool) -> None:
+    """Methods as rows, (dataset, label ratio) cells, mean rank; the best value of each column in bold."""
+    by = table.index.name
+    if output is BoardFormat.json:
+        records = [{by: name, **{k: _plain(v) for k, v in row.items()}} for name, row in table.iterrows()]
+        print(json.dumps(records, indent=1))
+        return
+    if output is BoardFormat.csv:
+        table.to_csv(sys.stdout)
+        return
+    if table.empty:
+        console.print("No trials recorded yet." if store_empty else f"No trial with a {metric} matches.")
+        return
+    from medpeft_ray.leaderboard.views import markdown_table, metric_mode
+
+    cells = [c for c in table.columns if c != "mean_rank"]
+    best = table[cells].min() if metric_mode(metric) == "min" else table[cells].max()
+    text = table[cells].map(lambda v: "-" if v != v else f"{v:.4f}")
+    text["mean rank"] = table["mean_rank"].map(lambda v: f"{v:.2f}")
+    if output is BoardFormat.markdown:
+        for column in cells:
+            text.loc[table[column] == best[column], column] = text[column].map(lambda s: f"**{s}**")
+        print(markdown_table(text.rename_axis(by), index=True))
+        return
+    rich_table = Table(title=f"best {metric} per (dataset, label ratio); bold: best in the column")
+    rich_table.add_column(by)
+    for column in [*cells, "mean rank"]:
+        rich_table.add_column(column, justify="right")
+    for name, row in text.iterrows():
+        marked = [f"[bold]{row[c]}[/bold]" if table.at[name, c] == best[c] else row[c] for c in cells]
+        rich_table.add_row(escape(str(name)), *marked, row["mean rank"])
+    console.print(rich_table)
 
 
 def _plain(value: Any) -> Any:
@@ -167,6 +268,110 @@ def _cell(column: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if column == "val_auroc" else f"{value:g}"
     return str(value)
+
+
+@app.command()
+def best(
+    dataset: str = typer.Option(..., help="the dataset"),
+    label_ratio: float = typer.Option(..., "--label-ratio", help="the label ratio"),
+    method: Optional[str] = typer.Option(None, help="only this method (default: the best of any method)"),
+    backbone: Optional[str] = typer.Option(None, help="only this backbone"),
+    experiment: Optional[str] = typer.Option(None, help="only this experiment"),
+    metric: str = typer.Option("val_auroc", help="val_auroc (highest wins) or val_loss (lowest wins)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the trial config YAML here "
+                                       "(default: print it)"),
+    export_adapter: Optional[Path] = typer.Option(
+        None, "--export-adapter", help="write the trained adapter to this folder: checkpoint, peft format for peft "
+                                       "methods, merged timm weights (model.safetensors) for mergeable methods"),
+    results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+) -> None:
+    """The best trial's config as YAML (`medpeft-ray train --config` runs it), and its adapter."""
+    from medpeft_ray.leaderboard.export import best_config_yaml, write_best_yaml
+    from medpeft_ray.leaderboard.export import export_adapter as write_adapter
+
+    try:
+        store = _open_store(results, db)
+        row = store.best(metric=metric, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
+                         experiment=experiment).iloc[0].to_dict()
+        text = best_config_yaml(row, metric)
+        if out is not None:
+            write_best_yaml(row, out, metric)
+        exported = write_adapter(row, export_adapter, metric) if export_adapter is not None else None
+    except MedpeftError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(_os_error(exc))
+    if out is None:
+        print(text, end="")
+    err_console.print(
+        f"best {row['method']} on {row['dataset']} at label ratio {row['label_ratio']:g}: {metric} {row[metric]:.4f} "
+        f"(experiment {row['experiment']}, trial {row['trial_id']})" + (f" -> {out}" if out is not None else ""),
+        soft_wrap=True,
+    )
+    if exported is not None:
+        err_console.print(f"adapter in {exported.directory}: {', '.join(exported.files)}", soft_wrap=True)
+        if exported.note:
+            err_console.print(exported.note, soft_wrap=True)
+
+
+@app.command()
+def report(
+    experiments: list[str] = typer.Argument(..., help="experiment(s) to report on; name several to compare their "
+                                            "methods"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for index.html and the PNG figures"),
+    metric: str = typer.Option("val_auroc", help="val_auroc or val_loss"),
+    results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+) -> None:
+    """Write an HTML report (comparison table, data-regime, Pareto, progress and importance figures)."""
+    from medpeft_ray.leaderboard.report import write_report
+
+    try:
+        index = write_report(_open_store(results, db), experiments, out, metric)
+    except MedpeftError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(_os_error(exc))
+    console.print(f"report: {index}")
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="one trial's YAML (e.g. from `medpeft-ray best --out`)"),
+    results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
+) -> None:
+    """Train one configuration and score its best epoch on the test split."""
+    from medpeft_ray.config import load_trial_config
+    from medpeft_ray.leaderboard import results_dir
+
+    try:
+        trial = load_trial_config(config)
+    except MedpeftError as exc:
+        _fail(exc)
+    out_dir = results_dir(results) / "train" / f"{trial.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"[bold]{trial.experiment}[/bold]: {trial.method.name} on {trial.model.backbone}, "
+                  f"dataset {trial.dataset.name} at label ratio {trial.label_ratio:g}, {trial.train.epochs} epochs")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medpeft_ray.train.single import train_single
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
+                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task("training", total=trial.train.epochs)
+
+        def on_epoch(metrics: dict[str, Any]) -> None:
+            progress.update(task, completed=metrics["epoch"])
+            progress.console.print(f"epoch {metrics['epoch']}/{trial.train.epochs}  train_loss={metrics['train_loss']:.4f}  "
+                                   f"val_loss={metrics['val_loss']:.4f}  val_auroc={metrics['val_auroc']:.4f}")
+
+        try:
+            result = train_single(trial, out_dir, on_epoch)
+        except MedpeftError as exc:
+            _fail(exc)
+    test = f"test_auroc={result['test_auroc']:.4f} (epoch {result['test_epoch']})" if "test_auroc" in result else "no test split"
+    console.print(f"best val_auroc={result['best_val_auroc']:.4f}; {test}; {result['wall_time_s']:.0f} s")
+    console.print(f"checkpoint and result.json in {out_dir}")
 
 
 @app.command("methods")

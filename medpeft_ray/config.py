@@ -12,7 +12,7 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -175,11 +175,31 @@ class SearchSettings(_Strict):
         return self.mode or ("min" if self.metric == "val_loss" else "max")
 
 
+#: Ray's own resources, which ``custom_per_worker`` must not name (they have keys or are not per worker).
+_BUILTIN_RESOURCES = {
+    "CPU": "set it with resources.cpus_per_worker",
+    "GPU": "set it with resources.gpus_per_worker",
+    "memory": "not a per-worker request here; pick a node type with enough memory",
+    "object_store_memory": "not a per-worker request here; pick a node type with enough memory",
+}
+
+
 class ResourcesConfig(_Strict):
     workers_per_trial: int = Field(1, ge=1, description="data-parallel workers of one trial")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float | Literal["auto"] = Field(
-        "auto", description="GPUs per worker; fractions share a GPU; auto: 1 if the cluster has GPUs, else 0"
+        "auto", description="GPUs per worker; fractions share a GPU; auto: 1 if the cluster has or can add GPUs, else 0"
+    )
+
+    custom_per_worker: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict,
+        description="other Ray resources each worker asks for, e.g. {'accelerator_type:A100': 0.001} to pin a GPU model",
+    )
+    max_failures: int = Field(
+        2, ge=-1, description="restarts of a trial from its last checkpoint after a lost worker or node (-1: no limit)"
+    )
+    worker_start_timeout_s: float = Field(
+        1800.0, gt=0, description="how long each start of a trial's workers may wait for resources (new nodes)"
     )
 
     @field_validator("gpus_per_worker")
@@ -280,6 +300,27 @@ def load_search_config(path: str | Path, experiment: str | None = None) -> Searc
     return _with_file(path.name, load)
 
 
+def load_trial_config(path: str | Path) -> TrialConfig:
+    """Reads a single-trial YAML (``medpeft-ray best --out``, or a hand-written one) and validates it.
+
+    The file holds one :class:`TrialConfig` (experiment, label_ratio, dataset, model, method,
+    train); it is checked like a search YAML with nothing searched, so the same bad key, path or
+    option gives the same one-line error.
+    """
+    path = Path(path)
+
+    def load() -> TrialConfig:
+        raw = _read_yaml(path)
+        if not isinstance(raw, dict):
+            raise ConfigError("", f"must be a mapping of sections, got {type(raw).__name__}")
+        trial = parse_section(TrialConfig, raw, "")
+        search = {**raw, "dataset": {**raw["dataset"], "label_ratios": [trial.label_ratio]}, "space": {}}
+        del search["label_ratio"]
+        return _validate_search(search, path).trial_config(trial.label_ratio, {})
+
+    return _with_file(path.name, load)
+
+
 def validate_search_dict(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> SearchConfig:
     """Validates an already-parsed mapping (from a YAML file or a test)."""
     return _with_file(source, lambda: _validate_search(raw, base_dir))
@@ -365,6 +406,9 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
         _check_distribution(name, raw, key, method_spec.options, method_options.model_dump(), config, family)
 
     # resources and batch size
+    for name in config.resources.custom_per_worker:
+        if name in _BUILTIN_RESOURCES:
+            raise ConfigError(f"resources.custom_per_worker.{name}", _BUILTIN_RESOURCES[name])
     _check_batch_divisible(config.train.batch_size, config, "train.batch_size")
     if config.train.precision == "fp16" and config.resources.gpus_per_worker == 0:
         raise ConfigError("train.precision", "fp16 needs GPUs; use fp32 or bf16 on CPU")

@@ -63,3 +63,23 @@ def ray_session():  # type: ignore[no-untyped-def]
     ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 100}, log_to_driver=False, include_dashboard=True)
     yield
     ray.shutdown()
+
+
+def load_shipped_space(path: Path, tmp_path: Path) -> Any:
+    """A shipped search-space YAML, validated; placeholder data and checkpoint paths (a preset's
+    ``/data/...``) are pointed at an empty folder and an empty checkpoint in ``tmp_path``."""
+    import torch
+    import yaml
+
+    from medpeft_ray.config import validate_search_dict
+
+    raw = yaml.safe_load(path.read_text())
+    root = raw.get("dataset", {}).get("root")
+    if root is not None and not Path(root).is_dir():
+        raw["dataset"]["root"] = str(tmp_path / "data")
+        (tmp_path / "data").mkdir(exist_ok=True)
+    checkpoint = raw.get("model", {}).get("checkpoint")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raw["model"]["checkpoint"] = str(tmp_path / "weights.pth")
+        torch.save({"model": {}}, tmp_path / "weights.pth")
+    return validate_search_dict(raw, path.name, path.parent)

@@ -351,3 +351,35 @@ def test_console_script(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr + bad.stdout
     assert bad.stderr.strip().splitlines() == ["error: bad.yaml: space.rank.low: must be >= 1 (got 0)"]
+
+
+@pytest.mark.parametrize("backbone,expected", [
+    ("vit_base_patch16_224", {"lora": 307_214, "linear": 12_302, "full": 85_809_422}),  # 14 classes, 224 px
+    ("vit_large_patch16_224", {"lora": 802_830, "linear": 16_398}),
+    ("resnet50", {"tsa": 1_286_158, "linear": 28_686, "full": 23_536_718}),
+])
+def test_methods_json_lists_trainable_parameters(runner: CliRunner, backbone: str, expected: dict[str, int]) -> None:
+    result = runner.invoke(app, ["methods", "--backbone", backbone, "--num-classes", "14", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads(result.stdout)}
+    for method, count in expected.items():
+        assert rows[method]["trainable_params"] == count, method
+    for row in rows.values():
+        assert row["backbone"] == backbone
+        assert row["trainable_percent"] == pytest.approx(100 * row["trainable_params"] / row["total_params"])
+    family = "resnet" if backbone.startswith("resnet") else "vit"
+    from medpeft_ray.methods import list_methods
+
+    assert set(rows) == set(list_methods(family))
+    # LoRA on Q and V, rank 8: 2 x 8 x (d + d) per block, plus the 14-class head and fc_norm
+    if backbone == "vit_base_patch16_224":
+        assert rows["lora"]["trainable_params"] == 12 * 2 * 8 * (768 + 768) + (768 * 14 + 14) + 2 * 768
+
+
+def test_methods_table_and_bad_backbone(runner: CliRunner) -> None:
+    table = runner.invoke(app, ["methods", "--backbone", "vit_small_patch16_224", "--num-classes", "3"])
+    assert table.exit_code == 0, table.output
+    assert "vpt_deep" in table.stdout and "trainable params" in table.stdout
+    bad = runner.invoke(app, ["methods", "--backbone", "vit_bse_patch16_224"])
+    assert bad.exit_code == 2
+    assert "model.backbone: unknown timm model 'vit_bse_patch16_224' (did you mean 'vit_base_patch16_224'?)" in bad.output

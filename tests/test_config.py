@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import pytest
 import yaml
+from conftest import load_shipped_space
 
 from medpeft_ray.config import (
     SEARCHABLE_TRAIN_FIELDS,
@@ -57,8 +58,9 @@ def test_search_spaces_exist() -> None:
 
 @pytest.mark.parametrize("path", ALL_SPACES, ids=[p.name for p in ALL_SPACES])
 @pytest.mark.parametrize("which", ["low", "high"])
-def test_shipped_space_loads_and_builds_trials(path: Path, which: str) -> None:
-    config = load_search_config(path)
+def test_shipped_space_loads_and_builds_trials(path: Path, which: str, tmp_path: Path) -> None:
+    config = load_shipped_space(path, tmp_path)
+    assert config.experiment == yaml.safe_load(path.read_text())["experiment"]
     dists = config.distributions()
     assert dists, "a search must search something"
     assert config.experiment

@@ -60,6 +60,13 @@ def test_search_two_ratios_lands_in_leaderboard(tmp_path: Path) -> None:
     # the 100% study ran full length at least once (ASHA stops at most the weaker trial)
     assert any(r["epochs_run"] == 2 for r in rows if r["label_ratio"] == 1.0)
 
+    # each label ratio's Optuna study sits in the leaderboard's database, for optuna-dashboard
+    import optuna
+
+    studies = optuna.get_all_study_summaries(optuna.storages.RDBStorage(f"sqlite:///{results / 'leaderboard.db'}"))
+    assert sorted(s.study_name.rsplit("-", 2)[0] for s in studies) == ["tiny-ratio0.5", "tiny-ratio1"]
+    assert all(s.n_trials == 2 for s in studies)
+
     top = run_cli("leaderboard", "--results", str(results), "--label-ratio", "1.0", "--top", "1", "--format", "json", cwd=tmp_path)
     best = json.loads(top.stdout)
     assert len(best) == 1 and best[0]["label_ratio"] == 1.0

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
+from conftest import load_shipped_space
 
 from medpeft_ray.config import load_search_config, validate_search_dict
 from medpeft_ray.methods import get_method, list_methods
@@ -27,12 +27,7 @@ def test_every_method_has_a_ready_space_on_the_synthetic_default(method: str) ->
 
 
 def test_med_peft_preset_is_the_papers_recipe(tmp_path: Path) -> None:
-    raw = yaml.safe_load((SPACES / "medpeft_lora_mrm_nih.yaml").read_text())
-    (tmp_path / "nih").mkdir()
-    torch.save({"model": {}}, tmp_path / "MRM.pth")
-    raw["dataset"]["root"] = str(tmp_path / "nih")
-    raw["model"]["checkpoint"] = str(tmp_path / "MRM.pth")
-    config = validate_search_dict(raw, "medpeft_lora_mrm_nih.yaml")
+    config = load_shipped_space(SPACES / "medpeft_lora_mrm_nih.yaml", tmp_path)
     assert config.dataset.name == "nih" and config.dataset.label_ratios == [0.01, 0.1, 1.0]
     assert config.model.backbone == "vit_base_patch16_224" and (config.model.mean, config.model.std) == (0.4978, 0.2449)
     assert config.method.name == "lora" and config.method.options == {"targets": ["q", "v"], "alpha": 32, "dropout": 0.1}

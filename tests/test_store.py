@@ -1,7 +1,9 @@
-"""The leaderboard store: rows, queries, upserts, bad databases, concurrent writers, PostgreSQL."""
+"""The leaderboard store: rows, queries, upserts, bad databases, schema upgrades, concurrent writers,
+Optuna's tables beside the leaderboard, PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -86,9 +88,10 @@ def pg_database() -> Iterator[str]:
 
 
 def _pg_drop_tables(url: str) -> None:
+    """Every table of the test database (leaderboard, Optuna's, foreign ones) is dropped."""
     conn = _pg_connect(sa.make_url(url).database)
     with conn.cursor() as cur:
-        cur.execute("DROP TABLE IF EXISTS trials, medpeft_schema")
+        cur.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     conn.close()
 
 
@@ -125,7 +128,7 @@ def store(db_url: str, open_store: Callable[..., LeaderboardStore]) -> Leaderboa
 
 def raw_rows(store: LeaderboardStore, columns: str) -> list[tuple]:
     with store.engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(sa.text(f"SELECT {columns} FROM trials ORDER BY id"))]
+        return [tuple(r) for r in conn.execute(sa.text(f"SELECT {columns} FROM medpeft_trials ORDER BY id"))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,24 +305,47 @@ def test_random_bytes_file(tmp_path: Path) -> None:
     assert "not a usable leaderboard database" in str(info.value)
 
 
-def test_foreign_trials_table(tmp_path: Path) -> None:
+def test_someone_elses_trials_table_is_left_alone(tmp_path: Path, open_store: Callable[..., LeaderboardStore]) -> None:
     path = tmp_path / "other.db"
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE trials (name TEXT, score REAL)")
     conn.execute("INSERT INTO trials VALUES ('x', 1.0)")
     conn.commit()
     conn.close()
-    for create in (True, False):
-        with pytest.raises(MedpeftError) as info:
-            LeaderboardStore(sqlite_url(path), create=create)
-        assert "not a medpeft leaderboard" in str(info.value)
-        assert str(path) in str(info.value)
-    conn = sqlite3.connect(path)  # the foreign table is left alone
+    with pytest.raises(MedpeftError, match="no leaderboard here yet"):
+        LeaderboardStore(sqlite_url(path), create=False)
+    store = open_store(sqlite_url(path))  # the leaderboard's own tables go beside it
+    store.record(make_record("mine"))
+    assert list(store.query()["trial_id"]) == ["mine"]
+    conn = sqlite3.connect(path)
     assert conn.execute("SELECT name, score FROM trials").fetchall() == [("x", 1.0)]
     conn.close()
 
 
-def test_schema_version_mismatch(tmp_path: Path, open_store: Callable[..., LeaderboardStore]) -> None:
+def test_leaderboard_table_without_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "odd.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE medpeft_trials (id INTEGER)")
+    conn.commit()
+    conn.close()
+    for create in (True, False):
+        with pytest.raises(MedpeftError) as info:
+            LeaderboardStore(sqlite_url(path), create=create)
+        assert str(info.value) == (f"{path}: has a 'medpeft_trials' table but no schema version; "
+                                   "not a medpeft leaderboard")
+
+
+def test_foreign_schema_table_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "odd.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE medpeft_schema (name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(MedpeftError, match="its 'medpeft_schema' table is not a medpeft one"):
+        LeaderboardStore(sqlite_url(path))
+
+
+def test_newer_schema_version_is_refused(tmp_path: Path, open_store: Callable[..., LeaderboardStore]) -> None:
     path = tmp_path / "leaderboard.db"
     open_store(sqlite_url(path)).record(make_record())
     conn = sqlite3.connect(path)
@@ -330,9 +356,13 @@ def test_schema_version_mismatch(tmp_path: Path, open_store: Callable[..., Leade
         with pytest.raises(MedpeftError) as info:
             LeaderboardStore(sqlite_url(path), create=create)
         text = str(info.value)
-        assert "schema version 99" in text
-        assert f"version {SCHEMA_VERSION}" in text
-        assert str(path) in text
+        assert text.startswith(f"{path}: leaderboard schema version 99, newer than this medpeft-ray reads")
+        assert f"(version {SCHEMA_VERSION})" in text
+        assert "\n" not in text
+    conn = sqlite3.connect(path)  # refused, not touched
+    assert conn.execute("SELECT version FROM medpeft_schema").fetchall() == [(99,)]
+    assert conn.execute("SELECT count(*) FROM medpeft_trials").fetchone() == (1,)
+    conn.close()
 
 
 def test_unreachable_server_is_a_medpeft_error_without_password() -> None:
@@ -364,10 +394,10 @@ def _write_trials(url: str, worker: int, count: int, barrier: Any) -> None:
     store.engine.dispose()
 
 
-def run_writers(url: str, workers: int, count: int) -> None:
+def run_writers(url: str, workers: int, count: int, target: Callable[..., None] = _write_trials) -> None:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(workers)
-    procs = [ctx.Process(target=_write_trials, args=(url, w, count, barrier)) for w in range(workers)]
+    procs = [ctx.Process(target=target, args=(url, w, count, barrier)) for w in range(workers)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -425,15 +455,21 @@ def test_concurrent_writers_on_a_new_postgres_database(
         _pg_drop_tables(pg_database)
 
 
-def test_postgres_foreign_trials_table(pg_database: str) -> None:
+def test_postgres_foreign_trials_table_is_left_alone(
+    pg_database: str, open_store: Callable[..., LeaderboardStore]
+) -> None:
     _pg_drop_tables(pg_database)
     conn = _pg_connect(sa.make_url(pg_database).database)
     with conn.cursor() as cur:
-        cur.execute("CREATE TABLE trials (name TEXT)")
+        cur.execute("CREATE TABLE trials (name TEXT PRIMARY KEY)")
+        cur.execute("INSERT INTO trials VALUES ('x')")
     try:
-        with pytest.raises(MedpeftError) as info:
-            LeaderboardStore(pg_database)
-        assert "not a medpeft leaderboard" in str(info.value)
+        store = open_store(pg_database)
+        store.record(make_record("mine"))
+        assert list(store.query()["trial_id"]) == ["mine"]
+        with conn.cursor() as cur:
+            cur.execute("SELECT name FROM trials")
+            assert cur.fetchall() == [("x",)]
     finally:
         conn.close()
         _pg_drop_tables(pg_database)
@@ -472,3 +508,238 @@ def test_default_db_url_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert default_db_url(tmp_path / "x") == f"sqlite:///{(tmp_path / 'x').resolve() / 'leaderboard.db'}"
     monkeypatch.setenv("MEDPEFT_DB", "postgresql+psycopg2://u@h/db")
     assert default_db_url() == "postgresql+psycopg2://u@h/db"
+
+
+# ----------------------------------------------------------------------------------------------
+# Date and experiment filters
+# ----------------------------------------------------------------------------------------------
+
+
+def _set_created_at(store: LeaderboardStore, stamps: dict[str, str]) -> None:
+    with store.engine.begin() as conn:
+        for trial_id, stamp in stamps.items():
+            conn.execute(sa.text("UPDATE medpeft_trials SET created_at = :s WHERE trial_id = :t"),
+                         {"s": stamp, "t": trial_id})
+
+
+def test_query_by_date(store: LeaderboardStore) -> None:
+    for trial_id in ("old", "day", "late", "new"):
+        store.record(make_record(trial_id))
+    _set_created_at(store, {"old": "2026-10-31T23:59:59+00:00", "day": "2026-11-01T00:00:00+00:00",
+                            "late": "2026-11-01T23:59:59+00:00", "new": "2026-11-02T08:00:00+00:00"})
+
+    def ids(**filters: Any) -> set[str]:
+        return set(store.query(**filters)["trial_id"])
+
+    assert ids(since="2026-11-01") == {"day", "late", "new"}
+    assert ids(until="2026-11-01") == {"old", "day", "late"}  # a bare date includes its whole day
+    assert ids(since="2026-11-01", until="2026-11-01") == {"day", "late"}
+    assert ids(until="2026-11-01T12:00") == {"old", "day"}  # a time is a point (UTC when no zone is given)
+    assert ids(since="2026-11-02T09:00+02:00") == {"new"}  # 07:00 UTC
+    from datetime import date, datetime, timezone
+
+    assert ids(since=date(2026, 11, 2)) == {"new"}
+    assert ids(until=datetime(2026, 10, 31, 23, 59, 59, tzinfo=timezone.utc)) == {"old"}
+    with pytest.raises(MedpeftError, match="'yesterday' is not a date"):
+        store.query(since="yesterday")
+
+
+def test_query_several_experiments_and_describe(store: LeaderboardStore) -> None:
+    assert store.describe() == "the leaderboard is empty (run `medpeft-ray search` first)"
+    store.record(make_record("a", experiment="e1", label_ratio=0.1))
+    store.record(make_record("b", experiment="e2", method="bitfit"))
+    store.record(make_record("c", experiment="e3", dataset="nih", label_ratio=0.01))
+    assert set(store.query(experiment=["e1", "e3"])["trial_id"]) == {"a", "c"}
+    assert store.experiments() == ["e1", "e2", "e3"]
+    assert store.count() == 3
+    assert store.describe() == ("the leaderboard has nih at label ratios 0.01 (lora); "
+                                "synthetic at label ratios 0.1, 1 (bitfit, lora)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema version 1 (rows in `trials`) is upgraded in place
+# ----------------------------------------------------------------------------------------------
+
+V1_COLUMNS = ["experiment", "trial_id", "dataset", "label_ratio", "method", "backbone", "status", "val_auroc",
+              "val_loss", "best_epoch", "epochs_run", "trainable_params", "total_params", "wall_time_s", "startup_s",
+              "train_time_s", "skipped_images", "params", "config", "checkpoint", "error", "created_at"]
+
+
+def create_v1_store(url: str, rows: int) -> None:
+    """A leaderboard exactly as schema version 1 laid it out, holding ``rows`` trials."""
+    from medpeft_ray.leaderboard.store import trials_table
+
+    metadata = sa.MetaData()
+    columns = [sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in trials_table.c]
+    v1 = sa.Table("trials", metadata, *columns, sa.UniqueConstraint("experiment", "trial_id", name="uq_trial"))
+    schema = sa.Table("medpeft_schema", metadata, sa.Column("version", sa.Integer, primary_key=True))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        metadata.create_all(conn)
+        conn.execute(schema.insert().values(version=1))
+        for i in range(rows):
+            conn.execute(v1.insert().values(
+                experiment="old", trial_id=f"v1-{i}", dataset="synthetic", label_ratio=0.5, method="lora",
+                backbone="vit_tiny_patch16_224", status="completed", val_auroc=0.5 + i / 100,
+                params=json.dumps({"i": i}), config=json.dumps({"i": i}), created_at="2026-01-01T00:00:00+00:00",
+            ))
+    engine.dispose()
+
+
+def table_names(url: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_version_1_store_is_upgraded_in_place(db_url: str, open_store: Callable[..., LeaderboardStore]) -> None:
+    import optuna
+
+    from medpeft_ray.leaderboard import optuna_storage
+
+    create_v1_store(db_url, rows=3)
+    store = open_store(db_url, create=False)  # reading an old store upgrades it too
+    assert SCHEMA_VERSION == 2
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [2]
+        indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("medpeft_trials")}
+    assert {"ix_medpeft_trials_created_at", "ix_medpeft_trials_lookup"} <= indexes
+    assert "trials" not in table_names(db_url) and "medpeft_trials" in table_names(db_url)
+    frame = store.query()
+    assert list(frame["trial_id"]) == ["v1-2", "v1-1", "v1-0"]
+    assert list(frame["params"]) == [{"i": 2}, {"i": 1}, {"i": 0}]
+    ids_before = dict(zip(frame["trial_id"], frame["id"]))
+    # writing after the upgrade: a new row gets a fresh id, an old one is updated in place
+    store.record(make_record("new", experiment="old"))
+    store.record(make_record("v1-0", experiment="old", val_auroc=0.99))
+    frame = store.query().set_index("trial_id")
+    assert len(frame) == 4
+    assert int(frame.loc["v1-0", "id"]) == ids_before["v1-0"] and frame.loc["v1-0", "val_auroc"] == 0.99
+    assert int(frame.loc["new", "id"]) not in ids_before.values()
+    # Optuna's `trials` table now fits in the same database (it clashed with version 1's)
+    study = optuna.create_study(study_name="s", storage=optuna_storage(db_url), direction="maximize")
+    study.tell(study.ask(), 0.7)
+    assert optuna.load_study(study_name="s", storage=optuna_storage(db_url)).best_value == 0.7
+    assert len(open_store(db_url).query()) == 4
+
+
+def test_failed_upgrade_leaves_version_1_untouched(
+    db_url: str, open_store: Callable[..., LeaderboardStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medpeft_ray.leaderboard import store as store_module
+
+    create_v1_store(db_url, rows=2)
+    real = store_module._UPGRADES[1]
+
+    def interrupted(conn: Any) -> None:
+        real(conn)  # the rename and the indexes are done when the process dies
+        raise sa.exc.OperationalError("upgrade", {}, Exception("disk I/O error"))
+
+    monkeypatch.setitem(store_module._UPGRADES, 1, interrupted)
+    with pytest.raises(MedpeftError, match="not a usable leaderboard database"):
+        LeaderboardStore(db_url)
+    names = table_names(db_url)
+    assert "trials" in names and "medpeft_trials" not in names  # rolled back as one transaction
+    monkeypatch.setitem(store_module._UPGRADES, 1, real)
+    assert len(open_store(db_url).query()) == 2
+
+
+def test_concurrent_openers_upgrade_once(tmp_path: Path, open_store: Callable[..., LeaderboardStore]) -> None:
+    url = sqlite_url(tmp_path / "leaderboard.db")
+    create_v1_store(url, rows=5)
+    run_writers(url, workers=3, count=4)  # each opens (and upgrades) at once
+    store = open_store(url, create=False)
+    assert len(store.query(experiment="old")) == 5
+    assert len(store.query(experiment="exp")) == 12
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [SCHEMA_VERSION]
+
+
+# ----------------------------------------------------------------------------------------------
+# More writers: the same trial from several processes, a writer killed mid-stream
+# ----------------------------------------------------------------------------------------------
+
+
+def _record_shared(url: str, worker: int, count: int, barrier: Any) -> None:
+    store = LeaderboardStore(url)
+    barrier.wait(timeout=30)
+    for i in range(count):
+        # every worker records the same trials (a resumed search racing the original), then its own
+        store.record(make_record(f"shared-{i}", experiment="shared", val_auroc=worker / 10, params={"w": worker}))
+        store.record(make_record(f"own-{worker}-{i}", experiment="shared"))
+    store.engine.dispose()
+
+
+def test_concurrent_writers_of_the_same_trials(db_url: str, open_store: Callable[..., LeaderboardStore]) -> None:
+    open_store(db_url)
+    run_writers(db_url, workers=3, count=8, target=_record_shared)
+    frame = open_store(db_url, create=False).query(experiment="shared")
+    assert len(frame) == 8 + 3 * 8
+    shared = frame[frame["trial_id"].str.startswith("shared-")]
+    assert sorted(shared["trial_id"]) == sorted(f"shared-{i}" for i in range(8))
+    # each shared row is one writer's complete row, never a mix of two
+    for _, row in shared.iterrows():
+        assert row["params"] == {"w": round(row["val_auroc"] * 10)}
+
+
+def _write_forever(url: str, ready: Any) -> None:
+    store = LeaderboardStore(url)
+    ready.set()
+    i = 0
+    while True:
+        store.record(make_record(f"k{i}", params={"i": i, "pad": "x" * 2000}, config={"i": i, "pad": "y" * 5000}))
+        i += 1
+
+
+def test_killed_writer_leaves_no_half_row(tmp_path: Path, open_store: Callable[..., LeaderboardStore]) -> None:
+    import signal
+    import time
+
+    url = sqlite_url(tmp_path / "leaderboard.db")
+    open_store(url)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_write_forever, args=(url, ready))
+    proc.start()
+    assert ready.wait(timeout=60)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(timeout=30)
+    store = open_store(url, create=False)
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+    frame = store.query()
+    assert len(frame) > 0
+    # rows are k0..k(n-1) without gaps, each complete
+    assert sorted(frame["trial_id"], key=lambda t: int(t[1:])) == [f"k{i}" for i in range(len(frame))]
+    for _, row in frame.iterrows():
+        assert row["params"]["i"] == row["config"]["i"] == int(row["trial_id"][1:])
+        assert len(row["config"]["pad"]) == 5000 and row["status"] == "completed" and row["val_auroc"] == 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Optuna's studies in the leaderboard's database
+# ----------------------------------------------------------------------------------------------
+
+
+def test_optuna_studies_share_the_database(db_url: str, open_store: Callable[..., LeaderboardStore]) -> None:
+    import optuna
+
+    from medpeft_ray.leaderboard import optuna_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = open_store(db_url)
+    store.record(make_record("t0"))
+    study = optuna.create_study(study_name="exp-ratio1", storage=optuna_storage(db_url), direction="maximize")
+    for value in (0.6, 0.8):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        study.tell(trial, value)
+    store.record(make_record("t1"))
+    names = table_names(db_url)
+    assert {"medpeft_trials", "medpeft_schema", "studies", "trials"} <= names
+    assert len(open_store(db_url, create=False).query()) == 2
+    loaded = optuna.load_study(study_name="exp-ratio1", storage=optuna_storage(db_url))
+    assert [t.value for t in loaded.trials] == [0.6, 0.8]

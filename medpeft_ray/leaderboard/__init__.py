@@ -1,5 +1,12 @@
-"""The best-config leaderboard: the results store and its queries."""
+"""The best-config leaderboard: the results store, its views, exports and reports."""
 
-from medpeft_ray.leaderboard.store import LeaderboardStore, TrialRecord, default_db_url, results_dir
+from medpeft_ray.leaderboard.store import (
+    SCHEMA_VERSION,
+    LeaderboardStore,
+    TrialRecord,
+    default_db_url,
+    optuna_storage,
+    results_dir,
+)
 
-__all__ = ["LeaderboardStore", "TrialRecord", "default_db_url", "results_dir"]
+__all__ = ["SCHEMA_VERSION", "LeaderboardStore", "TrialRecord", "default_db_url", "optuna_storage", "results_dir"]

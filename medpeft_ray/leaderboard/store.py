@@ -1,8 +1,14 @@
 """The results store: one row per trial (its best epoch), in SQLite or any SQLAlchemy database.
 
 Rows are keyed by (experiment, trial_id), so re-recording a trial (a resumed search) updates it
-instead of duplicating it. Writes are single transactions: an interrupted write leaves no half
-row. SQLite runs in WAL mode with a busy timeout so several processes can write one file.
+instead of duplicating it. A write is one upsert statement in one transaction: concurrent writers
+of the same trial cannot both insert, and an interrupted write leaves no half row. SQLite runs in
+WAL mode with a busy timeout so several processes can write one file.
+
+The schema is versioned (``medpeft_schema``): an older leaderboard is upgraded in place in one
+transaction when it is opened, a newer or foreign one is refused with a one-line message. The
+table is ``medpeft_trials`` so that Optuna's own tables (``studies``, ``trials``, ...) can live in
+the same database (:func:`optuna_storage`).
 """
 
 from __future__ import annotations
@@ -12,23 +18,33 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DatabaseError, OperationalError
 
 from medpeft_ray.errors import MedpeftError, UsageError
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+
+#: Version 2 renamed ``trials`` to ``medpeft_trials`` (Optuna's RDB storage owns a ``trials`` table,
+#: and its studies live in the same database) and added indexes for date and (dataset, ratio, method).
+SCHEMA_VERSION = 2
+TRIALS_TABLE = "medpeft_trials"
+SCHEMA_TABLE = "medpeft_schema"
 DEFAULT_RESULTS_DIR = "medpeft-results"
 Status = Literal["completed", "stopped", "failed"]
 
 _metadata = sa.MetaData()
 
 trials_table = sa.Table(
-    "trials",
+    TRIALS_TABLE,
     _metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("experiment", sa.String(200), nullable=False),
@@ -52,15 +68,27 @@ trials_table = sa.Table(
     sa.Column("config", sa.Text, nullable=False),  # the full trial config (JSON)
     sa.Column("checkpoint", sa.Text),
     sa.Column("error", sa.Text),
-    sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),  # UTC ISO 8601: sorts and compares as text
     sa.UniqueConstraint("experiment", "trial_id", name="uq_trial"),
+)
+_indexes = (
+    sa.Index("ix_medpeft_trials_created_at", trials_table.c.created_at),
+    sa.Index("ix_medpeft_trials_lookup", trials_table.c.dataset, trials_table.c.label_ratio, trials_table.c.method),
 )
 
 schema_table = sa.Table(
-    "medpeft_schema",
+    SCHEMA_TABLE,
     _metadata,
     sa.Column("version", sa.Integer, primary_key=True),
 )
+
+#: The keyword filters every view takes (those of ``LeaderboardStore.query``).
+_FILTERS = ("experiment", "dataset", "label_ratio", "method", "backbone", "status", "since", "until")
+#: Columns a ``query`` can sort by where lower is better (everything else sorts highest first).
+LOWER_IS_BETTER = frozenset({"val_loss", "wall_time_s", "startup_s", "train_time_s", "trainable_params",
+                             "total_params", "skipped_images"})
+#: Columns that measure a trial's quality (what ``compare``, ``pareto`` and ``best`` rank by).
+QUALITY_METRICS = ("val_auroc", "val_loss")
 
 
 @dataclass
@@ -107,51 +135,139 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def lower_is_better(column: str) -> bool:
+    """Whether ``column`` ranks smallest first (losses, times, parameter counts)."""
+    return column in LOWER_IS_BETTER
+
+
+def _as_utc_text(value: str | date | datetime, end_of_day: bool = False) -> str:
+    """A date or time as the store's UTC ISO text; a bare date means its start (or its end)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value) if ("T" in value or " " in value) else date.fromisoformat(value)
+        except ValueError:
+            raise UsageError(f"{value!r} is not a date (YYYY-MM-DD) or time (YYYY-MM-DDTHH:MM[:SS])") from None
+    if not isinstance(value, datetime):
+        value = datetime.combine(value + timedelta(days=1) if end_of_day else value, time())
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)  # the store records UTC, so naive times are read as UTC
+    return value.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def _describe_filters(filters: dict[str, Any]) -> str:
+    """``{"dataset": "nih", "label_ratio": 0.01}`` as ``dataset 'nih', label ratio 0.01``."""
+    parts = []
+    for key, value in filters.items():
+        if value is None:
+            continue
+        if key == "label_ratio":
+            parts.append(f"label ratio {value:g}")
+        elif isinstance(value, str):
+            parts.append(f"{key} {value!r}")
+        elif isinstance(value, (list, tuple)):
+            parts.append(f"{key} {', '.join(map(repr, value))}")
+        else:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts)
+
+
+def _is_bare_date(value: str | date | datetime) -> bool:
+    if isinstance(value, datetime):
+        return False
+    return isinstance(value, date) or ("T" not in value and " " not in value)
+
+
 class LeaderboardStore:
-    """Reads and writes the ``trials`` table of one database."""
+    """Reads and writes the leaderboard of one database (SQLite file or any SQLAlchemy URL).
+
+    Opening a store checks its schema version: a new database gets the current schema (unless
+    ``create`` is false), an older medpeft leaderboard is upgraded in place in one transaction,
+    and a newer or foreign one is refused with a one-line :class:`MedpeftError`.
+    """
 
     def __init__(self, url: str, create: bool = True) -> None:
         self.url = url
-        self._label = url.split("///", 1)[-1] if url.startswith("sqlite") else sa.make_url(url).render_as_string()
+        #: the database as shown in messages (a password in the URL is masked)
+        self.label = url.split("///", 1)[-1] if url.startswith("sqlite") else sa.make_url(url).render_as_string()
         if url.startswith("sqlite:///"):
             path = Path(url.removeprefix("sqlite:///"))
             if not create and not path.exists():
                 raise MedpeftError(f"{path}: no leaderboard here yet (run `medpeft-ray search` first)")
             path.parent.mkdir(parents=True, exist_ok=True)
             self.engine = sa.create_engine(url, connect_args={"timeout": 60})
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine, "connect", _sqlite_connect)
+            sa.event.listen(self.engine, "begin", _sqlite_begin)
         else:
             self.engine = sa.create_engine(url, pool_pre_ping=True)
         self._check_schema(create)
 
+    # -- schema ----------------------------------------------------------------------------------
     def _check_schema(self, create: bool) -> None:
         try:
-            with self._creation_lock(), self.engine.begin() as conn:
+            with self._creation_lock():
+                with self.engine.connect() as conn:
+                    version = self._read_version(conn)
+                if version == SCHEMA_VERSION:
+                    return
+                if version is None and not create:
+                    raise MedpeftError(f"{self.label}: no leaderboard here yet (run `medpeft-ray search` first)")
+                with self._write_transaction() as conn:
+                    version = self._read_version(conn)  # another process may have acted in between
+                    if version is None:
+                        _metadata.create_all(conn)
+                        conn.execute(schema_table.insert().values(version=SCHEMA_VERSION))
+                    elif version < SCHEMA_VERSION:
+                        self._upgrade(conn, version)
+        except (DatabaseError, OperationalError) as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            raise MedpeftError(f"{self.label}: not a usable leaderboard database ({reason})") from None
+
+    def _read_version(self, conn: sa.Connection) -> int | None:
+        """The stored schema version (None: no leaderboard yet); refuses newer and foreign schemas."""
+        names = set(sa.inspect(conn).get_table_names())
+        if SCHEMA_TABLE not in names:
+            if TRIALS_TABLE in names:
+                raise MedpeftError(f"{self.label}: has a {TRIALS_TABLE!r} table but no schema version; "
+                                   "not a medpeft leaderboard")
+            return None
+        columns = {c["name"] for c in sa.inspect(conn).get_columns(SCHEMA_TABLE)}
+        if "version" not in columns:
+            raise MedpeftError(f"{self.label}: its {SCHEMA_TABLE!r} table is not a medpeft one")
+        version = conn.execute(sa.select(sa.func.max(schema_table.c.version))).scalar()
+        if not isinstance(version, int) or version < 1:
+            raise MedpeftError(f"{self.label}: leaderboard schema version {version!r} is not one medpeft-ray wrote")
+        if version > SCHEMA_VERSION:
+            raise MedpeftError(
+                f"{self.label}: leaderboard schema version {version}, newer than this medpeft-ray reads "
+                f"(version {SCHEMA_VERSION}); upgrade medpeft-ray, or use a new --results folder"
+            )
+        expected = TRIALS_TABLE if version == SCHEMA_VERSION else _V1_TRIALS_TABLE
+        if expected not in names:
+            raise MedpeftError(f"{self.label}: leaderboard schema version {version} but no {expected!r} table")
+        return version
+
+    def _upgrade(self, conn: sa.Connection, version: int) -> None:
+        """Upgrades an older leaderboard step by step to SCHEMA_VERSION, inside the caller's transaction."""
+        for step in range(version, SCHEMA_VERSION):
+            _UPGRADES[step](conn)
+        conn.execute(schema_table.delete())
+        conn.execute(schema_table.insert().values(version=SCHEMA_VERSION))
+
+    @contextlib.contextmanager
+    def _write_transaction(self) -> Iterator[sa.Connection]:
+        """A transaction that holds the database's write lock from its first statement."""
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+            with conn.begin():
                 if conn.dialect.name == "postgresql":
                     # two processes opening a new database must not both create the tables
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(7346001)"))
-                names = set(sa.inspect(conn).get_table_names())
-                if "trials" in names and "medpeft_schema" not in names:
-                    raise MedpeftError(f"{self._label}: has a 'trials' table that is not a medpeft leaderboard")
-                if "medpeft_schema" in names:
-                    version = conn.execute(sa.select(sa.func.max(schema_table.c.version))).scalar()
-                    if version != SCHEMA_VERSION:
-                        raise MedpeftError(
-                            f"{self._label}: leaderboard schema version {version}, this medpeft-ray reads "
-                            f"version {SCHEMA_VERSION}; use a matching medpeft-ray or a new --results folder"
-                        )
-                elif create:
-                    _metadata.create_all(conn)
-                    conn.execute(schema_table.insert().values(version=SCHEMA_VERSION))
-                else:
-                    raise MedpeftError(f"{self._label}: no leaderboard here yet (run `medpeft-ray search` first)")
-        except (DatabaseError, OperationalError) as exc:
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-            raise MedpeftError(f"{self._label}: not a usable leaderboard database ({reason})") from None
+                yield conn
 
     @contextlib.contextmanager
     def _creation_lock(self) -> Iterator[None]:
-        """Serialises check-and-create of a SQLite file across processes (its DDL is not transactional)."""
+        """Serialises check-and-create of a SQLite file across processes."""
         if not self.url.startswith("sqlite:///"):
             yield
             return
@@ -165,45 +281,76 @@ class LeaderboardStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    # -- writing ---------------------------------------------------------------------------------
     def record(self, row: TrialRecord) -> None:
-        """Inserts the trial's row, or replaces it if the (experiment, trial_id) pair exists."""
+        """Inserts the trial's row, or replaces it if the (experiment, trial_id) pair exists.
+
+        One statement in one transaction: concurrent writers of the same trial cannot both insert,
+        and an interrupted write leaves no half row.
+        """
         values = {k: _clean(v) for k, v in asdict(row).items()}
         values["config"] = json.dumps(row.config, sort_keys=True, default=str)
         values["params"] = json.dumps(row.params, sort_keys=True, default=str)
         values["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        key = (trials_table.c.experiment == row.experiment) & (trials_table.c.trial_id == row.trial_id)
+        updates = {k: v for k, v in values.items() if k not in ("experiment", "trial_id")}
         with self.engine.begin() as conn:
-            if conn.execute(sa.select(trials_table.c.id).where(key)).first() is None:
+            dialect = conn.dialect.name
+            if dialect in ("sqlite", "postgresql"):
+                insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+                statement = insert(trials_table).values(**values)
+                conn.execute(statement.on_conflict_do_update(index_elements=["experiment", "trial_id"], set_=updates))
+                return
+            key = (trials_table.c.experiment == row.experiment) & (trials_table.c.trial_id == row.trial_id)
+            if conn.execute(sa.select(trials_table.c.id).where(key).with_for_update()).first() is None:
                 conn.execute(trials_table.insert().values(**values))
             else:
-                conn.execute(trials_table.update().where(key).values(**values))
+                conn.execute(trials_table.update().where(key).values(**updates))
 
+    # -- reading ---------------------------------------------------------------------------------
     def query(
         self,
         *,
-        experiment: str | None = None,
+        experiment: str | Sequence[str] | None = None,
         dataset: str | None = None,
         label_ratio: float | None = None,
         method: str | None = None,
         backbone: str | None = None,
         status: str | None = None,
+        since: str | date | datetime | None = None,
+        until: str | date | datetime | None = None,
         metric: str = "val_auroc",
         ascending: bool = False,
         top: int | None = None,
-    ) -> "Any":
-        """Matching rows as a pandas DataFrame, best ``metric`` first (trials without it last)."""
+    ) -> "pd.DataFrame":
+        """Matching rows as a pandas DataFrame, best ``metric`` first (trials without it last).
+
+        Args:
+            experiment: one experiment name or several.
+            since, until: recorded on or after / on or before (a date, a time, or ISO text; a
+                bare ``until`` date includes that whole day; times without a zone are UTC).
+            metric: any column to sort by; ``ascending`` puts the smallest first.
+        """
         import pandas as pd
 
         if metric not in trials_table.c:
             raise UsageError(f"cannot sort by {metric!r}; columns: {', '.join(trials_table.c.keys())}")
         t = trials_table
         query = sa.select(t)
-        filters = {"experiment": experiment, "dataset": dataset, "method": method, "backbone": backbone, "status": status}
+        filters = {"dataset": dataset, "method": method, "backbone": backbone, "status": status}
         for column, value in filters.items():
             if value is not None:
                 query = query.where(t.c[column] == value)
+        if isinstance(experiment, str):
+            query = query.where(t.c.experiment == experiment)
+        elif experiment is not None:
+            query = query.where(t.c.experiment.in_(list(experiment)))
         if label_ratio is not None:
             query = query.where(sa.func.abs(t.c.label_ratio - label_ratio) < 1e-9)
+        if since is not None:
+            query = query.where(t.c.created_at >= _as_utc_text(since))
+        if until is not None:
+            bound = _as_utc_text(until, end_of_day=True)
+            query = query.where(t.c.created_at < bound if _is_bare_date(until) else t.c.created_at <= bound)
         order = t.c[metric].asc() if ascending else t.c[metric].desc()
         query = query.order_by(t.c[metric].is_(None), order, t.c.id)
         if top is not None:
@@ -214,11 +361,128 @@ class LeaderboardStore:
             frame[column] = frame[column].map(json.loads)
         for column in ("best_epoch", "epochs_run", "trainable_params", "total_params", "skipped_images"):
             frame[column] = frame[column].astype("Int64")  # nullable: a failed trial has no counts
+        for column in ("label_ratio", "val_auroc", "val_loss", "wall_time_s", "startup_s", "train_time_s"):
+            frame[column] = frame[column].astype("float64")  # None (no value) becomes NaN, even in an empty frame
         return frame
 
+    def experiments(self) -> list[str]:
+        """The experiment names in the store, sorted."""
+        with self.engine.connect() as conn:
+            return sorted(conn.execute(sa.select(trials_table.c.experiment).distinct()).scalars())
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    def count(self) -> int:
+        """How many trials the store holds."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(trials_table)).scalar() or 0)
+
+    # -- views (see medpeft_ray.leaderboard.views) -------------------------------------------------
+    def best(self, *, metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
+        """The single best trial matching ``filters`` (a one-row DataFrame); raises when none matches."""
+        from medpeft_ray.leaderboard import views
+
+        frame = self._rows(filters)
+        what = _describe_filters(filters)
+        try:
+            return views.best(frame, metric=metric, what=f"the trials matching {what}" if what else "the leaderboard")
+        except MedpeftError as exc:
+            if len(frame):
+                raise
+            raise MedpeftError(f"{exc}; {self.describe()}") from None
+
+    def describe(self) -> str:
+        """What the store holds, in words: datasets with their label ratios and methods."""
+        with self.engine.connect() as conn:
+            t = trials_table
+            rows = conn.execute(sa.select(t.c.dataset, t.c.label_ratio, t.c.method).distinct()).all()
+        if not rows:
+            return "the leaderboard is empty (run `medpeft-ray search` first)"
+        parts = []
+        for dataset in sorted({r.dataset for r in rows}):
+            ratios = ", ".join(f"{r:g}" for r in sorted({r.label_ratio for r in rows if r.dataset == dataset}))
+            methods = ", ".join(sorted({r.method for r in rows if r.dataset == dataset}))
+            parts.append(f"{dataset} at label ratios {ratios} ({methods})")
+        return "the leaderboard has " + "; ".join(parts)
+
+    def best_per_group(self, by: Sequence[str], *, metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
+        """The best trial of each group of ``by`` columns (e.g. ``["method"]``), best first."""
+        from medpeft_ray.leaderboard import views
+
+        return views.best_per_group(self._rows(filters), by, metric=metric)
+
+    def compare(self, *, by: str = "method", metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
+        """Methods (or ``by``) as rows, (dataset, label ratio) as columns, best metric per cell, mean rank."""
+        from medpeft_ray.leaderboard import views
+
+        return views.compare(self._rows(filters), by=by, metric=metric)
+
+    def pareto(self, *, metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
+        """Per (dataset, label ratio), the trials not beaten on both ``metric`` and trainable parameters."""
+        from medpeft_ray.leaderboard import views
+
+        return views.pareto(self._rows(filters), metric=metric)
+
+    def progress(self, *, metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
+        """Best-so-far ``metric`` against cumulative trial time and epochs, per study."""
+        from medpeft_ray.leaderboard import views
+
+        return views.progress(self._rows(filters), metric=metric)
+
+    def importance(self, *, metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
+        """How strongly each searched hyperparameter goes with ``metric``, per method."""
+        from medpeft_ray.leaderboard import views
+
+        return views.importance(self._rows(filters), metric=metric)
+
+    def _rows(self, filters: dict[str, Any]) -> "pd.DataFrame":
+        unknown = set(filters) - set(_FILTERS)
+        if unknown:
+            raise TypeError(f"unknown filter(s): {', '.join(sorted(unknown))}")
+        return self.query(**filters)
+
+
+def optuna_storage(url: str) -> "optuna.storages.RDBStorage":
+    """Optuna's RDB storage on the leaderboard's database, so optuna-dashboard opens the searches' studies.
+
+    Optuna keeps its own tables (``studies``, ``trials``, ...) beside the leaderboard's.
+    """
+    import optuna
+
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Upgrades of older schemas: UPGRADES[v] turns version v into v + 1 inside one transaction.
+# ------------------------------------------------------------------------------------------------
+
+_V1_TRIALS_TABLE = "trials"
+
+
+def _upgrade_1_to_2(conn: sa.Connection) -> None:
+    """Version 1 kept the rows in ``trials``, which Optuna's storage also uses: rename and index."""
+    conn.execute(sa.text(f"ALTER TABLE {_V1_TRIALS_TABLE} RENAME TO {TRIALS_TABLE}"))
+    if conn.dialect.name == "postgresql":
+        # PostgreSQL keeps the old names of the key and its sequence; Optuna's `trials` would clash with them
+        conn.execute(sa.text(f"ALTER TABLE {TRIALS_TABLE} RENAME CONSTRAINT trials_pkey TO {TRIALS_TABLE}_pkey"))
+        sequence = conn.execute(sa.text(f"SELECT pg_get_serial_sequence('{TRIALS_TABLE}', 'id')")).scalar()
+        if sequence and sequence.split(".")[-1].strip('"') == "trials_id_seq":
+            conn.execute(sa.text(f"ALTER SEQUENCE {sequence} RENAME TO {TRIALS_TABLE}_id_seq"))
+    for index in _indexes:
+        index.create(conn)
+
+
+_UPGRADES: dict[int, Callable[[sa.Connection], None]] = {1: _upgrade_1_to_2}
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite opens a transaction only before INSERT/UPDATE/DELETE, so a schema upgrade's DDL would
+    # run outside it; turning that off and emitting BEGIN ourselves (_sqlite_begin) makes it atomic
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=60000")
     cursor.close()
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))

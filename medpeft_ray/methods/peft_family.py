@@ -11,7 +11,7 @@ selected in the ``target_modules`` regex instead.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, field_validator
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 #: ResNet convolutions LoRA can adapt, by their timm names inside each residual block
 RESNET_CONVS = ("conv1", "conv2", "conv3", "downsample")
-_DEFAULT_TARGETS = {"vit": ["q", "v"], "resnet": ["conv1", "conv2", "conv3"]}
 #: searched when a YAML has no space: the tuned-layer set is first-class, next to lr and rank
 _TARGET_CHOICES = {
     "vit": {"targets": {"type": "categorical", "choices": ["q,v", "q,k,v", "q,k,v,proj,fc1,fc2"]}},
@@ -33,6 +32,9 @@ _TARGET_CHOICES = {
 
 class PeftOptions(BlockOptions):
     """Options every peft method shares: which projections of which blocks it adapts."""
+
+    #: the targets when the YAML names none, per backbone family
+    default_targets: ClassVar[dict[str, list[str]]] = {"vit": ["q", "v"], "resnet": ["conv1", "conv2", "conv3"]}
 
     targets: list[str] | None = Field(
         None, description="ViT: among q, k, v, proj, fc1, fc2 [q, v]; ResNet: among conv1, conv2, conv3, downsample [conv1-3]"
@@ -45,15 +47,15 @@ class PeftOptions(BlockOptions):
 
     def check_family(self, family: str) -> None:
         super().check_family(family)
-        known = tuple(VIT_PROJECTIONS) if family == "vit" else RESNET_CONVS
         try:
-            parse_name_set(self.targets or _DEFAULT_TARGETS[family], known)
+            self.target_names(family)
         except ValueError as exc:
             raise ValueError(f"targets: {exc}") from None
 
     def target_names(self, family: str) -> list[str]:
+        """The chosen targets, in canonical order; raises ValueError for names the family lacks."""
         known = tuple(VIT_PROJECTIONS) if family == "vit" else RESNET_CONVS
-        return parse_name_set(self.targets or _DEFAULT_TARGETS[family], known)
+        return parse_name_set(self.targets or self.default_targets[family], known)
 
 
 class LoraOptions(PeftOptions):
@@ -75,6 +77,8 @@ class LokrOptions(PeftOptions):
 
 
 class Ia3Options(PeftOptions):
+    default_targets: ClassVar[dict[str, list[str]]] = {"vit": ["k", "v", "fc2"]}
+
     targets: list[str] | None = Field(None, description="among q, k, v, proj, fc1, fc2 [k, v, fc2]; fc2's input is scaled")
 
 
@@ -218,7 +222,7 @@ def apply_lokr(model: "nn.Module", options: LokrOptions, family: str) -> "nn.Mod
 def apply_ia3(model: "nn.Module", options: Ia3Options, family: str) -> "nn.Module":
     from peft import IA3Config
 
-    names = parse_name_set(options.targets or ["k", "v", "fc2"], tuple(VIT_PROJECTIONS))
+    names = options.target_names(family)
     feedforward = [n for n in names if n == "fc2"]  # IA3 scales fc2's input (the MLP's hidden units)
     config = IA3Config(target_modules=target_regex(model, options, family, names),
                        feedforward_modules=target_regex(model, options, family, feedforward) if feedforward else [])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +18,16 @@ from typing import Any
 
 from medpeft_ray.config import CategoricalDistribution, SearchConfig
 from medpeft_ray.errors import ConfigError, MedpeftError
-from medpeft_ray.leaderboard import LeaderboardStore, default_db_url, results_dir
-
-#: A custom resource that trial drivers (the small Tune trainables) ask for, so they never take
-#: CPU from training workers. Ray started by medpeft-ray declares it; a cluster whose head
-#: declares it too keeps every trial driver on the head. Elsewhere drivers take 0.01 CPU.
-DRIVER_RESOURCE = "medpeft_driver"
-DRIVER_SLOTS = 10_000
+from medpeft_ray.leaderboard import LeaderboardStore, default_db_url, optuna_storage, results_dir
+from medpeft_ray.search.cluster import (  # noqa: F401  DRIVER_* are part of this module's interface
+    DRIVER_RESOURCE,
+    DRIVER_SLOTS,
+    ClusterCapacity,
+    ResourcePlan,
+    cluster_capacity,
+    plan_resources,
+    release_resource_requests,
+)
 
 
 @dataclass
@@ -32,7 +37,7 @@ class SearchResult:
     experiment: str
     wall_time_s: float
     trials: list[Any]  # TrialSummary, best first per label ratio
-    results_dir: Path
+    results_dir: Path | str  # a local folder, or a cloud storage URI (s3://, gs://)
     db_url: str
 
 
@@ -98,7 +103,22 @@ def _connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        hint = (
+            "start one (`ray start --head --port 6380`, `ray up clusters/aws-gpu.yaml`) or leave --address out "
+            "to run on a local Ray"
+        )
+        # Ray retries an address where nothing listens for minutes; a refused connection says it at once.
+        host, sep, port = address.rpartition(":")
+        if sep and host and port.isdigit() and "://" not in address:
+            try:
+                socket.create_connection((host, int(port)), timeout=10).close()
+            except OSError as exc:
+                raise MedpeftError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); {hint}") from None
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MedpeftError(f"--address {address}: no Ray cluster to join ({reason}); {hint}") from None
     else:
         ray.init(
             resources={DRIVER_RESOURCE: DRIVER_SLOTS},
@@ -107,32 +127,31 @@ def _connect(address: str | None) -> None:
         )
 
 
-def _plan_resources(config: SearchConfig) -> tuple[dict[str, float], dict[str, float], bool, int]:
-    """(driver resources, per-worker resources, use_gpu, concurrency) for this cluster."""
-    import ray
+def _plan_resources(config: SearchConfig, existing_cluster: bool = False) -> tuple[ResourcePlan, ClusterCapacity]:
+    """The trials' resources and concurrency on the connected cluster (its maximum size if it autoscales)."""
+    capacity = cluster_capacity(existing_cluster)
+    return plan_resources(config, capacity), capacity
 
-    cluster = ray.cluster_resources()
-    res = config.resources
-    gpus = res.gpus_per_worker
-    if gpus == "auto":
-        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
-    per_worker = {"CPU": float(res.cpus_per_worker)}
-    if gpus > 0:
-        per_worker["GPU"] = float(gpus)
-    need = {k: v * res.workers_per_trial for k, v in per_worker.items()}
-    driver = {"CPU": 0.0, DRIVER_RESOURCE: 1.0} if cluster.get(DRIVER_RESOURCE) else {"CPU": 0.01}
-    fits = []
-    for name, amount in need.items():
-        have = cluster.get(name, 0.0) - driver.get(name, 0.0)
-        if amount > have:
-            raise MedpeftError(
-                f"resources: a trial needs {amount:g} {name} ({res.workers_per_trial} workers x "
-                f"{per_worker[name]:g}), but the cluster has {cluster.get(name, 0.0):g}; lower "
-                "resources.workers_per_trial / cpus_per_worker / gpus_per_worker or add nodes"
-            )
-        fits.append(math.floor((cluster.get(name, 0.0) + 1e-9) / (amount + driver.get(name, 0.0))))
-    concurrency = config.search.max_concurrent or max(1, min([*fits, config.search.num_samples]))
-    return driver, per_worker, gpus > 0, concurrency
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")
+
+
+def results_location(results: str | Path | None = None) -> tuple[str, Path | None]:
+    """Where a search writes trial checkpoints and Tune state: (location, local folder or None).
+
+    A cloud storage URI (``s3://bucket/prefix``, ``gs://...``), given or in ``$MEDPEFT_RESULTS``,
+    is used as is, so that every node of a cluster reads and writes the same checkpoints;
+    anything else is a local (or shared file system) folder.
+    """
+    raw = results if results is not None else os.environ.get("MEDPEFT_RESULTS")
+    # str(Path("s3://b/x")) is "s3:/b/x": the scheme survives a trip through Path, the slashes do not
+    match = _URI.match(str(raw)) if raw is not None else None
+    if match and match.group(1).lower() != "file":
+        return f"{match.group(1).lower()}://{match.group(2).rstrip('/')}", None
+    if match:  # file:///path
+        raw = "/" + match.group(2)
+    path = results_dir(raw)
+    return str(path), path
 
 
 def run_search(
@@ -147,15 +166,23 @@ def run_search(
 
     Args:
         config: a validated search config.
-        results: results folder (default ``$MEDPEFT_RESULTS`` or ``./medpeft-results``).
+        results: results folder (default ``$MEDPEFT_RESULTS`` or ``./medpeft-results``), or a
+            cloud storage URI (``s3://bucket/prefix``) that every node of a cluster can reach.
         address: Ray cluster address (``auto`` for the cluster this machine belongs to);
             None starts a local Ray.
-        db_url: leaderboard database (default: SQLite in the results folder, or ``$MEDPEFT_DB``).
+        db_url: leaderboard database (default: SQLite in the results folder, or ``$MEDPEFT_DB``;
+            required with cloud storage results).
         console: a ``rich.console.Console`` for progress lines, or None for silence.
     """
     started = time.time()
-    results_path = results_dir(results)
-    results_path.mkdir(parents=True, exist_ok=True)
+    storage, results_path = results_location(results)
+    if results_path is not None:
+        results_path.mkdir(parents=True, exist_ok=True)
+    elif not (db_url or os.environ.get("MEDPEFT_DB")):
+        raise MedpeftError(
+            f"{storage}: with results on cloud storage, give a leaderboard database that the machine running "
+            "the search can reach: --db postgresql://user@host/db (or MEDPEFT_DB)"
+        )
     db_url = db_url or default_db_url(results_path)
     LeaderboardStore(db_url)  # fails now, not after the first trial, if the database is unusable
     facts = preflight(config)
@@ -176,7 +203,48 @@ def run_search(
     # Tune's own tables and Optuna's per-study log lines would drown the per-trial progress lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import optuna
-    import ray
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _connect(address)
+    plan, capacity = _plan_resources(config, existing_cluster=bool(address))
+    if console is not None:
+        console.print(
+            f"Ray cluster {_describe(capacity)}; {plan.concurrency} trial(s) at a time, "
+            f"{config.resources.workers_per_trial} worker(s) each on {_describe_worker(plan)}; results in {storage}",
+            soft_wrap=True,
+        )
+        if plan.note:
+            console.print(f"[yellow]{plan.note}[/yellow]", soft_wrap=True)
+    try:
+        summaries = _run_studies(config, plan, storage, facts, db_url, console)
+    finally:
+        if capacity.autoscaling:
+            release_resource_requests()
+    return SearchResult(config.experiment or "search", time.time() - started, summaries, results_path or storage, db_url)
+
+
+def _describe(capacity: ClusterCapacity) -> str:
+    def amounts(resources: dict[str, float]) -> str:
+        return f"{resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs"
+
+    text = amounts(capacity.now)
+    if capacity.most is not None:
+        text += f", autoscaling up to {amounts(capacity.most)} (from {capacity.source})"
+    elif capacity.autoscaling:
+        text += ", autoscaling"
+    return text
+
+
+def _describe_worker(plan: ResourcePlan) -> str:
+    parts = [f"{plan.per_worker['GPU']:g} GPU" if plan.use_gpu else "CPU"]
+    parts += [f"{amount:g} {name}" for name, amount in plan.per_worker.items() if name not in ("CPU", "GPU")]
+    return " + ".join(parts)
+
+
+def _run_studies(
+    config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any], db_url: str, console: Any
+) -> list[Any]:
+    """One Tune study per label ratio; returns the finished trials, best first per ratio."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -185,35 +253,30 @@ def run_search(
     from medpeft_ray.search.space import SpaceSampler, make_sampler
     from medpeft_ray.search.trial import TrialPlan, run_trial
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _connect(address)
-    driver, per_worker, use_gpu, concurrency = _plan_resources(config)
-    if console is not None:
-        where = f"{int(per_worker.get('GPU', 0) * config.resources.workers_per_trial)} GPU(s)" if use_gpu else "CPU"
-        console.print(
-            f"Ray cluster {ray.cluster_resources().get('CPU', 0):g} CPUs / {ray.cluster_resources().get('GPU', 0):g} GPUs; "
-            f"{concurrency} trial(s) at a time, {config.resources.workers_per_trial} worker(s) each on {where}; "
-            f"results in {results_path}"
-        )
-
     settings = config.search
     summaries: list[Any] = []
+    run_stamp = time.strftime("%Y%m%d-%H%M%S")
     for label_ratio in config.dataset.label_ratios:
-        plan = TrialPlan(
+        trial_plan = TrialPlan(
             search=config.model_dump(mode="json"),
             label_ratio=label_ratio,
             num_workers=config.resources.workers_per_trial,
-            use_gpu=use_gpu,
-            resources_per_worker=per_worker,
-            storage_path=str(results_path / "train"),
+            use_gpu=plan.use_gpu,
+            resources_per_worker=plan.per_worker,
+            storage_path=f"{storage}/train",
             dataset_key=facts["dataset_key"],
+            max_failures=config.resources.max_failures,
+            worker_start_timeout_s=config.resources.worker_start_timeout_s,
         )
         searcher = OptunaSearch(
             space=SpaceSampler(config.distributions()),
             metric=settings.metric,
             mode=settings.resolved_mode,
             sampler=make_sampler(settings),
-            study_name=f"{config.experiment}-ratio{label_ratio:g}",
+            # Optuna's study lives in the leaderboard's database (optuna-dashboard opens it); one
+            # study per run, so a re-run of an experiment starts a fresh history
+            storage=optuna_storage(db_url),
+            study_name=f"{config.experiment}-ratio{label_ratio:g}-{run_stamp}",
         )
         if settings.scheduler.type == "asha":
             scheduler: Any = ASHAScheduler(
@@ -226,25 +289,25 @@ def run_search(
             scheduler = FIFOScheduler()
         recorder = LeaderboardCallback(config, label_ratio, db_url, console)
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(run_trial, plan=plan), driver),
+            tune.with_resources(tune.with_parameters(run_trial, plan=trial_plan), plan.driver),
             tune_config=tune.TuneConfig(
                 metric=settings.metric,
                 mode=settings.resolved_mode,
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=settings.num_samples,
-                max_concurrent_trials=concurrency,
+                max_concurrent_trials=plan.concurrency,
             ),
             run_config=tune.RunConfig(
                 name=f"{config.experiment}-ratio{label_ratio:g}",
-                storage_path=str(results_path / "tune"),
+                storage_path=f"{storage}/tune",
                 callbacks=[recorder],
                 verbose=0,
             ),
         )
         tuner.fit()
         summaries.extend(sorted(recorder.finished, key=lambda s: _rank_key(getattr(s.record, settings.metric), settings.resolved_mode)))
-    return SearchResult(config.experiment or "search", time.time() - started, summaries, results_path, db_url)
+    return summaries
 
 
 def _rank_key(value: float | None, mode: str) -> float:

@@ -4,10 +4,16 @@ The Tune trainable is a small driver function holding a sliver of CPU; it builds
 configuration from the sampled values and runs a TorchTrainer whose workers hold the real
 resources. ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, where the
 scheduler (ASHA) and the searcher (Optuna) see them.
+
+On a cluster, a trial's workers may wait for nodes the autoscaler is adding (up to
+``worker_start_timeout_s`` each time they start), and a trial whose worker or node is lost
+restarts from its last checkpoint, which it finds in storage every node reaches, up to
+``max_failures`` times.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +31,35 @@ class TrialPlan:
     resources_per_worker: dict[str, float]
     storage_path: str
     dataset_key: dict[str, Any] | None = None  # the decode-once cache key, computed once by the driver
-    max_failures: int = 0
+    max_failures: int = 0  # restarts from the last checkpoint after a lost worker or node (-1: no limit)
+    worker_start_timeout_s: float = 1800.0  # per start of the workers: covers nodes being added
+
+
+#: Ray Train's (V2) limit on waiting for a worker group's resources. Its default (60 s) is far
+#: shorter than a cloud GPU node takes to boot and install; the controller reads it from the
+#: environment of the process that calls ``fit``, which passes it on.
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def _pin_cluster_address() -> None:
+    """Hands this cluster's address to the trial's Ray Train controller and its helpers.
+
+    Ray Train frees the workers of a trial that Tune stopped (ASHA) through a helper that looks
+    the cluster up by itself; with another Ray instance on the same machine that lookup fails and
+    the stopped trial's CPUs and GPUs stay reserved, so later trials wait forever. ``RAY_ADDRESS`` names the
+    cluster; Ray Train passes the variables on its list to the controller, which passes them on.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        from ray.train.v2._internal import constants as train_constants
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        train_constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+    except (ImportError, AttributeError):  # another Ray Train layout: it finds the cluster its own way
+        pass
 
 
 def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
@@ -40,6 +74,8 @@ def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
     search = SearchConfig.model_validate(plan.search)
     trial = search.trial_config(plan.label_ratio, sampled)
     context = tune.get_context()
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{plan.worker_start_timeout_s:g}"
+    _pin_cluster_address()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -60,7 +96,9 @@ def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
                 checkpoint_score_attribute=search.search.metric,
                 checkpoint_score_order=search.search.resolved_mode,
             ),
-            failure_config=FailureConfig(max_failures=plan.max_failures),
+            # Lost workers and nodes restart the run from its latest checkpoint; so do workers that
+            # could not start within the timeout (no node came), with the same budget.
+            failure_config=FailureConfig(max_failures=plan.max_failures, controller_failure_limit=plan.max_failures),
         ),
     )
     trainer.fit()

@@ -53,9 +53,15 @@ def load_checkpoint_into(directory: Path, model: "nn.Module") -> dict[str, Any]:
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
         raise ValueError(f"{directory}: trainable parameters missing from the checkpoint: {missing[:3]}")
+    load_trainable_state(model, weights)
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def load_trainable_state(model: "nn.Module", weights: dict[str, Any]) -> None:
+    """Copies ``weights`` (from :func:`trainable_state`) into the model's parameters of those names."""
     import torch
 
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    return json.loads((directory / STATE_FILE).read_text())

@@ -27,7 +27,7 @@ from medpeft_ray.data import load_splits, train_subset_index
 from medpeft_ray.errors import TrialFailed
 from medpeft_ray.methods import count_parameters, prepare_model
 from medpeft_ray.models import build_backbone
-from medpeft_ray.train.checkpoint import load_checkpoint_into, save_checkpoint
+from medpeft_ray.train.checkpoint import load_checkpoint_into, load_trainable_state, save_checkpoint, trainable_state
 from medpeft_ray.train.metrics import mean_auroc
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,12 @@ def ensure_process_group(backend: str) -> None:
     dist.init_process_group(backend, rank=0, world_size=1)
 
 
-def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> dict[str, Any]:
+def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evaluate_test: bool = False) -> dict[str, Any]:
     """Trains one trial on this worker; returns the last epoch's metrics.
+
+    With ``evaluate_test``, the epoch with the best validation AUROC is evaluated on the test
+    split at the end (``test_auroc``, ``test_loss``, ``test_epoch`` in the returned metrics); the
+    test split never takes part in choosing that epoch.
 
     Raises:
         TrialFailed: the loss became NaN or infinite.
@@ -250,6 +254,7 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> di
     first_step_at: float | None = None
     train_time = 0.0
     metrics: dict[str, Any] = {}
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (val AUROC, epoch, trainable state)
     for epoch in range(start_epoch, trial.train.epochs):
         epoch_start = time.time()
         engine.train()
@@ -296,6 +301,16 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn) -> di
                 report(metrics, save_checkpoint(Path(tmp), engine.module, state))
         else:
             report(metrics, None)
+        if evaluate_test and (best is None or val_auroc > best[0]):
+            best = (val_auroc, epoch + 1, trainable_state(engine.module))
+    if evaluate_test and best is not None and len(data.test):
+        load_trainable_state(engine.module, best[2])
+        test_batches = Batches(data.test.images, data.test.labels, ctx.device, trial.model.mean, trial.model.std)
+        test_loss, test_auroc, test_per_class = evaluate(
+            engine, test_batches, dtype, loss_fn, multilabel, ctx, trial.train.eval_batch_size
+        )
+        metrics = {**metrics, "test_auroc": test_auroc, "test_loss": test_loss, "test_epoch": best[1],
+                   "test_auroc_per_class": dict(zip(data.class_names, test_per_class))}
     return metrics
 
 

@@ -1,0 +1,204 @@
+"""Exports of a leaderboard trial: its config as a re-runnable YAML, and its trained adapter.
+
+``best.yaml`` is the trial's :class:`~medpeft_ray.config.TrialConfig` (what its workers ran), so
+``medpeft-ray train --config best.yaml`` runs it again as is. The adapter export copies the
+trial's best checkpoint (trainable weights, state, and peft's adapter folder for peft methods)
+and, where the method folds into the backbone, writes the merged plain timm weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from medpeft_ray.errors import MedpeftError
+from medpeft_ray.train.checkpoint import PEFT_DIR, STATE_FILE, WEIGHTS_FILE
+
+MERGED_FILE = "model.safetensors"
+MANIFEST_FILE = "export.json"
+CONFIG_FILE = "config.yaml"
+
+
+def _trial_name(row: Mapping[str, Any]) -> str:
+    return f"trial {row['trial_id']} of experiment {row['experiment']!r}"
+
+
+def trial_config(row: Mapping[str, Any]) -> Any:
+    """The row's stored config as a validated :class:`TrialConfig`.
+
+    Raises:
+        MedpeftError: the stored config does not validate under this version of medpeft-ray.
+    """
+    from pydantic import ValidationError
+
+    from medpeft_ray.config import TrialConfig
+
+    try:
+        return TrialConfig.model_validate(row["config"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "config"
+        raise MedpeftError(
+            f"{_trial_name(row)}: its stored config does not validate here ({key}: {first['msg']})"
+        ) from None
+
+
+def _one_line(value: Any) -> str:
+    return " ".join(str(value).split())
+
+
+def best_config_yaml(row: Mapping[str, Any], metric: str = "val_auroc") -> str:
+    """The trial's config as YAML, after a comment naming the experiment, trial, metric and checkpoint."""
+    import yaml
+
+    config = trial_config(row).model_dump(mode="json")
+    value = row.get(metric)
+    score = f"{metric} {value:.4f}" if isinstance(value, float) and value == value else f"no {metric}"
+    epochs = ""
+    if row.get("best_epoch") is not None:
+        epochs = f" (epoch {row.get('best_epoch')} of {row.get('epochs_run')} run)"
+    trainable = row.get("trainable_params")
+    cost = f", {int(trainable):,} trainable parameters" if trainable is not None and trainable == trainable else ""
+    header = [
+        f"# medpeft-ray: best {row['method']} on {row['dataset']} at label ratio {row['label_ratio']:g}",
+        f"# experiment {_one_line(row['experiment'])}, trial {_one_line(row['trial_id'])}, status {row['status']}",
+        f"# {score}{epochs}{cost}",
+        f"# checkpoint: {_one_line(row.get('checkpoint') or 'none recorded')}",
+        "# run it again: medpeft-ray train --config <this file>",
+    ]
+    return "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def write_best_yaml(row: Mapping[str, Any], path: str | Path, metric: str = "val_auroc") -> Path:
+    """Writes :func:`best_config_yaml` to ``path`` (its folder is created); returns the path."""
+    path = Path(path)
+    text = best_config_yaml(row, metric)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class AdapterExport:
+    """What :func:`export_adapter` wrote."""
+
+    directory: Path
+    files: list[str] = field(default_factory=list)
+    peft: bool = False  # peft's adapter folder is in ``peft/``
+    merged: bool = False  # ``model.safetensors`` holds the merged plain timm weights
+    num_classes: int | None = None
+    class_names: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+def _checkpoint_folder(row: Mapping[str, Any]) -> Path:
+    checkpoint = row.get("checkpoint")
+    if not checkpoint:
+        raise MedpeftError(f"{_trial_name(row)}: no checkpoint recorded (status {row['status']})")
+    if "://" in str(checkpoint):
+        raise MedpeftError(f"{checkpoint}: the checkpoint is in remote storage; copy the folder to this machine "
+                           "and export from there")
+    folder = Path(checkpoint)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise MedpeftError(f"{folder}: the trial's checkpoint folder is missing or has no {WEIGHTS_FILE}")
+    return folder
+
+
+def _num_classes(folder: Path, family: str, state: dict[str, Any]) -> int:
+    """Classes of the trained head: from its weight's shape, else from the state's per-class AUROCs."""
+    from safetensors import safe_open
+
+    head = "head.weight" if family == "vit" else "fc.weight"
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+        if head in weights.keys():
+            return int(weights.get_slice(head).get_shape()[0])
+    per_class = state.get("val_auroc_per_class") or {}
+    if per_class:
+        return len(per_class)
+    raise MedpeftError(f"{folder}: cannot tell the number of classes (no {head} and no per-class AUROCs)")
+
+
+def export_adapter(row: Mapping[str, Any], directory: str | Path, metric: str = "val_auroc") -> AdapterExport:
+    """Writes the trial's trained adapter to ``directory``.
+
+    Always: ``trainable.safetensors`` and ``state.json`` (the checkpoint), ``config.yaml`` (the
+    trial's config) and ``export.json`` (what was written, classes, how to load it). For peft
+    methods: ``peft/`` in peft's adapter format. For mergeable methods: ``model.safetensors``,
+    the state dict of the merged timm model (``build_backbone(backbone, num_classes, image_size)``
+    loads it strictly).
+    """
+    from medpeft_ray.methods import get_method
+
+    config = trial_config(row)
+    source = _checkpoint_folder(row)
+    out = Path(directory)
+    if out.resolve() == source.resolve():
+        raise MedpeftError(f"{out}: is the checkpoint itself; export to another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    result = AdapterExport(out)
+    for name in (WEIGHTS_FILE, STATE_FILE):
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+            result.files.append(name)
+    if (source / PEFT_DIR).is_dir():
+        shutil.copytree(source / PEFT_DIR, out / PEFT_DIR, dirs_exist_ok=True)
+        result.files.append(PEFT_DIR + "/")
+        result.peft = True
+    write_best_yaml(row, out / CONFIG_FILE, metric)
+    result.files.append(CONFIG_FILE)
+
+    state = json.loads((source / STATE_FILE).read_text()) if (source / STATE_FILE).is_file() else {}
+    result.class_names = list(state.get("val_auroc_per_class") or {})
+    result.num_classes = _num_classes(source, config.family, state)
+    spec = get_method(config.method.name)
+    if spec.merge is not None:
+        _write_merged(config, source, out / MERGED_FILE, result.num_classes)
+        result.files.append(MERGED_FILE)
+        result.merged = True
+    else:
+        result.note = f"{config.method.name} adds computation that cannot be folded into the backbone: no merged model"
+    manifest = {
+        "experiment": row["experiment"], "trial_id": row["trial_id"], "method": config.method.name,
+        "backbone": config.model.backbone, "image_size": config.dataset.image_size,
+        "num_classes": result.num_classes, "class_names": result.class_names, "metric": metric,
+        "value": row.get(metric), "files": result.files, "merged": result.merged, "peft": result.peft,
+        "source": str(source),
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str))
+    result.files.append(MANIFEST_FILE)
+    return result
+
+
+def _write_merged(config: Any, source: Path, target: Path, num_classes: int) -> None:
+    """Rebuilds the tuned model from the pre-trained weights and the checkpoint, merges, saves."""
+    import torch
+    from safetensors.torch import save_file
+
+    from medpeft_ray.methods import merge_method, prepare_model
+    from medpeft_ray.models import build_backbone
+    from medpeft_ray.train.checkpoint import load_checkpoint_into
+
+    pretrained = config.model.checkpoint
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise MedpeftError(f"{pretrained}: the trial's pre-trained weights (model.checkpoint) are not on this "
+                           "machine; the merged model is built from them")
+    # the trial seeded torch right before building its backbone: frozen weights that were not
+    # pre-trained (and frozen random projections) are the same draw here
+    torch.manual_seed(config.train.seed)
+    model = build_backbone(config.model.backbone, num_classes, config.dataset.image_size, checkpoint=pretrained,
+                           drop_path=config.train.drop_path)
+    model = prepare_model(model, config.method.name, config.method.options, config.family)
+    try:
+        load_checkpoint_into(source, model)
+    except ValueError as exc:
+        raise MedpeftError(f"{source}: does not fit the trial's model ({exc})") from None
+    model.eval()
+    with torch.no_grad():
+        merged = merge_method(model, config.method.name)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in merged.state_dict().items()}
+    metadata = {"backbone": config.model.backbone, "num_classes": str(num_classes),
+                "image_size": str(config.dataset.image_size)}
+    save_file(state, str(target), metadata=metadata)

@@ -1,0 +1,393 @@
+"""A self-contained HTML report of one or more experiments, with PNG figures made by matplotlib.
+
+``write_report(store, ["exp"], "report/")`` writes ``report/index.html`` (figures embedded as
+data URIs, so the file alone opens anywhere; no script, font or stylesheet from the network) and
+the same figures as PNG files beside it:
+
+- ``metric_vs_ratio.png``: the best metric of each method against the label ratio;
+- ``pareto.png``: metric against trainable parameters, the Pareto front per (dataset, ratio);
+- ``progress.png``: best-so-far metric against cumulative trial time, per study;
+- ``importance.png``: how strongly each searched hyperparameter goes with the metric.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from medpeft_ray.errors import MedpeftError
+from medpeft_ray.leaderboard import views
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from medpeft_ray.leaderboard.store import LeaderboardStore
+
+INDEX_FILE = "index.html"
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+@dataclass
+class FigureResult:
+    """One figure of the report: its file (None when there was nothing to draw) and captions."""
+
+    name: str
+    title: str
+    caption: str
+    png: bytes | None
+    missing: str = ""
+
+
+def report_rows(store: "LeaderboardStore", experiments: Sequence[str]) -> "pd.DataFrame":
+    """The rows of ``experiments``; raises naming any experiment the store does not have."""
+    if not experiments:
+        raise MedpeftError("name at least one experiment to report on")
+    known = store.experiments()
+    missing = [e for e in experiments if e not in known]
+    if missing:
+        has = f"it has: {', '.join(known)}" if known else "it is empty; run `medpeft-ray search` first"
+        raise MedpeftError(f"experiment {missing[0]!r} is not in the leaderboard {store.label} ({has})")
+    return store.query(experiment=list(experiments))
+
+
+def write_report(
+    store: "LeaderboardStore", experiments: Sequence[str], directory: str | Path, metric: str = "val_auroc"
+) -> Path:
+    """Writes the report of ``experiments`` to ``directory``; returns the path of ``index.html``."""
+    views.metric_mode(metric)
+    frame = report_rows(store, experiments)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = make_figures(frame, metric)
+    for figure in figures:
+        path = out / f"{figure.name}.png"
+        if figure.png is not None:
+            path.write_bytes(figure.png)
+        else:
+            path.unlink(missing_ok=True)  # a figure from an earlier report of this folder would mislead
+    index = out / INDEX_FILE
+    index.write_text(render_html(frame, list(experiments), figures, metric, store.label))
+    return index
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, Any]:
+    """One colour per method, the same in every figure."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    return {m: palette[i % len(palette)] for i, m in enumerate(sorted(set(methods)))}
+
+
+def _grid(count: int, width: float = 4.6, height: float = 3.6, ncols: int = 3) -> tuple["Figure", list[Any]]:
+    from matplotlib.figure import Figure  # the object API needs no pyplot and no display
+
+    ncols = max(1, min(ncols, count))
+    nrows = math.ceil(count / ncols)
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def _png(fig: "Figure") -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _ratio_axis(ax: Any, ratios: Sequence[float]) -> None:
+    ratios = sorted(set(ratios))
+    if len(ratios) > 1 and ratios[-1] / ratios[0] >= 5:
+        ax.set_xscale("log")
+    ax.set_xticks(ratios)
+    ax.set_xticklabels([f"{r * 100:g}%" for r in ratios])
+    ax.minorticks_off()
+
+
+def _parameter_axis(ax: Any, counts: "pd.Series") -> None:
+    """Log scale where the counts span a decade or more; short labels (20k, 1.5M) either way."""
+    from matplotlib.ticker import EngFormatter, NullFormatter
+
+    if counts.max() >= 10 * counts.min():
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
+def figure_metric_vs_ratio(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]) -> bytes | None:
+    """Best metric of each method against the label ratio, one panel per dataset."""
+    best = views.best_per_group(frame, ["dataset", "label_ratio", "method"], metric)
+    if best.empty:
+        return None
+    datasets = sorted(best["dataset"].unique())
+    fig, axes = _grid(len(datasets))
+    for ax, dataset in zip(axes, datasets):
+        rows = best[best["dataset"] == dataset]
+        for method, group in rows.groupby("method", sort=True):
+            group = group.sort_values("label_ratio")
+            ax.plot(group["label_ratio"], group[metric], marker="o", label=method, color=colors[method])
+        _ratio_axis(ax, rows["label_ratio"])
+        ax.set_title(dataset)
+        ax.set_xlabel("label ratio (share of training labels)")
+        ax.set_ylabel(f"best {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def figure_pareto(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]) -> bytes | None:
+    """Every trial's metric against its trainable parameters; the front joined, per (dataset, ratio)."""
+    rows = frame[frame[metric].notna() & frame["trainable_params"].notna()].copy()
+    if rows.empty:
+        return None
+    rows["front"] = views.pareto_mask(rows, metric)
+    groups = sorted(rows.groupby(["dataset", "label_ratio"]).groups)
+    fig, axes = _grid(len(groups))
+    for ax, (dataset, ratio) in zip(axes, groups):
+        group = rows[(rows["dataset"] == dataset) & (rows["label_ratio"] == ratio)]
+        for method, points in group.groupby("method", sort=True):
+            ax.scatter(points["trainable_params"].astype(float), points[metric], s=30, alpha=0.7,
+                       color=colors[method], edgecolors="none", label=method)
+        front = group[group["front"]].sort_values("trainable_params")
+        ax.step(front["trainable_params"].astype(float), front[metric], where="post", color="black",
+                linewidth=1, alpha=0.8, label="Pareto front")
+        ax.scatter(front["trainable_params"].astype(float), front[metric], s=90, facecolors="none",
+                   edgecolors="black", linewidths=1.2)
+        _parameter_axis(ax, group["trainable_params"].astype(float))
+        ax.set_title(f"{dataset} @ {ratio:g}")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def figure_progress(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]) -> bytes | None:
+    """Best-so-far metric against cumulative trial wall time, one line per study, a panel per dataset."""
+    steps = views.progress(frame, metric)
+    steps = steps[steps["best_so_far"].notna()]
+    if steps.empty:
+        return None
+    datasets = sorted(steps["dataset"].unique())
+    ratio_styles = {r: _LINESTYLES[i % len(_LINESTYLES)] for i, r in enumerate(sorted(steps["label_ratio"].unique()))}
+    fig, axes = _grid(len(datasets), width=6.4, ncols=2)
+    for ax, dataset in zip(axes, datasets):
+        rows = steps[steps["dataset"] == dataset]
+        # name the experiment only where one method ran in several experiments on this dataset
+        several_experiments = rows.groupby("method")["experiment"].nunique().max() > 1
+        for (experiment, method, _, ratio), study in rows.groupby(views.STUDY_COLUMNS, sort=True):
+            label = f"{method} @ {ratio:g}" + (f" ({experiment})" if several_experiments else "")
+            ax.step(study["compute_s"] / 60.0, study["best_so_far"], where="post", marker="o", markersize=3,
+                    color=colors[method], linestyle=ratio_styles[ratio], label=label)
+        ax.set_title(dataset)
+        ax.set_xlim(left=0)  # compute starts at zero: a short search is not stretched across the panel
+        ax.set_xlabel("cumulative trial wall time (minutes)")
+        ax.set_ylabel(f"best {metric} so far")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over, the lines
+    return _png(fig)
+
+
+def figure_importance(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]) -> bytes | None:
+    """Association of each searched hyperparameter with the metric, one panel per method."""
+    table = views.importance(frame, metric)
+    if table.empty:
+        return None
+    methods = sorted(table["method"].unique())
+    fig, axes = _grid(len(methods), width=4.6, height=max(1.8, 0.6 + 0.45 * table.groupby("method").size().max()))
+    for ax, method in zip(axes, methods):
+        rows = table[table["method"] == method].iloc[::-1]
+        labels = [f"{p} ({'+' if s > 0 else '-'})" if k == "numeric" else p
+                  for p, k, s in zip(rows["parameter"], rows["kind"], rows["spearman"])]
+        ax.barh(labels, rows["association"], color=colors[method])
+        ax.set_xlim(0, 1)
+        ax.set_title(method)
+        ax.set_xlabel(f"association with {metric} rank")
+        ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+_FIGURES: list[tuple[str, str, str, Callable[..., bytes | None], str]] = [
+    ("metric_vs_ratio", "Metric against label ratio",
+     "Best {metric} of each method at each label ratio (the data-regime view).", figure_metric_vs_ratio,
+     "no trial has a {metric}"),
+    ("pareto", "Metric against trainable parameters",
+     "Every trial; outlined points and the black line are the Pareto front of each (dataset, label ratio): "
+     "no other trial there has at least as high a {metric} with at most as many trainable parameters.",
+     figure_pareto, "no trial has both a {metric} and a parameter count"),
+    ("progress", "Search progress",
+     "Best {metric} so far against the summed wall time of the study's finished trials "
+     "(line style: label ratio).", figure_progress, "no trial has a {metric}"),
+    ("importance", "Hyperparameter importance",
+     "Per method: |Spearman correlation| (numeric; sign in brackets: + means larger did better) or "
+     "correlation ratio (categorical) between a hyperparameter and the trial's {metric} rank within "
+     "its (dataset, label ratio).", figure_importance,
+     "needs at least 3 trials of a method in which a hyperparameter took different values"),
+]
+
+
+def make_figures(frame: "pd.DataFrame", metric: str) -> list[FigureResult]:
+    """Every figure of the report, drawn from the rows of ``frame``."""
+    colors = method_colors(frame["method"].unique().tolist()) if len(frame) else {}
+    results = []
+    for name, title, caption, draw, missing in _FIGURES:
+        png = draw(frame, metric, colors) if len(frame) else None
+        results.append(FigureResult(name, title, caption.format(metric=metric), png, missing.format(metric=metric)))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# HTML
+# ------------------------------------------------------------------------------------------------
+
+_STYLE = """
+body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; margin: 24px auto;
+       max-width: 1320px; padding: 0 16px; color: #1d2430; background: #fff; }
+h1 { font-size: 24px; margin-bottom: 4px; } h2 { font-size: 19px; margin-top: 32px; border-bottom: 1px solid #dde2ea; }
+.meta { color: #5a6473; font-size: 13px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+th, td { border: 1px solid #dde2ea; padding: 4px 8px; text-align: right; }
+th { background: #f3f5f9; } td.name, th.name { text-align: left; }
+td.best { font-weight: 700; background: #eaf5ea; } .rank { color: #7a8494; font-size: 11px; }
+figure { margin: 12px 0 24px; } figure img { max-width: 100%; border: 1px solid #eef0f4; }
+figcaption { color: #5a6473; font-size: 13px; margin-top: 4px; } .missing { color: #a05a00; }
+code { font-size: 12px; }
+"""
+
+
+def _missing(value: Any) -> bool:
+    """None, NaN or pandas' NA."""
+    import pandas as pd
+
+    return value is None or bool(pd.isna(value))
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if _missing(value):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def comparison_html(frame: "pd.DataFrame", metric: str) -> str:
+    """The methods-by-(dataset, ratio) table: best value per cell (bold: best in its column), rank, mean rank."""
+    table = views.compare(frame, metric=metric)
+    if table.empty:
+        return f'<p class="missing">No trial has a {html.escape(metric)} yet.</p>'
+    cells = [c for c in table.columns if c != "mean_rank"]
+    ranks = table[cells].rank(axis=0, ascending=views.metric_mode(metric) == "min", method="average")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells)
+    lines = [f'<table class="compare"><tr><th class="name">method</th>{head}<th>mean rank</th></tr>']
+    for method, row in table.iterrows():
+        tds = []
+        for column in cells:
+            value, rank = row[column], ranks.at[method, column]
+            if isinstance(value, float) and math.isnan(value):
+                tds.append("<td>–</td>")
+                continue
+            css = ' class="best"' if rank == ranks[column].min() else ""
+            tds.append(f'<td{css}>{value:.4f} <span class="rank">({rank:g})</span></td>')
+        lines.append(f'<tr><td class="name">{html.escape(str(method))}</td>{"".join(tds)}'
+                     f"<td>{row['mean_rank']:.2f}</td></tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def best_configs_html(frame: "pd.DataFrame", metric: str) -> str:
+    """The best trial of each (dataset, label ratio, method): its value, cost and hyperparameters."""
+    best = views.best_per_group(frame, ["dataset", "label_ratio", "method"], metric)
+    if best.empty:
+        return '<p class="missing">No trial to show.</p>'
+    lowest_first = views.metric_mode(metric) == "min"
+    best = best.sort_values(["dataset", "label_ratio", metric], ascending=[True, True, lowest_first])
+    header = ["dataset", "label ratio", "method", "backbone", metric, "trainable params", "epochs", "wall time",
+              "hyperparameters", "trial"]
+    lines = ["<table><tr>" + "".join(f'<th class="name">{h}</th>' if h in ("dataset", "method", "backbone",
+             "hyperparameters", "trial") else f"<th>{h}</th>" for h in header) + "</tr>"]
+    for row in best.to_dict(orient="records"):
+        trainable = "–"
+        if not _missing(row["trainable_params"]):
+            share = "" if _missing(row["total_params"]) or not row["total_params"] else \
+                f" ({100.0 * int(row['trainable_params']) / int(row['total_params']):.2g}%)"
+            trainable = f"{int(row['trainable_params']):,}{share}"
+        wall = "–" if _missing(row["wall_time_s"]) else f"{row['wall_time_s']:.0f} s"
+        epochs = "–" if _missing(row["epochs_run"]) else f"{_fmt(row['best_epoch'])} / {row['epochs_run']}"
+        cells = [
+            ("name", row["dataset"]), ("", f"{row['label_ratio']:g}"), ("name", row["method"]),
+            ("name", row["backbone"]), ("", _fmt(row[metric])), ("", trainable), ("", epochs), ("", wall),
+            ("name", _params_text(row["params"])), ("name", f"{row['experiment']} / {row['trial_id']}"),
+        ]
+        lines.append("<tr>" + "".join(f'<td class="{c}">{html.escape(str(v))}</td>' if c else
+                                      f"<td>{html.escape(str(v))}</td>" for c, v in cells) + "</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def failures_html(frame: "pd.DataFrame") -> str:
+    failed = frame[frame["status"] == "failed"]
+    if failed.empty:
+        return ""
+    lines = ["<h2>Failed trials</h2>", '<table><tr><th class="name">trial</th><th class="name">method</th>'
+             '<th>label ratio</th><th class="name">error</th></tr>']
+    for row in failed.to_dict(orient="records"):
+        lines.append(f'<tr><td class="name">{html.escape(row["experiment"])} / {html.escape(row["trial_id"])}</td>'
+                     f'<td class="name">{html.escape(row["method"])}</td><td>{row["label_ratio"]:g}</td>'
+                     f'<td class="name">{html.escape(row["error"] or "")}</td></tr>')
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def render_html(
+    frame: "pd.DataFrame", experiments: list[str], figures: list[FigureResult], metric: str, source: str
+) -> str:
+    """The whole report page; images are embedded, nothing is fetched from the network."""
+    statuses = frame["status"].value_counts().to_dict()
+    counts = ", ".join(f"{statuses.get(s, 0)} {s}" for s in ("completed", "stopped", "failed"))
+    names = ", ".join(experiments)
+    datasets = ", ".join(sorted(frame["dataset"].unique()))
+    methods = ", ".join(sorted(frame["method"].unique()))
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>medpeft-ray report: {html.escape(names)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>medpeft-ray report: {html.escape(names)}</h1>",
+        f'<p class="meta">{len(frame)} trials ({counts}); datasets: {html.escape(datasets)}; '
+        f"methods: {html.escape(methods)}; metric: {html.escape(metric)}<br>"
+        f"leaderboard: <code>{html.escape(source)}</code>; generated {generated}</p>",
+        "<h2>Methods compared</h2>",
+        f'<p class="meta">Best {html.escape(metric)} of each method per (dataset, label ratio), its rank in the column '
+        "in brackets (1 is best, ties share the mean rank), bold: best in the column; mean rank over the columns "
+        "where the method has a value.</p>",
+        comparison_html(frame, metric),
+    ]
+    for figure in figures:
+        parts.append(f"<h2>{html.escape(figure.title)}</h2>")
+        if figure.png is None:
+            parts.append(f'<p class="missing">No figure: {html.escape(figure.missing)}.</p>')
+            continue
+        data = base64.b64encode(figure.png).decode("ascii")
+        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure.title)}">'
+                     f"<figcaption>{html.escape(figure.caption)} ({figure.name}.png)</figcaption></figure>")
+    parts += ["<h2>Best configuration per study</h2>", best_configs_html(frame, metric), failures_html(frame),
+              "</body></html>"]
+    return "\n".join(p for p in parts if p)

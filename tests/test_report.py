@@ -1,0 +1,272 @@
+"""The HTML report: its files and tables from known rows, a screenshot of it in headless Chromium,
+and a report (plus best config and adapter export) from a real two-method, two-ratio search."""
+
+from __future__ import annotations
+
+import base64
+import io
+import multiprocessing
+import re
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+from conftest import tiny_search
+from PIL import Image
+
+from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
+from medpeft_ray.leaderboard.report import write_report
+
+FIGURES = ("metric_vs_ratio", "pareto", "progress", "importance")
+#: matplotlib's first two default colours (tab10 blue and orange): the first two methods' colour
+TAB_BLUE, TAB_ORANGE = (31, 119, 180), (255, 127, 14)
+
+
+def trial(
+    trial_id: str, method: str, label_ratio: float, val_auroc: float | None, lr: float, **overrides: Any
+) -> TrialRecord:
+    values: dict[str, Any] = dict(
+        experiment=f"{method}-search",
+        trial_id=trial_id,
+        dataset="synthetic",
+        label_ratio=label_ratio,
+        method=method,
+        backbone="vit_tiny_patch16_224",
+        status="completed" if val_auroc is not None else "failed",
+        config={},
+        params={"lr": lr},
+        val_auroc=val_auroc,
+        val_loss=None,
+        best_epoch=2,
+        epochs_run=3,
+        trainable_params={"lora": 20_000, "bitfit": 5_000}[method],
+        total_params=5_500_000,
+        wall_time_s=30.0,
+    )
+    values.update(overrides)
+    return TrialRecord(**values)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LeaderboardStore]:
+    store = LeaderboardStore(f"sqlite:///{tmp_path / 'leaderboard.db'}")
+    rows = [
+        trial("l1", "lora", 0.1, 0.70, 1e-4),
+        trial("l2", "lora", 0.1, 0.75, 1e-3),
+        trial("l3", "lora", 0.1, 0.78, 3e-3),
+        trial("l4", "lora", 1.0, 0.85, 1e-4),
+        trial("l5", "lora", 1.0, 0.88, 1e-3),
+        trial("l6", "lora", 1.0, None, 5e-2, error="training loss is nan"),
+        trial("b1", "bitfit", 0.1, 0.72, 1e-3),
+        trial("b2", "bitfit", 0.1, 0.81, 1e-2),
+        trial("b3", "bitfit", 0.1, 0.66, 1e-4),
+        trial("b4", "bitfit", 1.0, 0.84, 1e-3),
+        trial("b5", "bitfit", 1.0, 0.80, 1e-4, status="stopped", epochs_run=1),
+    ]
+    for row in rows:
+        store.record(row)
+    yield store
+    store.engine.dispose()
+
+
+def test_report_files_tables_and_no_network(store: LeaderboardStore, tmp_path: Path) -> None:
+    index = write_report(store, ["lora-search", "bitfit-search"], tmp_path / "report")
+    page = index.read_text()
+    for name in FIGURES:
+        png = (tmp_path / "report" / f"{name}.png").read_bytes()
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 150, name
+        # the page embeds the same image, so index.html alone shows everything
+        assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page, name
+    # nothing is fetched from the network: no remote URL, script, stylesheet link or font import
+    assert not re.search(r"https?://|<script|<link|@import|url\(", page)
+    # comparison: at 0.1 bitfit 0.81 beats lora 0.78; at 1 lora 0.88 beats bitfit 0.84 -> both mean rank 1.5
+    table = page[page.index('<table class="compare">') : page.index("</table>")]
+    rows = re.findall(r"<tr>(.*?)</tr>", table)
+    assert re.findall(r"<th[^>]*>(.*?)</th>", rows[0]) == ["method", "synthetic @ 0.1", "synthetic @ 1", "mean rank"]
+    cells = {re.search(r'"name">(\w+)<', r).group(1): re.findall(r"<td[^>]*>([^<]*)", r)[1:] for r in rows[1:]}
+    assert cells == {"bitfit": ["0.8100 ", "0.8400 ", "1.50"], "lora": ["0.7800 ", "0.8800 ", "1.50"]}
+    assert '<td class="best">0.8100 <span class="rank">(1)</span></td>' in table
+    assert '<td class="best">0.8800 <span class="rank">(1)</span></td>' in table
+    assert '<td>0.7800 <span class="rank">(2)</span></td>' in table
+    assert "11 trials (9 completed, 1 stopped, 1 failed)" in page
+    assert "training loss is nan" in page and "lr=0.003" in page
+
+
+def test_report_of_failed_trials_only_says_why_figures_are_missing(tmp_path: Path) -> None:
+    store = LeaderboardStore(f"sqlite:///{tmp_path / 'leaderboard.db'}")
+    store.record(trial("x", "lora", 0.1, None, 1e-3, error="out of memory"))
+    page = write_report(store, ["lora-search"], tmp_path / "report").read_text()
+    assert "No trial has a val_auroc yet." in page
+    assert page.count('<p class="missing">No figure:') == 4
+    assert "No figure: no trial has a val_auroc." in page
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["index.html"]
+    store.engine.dispose()
+
+
+# ----------------------------------------------------------------------------------------------
+# In a browser
+# ----------------------------------------------------------------------------------------------
+
+WINDOW = (1400, 2000)
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def screenshot(page: Path, target: Path) -> Image.Image:
+    """A headless Chromium screenshot of ``page`` (file://, no network, a throw-away profile)."""
+    binary = chromium()
+    if binary is None:
+        pytest.skip("no chromium binary on PATH (.ci/run installs one with apt-get where it can)")
+    with tempfile.TemporaryDirectory(prefix="medpeft-chromium-") as profile:
+        subprocess.run(
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                f"--screenshot={target}",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}",
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+    assert target.is_file(), "chromium wrote no screenshot"
+    return Image.open(target).convert("RGB")
+
+
+def colour_share(image: Image.Image, colour: tuple[int, int, int], tolerance: int = 40) -> float:
+    """The share of pixels within ``tolerance`` (per channel) of ``colour``."""
+    pixels = np.asarray(image, dtype=np.int16)
+    return float((np.abs(pixels - np.array(colour)) <= tolerance).all(axis=-1).mean())
+
+
+def check_screenshot(image: Image.Image) -> None:
+    assert image.size == WINDOW
+    # not blank: a real share of the page is text, tables and plots
+    dark = float((np.asarray(image.convert("L")) < 200).mean())
+    assert dark > 0.01, f"only {dark:.1%} of the page is drawn"
+    # the figures were decoded and drawn: the two methods' plot colours are on screen (a line
+    # and a few markers are some hundreds of pixels of 2.8 million)
+    for colour in (TAB_BLUE, TAB_ORANGE):
+        assert colour_share(image, colour) > 1e-4, f"no figure in {colour} on the page"
+
+
+def test_report_screenshot_in_headless_chromium(store: LeaderboardStore, tmp_path: Path) -> None:
+    index = write_report(store, ["lora-search", "bitfit-search"], tmp_path / "report")
+    check_screenshot(screenshot(index, tmp_path / "report.png"))
+
+
+def test_blank_page_fails_the_screenshot_check(tmp_path: Path) -> None:
+    page = tmp_path / "blank.html"
+    page.write_text("<!DOCTYPE html><html><body></body></html>")
+    with pytest.raises(AssertionError, match="of the page is drawn"):
+        check_screenshot(screenshot(page, tmp_path / "blank.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# From a real search: two methods, two label ratios, one trial each
+# ----------------------------------------------------------------------------------------------
+
+
+def _search(method: str, options: dict[str, Any], results: str, address: str) -> None:
+    """One search of ``method`` at label ratios 0.5 and 1 (one 1-epoch trial each), as its own driver."""
+    from medpeft_ray.config import validate_search_dict
+    from medpeft_ray.search.runner import run_search
+
+    raw = tiny_search(
+        experiment=f"tiny-{method}",
+        method={"name": method, "options": options},
+        dataset={"label_ratios": [0.5, 1.0]},
+        train={"epochs": 1},
+        search={"num_samples": 1, "seed": 0, "scheduler": {"type": "none"}},
+    )
+    run_search(validate_search_dict(raw, f"tiny-{method}.yaml"), results=results, address=address)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: Path) -> None:
+    import ray
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from medpeft_ray.config import TrialConfig
+    from medpeft_ray.data import load_splits
+    from medpeft_ray.leaderboard.export import export_adapter, write_best_yaml
+    from medpeft_ray.leaderboard.views import cell_label
+    from medpeft_ray.models import build_backbone
+    from medpeft_ray.train.engine import Batches
+    from medpeft_ray.train.metrics import mean_auroc
+
+    results = tmp_path / "results"
+    address = ray.get_runtime_context().gcs_address
+    # two searches at once, each its own driver process on the same cluster, writing one store
+    # (as two teammates' searches would); their trials' start-up overlaps
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        searches = [
+            pool.submit(_search, method, options, str(results), address)
+            for method, options in (("lora", {"rank": 2}), ("bitfit", {}))
+        ]
+        for search in searches:
+            search.result()
+    store = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}", create=False)
+    rows = store.query()
+    assert len(rows) == 4 and set(rows["status"]) == {"completed"}, rows[["method", "status", "error"]]
+
+    # the comparison table holds each (method, ratio)'s trial; with two methods a rank is 1, 2 or 1.5 (a tie)
+    table = store.compare()
+    value = {(row.method, row.label_ratio): row.val_auroc for row in rows.itertuples()}
+    for method, other in (("lora", "bitfit"), ("bitfit", "lora")):
+        ranks = []
+        for ratio in (0.5, 1.0):
+            assert table.loc[method, cell_label("synthetic", ratio)] == value[method, ratio]
+            mine, theirs = value[method, ratio], value[other, ratio]
+            ranks.append(1.0 if mine > theirs else 2.0 if mine < theirs else 1.5)
+        assert table.loc[method, "mean_rank"] == sum(ranks) / 2
+
+    index = write_report(store, ["tiny-lora", "tiny-bitfit"], tmp_path / "report")
+    assert all((tmp_path / "report" / f"{name}.png").is_file() for name in ("metric_vs_ratio", "pareto", "progress"))
+    if chromium() is not None:  # without a browser the rest of this test still runs
+        check_screenshot(screenshot(index, tmp_path / "report.png"))
+
+    # best.yaml is the trial's own config
+    best = store.best(dataset="synthetic", label_ratio=1.0, method="lora").iloc[0].to_dict()
+    path = write_best_yaml(best, tmp_path / "best.yaml")
+    assert TrialConfig.model_validate(yaml.safe_load(path.read_text())).model_dump(mode="json") == best["config"]
+
+    # the merged export of the real checkpoint scores the validation split as the trial did
+    exported = export_adapter(best, tmp_path / "adapter")
+    assert exported.peft and exported.merged and exported.num_classes == 3
+    config = TrialConfig.model_validate(best["config"])
+    model = build_backbone(config.model.backbone, 3, config.dataset.image_size)
+    model.load_state_dict(load_file(str(tmp_path / "adapter" / "model.safetensors")), strict=True)
+    ds = config.dataset
+    splits = load_splits(ds.name, ds.root, ds.image_size, ds.options, ds.seed)
+    x, y = Batches(splits.val.images, splits.val.labels, torch.device("cpu"), config.model.mean, config.model.std).get(
+        torch.arange(len(splits.val)), torch.float32, None
+    )
+    with torch.no_grad():
+        scores = model.eval()(x).numpy()
+    assert mean_auroc(y.numpy(), scores)[0] == pytest.approx(best["val_auroc"], abs=1e-4)
+    store.engine.dispose()
