@@ -83,3 +83,29 @@ def load_shipped_space(path: Path, tmp_path: Path) -> Any:
         raw["model"]["checkpoint"] = str(tmp_path / "weights.pth")
         torch.save({"model": {}}, tmp_path / "weights.pth")
     return validate_search_dict(raw, path.name, path.parent)
+
+
+def leaderboard_row(trial_id: str, method: str, label_ratio: float, val_auroc: float | None, **overrides: Any) -> Any:
+    """A leaderboard row for store tests: a completed trial, or a failed one when ``val_auroc`` is None."""
+    from medpeft_ray.leaderboard import TrialRecord
+
+    values: dict[str, Any] = dict(
+        experiment=f"{method}-search", trial_id=trial_id, dataset="synthetic", label_ratio=label_ratio, method=method,
+        backbone="vit_tiny_patch16_224", status="completed" if val_auroc is not None else "failed",
+        config={"method": {"name": method}}, params={}, val_auroc=val_auroc,
+        val_loss=None if val_auroc is None else 1.0 - val_auroc, best_epoch=1, epochs_run=1,
+        trainable_params=1000, total_params=5_000_000, wall_time_s=10.0,
+    )
+    values.update(overrides)
+    return TrialRecord(**values)
+
+
+def fill_results(results: Path, *records: Any) -> Path:
+    """Writes ``records`` to the leaderboard of the results folder ``results``."""
+    from medpeft_ray.leaderboard import LeaderboardStore
+
+    store = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}")
+    for record in records:
+        store.record(record)
+    store.engine.dispose()
+    return results

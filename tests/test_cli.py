@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import fill_results
 from typer.testing import CliRunner
 
 from medpeft_ray.cli import app
-from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
+from medpeft_ray.leaderboard import TrialRecord
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_YAML = REPO / "search_spaces" / "lora.yaml"
@@ -70,12 +71,7 @@ def record(trial_id: str, **overrides: Any) -> TrialRecord:
     return TrialRecord(**values)
 
 
-def fill(results: Path, *records: TrialRecord) -> Path:
-    store = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}")
-    for r in records:
-        store.record(r)
-    store.engine.dispose()
-    return results
+fill = fill_results
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import tiny_search
+from conftest import fill_results, leaderboard_row, tiny_search
 from typer.testing import CliRunner
 
 from medpeft_ray.cli import app
@@ -36,34 +36,13 @@ def trial_config(method: str, label_ratio: float, lr: float) -> dict[str, Any]:
 
 def trial(trial_id: str, method: str, label_ratio: float, val_auroc: float | None, **overrides: Any) -> TrialRecord:
     lr = overrides.pop("lr", 0.003)
-    values: dict[str, Any] = dict(
-        experiment="search",
-        trial_id=trial_id,
-        dataset="synthetic",
-        label_ratio=label_ratio,
-        method=method,
-        backbone="vit_tiny_patch16_224",
-        status="completed" if val_auroc is not None else "failed",
-        config=trial_config(method, label_ratio, lr),
-        params={"lr": lr},
-        val_auroc=val_auroc,
-        val_loss=None if val_auroc is None else round(1 - val_auroc, 6),
-        best_epoch=1,
-        epochs_run=1,
-        trainable_params={"lora": 2000, "bitfit": 500}[method],
-        total_params=5_000_000,
-        wall_time_s=20.0,
-    )
-    values.update(overrides)
-    return TrialRecord(**values)
+    values = dict(experiment="search", config=trial_config(method, label_ratio, lr), params={"lr": lr},
+                  val_loss=None if val_auroc is None else round(1 - val_auroc, 6),
+                  trainable_params={"lora": 2000, "bitfit": 500}[method], wall_time_s=20.0)
+    return leaderboard_row(trial_id, method, label_ratio, val_auroc, **{**values, **overrides})
 
 
-def fill(results: Path, *records: TrialRecord) -> Path:
-    store = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}")
-    for record in records:
-        store.record(record)
-    store.engine.dispose()
-    return results
+fill = fill_results
 
 
 @pytest.fixture

@@ -9,32 +9,14 @@ from typing import Any, Iterator
 
 import pandas as pd
 import pytest
+from conftest import leaderboard_row
 
 from medpeft_ray.errors import MedpeftError, UsageError
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord, views
 
 
 def trial(trial_id: str, method: str, label_ratio: float, val_auroc: float | None, **overrides: Any) -> TrialRecord:
-    values: dict[str, Any] = dict(
-        experiment=f"{method}-search",
-        trial_id=trial_id,
-        dataset="synthetic",
-        label_ratio=label_ratio,
-        method=method,
-        backbone="vit_tiny_patch16_224",
-        status="completed" if val_auroc is not None else "failed",
-        config={"method": {"name": method}},
-        params={},
-        val_auroc=val_auroc,
-        val_loss=None if val_auroc is None else 1.0 - val_auroc,
-        best_epoch=1,
-        epochs_run=2,
-        trainable_params=1000,
-        total_params=5_000_000,
-        wall_time_s=10.0,
-    )
-    values.update(overrides)
-    return TrialRecord(**values)
+    return leaderboard_row(trial_id, method, label_ratio, val_auroc, **{"epochs_run": 2, **overrides})
 
 
 @pytest.fixture

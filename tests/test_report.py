@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from conftest import tiny_search
+from conftest import leaderboard_row, tiny_search
 from PIL import Image
 
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
@@ -30,26 +30,9 @@ TAB_BLUE, TAB_ORANGE = (31, 119, 180), (255, 127, 14)
 def trial(
     trial_id: str, method: str, label_ratio: float, val_auroc: float | None, lr: float, **overrides: Any
 ) -> TrialRecord:
-    values: dict[str, Any] = dict(
-        experiment=f"{method}-search",
-        trial_id=trial_id,
-        dataset="synthetic",
-        label_ratio=label_ratio,
-        method=method,
-        backbone="vit_tiny_patch16_224",
-        status="completed" if val_auroc is not None else "failed",
-        config={},
-        params={"lr": lr},
-        val_auroc=val_auroc,
-        val_loss=None,
-        best_epoch=2,
-        epochs_run=3,
-        trainable_params={"lora": 20_000, "bitfit": 5_000}[method],
-        total_params=5_500_000,
-        wall_time_s=30.0,
-    )
-    values.update(overrides)
-    return TrialRecord(**values)
+    values = dict(config={}, params={"lr": lr}, val_loss=None, best_epoch=2, epochs_run=3,
+                  trainable_params={"lora": 20_000, "bitfit": 5_000}[method], total_params=5_500_000, wall_time_s=30.0)
+    return leaderboard_row(trial_id, method, label_ratio, val_auroc, **{**values, **overrides})
 
 
 @pytest.fixture
