@@ -47,12 +47,15 @@ def validate(space: Path = typer.Option(..., "--space", "-s", help="search-space
     except MedpeftError as exc:
         _fail(exc)
     dists = ", ".join(config.distributions())
-    console.print(f"{space}: ok ({config.method.name} on {config.model.backbone}; searching {dists})")
+    console.print(f"{space}: ok ({' | '.join(config.method.names)} on {config.model.backbone}; searching {dists})")
 
 
 @app.command()
 def search(
-    space: Path = typer.Option(..., "--space", "-s", help="search-space YAML (see search_spaces/)"),
+    space: Optional[Path] = typer.Option(None, "--space", "-s", help="search-space YAML (see search_spaces/)"),
+    resume: Optional[str] = typer.Option(
+        None, help="continue the interrupted search of this experiment name (in the same --results) instead"
+    ),
     address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto' inside a cluster); default: local Ray"),
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
@@ -62,14 +65,21 @@ def search(
     from medpeft_ray.config import load_search_config
 
     try:
-        config = load_search_config(space, experiment=experiment)
-        from medpeft_ray.search.runner import run_search
+        if (space is None) == (resume is None):
+            raise UsageError("give --space FILE for a new search, or --resume NAME to continue one (not both)")
+        if resume is not None and experiment is not None:
+            raise UsageError("--experiment names a new search; a resumed one keeps its name")
+        # a new search's YAML is validated before anything imports Ray
+        config = load_search_config(space, experiment=experiment) if space is not None else None
+        from medpeft_ray.search.runner import resumable_config, run_search
 
-        result = run_search(config, results=results, address=address, db_url=db, console=console)
+        config = config or resumable_config(str(resume), results)
+        result = run_search(config, results=results, address=address, db_url=db, console=console, resume=resume is not None)
     except MedpeftError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        err_console.print("interrupted: trials that finished are in the leaderboard")
+        err_console.print("interrupted: trials that finished are in the leaderboard; "
+                          "`medpeft-ray search --resume NAME` continues the search")
         raise typer.Exit(130)
     _print_search_summary(result)
 

@@ -72,15 +72,60 @@ class ModelConfig(_Strict):
         return name
 
 
+#: the searched parameter that chooses the method when ``method.name`` lists several
+METHOD_PARAM = "method"
+
+
 class MethodConfig(_Strict):
-    name: str = Field("lora", description="PEFT method (see `medpeft-ray methods`)")
-    options: dict[str, Any] = Field(default_factory=dict, description="fixed method options")
+    name: str | list[str] = Field(
+        "lora", description="PEFT method (see `medpeft-ray methods`), or a list of methods to choose among"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="fixed method options; with several methods, per method: {lora: {alpha: 32}}"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _names(cls, name: str | list[str]) -> str | list[str]:
+        if isinstance(name, list):
+            if not name:
+                raise ValueError("must name at least one method")
+            if len(set(name)) != len(name):
+                raise ValueError("lists a method twice")
+            if len(name) == 1:
+                return name[0]
+        return name
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name] if isinstance(self.name, str) else list(self.name)
+
+    @property
+    def is_choice(self) -> bool:
+        """Several methods: the method is itself a searched categorical (``method``)."""
+        return isinstance(self.name, list)
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        """The fixed options of ``method``."""
+        return dict(self.options.get(method) or {}) if self.is_choice else dict(self.options)
 
 
 class DeepSpeedConfig(_Strict):
-    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage")
+    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters")
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="keep optimizer state (and its step) in CPU memory; needs zero_stage >= 1"
+    )
+    offload_param: Literal["none", "cpu"] = Field("none", description="keep parameters in CPU memory; needs zero_stage 3")
     gradient_clipping: float = Field(1.0, ge=0, description="max gradient norm (0 = off)")
     gradient_accumulation_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer: needs zero_stage 1, 2 or 3 (ZeRO owns the state it offloads)")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("offload_param: needs zero_stage 3 (only stage 3 partitions parameters)")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -92,13 +137,22 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up, then cosine to min_lr")
     min_lr: float = Field(1e-6, ge=0)
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="layer-wise lr decay: block i of L trains at lr x decay^(L - i) (MAE recipe: 0.65)"
+    )
     drop_path: float = Field(0.0, ge=0, lt=1)
-    augment: Literal["crop_flip", "flip", "none"] = Field(
-        "crop_flip", description="random-resized crop (scale 0.6-1) + horizontal flip, flip only, or none"
+    augment: Literal["crop_flip", "randaug", "flip", "none"] = Field(
+        "crop_flip",
+        description="crop_flip: random-resized crop (scale 0.6-1) + horizontal flip (SGD recipe); randaug: that plus "
+        "RandAugment m9-mstd0.5 and random erasing 0.25 (AdamW/MAE recipe); flip only; or none",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     eval_batch_size: int = Field(128, ge=1)
     seed: int = Field(0, description="seed of initialisation, shuffling and augmentation")
+    deterministic: bool = Field(
+        False, description="deterministic kernels only (torch.use_deterministic_algorithms): same seed, same numbers, slower on GPU"
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="per trial: the best epochs' checkpoints kept in storage")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
     @model_validator(mode="after")
@@ -109,7 +163,7 @@ class TrainConfig(_Strict):
 
 
 #: ``train`` fields a ``space`` may search; anything else in ``space`` must be a method option.
-SEARCHABLE_TRAIN_FIELDS = ("lr", "weight_decay", "momentum", "warmup_epochs", "drop_path", "batch_size")
+SEARCHABLE_TRAIN_FIELDS = ("lr", "weight_decay", "momentum", "warmup_epochs", "layer_decay", "drop_path", "batch_size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,23 +210,78 @@ _DISTRIBUTIONS: dict[str, type[_Strict]] = {
 
 
 class SchedulerConfig(_Strict):
-    type: Literal["asha", "none"] = "asha"
+    type: Literal["asha", "hyperband", "median", "none"] = Field(
+        "asha",
+        description="asha: successive halving at epoch rungs; hyperband: asynchronous HyperBand (several ASHA "
+        "brackets of different aggressiveness); median: stop a trial below the median of others at the same epoch; none",
+    )
     grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
-    reduction_factor: float = Field(2.0, gt=1)
+    reduction_factor: float = Field(2.0, gt=1, description="asha/hyperband: 1/reduction_factor of trials go on at each rung")
+    brackets: int = Field(3, ge=1, description="hyperband: number of brackets")
+    min_samples: int = Field(3, ge=1, description="median: trials that must have reached an epoch before any is stopped there")
+
+
+class ConfirmConfig(_Strict):
+    """Re-training each study's best configurations with several seeds before one is chosen."""
+
+    top_k: int = Field(3, ge=1, description="the study's best configurations re-trained")
+    seeds: int = Field(3, ge=2, description="seeds each is trained with: train.seed, train.seed + 1, ...")
+
+
+class WarmStartConfig(_Strict):
+    """Seeding each study with configurations that did well before (tried first, then TPE goes on)."""
+
+    from_leaderboard: bool = Field(
+        False,
+        description="the best configs of this dataset and backbone at the same label ratio in earlier experiments, "
+        "and of this search's already searched (neighbouring) label ratios",
+    )
+    top_k: int = Field(2, ge=1, description="configurations taken from each source")
 
 
 class SearchSettings(_Strict):
     num_samples: int = Field(8, ge=1, description="trials per label ratio")
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["tpe", "random", "cmaes", "gp", "grid"] = Field(
+        "tpe", description="tpe (multivariate), random, cmaes, gp (Gaussian process), grid (every combination)"
+    )
     seed: int = 0
     metric: Literal["val_auroc", "val_loss"] = "val_auroc"
     mode: Literal["max", "min"] | None = Field(None, description="default: max for val_auroc, min for val_loss")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's free resources allow")
+    also_minimize: list[Literal["trainable_params", "train_time_s"]] = Field(
+        default_factory=list,
+        description="further objectives, minimised while the metric is optimised (multi-objective: Optuna keeps the "
+        "Pareto front); trainable_params, or train_time_s (seconds of training per worker: GPU-seconds on GPUs)",
+    )
+    time_budget_s: float | None = Field(
+        None, gt=0, description="wall time after which no new trial starts (split evenly over the label ratios)"
+    )
+    max_trials: int | None = Field(None, ge=1, description="trials over all label ratios (split evenly over them)")
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="configurations every study tries first, e.g. [{lr: 0.003, rank: 8}]"
+    )
+    warm_start: "WarmStartConfig" = Field(default_factory=lambda: WarmStartConfig())
+    confirm: ConfirmConfig | None = Field(
+        None, description="re-train the top_k configurations with several seeds and choose by their mean; test-score the choice"
+    )
 
     @property
     def resolved_mode(self) -> str:
         return self.mode or ("min" if self.metric == "val_loss" else "max")
+
+    @property
+    def objectives(self) -> tuple[list[str], list[str]]:
+        """(metrics, modes) Optuna optimises: the metric, then each ``also_minimize``."""
+        return [self.metric, *self.also_minimize], [self.resolved_mode, *["min"] * len(self.also_minimize)]
+
+    @model_validator(mode="after")
+    def _objectives(self) -> "SearchSettings":
+        if len(set(self.also_minimize)) != len(self.also_minimize):
+            raise ValueError("also_minimize: lists an objective twice")
+        if self.also_minimize and self.sampler == "cmaes":
+            raise ValueError("sampler: cmaes optimises one objective; use tpe, random, gp or grid with also_minimize")
+        return self
 
 
 #: Ray's own resources, which ``custom_per_worker`` must not name (they have keys or are not per worker).
@@ -232,26 +341,68 @@ class SearchConfig(_Strict):
         return name
 
     def distributions(self) -> dict[str, Distribution]:
-        """The searched hyperparameters as parsed distributions (call after validation)."""
-        return {name: _DISTRIBUTIONS[d["type"]].model_validate(d) for name, d in self.raw_space().items()}  # type: ignore[misc]
+        """The searched hyperparameters as parsed distributions (call after validation).
+
+        With several methods, ``method`` comes first: the other parameters depend on it.
+        """
+        parsed = {name: _DISTRIBUTIONS[d["type"]].model_validate(d) for name, d in self.raw_space().items()}
+        if self.method.is_choice:
+            return {METHOD_PARAM: CategoricalDistribution(type="categorical", choices=self.method.names), **parsed}  # type: ignore[dict-item]
+        return parsed  # type: ignore[return-value]
 
     def raw_space(self) -> dict[str, dict[str, Any]]:
-        """The YAML's ``space``, or else the method's default space less the options the YAML fixes."""
-        if self.space is not None:
-            return self.space
-        default = get_method(self.method.name).space_for(backbone_family(self.model.backbone) or "vit")
-        return {name: dist for name, dist in default.items() if name not in self.method.options}
+        """The searched parameters as raw distributions.
+
+        One method: the YAML's ``space``, or else the method's default space less the options the
+        YAML fixes. Several methods: each method's default space, its parameters named
+        ``<method>.<name>`` and searched only when that method is chosen, less fixed options; the
+        YAML's ``space`` adds to and overrides these, and an unprefixed name (``lr``) is one
+        parameter shared by all methods, replacing their own ranges of it.
+        """
+        family = backbone_family(self.model.backbone) or "vit"
+        if not self.method.is_choice:
+            if self.space is not None:
+                return self.space
+            default = get_method(self.method.name).space_for(family)
+            return {name: dist for name, dist in default.items() if name not in self.method.options}
+        space: dict[str, dict[str, Any]] = {}
+        for method in self.method.names:
+            fixed = self.method.options_for(method)
+            try:
+                default = get_method(method).space_for(family)
+            except KeyError:  # an unknown method: reported by validation
+                continue
+            space.update({f"{method}.{name}": dist for name, dist in default.items() if name not in fixed})
+        for name, dist in (self.space or {}).items():
+            if "." not in name:
+                for method in self.method.names:
+                    space.pop(f"{method}.{name}", None)
+            space[name] = dist
+        return space
+
+    def split_param(self, name: str) -> tuple[str | None, str]:
+        """(method, field) of a searched parameter's name; method is None for a shared one."""
+        scope, sep, field = name.partition(".")
+        if sep and self.method.is_choice and scope in self.method.names:
+            return scope, field
+        return None, name
 
     def trial_config(self, label_ratio: float, sampled: dict[str, Any]) -> "TrialConfig":
         """The complete configuration of one trial: the fixed settings with ``sampled`` applied."""
-        method_fields = get_method(self.method.name).options.model_fields
-        method_options = dict(self.method.options)
+        chosen = str(sampled.get(METHOD_PARAM, self.method.names[0]))
+        method_fields = get_method(chosen).options.model_fields
+        method_options = self.method.options_for(chosen)
         train = self.train.model_dump()
         for name, value in sampled.items():
-            if name in method_fields:
-                method_options[name] = value
-            elif name in SEARCHABLE_TRAIN_FIELDS:
-                train[name] = value
+            if name == METHOD_PARAM:
+                continue
+            scope, field = self.split_param(name)
+            if scope is not None and scope != chosen:
+                continue  # another method's parameter
+            if field in method_fields and (scope is not None or not self.method.is_choice):
+                method_options[field] = value
+            elif field in SEARCHABLE_TRAIN_FIELDS:
+                train[field] = value
             else:
                 raise KeyError(f"sampled parameter {name!r} is neither a method option nor a train field")
         return TrialConfig(
@@ -259,7 +410,7 @@ class SearchConfig(_Strict):
             label_ratio=label_ratio,
             dataset=self.dataset.model_copy(update={"label_ratios": [label_ratio]}),
             model=self.model,
-            method=MethodConfig(name=self.method.name, options=method_options),
+            method=MethodConfig(name=chosen, options=method_options),
             train=TrainConfig.model_validate(train),
         )
 
@@ -273,6 +424,13 @@ class TrialConfig(_Strict):
     model: ModelConfig
     method: MethodConfig
     train: TrainConfig
+
+    @field_validator("method")
+    @classmethod
+    def _one_method(cls, method: MethodConfig) -> MethodConfig:
+        if method.is_choice:
+            raise ValueError("name: a trial trains one method, not a list")
+        return method
 
     @property
     def family(self) -> str:
@@ -378,32 +536,72 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
         if not checkpoint.is_file():
             raise ConfigError("model.checkpoint", f"file not found: {checkpoint}")
 
-    # method: registered, applies to the backbone, valid options
-    try:
-        method_spec = get_method(config.method.name)
-    except KeyError as exc:
-        raise ConfigError("method.name", exc.args[0]) from None
+    # methods: registered, apply to the backbone, valid options
     family = backbone_family(config.model.backbone)
-    if family not in method_spec.families:
-        raise ConfigError(
-            "method.name",
-            f"{config.method.name!r} does not apply to {family} backbones like {config.model.backbone!r}"
-            f" (it applies to: {', '.join(sorted(method_spec.families))})",
-        )
-    method_options = parse_section(method_spec.options, config.method.options, "method.options")
-    _check_family(method_options, family, "method.options")
+    methods = config.method.names
+    if config.method.is_choice:
+        for name in config.method.options:
+            if name not in methods:
+                raise ConfigError(f"method.options.{name}", f"not one of the listed methods ({', '.join(methods)}); "
+                                  "with several methods, options are given per method: {lora: {alpha: 32}}")
+    specs: dict[str, Any] = {}
+    checked_options: dict[str, MethodOptions] = {}
+    for index, method in enumerate(methods):
+        name_key = f"method.name.{index}" if config.method.is_choice else "method.name"
+        options_key = f"method.options.{method}" if config.method.is_choice else "method.options"
+        try:
+            specs[method] = get_method(method)
+        except KeyError as exc:
+            raise ConfigError(name_key, exc.args[0]) from None
+        if family not in specs[method].families:
+            raise ConfigError(
+                name_key,
+                f"{method!r} does not apply to {family} backbones like {config.model.backbone!r}"
+                f" (it applies to: {', '.join(sorted(specs[method].families))})",
+            )
+        checked_options[method] = parse_section(specs[method].options, config.method.options_for(method), options_key)
+        _check_family(checked_options[method], family, options_key)
 
     # space: every searched name is a method option or a searchable train field, with valid bounds
-    space_key = "space" if config.space is not None else f"(default space of {config.method.name})"
-    raw_space = config.raw_space()
-    known = sorted(set(method_spec.options.model_fields) | set(SEARCHABLE_TRAIN_FIELDS))
-    for name, raw in raw_space.items():
+    space_key = "space" if config.space is not None else f"(default space of {', '.join(methods)})"
+    for name, raw in config.raw_space().items():
         key = f"{space_key}.{name}"
-        if name in config.method.options:
-            raise ConfigError(key, f"also fixed in method.options.{name}; search it or fix it, not both")
-        if name not in known:
-            raise ConfigError(key, f"not a searchable parameter{_did_you_mean(name, known)}; searchable: {', '.join(known)}")
-        _check_distribution(name, raw, key, method_spec.options, method_options.model_dump(), config, family)
+        scope, field = config.split_param(name)
+        method = scope or methods[0]
+        fixed = config.method.options_for(method)
+        if config.method.is_choice and scope is None:
+            known = sorted(SEARCHABLE_TRAIN_FIELDS)
+            if field in set().union(*(spec.options.model_fields for spec in specs.values())) and field not in known:
+                raise ConfigError(key, f"a method option: name the method it belongs to, e.g. {methods[0]}.{field}")
+        else:
+            known = sorted(set(specs[method].options.model_fields) | set(SEARCHABLE_TRAIN_FIELDS))
+        if field in fixed:
+            prefix = f"method.options.{method}" if config.method.is_choice else "method.options"
+            raise ConfigError(key, f"also fixed in {prefix}.{field}; search it or fix it, not both")
+        if field not in known:
+            raise ConfigError(key, f"not a searchable parameter{_did_you_mean(field, known)}; searchable: {', '.join(known)}")
+        _check_distribution(field, raw, key, specs[method].options, checked_options[method].model_dump(), config, family)
+
+    distributions = config.distributions()
+    for i, point in enumerate(config.search.points_to_evaluate):
+        for name, value in point.items():
+            key = f"search.points_to_evaluate.{i}.{name}"
+            if name not in distributions:
+                raise ConfigError(key, f"not a searched parameter{_did_you_mean(name, sorted(distributions))}")
+            if not distribution_contains(distributions[name], value):
+                raise ConfigError(key, f"{value!r} is outside the searched range of {name}")
+
+    if config.search.sampler == "grid":
+        if config.method.is_choice:
+            raise ConfigError("search.sampler", "a grid searches one method at a time (its spaces would be conditional)")
+        if config.search.points_to_evaluate or config.search.warm_start.from_leaderboard:
+            raise ConfigError("search.sampler", "a grid tries every point already; drop points_to_evaluate and warm_start")
+        size = math.prod(len(values) for values in grid_points(config.distributions(), space_key).values())
+        if config.search.num_samples != size:
+            raise ConfigError(
+                "search.num_samples",
+                f"the grid has {size} point(s) (the product of the searched choices); set num_samples to {size}",
+            )
 
     # resources and batch size
     for name in config.resources.custom_per_worker:
@@ -417,9 +615,16 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
         update={
             "dataset": config.dataset.model_copy(update={"root": root, "options": dataset_options}),
             "model": config.model.model_copy(update={"checkpoint": checkpoint}),
-            "method": config.method.model_copy(update={"options": method_options.model_dump(exclude_unset=True)}),
+            "method": config.method.model_copy(update={"options": _checked_options(config.method, checked_options)}),
         }
     )
+
+
+def _checked_options(method: MethodConfig, checked: dict[str, MethodOptions]) -> dict[str, Any]:
+    """The validated fixed options, in the YAML's layout (per method when there are several)."""
+    if method.is_choice:
+        return {name: checked[name].model_dump(exclude_unset=True) for name in method.names if method.options.get(name)}
+    return checked[method.names[0]].model_dump(exclude_unset=True)
 
 
 def _check_family(options: MethodOptions, family: str | None, prefix: str) -> None:
@@ -479,6 +684,35 @@ def _check_distribution(
             _check_batch_divisible(value, config, f"{key}.{where}")
 
 
+def distribution_contains(dist: Distribution, value: Any) -> bool:
+    """Whether ``value`` is a value ``dist`` can take (a warm-start point must be one)."""
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(dist, IntDistribution) and not float(value).is_integer():
+        return False
+    return dist.low <= value <= dist.high
+
+
+def grid_points(distributions: dict[str, Distribution], space_key: str = "space") -> dict[str, list[Any]]:
+    """Each searched parameter's grid values (``search.sampler: grid``); raises ConfigError for a continuous one."""
+    grid: dict[str, list[Any]] = {}
+    for name, dist in distributions.items():
+        if isinstance(dist, CategoricalDistribution):
+            grid[name] = list(dist.choices)
+        elif isinstance(dist, IntDistribution) and not dist.log:
+            grid[name] = list(range(dist.low, dist.high + 1, dist.step))
+        elif isinstance(dist, FloatDistribution) and dist.step is not None:
+            count = int(math.floor((dist.high - dist.low) / dist.step + 1e-9)) + 1
+            grid[name] = [round(dist.low + i * dist.step, 12) for i in range(count)]
+        else:
+            raise ConfigError(
+                f"{space_key}.{name}", "a grid needs listed values: use choices, or an int or float range with a step (not log)"
+            )
+    return grid
+
+
 def _check_batch_divisible(batch_size: int, config: SearchConfig, key: str) -> None:
     per_step = config.resources.workers_per_trial * config.train.deepspeed.gradient_accumulation_steps
     if batch_size % per_step:
@@ -505,17 +739,30 @@ def parse_section(model: type[BaseModel], raw: Any, prefix: str) -> Any:
         loc = [str(part) for part in error["loc"]]
         key = ".".join(p for p in [prefix, *loc] if p)
         if error["type"] == "extra_forbidden":
-            parent = model
-            for part in loc[:-1]:
-                annotation = parent.model_fields.get(part)
-                sub = getattr(annotation, "annotation", None) if annotation else None
-                parent = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None  # type: ignore[assignment]
-                if parent is None:
-                    break
+            parent = _section_model(model, loc[:-1])
             known = sorted(parent.model_fields) if parent is not None else []
             hint = _did_you_mean(loc[-1], known) + (f"; known: {', '.join(known)}" if known else "")
             raise ConfigError(key, f"unknown key{hint}") from None
-        raise ConfigError(key, _message(error)) from None
+        message = _message(error)
+        if error["type"] == "value_error":
+            # a section's own check names the key it is about ("offload_param: needs zero_stage 3")
+            field, sep, rest = message.partition(": ")
+            section = _section_model(model, loc)
+            if sep and section is not None and field in section.model_fields:
+                key, message = f"{key}.{field}" if key else field, rest
+        raise ConfigError(key, message) from None
+
+
+def _section_model(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    """The pydantic model of the section at ``loc`` inside ``model`` (None past a plain field)."""
+    parent: type[BaseModel] | None = model
+    for part in loc:
+        annotation = parent.model_fields.get(part) if parent is not None else None
+        sub = getattr(annotation, "annotation", None) if annotation else None
+        parent = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+        if parent is None:
+            break
+    return parent
 
 
 def _message(error: dict[str, Any]) -> str:

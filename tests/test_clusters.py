@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -355,8 +356,9 @@ def test_trial_waits_for_new_nodes_and_restarts_from_checkpoints(monkeypatch: py
         def __init__(self, fn: Any, **kwargs: Any) -> None:
             seen.update(kwargs)
 
-        def fit(self) -> None:
+        def fit(self) -> Any:
             seen["timeout_env"] = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV)
+            return SimpleNamespace(metrics={"val_auroc": 0.5})
 
     class FakeContext:
         def get_experiment_name(self) -> str:

@@ -13,6 +13,7 @@ import yaml
 from conftest import load_shipped_space
 
 from medpeft_ray.config import (
+    METHOD_PARAM,
     SEARCHABLE_TRAIN_FIELDS,
     CategoricalDistribution,
     FloatDistribution,
@@ -64,8 +65,11 @@ def test_shipped_space_loads_and_builds_trials(path: Path, which: str, tmp_path:
     dists = config.distributions()
     assert dists, "a search must search something"
     assert config.experiment
-    known = set(get_method(config.method.name).options.model_fields) | set(SEARCHABLE_TRAIN_FIELDS)
-    assert set(dists) <= known
+    for name in dists:  # a method option or a train field (of the method it is scoped to, with several)
+        scope, field = config.split_param(name)
+        if name != METHOD_PARAM:
+            method = scope or config.method.names[0]
+            assert field in set(get_method(method).options.model_fields) | set(SEARCHABLE_TRAIN_FIELDS), name
     sampled = {name: _value(dist, which) for name, dist in dists.items()}
     for ratio in config.dataset.label_ratios:
         trial = config.trial_config(ratio, sampled)
@@ -77,8 +81,14 @@ def test_shipped_space_loads_and_builds_trials(path: Path, which: str, tmp_path:
         assert trial.dataset.label_ratios == [ratio]
         assert trial.experiment == config.experiment
         for name, value in sampled.items():
-            where = trial.train.model_dump() if name in SEARCHABLE_TRAIN_FIELDS else trial.method.options
-            assert where[name] == value, name
+            scope, field = config.split_param(name)
+            if name == METHOD_PARAM:
+                assert trial.method.name == value
+                continue
+            if scope not in (None, trial.method.name):
+                continue  # another method's parameter
+            where = trial.train.model_dump() if field in SEARCHABLE_TRAIN_FIELDS else trial.method.options
+            assert where[field] == value, name
         # The method options a trial carries validate against the method's schema.
         get_method(trial.method.name).options.model_validate(trial.method.options)
 
@@ -241,8 +251,10 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
     ("min-lr-above-lr", _set("train", "min_lr", value=1.0),
      "train", "min_lr (1.0) must not exceed lr"),
     ("fp16-on-cpu", _fp16_on_cpu, "train.precision", "fp16 needs GPUs"),
-    ("unknown-sampler", _set("search", "sampler", value="grid"),
-     "search.sampler", "must be one of 'tpe' or 'random' (got 'grid')"),
+    ("unknown-sampler", _set("search", "sampler", value="bohb"),
+     "search.sampler", "must be one of 'tpe', 'random', 'cmaes', 'gp' or 'grid' (got 'bohb')"),
+    ("grid-over-a-continuous-range", _set("search", "sampler", value="grid"),
+     "space.lr", "a grid needs listed values"),
     ("reduction-factor", _set("search", "scheduler", "reduction_factor", value=1),
      "search.scheduler.reduction_factor", "must be > 1"),
     ("unsupported-backbone", _set("model", "backbone", value="efficientnet_b0"),

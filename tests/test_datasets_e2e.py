@@ -1,4 +1,6 @@
-"""Every dataset format, in its published layout (tiny), through `data check` and a real Ray search."""
+"""Every dataset format, in its published layout (tiny), through `data check`, the search's pre-flight
+step, and, for three formats that cover the three ways images are listed and decoded (a label table,
+DICOM, folders), a real Ray search."""
 
 from __future__ import annotations
 
@@ -65,9 +67,14 @@ FORMATS: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
 }
 
 
+#: formats also run through a real search (the others stop after the pre-flight step, which loads
+#: their splits through the same code a trial uses)
+SEARCHED = ("nih", "rsna", "folder")
+
+
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_format_checks_and_searches(name: str, tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    from medpeft_ray.search.runner import run_search
+def test_format_checks_and_searches(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    from medpeft_ray.search.runner import preflight, run_search
 
     build, options = FORMATS[name]
     root = build(tmp_path)
@@ -85,6 +92,11 @@ def test_format_checks_and_searches(name: str, tmp_path: Path, ray_session: None
         ),
         f"{name}.yaml",
     )
+    facts = preflight(config)
+    assert facts["images"]["train"] == report.images["train"] and len(facts["skipped"]) == len(report.unreadable)
+    if name not in SEARCHED:
+        return
+    request.getfixturevalue("ray_session")
     result = run_search(config, results=tmp_path / "results")
     rows = LeaderboardStore(result.db_url).query().to_dict(orient="records")
     assert len(rows) == 1, rows

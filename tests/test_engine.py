@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,57 @@ def test_deepspeed_config_from_train_section() -> None:
     assert "gradient_clipping" not in no_clip
 
 
+def test_zero_offload_sections() -> None:
+    offload = TrainConfig(deepspeed={"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"})
+    zero = deepspeed_config(offload, world_size=2, use_gpu=True)["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert deepspeed_config(offload, 2, True)["zero_force_ds_cpu_optimizer"] is False  # our torch optimizer is kept
+    assert "offload_optimizer" not in deepspeed_config(TrainConfig(deepspeed={"zero_stage": 2}), 1, False)["zero_optimization"]
+
+
+@pytest.mark.parametrize("deepspeed,message", [
+    ({"offload_optimizer": "cpu"}, "offload_optimizer: needs zero_stage 1, 2 or 3"),
+    ({"zero_stage": 2, "offload_param": "cpu"}, "offload_param: needs zero_stage 3"),
+    ({"zero_stage": 1, "offload_optimizer": "nvme"}, "offload_optimizer: must be one of 'none' or 'cpu'"),
+])
+def test_offload_without_the_zero_stage_it_needs_is_a_config_error(deepspeed: dict, message: str) -> None:
+    from conftest import tiny_search
+
+    from medpeft_ray.config import validate_search_dict
+    from medpeft_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(f"tiny.yaml: train.deepspeed.{message}")):
+        validate_search_dict(tiny_search(train={"deepspeed": deepspeed}), "tiny.yaml")
+
+
+def test_layer_wise_lr_decay_scales_each_block() -> None:
+    from medpeft_ray.models import build_backbone
+
+    model = build_backbone("vit_tiny_patch16_224", 3, 32)  # 12 blocks: stem 0, blocks 1-12, head 13
+    ids, top = engine.layer_ids(model)
+    assert top == 13
+    assert ids["cls_token"] == ids["patch_embed.proj.weight"] == 0
+    assert ids["blocks.0.attn.qkv.weight"] == 1 and ids["blocks.11.mlp.fc2.bias"] == 12
+    assert ids["head.weight"] == ids["fc_norm.weight"] == 13
+    optimizer = engine.build_optimizer(model, TrainConfig(lr=1e-3, layer_decay=0.5, weight_decay=0.05))
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["head.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(params["blocks.11.attn.qkv.weight"])] == pytest.approx(5e-4)
+    assert lr_of[id(params["blocks.0.attn.qkv.weight"])] == pytest.approx(1e-3 * 0.5**12)
+    assert lr_of[id(params["pos_embed"])] == pytest.approx(1e-3 * 0.5**13)
+    assert decay_of[id(params["blocks.0.attn.qkv.weight"])] == 0.05 and decay_of[id(params["blocks.0.attn.qkv.bias"])] == 0.0
+    # without decay: one lr for all, still no weight decay on biases and norms
+    flat = engine.build_optimizer(model, TrainConfig(lr=1e-3))
+    assert {g["lr"] for g in flat.param_groups} == {1e-3} and len(flat.param_groups) == 2
+    resnet_ids, resnet_top = engine.layer_ids(build_backbone("resnet18", 3, 32))
+    assert resnet_top == 5 and resnet_ids["conv1.weight"] == 0 and resnet_ids["layer4.1.conv2.weight"] == 4
+    assert resnet_ids["fc.weight"] == 5
+
+
 def test_warmup_then_cosine_to_min_lr() -> None:
     train = TrainConfig(epochs=10, lr=1e-2, min_lr=1e-4, warmup_epochs=2)
     factor = warmup_cosine(train, steps_per_epoch=10)
@@ -49,6 +101,24 @@ def test_augment_kinds() -> None:
     a = augment(x, torch.Generator().manual_seed(1), "crop_flip")
     b = augment(x, torch.Generator().manual_seed(1), "crop_flip")
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_randaug_recipe_is_seeded_and_changes_images() -> None:
+    images = (torch.rand(8, 24, 24) * 255).to(torch.uint8).numpy()
+    labels = torch.zeros(8, 2).numpy()
+
+    def draw(seed: int) -> torch.Tensor:
+        batches = engine.Batches(images, labels, torch.device("cpu"), 0.5, 0.25, "randaug")
+        batches.reseed(seed)
+        return batches.get(torch.arange(8), torch.float32, torch.Generator().manual_seed(seed))[0]
+
+    plain = engine.Batches(images, labels, torch.device("cpu"), 0.5, 0.25, "none").get(torch.arange(8), torch.float32, None)[0]
+    a, b, c = draw(0), draw(0), draw(1)
+    assert a.shape == plain.shape == (8, 3, 24, 24)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain)
+    # evaluation batches are never augmented
+    evaluation = engine.Batches(images, labels, torch.device("cpu"), 0.5, 0.25, "randaug").get(torch.arange(8), torch.float32, None)[0]
+    assert torch.equal(evaluation, plain)
 
 
 def _run(trial: Any, resume_from: Path | None = None, keep: Path | None = None) -> list[tuple[dict[str, Any], dict, dict]]:
@@ -89,6 +159,19 @@ def test_training_reports_each_epoch_with_adapter_only_checkpoint(tiny_config: A
     # a restarted worker resumes after the last checkpointed epoch and runs only what is left
     resumed = _run(trial, resume_from=tmp_path / "epoch1")
     assert [m["epoch"] for m, _, _ in resumed] == [2]
+
+
+def test_same_seed_same_numbers_with_the_determinism_switch(tiny_config: Any) -> None:
+    trial = tiny_config.trial_config(1.0, {"lr": 3e-3})
+    trial = trial.model_copy(update={"train": trial.train.model_copy(update={"deterministic": True, "augment": "randaug"})})
+    try:
+        first = [(m["train_loss"], m["val_loss"], m["val_auroc"]) for m, _, _ in _run(trial)]
+        second = [(m["train_loss"], m["val_loss"], m["val_auroc"]) for m, _, _ in _run(trial)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert first == second
+    other_seed = trial.model_copy(update={"train": trial.train.model_copy(update={"seed": 1})})
+    assert [(m["train_loss"], m["val_loss"], m["val_auroc"]) for m, _, _ in _run(other_seed)] != first
 
 
 def test_nan_loss_fails_the_trial_with_a_reason(tiny_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:

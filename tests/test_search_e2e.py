@@ -23,51 +23,188 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_search_two_ratios_lands_in_leaderboard(tmp_path: Path) -> None:
-    space = tmp_path / "tiny.yaml"
+def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_confirmation(tmp_path: Path) -> None:
+    """One real search through the CLI exercising what a search does: LoRA and SSF searched together
+    over two label ratios (each method's parameters only when it is chosen), accuracy against
+    trainable parameters, asynchronous HyperBand, a trial budget, warm-start points, and the best
+    configuration of each study confirmed with two seeds and scored on the test split."""
     config = tiny_search(
         dataset={"label_ratios": [0.5, 1.0]},
-        search={"num_samples": 2, "seed": 0, "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}},
-        space={"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-               "rank": {"type": "categorical", "choices": [2, 4]}},
+        method={"name": ["lora", "ssf"], "options": {"lora": {"rank": 2}}},
+        search={"num_samples": 3, "max_trials": 4, "seed": 1, "also_minimize": ["trainable_params"],
+                "scheduler": {"type": "hyperband", "grace_period": 1, "reduction_factor": 2, "brackets": 2},
+                # each study tries both methods first, so both run whatever TPE does next
+                "points_to_evaluate": [{"method": "ssf"}, {"method": "lora"}],
+                "confirm": {"top_k": 1, "seeds": 2}},
     )
-    config["method"]["options"] = {}
+    del config["space"]  # every method's own default ranges, searched only when it is chosen
+    space = tmp_path / "two.yaml"
     space.write_text(yaml.safe_dump(config))
     results = tmp_path / "results"
 
     search = run_cli("search", "--space", str(space), "--results", str(results), cwd=tmp_path)
-    assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
-    assert "[ratio 0.5] trial 1/2 started" in search.stdout  # progress is visible while it runs
-    assert "tiny: 4 trials" in search.stdout
+    out = search.stdout
+    assert search.returncode == 0, out[-3000:] + search.stderr[-3000:]
+    assert "[ratio 0.5] trial 1/3 started" in out  # progress is visible while it runs
+    assert "tiny: 4 trials" in out
+    assert out.count("Pareto front of val_auroc vs trainable_params") == 2, out[-3000:]
+    assert out.count("top 1 confirmed with 2 seeds") == 2 and out.count("(recorded, never used to choose)") == 2, out[-3000:]
 
     board = run_cli("leaderboard", "--results", str(results), "--format", "json", cwd=tmp_path)
     assert board.returncode == 0, board.stderr
     rows = json.loads(board.stdout)
-    assert len(rows) == 4
+    # max_trials 4 over two label ratios: two trials each, though num_samples asks for three
     assert sorted(r["label_ratio"] for r in rows) == [0.5, 0.5, 1.0, 1.0]
+    for ratio in (0.5, 1.0):
+        assert {r["method"] for r in rows if r["label_ratio"] == ratio} == {"lora", "ssf"}
     for row in rows:
-        assert row["experiment"] == "tiny" and row["dataset"] == "synthetic" and row["method"] == "lora"
+        assert row["experiment"] == "tiny" and row["dataset"] == "synthetic"
         assert row["status"] in ("completed", "stopped"), row["error"]
-        assert 0.0 <= row["val_auroc"] <= 1.0
+        method, other = row["method"], {"lora": "ssf", "ssf": "lora"}[row["method"]]
+        assert row["params"]["method"] == method and row["config"]["method"]["name"] == method
+        assert not any(k.startswith(other + ".") for k in row["params"]), row["params"]
+        assert row["config"]["train"]["lr"] == pytest.approx(row["params"][f"{method}.lr"])
         assert row["config"]["label_ratio"] == row["label_ratio"]
-        assert row["config"]["method"]["options"]["rank"] == row["params"]["rank"]
-        assert row["config"]["train"]["lr"] == pytest.approx(row["params"]["lr"])
-        assert 0 < row["trainable_params"] < row["total_params"]
+        assert 0.0 <= row["val_auroc"] <= 1.0 and 0 < row["trainable_params"] < row["total_params"]
         assert row["startup_s"] > 0 and row["train_time_s"] > 0 and row["wall_time_s"] >= row["startup_s"]
         # the best epoch's adapter-only checkpoint: exactly the trainable tensors
         weights = load_file(str(Path(row["checkpoint"]) / "trainable.safetensors"))
         assert sum(t.numel() for t in weights.values()) == row["trainable_params"]
-    # the 100% study ran full length at least once (ASHA stops at most the weaker trial)
-    assert any(r["epochs_run"] == 2 for r in rows if r["label_ratio"] == 1.0)
+        if method == "lora":
+            assert row["config"]["method"]["options"]["rank"] == 2
 
-    # each label ratio's Optuna study sits in the leaderboard's database, for optuna-dashboard
+    # each label ratio's Optuna study sits in the leaderboard's database, for optuna-dashboard: two
+    # objectives, and the confirmation of its best configuration beside them
     import optuna
 
-    studies = optuna.get_all_study_summaries(optuna.storages.RDBStorage(f"sqlite:///{results / 'leaderboard.db'}"))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{results / 'leaderboard.db'}")
+    studies = optuna.get_all_study_summaries(storage)
     assert sorted(s.study_name.rsplit("-", 2)[0] for s in studies) == ["tiny-ratio0.5", "tiny-ratio1"]
     assert all(s.n_trials == 2 for s in studies)
+    for summary in studies:
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+        assert 1 <= len(study.best_trials) <= 2
+        chosen = study.user_attrs["confirmation"]["chosen"]
+        assert chosen["seeds"] == [0, 1] and len(chosen["val"]) == 2 and len(chosen["test_auroc"]) == 2
+        assert chosen["val_mean"] == pytest.approx(sum(chosen["val"]) / 2)
+        assert 0.0 <= chosen["test_auroc_mean"] <= 1.0 and chosen["test_auroc_std"] >= 0.0
+        best_trial = max((r for r in rows if r["label_ratio"] == float(summary.study_name.split("ratio")[1].split("-")[0])),
+                         key=lambda r: r["val_auroc"])
+        assert chosen["trial_id"] == best_trial["trial_id"]
 
     top = run_cli("leaderboard", "--results", str(results), "--label-ratio", "1.0", "--top", "1", "--format", "json", cwd=tmp_path)
     best = json.loads(top.stdout)
-    assert len(best) == 1 and best[0]["label_ratio"] == 1.0
-    assert best[0]["val_auroc"] == max(r["val_auroc"] for r in rows if r["label_ratio"] == 1.0)
+    assert len(best) == 1 and best[0]["val_auroc"] == max(r["val_auroc"] for r in rows if r["label_ratio"] == 1.0)
+
+
+def test_nan_loss_fails_the_trial_once_and_the_search_goes_on(tmp_path: Path) -> None:
+    """A pre-trained checkpoint with a NaN in a frozen weight: every step's loss is NaN.
+
+    The trial ends as failed with the reason, without Ray Train restarting it (its retries are for
+    lost workers, not for a loss that would be NaN again); the next trial still runs, and both rows
+    are in the leaderboard.
+    """
+    import torch
+
+    weights = tmp_path / "nan_mae.pth"
+    torch.save({"model": {"patch_embed.proj.weight": torch.full((192, 3, 16, 16), float("nan"))}}, weights)
+    space = tmp_path / "nan.yaml"
+    config = tiny_search(model={"checkpoint": str(weights)}, resources={"max_failures": 2})
+    space.write_text(yaml.safe_dump(config))
+    results = tmp_path / "results"
+
+    search = run_cli("search", "--space", str(space), "--results", str(results), cwd=tmp_path)
+    # both trials ran to their failure; with no trial left standing the search says so in its exit code
+    assert search.returncode == 1, search.stdout[-3000:] + search.stderr[-3000:]
+    assert "2 trials" in search.stdout and "2 failed" in search.stdout, search.stdout[-3000:]
+
+    rows = json.loads(run_cli("leaderboard", "--results", str(results), "--format", "json", cwd=tmp_path).stdout)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["status"] == "failed" and row["val_auroc"] is None
+        assert row["error"].startswith("training loss is nan in epoch 1"), row["error"]
+    # one attempt per trial: a restarted worker group would have reported epoch 1 again
+    for result in (results / "tune").glob("*/*/result.json"):
+        reported = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        assert [r["epoch"] for r in reported] == [1], reported
+
+
+def _rows(results: Path) -> list[dict]:
+    from medpeft_ray.leaderboard import LeaderboardStore
+
+    if not (results / "leaderboard.db").is_file():
+        return []
+    store = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}", create=False)
+    try:
+        return store.query().to_dict(orient="records")
+    finally:
+        store.engine.dispose()
+
+
+def _checkpointed_epochs(train_dir: Path, run_part: str) -> list[int]:
+    """Epochs Ray Train has registered checkpoints of, in runs whose folder name contains ``run_part``."""
+    epochs = []
+    for snapshot in train_dir.glob(f"*{run_part}*/checkpoint_manager_snapshot.json"):
+        try:
+            epochs += [c["metrics"]["epoch"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (ValueError, KeyError):
+            pass  # being written
+    return epochs
+
+
+def test_a_killed_search_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    epochs = 5
+    config = tiny_search(dataset={"label_ratios": [0.5, 1.0]}, train={"epochs": epochs},
+                         search={"num_samples": 1, "max_concurrent": 1, "seed": 0})
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(config))
+    results = tmp_path / "results"
+    # Tune writes its experiment state every second instead of every ten or so
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = subprocess.Popen([*CLI, "search", "--space", str(space), "--results", str(results)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        # wait until the first study is done and the second one's trial has checkpointed an epoch
+        deadline = time.time() + 400
+        while not (len(_rows(results)) == 1 and _checkpointed_epochs(results / "train", "ratio1-")):
+            assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""
+            assert time.time() < deadline, "the second study checkpointed no epoch within 400 s"
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, without warning
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    before = {r["trial_id"]: r["created_at"] for r in _rows(results)}
+    assert len(before) == 1
+
+    resumed = subprocess.run([*CLI, "search", "--resume", "tiny", "--results", str(results)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming the interrupted study" in resumed.stdout
+    assert "tiny: 2 trials" in resumed.stdout
+
+    rows = _rows(results)
+    assert sorted(r["label_ratio"] for r in rows) == [0.5, 1.0]  # as many rows as without the kill
+    assert all(r["status"] == "completed" and r["epochs_run"] == epochs for r in rows), rows
+    # the trial that had finished was not run again
+    assert all(r["created_at"] == before[r["trial_id"]] for r in rows if r["trial_id"] in before)
+    # the interrupted trial resumed after its checkpointed epochs instead of starting over
+    (interrupted,) = [r for r in rows if r["trial_id"] not in before]
+    (result_file,) = (results / "tune").glob(f"*/*{interrupted['trial_id']}*/result.json")
+    reported = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+    resumed = [r for r in reported if r.get("resumed_from_epoch")]
+    assert resumed and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1 > 1, reported
+    assert [r["epoch"] for r in resumed] == list(range(resumed[0]["epoch"], epochs + 1))
+    # each label ratio's Optuna study went on with its history: one trial each, none twice
+    import optuna
+
+    studies = optuna.get_all_study_summaries(optuna.storages.RDBStorage(f"sqlite:///{results / 'leaderboard.db'}"))
+    assert sorted(s.n_trials for s in studies) == [1, 1]
+    # a finished search has nothing left to resume
+    again = run_cli("search", "--resume", "tiny", "--results", str(results), cwd=tmp_path)
+    assert again.returncode == 1 and "finished" in again.stderr

@@ -117,6 +117,14 @@ class TrialRecord:
     checkpoint: str | None = None
     error: str | None = None
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
+        """The record of one row of :meth:`LeaderboardStore.query` (missing values as None)."""
+        import pandas as pd
+
+        values = {name: row[name] for name in cls.__dataclass_fields__ if name in row}
+        return cls(**{k: None if not isinstance(v, (dict, list)) and pd.isna(v) else v for k, v in values.items()})
+
 
 def results_dir(path: str | Path | None = None) -> Path:
     """The results store folder: ``path``, else ``$MEDPEFT_RESULTS``, else ``./medpeft-results``."""

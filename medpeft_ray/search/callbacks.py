@@ -10,6 +10,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -54,6 +55,15 @@ def error_summary(text: str | None) -> str:
     return lines[-1][:500]
 
 
+def _error_text(trial: Any) -> str | None:
+    """The trial's error trace: Tune writes it to the trial's local folder at once and copies it
+    to the results storage later, so the local file is read first."""
+    local = getattr(trial, "error_file", None)
+    if local and Path(local).is_file():
+        return Path(local).read_text(errors="replace")
+    return trial.get_error()
+
+
 class LeaderboardCallback(Callback):
     """Records each trial's best epoch, cost and config when the trial completes, stops or fails."""
 
@@ -89,7 +99,7 @@ class LeaderboardCallback(Callback):
         self._finish(trial, status, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "failed", error_summary(trial.get_error()))
+        self._finish(trial, "failed", error_summary(_error_text(trial)))
 
     # Tune pickles its callbacks with the experiment state: the database engine and the console
     # are process-local and made again where needed.
@@ -123,15 +133,16 @@ class LeaderboardCallback(Callback):
         best, last = p.best or {}, p.last or {}
         sampled = dict(trial.config)
         first_step = last.get("first_step_at")
+        trial_config = self.config.trial_config(self.label_ratio, sampled)
         record = TrialRecord(
             experiment=self.config.experiment or "search",
             trial_id=trial.trial_id,
             dataset=self.config.dataset.name,
             label_ratio=self.label_ratio,
-            method=self.config.method.name,
+            method=trial_config.method.name,
             backbone=self.config.model.backbone,
             status=status,  # type: ignore[arg-type]
-            config=self.config.trial_config(self.label_ratio, sampled).model_dump(mode="json"),
+            config=trial_config.model_dump(mode="json"),
             params=sampled,
             val_auroc=best.get("val_auroc"),
             val_loss=best.get("val_loss"),

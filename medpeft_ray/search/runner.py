@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medpeft_ray.config import CategoricalDistribution, SearchConfig
+from medpeft_ray.config import METHOD_PARAM, CategoricalDistribution, SearchConfig
 from medpeft_ray.errors import ConfigError, MedpeftError
 from medpeft_ray.leaderboard import LeaderboardStore, default_db_url, optuna_storage, results_dir
+from medpeft_ray.search.manifest import SearchManifest
 from medpeft_ray.search.cluster import (  # noqa: F401  DRIVER_* are part of this module's interface
     DRIVER_RESOURCE,
     DRIVER_SLOTS,
@@ -72,25 +73,30 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
             raise MedpeftError(f"{ds.root or ds.name}: the {name} split has no images")
     images_per_ratio = {r: len(train_subset_index(splits, r, ds.seed)) for r in ds.label_ratios}
 
-    # The method is applied with the first value of each searched option, to catch options that
+    # Each method is applied with the first value of each searched option, to catch options that
     # do not fit this backbone (a block index past its depth, say) before trials start.
     representative = {
         name: dist.choices[0] if isinstance(dist, CategoricalDistribution) else dist.low
         for name, dist in config.distributions().items()
     }
-    trial = config.trial_config(ds.label_ratios[0], representative)
-    with torch.device("meta"):
-        model = build_backbone(backbone, splits.num_classes, ds.image_size, drop_path=trial.train.drop_path)
-        try:
-            model = prepare_model(model, trial.method.name, trial.method.options, trial.family)
-        except ValueError as exc:
-            raise ConfigError("method.options", str(exc), config.experiment) from None
-    trainable, total = count_parameters(model)
+    trainable_by_method: dict[str, int] = {}
+    for method in config.method.names:
+        trial = config.trial_config(ds.label_ratios[0], {**representative, METHOD_PARAM: method})
+        with torch.device("meta"):
+            model = build_backbone(backbone, splits.num_classes, ds.image_size, drop_path=trial.train.drop_path)
+            try:
+                model = prepare_model(model, trial.method.name, trial.method.options, trial.family)
+            except ValueError as exc:
+                key = f"method.options.{method}" if config.method.is_choice else "method.options"
+                raise ConfigError(key, str(exc), config.experiment) from None
+        trainable_by_method[method], total = count_parameters(model)
+    trainable = max(trainable_by_method.values())
     return {
         "classes": splits.num_classes,
         "images": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "train_images_per_ratio": images_per_ratio,
         "trainable_params": trainable,
+        "trainable_params_by_method": trainable_by_method,
         "total_params": total,
         "dataset_key": key,
         "skipped": list(splits.skipped),
@@ -161,6 +167,7 @@ def run_search(
     address: str | None = None,
     db_url: str | None = None,
     console: Any = None,
+    resume: bool = False,
 ) -> SearchResult:
     """Runs the whole search: every label ratio of ``config`` is its own Optuna study.
 
@@ -173,6 +180,8 @@ def run_search(
         db_url: leaderboard database (default: SQLite in the results folder, or ``$MEDPEFT_DB``;
             required with cloud storage results).
         console: a ``rich.console.Console`` for progress lines, or None for silence.
+        resume: continue the last search named ``config.experiment`` in these results (see
+            :func:`resumable_config`) instead of starting a new one.
     """
     started = time.time()
     storage, results_path = results_location(results)
@@ -188,8 +197,8 @@ def run_search(
     facts = preflight(config)
     if console is not None:
         console.print(
-            f"[bold]{config.experiment}[/bold]: {config.method.name} on {config.model.backbone} "
-            f"({facts['trainable_params']:,} of {facts['total_params']:,} parameters train), "
+            f"[bold]{config.experiment}[/bold]: {' | '.join(config.method.names)} on {config.model.backbone} "
+            f"({_describe_trainable(facts)} of {facts['total_params']:,} parameters train), "
             f"dataset {config.dataset.name} {facts['images']}, {facts['classes']} classes; "
             f"label ratios {config.dataset.label_ratios} x {config.search.num_samples} trials"
         )
@@ -215,12 +224,24 @@ def run_search(
         )
         if plan.note:
             console.print(f"[yellow]{plan.note}[/yellow]", soft_wrap=True)
+    if resume:
+        manifest = SearchManifest.load(storage, config.experiment or "search")
+    else:
+        manifest = SearchManifest(config.experiment or "search", config.model_dump(mode="json"))
+    manifest.save(storage)
     try:
-        summaries = _run_studies(config, plan, storage, facts, db_url, console)
+        summaries = _run_studies(config, plan, storage, facts, db_url, console, manifest)
     finally:
         if capacity.autoscaling:
             release_resource_requests()
     return SearchResult(config.experiment or "search", time.time() - started, summaries, results_path or storage, db_url)
+
+
+def _describe_trainable(facts: dict[str, Any]) -> str:
+    by_method = facts["trainable_params_by_method"]
+    if len(by_method) == 1:
+        return f"{facts['trainable_params']:,}"
+    return ", ".join(f"{method} {count:,}" for method, count in by_method.items())
 
 
 def _describe(capacity: ClusterCapacity) -> str:
@@ -241,22 +262,54 @@ def _describe_worker(plan: ResourcePlan) -> str:
     return " + ".join(parts)
 
 
+def resumable_config(name: str, results: str | Path | None = None) -> SearchConfig:
+    """The config of the last search named ``name`` in ``results``, to continue it with ``run_search(resume=True)``.
+
+    Raises:
+        MedpeftError: no such search, or it finished already.
+    """
+    storage, _ = results_location(results)
+    manifest = SearchManifest.load(storage, name)
+    if manifest.finished:
+        raise MedpeftError(f"{storage}: the search {name!r} finished; its trials are in the leaderboard (nothing to resume)")
+    return SearchConfig.model_validate(manifest.config)
+
+
 def _run_studies(
-    config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any], db_url: str, console: Any
+    config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any], db_url: str, console: Any,
+    manifest: SearchManifest,
 ) -> list[Any]:
-    """One Tune study per label ratio; returns the finished trials, best first per ratio."""
+    """One Tune study per label ratio; returns the finished trials, best first per ratio.
+
+    Resuming (``manifest`` lists studies already started), a finished study is not run again, an
+    unfinished one is restored from Tune's state (finished trials stay finished, interrupted ones
+    restart from their last checkpoint, the searcher and its Optuna study keep their history),
+    and the rest start as usual.
+    """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from medpeft_ray.search.budget import BudgetedSearch, SearchBudget
     from medpeft_ray.search.callbacks import LeaderboardCallback
-    from medpeft_ray.search.space import SpaceSampler, make_sampler
-    from medpeft_ray.search.trial import TrialPlan, run_trial
+    from medpeft_ray.search.confirm import choose, confirm_study, describe, record_confirmation
+    from medpeft_ray.search.warm_start import warm_start_points
+    from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
+    from medpeft_ray.search.trial import TrialPlan, confirm_trial, run_trial
 
     settings = config.search
     summaries: list[Any] = []
-    run_stamp = time.strftime("%Y%m%d-%H%M%S")
-    for label_ratio in config.dataset.label_ratios:
+    budget = SearchBudget(settings.time_budget_s, settings.max_trials, started_at=manifest.started_at)
+    ratios = config.dataset.label_ratios
+    for index, label_ratio in enumerate(ratios):
+        if label_ratio in manifest.studies_done:
+            summaries.extend(_recorded_trials(config, label_ratio, db_url, manifest))
+            continue
+        share = budget.share(len(ratios) - index)
+        num_samples = settings.num_samples if share.trials is None else min(settings.num_samples, share.trials)
+        if num_samples == 0 or not share.allows_another():
+            if console is not None:
+                console.print(f"[yellow]ratio {label_ratio:g}: not searched, the search's {share.spent or 'budget'} is spent[/yellow]")
+            continue
         trial_plan = TrialPlan(
             search=config.model_dump(mode="json"),
             label_ratio=label_ratio,
@@ -268,49 +321,105 @@ def _run_studies(
             max_failures=config.resources.max_failures,
             worker_start_timeout_s=config.resources.worker_start_timeout_s,
         )
-        searcher = OptunaSearch(
-            space=SpaceSampler(config.distributions()),
-            metric=settings.metric,
-            mode=settings.resolved_mode,
-            sampler=make_sampler(settings),
-            # Optuna's study lives in the leaderboard's database (optuna-dashboard opens it); one
-            # study per run, so a re-run of an experiment starts a fresh history
-            storage=optuna_storage(db_url),
-            study_name=f"{config.experiment}-ratio{label_ratio:g}-{run_stamp}",
-        )
-        if settings.scheduler.type == "asha":
-            scheduler: Any = ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=config.train.epochs,
-                grace_period=min(settings.scheduler.grace_period, config.train.epochs),
-                reduction_factor=settings.scheduler.reduction_factor,
-            )
+        metrics, modes = settings.objectives
+        study_name = f"{config.experiment}-ratio{label_ratio:g}-{manifest.run_stamp}"
+        trainable = tune.with_resources(tune.with_parameters(run_trial, plan=trial_plan), plan.driver)
+        study_path = f"{storage}/tune/{config.experiment}-ratio{label_ratio:g}"
+        if label_ratio in manifest.studies_started and tune.Tuner.can_restore(study_path):
+            if console is not None:
+                console.print(f"[dim]\\[ratio {label_ratio:g}][/dim] resuming the interrupted study", highlight=False)
+            # finished trials stay finished; trials that were running restart from their last checkpoint;
+            # the searcher comes back with its Optuna study, the leaderboard callback with its database
+            tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
         else:
-            scheduler = FIFOScheduler()
-        recorder = LeaderboardCallback(config, label_ratio, db_url, console)
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(run_trial, plan=trial_plan), plan.driver),
-            tune_config=tune.TuneConfig(
-                metric=settings.metric,
-                mode=settings.resolved_mode,
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=settings.num_samples,
-                max_concurrent_trials=plan.concurrency,
-            ),
-            run_config=tune.RunConfig(
-                name=f"{config.experiment}-ratio{label_ratio:g}",
-                storage_path=f"{storage}/tune",
-                callbacks=[recorder],
-                verbose=0,
-            ),
-        )
+            points = warm_start_points(config, label_ratio, db_url, ratios[:index])
+            if points and console is not None:
+                console.print(f"[dim]\\[ratio {label_ratio:g}][/dim] trying first: " + "; ".join(
+                    " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()) for p in points),
+                    highlight=False, soft_wrap=True)
+            searcher: Any = OptunaSearch(
+                space=SpaceSampler(config.distributions(), config.method.names if config.method.is_choice else None),
+                metric=metrics if len(metrics) > 1 else metrics[0],
+                mode=modes if len(modes) > 1 else modes[0],
+                sampler=make_sampler(settings, config.distributions(), conditional=config.method.is_choice),
+                points_to_evaluate=points or None,
+                # Optuna's study lives in the leaderboard's database (optuna-dashboard opens it); one
+                # study per run, so a re-run of an experiment starts a fresh history
+                storage=optuna_storage(db_url),
+                study_name=study_name,
+            )
+            if share.deadline is not None or share.trials is not None:
+                searcher = BudgetedSearch(searcher, share)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,  # the searcher and the scheduler each know their objectives
+                    scheduler=make_scheduler(settings, config.train.epochs),
+                    num_samples=num_samples,
+                    max_concurrent_trials=plan.concurrency,
+                    # a finished trial's driver process runs the next trial: its imports are paid once
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=f"{config.experiment}-ratio{label_ratio:g}",
+                    storage_path=f"{storage}/tune",
+                    callbacks=[LeaderboardCallback(config, label_ratio, db_url, console)],
+                    verbose=0,
+                ),
+            )
+            manifest.studies_started.append(label_ratio)
+            manifest.save(storage)
         tuner.fit()
-        summaries.extend(sorted(recorder.finished, key=lambda s: _rank_key(getattr(s.record, settings.metric), settings.resolved_mode)))
+        trials = _recorded_trials(config, label_ratio, db_url, manifest)
+        if settings.confirm is not None:
+            top = [t.record for t in trials if t.record.status != "failed"][: settings.confirm.top_k]
+            confirm_trainable = tune.with_resources(tune.with_parameters(confirm_trial, plan=trial_plan), plan.driver)
+            confirmed = confirm_study(config, label_ratio, top, confirm_trainable, plan.concurrency, storage)
+            chosen = choose(confirmed, settings.resolved_mode)
+            manifest.confirmations[f"{label_ratio:g}"] = record_confirmation(study_name, db_url, confirmed, chosen)
+            if console is not None:
+                console.print(f"[bold]ratio {label_ratio:g}: top {len(top)} confirmed with {settings.confirm.seeds} seeds[/bold]")
+                for line in describe(confirmed, chosen, settings.metric):
+                    console.print(line, highlight=False, soft_wrap=True)
+        _finish_study(manifest, storage, label_ratio)
+        if len(metrics) > 1 and console is not None:
+            _print_pareto_front(console, study_name, db_url, metrics, label_ratio)
+        if share.spent and console is not None:
+            console.print(f"[yellow]ratio {label_ratio:g}: {share.spent} spent after {share.started} trial(s); "
+                          "no new trials started, the running ones finished[/yellow]")
+        summaries.extend(trials)
+    manifest.finished = True
+    manifest.save(storage)
     return summaries
 
 
-def _rank_key(value: float | None, mode: str) -> float:
-    if value is None or not math.isfinite(value):
-        return math.inf
-    return -value if mode == "max" else value
+def _finish_study(manifest: SearchManifest, storage: str, label_ratio: float) -> None:
+    manifest.studies_done.append(label_ratio)
+    manifest.save(storage)
+
+
+def _recorded_trials(config: SearchConfig, label_ratio: float, db_url: str, manifest: SearchManifest) -> list[Any]:
+    """This run's trials of one label ratio as the leaderboard has them, best first."""
+    from datetime import datetime, timezone
+
+    from medpeft_ray.leaderboard import TrialRecord
+    from medpeft_ray.search.callbacks import TrialSummary
+
+    since = datetime.fromtimestamp(int(manifest.started_at), timezone.utc)
+    rows = LeaderboardStore(db_url).query(
+        experiment=config.experiment, label_ratio=label_ratio, since=since, metric=config.search.metric,
+        ascending=config.search.resolved_mode == "min",
+    )
+    return [TrialSummary(TrialRecord.from_row(row), row["params"]) for row in rows.to_dict(orient="records")]
+
+
+def _print_pareto_front(console: Any, study_name: str, db_url: str, metrics: list[str], label_ratio: float) -> None:
+    """The study's Pareto front, as Optuna stored it (optuna-dashboard shows the same)."""
+    import optuna
+
+    front = optuna.load_study(study_name=study_name, storage=optuna_storage(db_url)).best_trials
+    console.print(f"[bold]ratio {label_ratio:g}: Pareto front of {' vs '.join(metrics)}[/bold] ({len(front)} trial(s))")
+    for trial in sorted(front, key=lambda t: t.values[1]):
+        values = ", ".join(f"{m}={v:.4g}" for m, v in zip(metrics, trial.values))
+        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        console.print(f"  {values}  ({params})", highlight=False, soft_wrap=True)

@@ -18,15 +18,27 @@ if TYPE_CHECKING:
 class SpaceSampler:
     """Callable ``(optuna.Trial) -> None`` that suggests every searched parameter.
 
+    With several ``methods``, ``method`` is suggested first and a parameter named
+    ``<method>.<name>`` only when that method was chosen: Optuna's storage, its samplers and the
+    leaderboard then see each method's own parameters, and no value for the others.
     A class rather than a closure so Tune can pickle it into the searcher's checkpoint.
     """
 
-    def __init__(self, distributions: dict[str, Distribution]) -> None:
+    def __init__(self, distributions: dict[str, Distribution], methods: list[str] | None = None) -> None:
         self.distributions = dict(distributions)
+        self.methods = list(methods or [])
 
     def __call__(self, trial: "optuna.Trial") -> dict[str, Any] | None:
+        from medpeft_ray.config import METHOD_PARAM
+
+        chosen = None
         for name, dist in self.distributions.items():
-            if isinstance(dist, FloatDistribution):
+            scope, sep, _ = name.partition(".")
+            if sep and scope in self.methods and scope != chosen:
+                continue  # a parameter of a method this trial did not choose
+            if name == METHOD_PARAM and self.methods:
+                chosen = trial.suggest_categorical(name, dist.choices)  # type: ignore[union-attr]
+            elif isinstance(dist, FloatDistribution):
                 trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
             elif isinstance(dist, IntDistribution):
                 trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
@@ -35,13 +47,66 @@ class SpaceSampler:
         return None
 
 
-def make_sampler(settings: SearchSettings) -> "optuna.samplers.BaseSampler":
-    """The Optuna sampler named by ``search.sampler``, seeded."""
+def make_sampler(
+    settings: SearchSettings, distributions: dict[str, Distribution], conditional: bool = False
+) -> "optuna.samplers.BaseSampler":
+    """The Optuna sampler named by ``search.sampler``, seeded.
+
+    ``conditional``: parameters exist only in some trials (one method's options); TPE then models
+    each group of parameters that occur together on its own.
+    """
     import optuna
+
+    from medpeft_ray.config import grid_points
 
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)
-    # TPE models the space from its own history after a few random trials; with small budgets
-    # waiting for Optuna's default 10 would make the whole search random.
+    if settings.sampler == "grid":
+        return _AskTellGridSampler(grid_points(distributions), seed=settings.seed)
+    # Model-based samplers learn the space from their own history after a few random trials; with
+    # small budgets, waiting for Optuna's default 10 would make the whole search random.
     startup = max(2, min(10, settings.num_samples // 3))
-    return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, n_startup_trials=startup)
+    if settings.sampler == "cmaes":
+        # CMA-ES adapts a Gaussian over the continuous parameters; categorical ones are drawn at random
+        return optuna.samplers.CmaEsSampler(seed=settings.seed, n_startup_trials=startup, warn_independent_sampling=False)
+    if settings.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=settings.seed, n_startup_trials=startup)
+    return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=conditional, n_startup_trials=startup)
+
+
+def _AskTellGridSampler(search_space: dict[str, list[Any]], seed: int) -> "optuna.samplers.GridSampler":
+    """Optuna's grid sampler for Tune's ask-and-tell use.
+
+    Optuna's stops the study when the grid is done, which only works inside ``study.optimize``;
+    under Tune that would raise as the last point is told. Here the grid's size is the study's
+    ``num_samples`` (validation makes sure), so Tune stops at the right point by itself.
+    """
+    import optuna
+
+    class AskTellGridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            pass
+
+    return AskTellGridSampler(search_space, seed=seed)
+
+
+def make_scheduler(settings: SearchSettings, epochs: int) -> Any:
+    """The Tune trial scheduler named by ``search.scheduler``: early stopping on epochs."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
+
+    scheduler = settings.scheduler
+    grace = min(scheduler.grace_period, epochs)
+    # schedulers stop trials on the search's metric alone, even when Optuna also minimises costs
+    metric = {"metric": settings.metric, "mode": settings.resolved_mode}
+    if scheduler.type in ("asha", "hyperband"):
+        # ASHA is asynchronous HyperBand with one bracket; more brackets hedge against a grace
+        # period that stops good slow starters too early
+        return AsyncHyperBandScheduler(
+            time_attr="training_iteration", max_t=epochs, grace_period=grace, **metric,
+            reduction_factor=scheduler.reduction_factor, brackets=scheduler.brackets if scheduler.type == "hyperband" else 1,
+        )
+    if scheduler.type == "median":
+        return MedianStoppingRule(
+            time_attr="training_iteration", grace_period=grace, min_samples_required=scheduler.min_samples, **metric
+        )
+    return FIFOScheduler()

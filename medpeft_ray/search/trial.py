@@ -62,17 +62,70 @@ def _pin_cluster_address() -> None:
         pass
 
 
+#: trials this process has run (Tune reuses trial processes: only the first one pays its start)
+_trials_run_here = 0
+
+
 def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
-    """Tune function trainable: trains one sampled configuration through Ray Train."""
+    """Tune function trainable: trains one sampled configuration through Ray Train.
+
+    Rank 0's metrics reach Tune every epoch (``TuneReportCallback``), where the scheduler and the
+    searcher see them.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    started = _start_marks()
+    search = SearchConfig.model_validate(plan.search)
+    _fit(search, search.trial_config(plan.label_ratio, sampled), plan, started, [TuneReportCallback()], evaluate_test=False)
+
+
+def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
+    """Tune function trainable of a confirmation run: one configuration, one seed, full length.
+
+    ``config["point"]`` holds the study's sampled ``params`` and the ``seed``; the run reports
+    once, at its end, its best validation epoch's metrics and that epoch's test-split score.
+    """
+    from ray import tune
+
+    started = _start_marks()
+    point = config["point"]
+    search = SearchConfig.model_validate(plan.search)
+    trial = search.trial_config(plan.label_ratio, point["params"])
+    trial = trial.model_copy(update={"train": trial.train.model_copy(update={"seed": int(point["seed"])})})
+    metrics = _fit(search, trial, plan, started, [], evaluate_test=True)
+    tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+
+
+def _start_marks() -> dict[str, float]:
+    """The start of the trial's start-up breakdown: its process's start (unless an earlier trial
+    reused the process), then its function's."""
+    import time
+
+    import psutil  # a Ray dependency
+
+    global _trials_run_here
+    started = {"trial_function": time.time()}
+    if not _trials_run_here:
+        started["trial_process"] = psutil.Process().create_time()
+    _trials_run_here += 1
+    return started
+
+
+def _fit(
+    search: SearchConfig, trial: Any, plan: TrialPlan, started: dict[str, float], callbacks: list[Any], evaluate_test: bool
+) -> dict[str, Any]:
+    """Runs ``trial`` on a TorchTrainer; returns the metrics of its last checkpointed report.
+
+    Raises:
+        TrialFailed: the workers reported a failure that a restart would repeat (a NaN loss).
+    """
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from medpeft_ray.train.worker import TRIAL_KEY, train_loop_per_worker
+    from medpeft_ray.errors import TrialFailed
+    from medpeft_ray.train.worker import EVALUATE_TEST_KEY, FAILURE_KEY, TRIAL_KEY, train_loop_per_worker
 
-    search = SearchConfig.model_validate(plan.search)
-    trial = search.trial_config(plan.label_ratio, sampled)
     context = tune.get_context()
     os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{plan.worker_start_timeout_s:g}"
     _pin_cluster_address()
@@ -82,6 +135,8 @@ def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
             TRIAL_KEY: trial.model_dump(mode="json"),
             "threads": plan.resources_per_worker.get("CPU", 1),
             "dataset_key": plan.dataset_key,
+            "started": started,
+            EVALUATE_TEST_KEY: evaluate_test,
         },
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=plan.resources_per_worker
@@ -90,9 +145,9 @@ def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
             # deterministic per trial, so a re-run of the same trial finds its own checkpoints
             name=f"{context.get_experiment_name()}-{context.get_trial_id()}",
             storage_path=plan.storage_path,
-            callbacks=[TuneReportCallback()],
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2,
+                num_to_keep=trial.train.checkpoints_to_keep,
                 checkpoint_score_attribute=search.search.metric,
                 checkpoint_score_order=search.search.resolved_mode,
             ),
@@ -101,4 +156,7 @@ def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
             failure_config=FailureConfig(max_failures=plan.max_failures, controller_failure_limit=plan.max_failures),
         ),
     )
-    trainer.fit()
+    metrics = trainer.fit().metrics or {}
+    if metrics.get(FAILURE_KEY):
+        raise TrialFailed(metrics[FAILURE_KEY])  # Tune records the trial as failed with this reason and does not retry it
+    return metrics

@@ -7,16 +7,19 @@ report function, and a plain process can call it with its own (for single runs a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import random
+import re
 import socket
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,13 +30,14 @@ from medpeft_ray.data import load_splits, train_subset_index
 from medpeft_ray.errors import TrialFailed
 from medpeft_ray.methods import count_parameters, prepare_model
 from medpeft_ray.models import build_backbone
-from medpeft_ray.train.checkpoint import load_checkpoint_into, load_trainable_state, save_checkpoint, trainable_state
+from medpeft_ray.train.checkpoint import load_deepspeed_state, load_trainable_state, save_trial_checkpoint, trainable_state
 from medpeft_ray.train.metrics import mean_auroc
 
 log = logging.getLogger(__name__)
 
-#: ``report(metrics, checkpoint_dir)``: called once per epoch on every rank; the directory is only
-#: given on rank 0 and only lives until the call returns.
+#: ``report(metrics, checkpoint_dir)``: called once per epoch on every rank with that rank's part
+#: of the epoch's checkpoint (rank 0's holds the trainable weights and state; every rank's holds
+#: its DeepSpeed shard), which only lives until the call returns. Ray Train merges the parts.
 ReportFn = Callable[[dict[str, Any], Path | None], None]
 
 
@@ -46,6 +50,8 @@ class WorkerContext:
     resume_from: Path | None = None
     #: the dataset's cache key when the driver computed it (saves walking the dataset per trial)
     dataset_key: dict[str, Any] | None = None
+    #: when this worker's process and function started (start-up breakdown in the first epoch's metrics)
+    started: dict[str, float] | None = None
 
 
 def resolve_precision(train: TrainConfig, use_gpu: bool) -> str:
@@ -64,10 +70,14 @@ def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool) -> dict
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro_batch * accumulation * world_size,
-        "zero_optimization": {"stage": train.deepspeed.zero_stage},
+        "zero_optimization": zero_config(train, use_gpu),
         "steps_per_print": 10**9,  # progress is reported per epoch, not in DeepSpeed's log
         "wall_clock_breakdown": False,
     }
+    if train.deepspeed.offload_optimizer != "none":
+        # The optimizer is built here (torch AdamW/SGD, or DeepSpeed's CPU Adam on GPUs); DeepSpeed
+        # would otherwise refuse a client optimizer under offload.
+        config["zero_force_ds_cpu_optimizer"] = False
     if train.deepspeed.gradient_clipping > 0:
         config["gradient_clipping"] = train.deepspeed.gradient_clipping
     if precision == "bf16":
@@ -77,20 +87,82 @@ def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool) -> dict
     return config
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over the trainable parameters; no weight decay on biases and norms (1-d)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+def zero_config(train: TrainConfig, use_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's ``zero_optimization`` section: the stage and where its state lives."""
+    ds = train.deepspeed
+    config: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer != "none":
+        config["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": use_gpu}
+    if ds.offload_param != "none":
+        config["offload_param"] = {"device": ds.offload_param, "pin_memory": use_gpu}
+    if ds.zero_stage == 3:
+        # small PEFT tensors (LoRA factors, biases, prompts) stay whole on every rank: gathering them
+        # costs more than they save; the frozen backbone's large matrices are still partitioned
+        config["stage3_param_persistence_threshold"] = 10**5
+    return config
+
+
+_LAYER_PATTERNS = (re.compile(r"(?:^|\.)blocks\.(\d+)\."), re.compile(r"(?:^|\.)layer(\d+)\."))
+#: parameters of the input stem (before the first block): layer 0 in layer-wise lr decay
+_STEM = ("cls_token", "pos_embed", "reg_token", "patch_embed", "conv1", "bn1", "dist_token")
+
+
+def layer_ids(model: torch.nn.Module) -> tuple[dict[str, int], int]:
+    """Each trainable parameter's depth for layer-wise lr decay, and the number of layers.
+
+    The stem (patch embedding, class token, position embedding; a ResNet's first conv) is layer 0,
+    ViT block ``i`` (ResNet stage ``i``) is ``i + 1`` (``i`` for ResNet's 1-based ``layer1..4``),
+    and everything after the last block (final norm, ``fc_norm``, head) is the top layer.
+    """
+    depth: dict[str, int | None] = {}
+    top = 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = None
+        for offset, pattern in zip((1, 0), _LAYER_PATTERNS):
+            match = pattern.search(name)
+            if match:
+                layer = int(match.group(1)) + offset
+                break
+        if layer is None and name.split(".")[0] in _STEM:
+            layer = 0
+        depth[name] = layer
+        top = max(top, layer or 0)
+    top += 1
+    return {name: top if layer is None else layer for name, layer in depth.items()}, top
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, use_gpu: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters; no weight decay on biases and norms (1-d).
+
+    With ``layer_decay`` < 1, a parameter ``k`` layers below the top trains at ``lr x decay^k``
+    (MAE's fine-tuning recipe); each group's lr is its scaled lr, which the schedule then scales.
+    """
+    ids, top = layer_ids(model)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1
+        layer = ids[name] if train.layer_decay < 1 else top
+        group = groups.setdefault((layer, no_decay), {
+            "params": [],
+            "weight_decay": 0.0 if no_decay else train.weight_decay,
+            "lr": train.lr * train.layer_decay ** (top - layer),
+        })
+        group["params"].append(param)
+    param_groups = [groups[key] for key in sorted(groups)]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
-    return torch.optim.AdamW(groups, lr=train.lr)
+        return torch.optim.SGD(param_groups, lr=train.lr, momentum=train.momentum)
+    if use_gpu and train.deepspeed.offload_optimizer == "cpu":
+        try:  # ZeRO-Offload's vectorised CPU Adam: the reason to offload at all on a GPU
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(param_groups, lr=train.lr, adamw_mode=True)
+        except Exception as exc:  # the op is compiled on first use; no compiler, no op
+            log.warning("DeepSpeed's CPU Adam is unavailable (%s); offloaded steps use torch AdamW", exc)
+    return torch.optim.AdamW(param_groups, lr=train.lr)
 
 
 def warmup_cosine(train: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -133,26 +205,83 @@ def augment(images: torch.Tensor, generator: torch.Generator, kind: str) -> torc
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+class RandAugment:
+    """The MAE/AdamW recipe's photometric part: timm RandAugment ``rand-m9-mstd0.5-inc1`` per image
+    (on the CPU, on uint8 grey images) and random erasing with probability 0.25 per image (batched,
+    on the normalised tensor, on the worker's device). Seeded from the trial, so runs repeat."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.random_erasing import RandomErasing
+
+        # grey images: fill with mid-grey. Magnitudes are drawn around 9 and capped just below 10,
+        # where timm's increasing posterize asks for 0 bits, which Pillow refuses.
+        self.transform = rand_augment_transform("rand-m9-mstd0.5-inc1", {"img_mean": 128, "magnitude_max": 9.9})
+        self.erase = RandomErasing(probability=0.25, mode="pixel", device=str(device))
+        self.rng = random.Random(seed)
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        with self._own_streams(batch.device):
+            out = [np.asarray(self.transform(Image.fromarray(img.numpy(), mode="L"))) for img in batch]
+        return torch.from_numpy(np.stack(out))
+
+    def erasing(self, x: torch.Tensor) -> torch.Tensor:
+        with self._own_streams(x.device):
+            return self.erase(x)
+
+    @contextlib.contextmanager
+    def _own_streams(self, device: torch.device) -> Iterator[None]:
+        """timm draws from Python's, NumPy's and torch's global generators: seed them from this
+        recipe's own stream for the call, and give the training loop its generators back after."""
+        seed = self.rng.getrandbits(32)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                yield
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+
 class Batches:
     """Turns cached uint8 images into normalised 3-channel batches on the worker's device."""
 
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, device: torch.device, mean: float, std: float, augment: str = "none"
+        self, images: np.ndarray, labels: np.ndarray, device: torch.device, mean: float, std: float, augment: str = "none",
+        seed: int = 0,
     ):
         self.images = torch.from_numpy(np.array(images, copy=True))  # a private, writable copy of the mmap
         self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
         if device.type == "cuda":
             self.images = self.images.pin_memory()
         self.device, self.mean, self.std, self.augment = device, mean, std, augment
+        self.randaug = RandAugment(seed, device) if augment == "randaug" else None
+
+    def reseed(self, seed: int) -> None:
+        """Restarts the augmentation's own random stream (each epoch: a resumed run draws the same)."""
+        if self.randaug is not None:
+            self.randaug.rng.seed(seed)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def get(self, index: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[index].to(self.device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+        """Batch ``index``; augmented (training) when ``generator`` is given."""
+        images = self.images[index]
+        if generator is not None and self.randaug is not None:
+            images = self.randaug.images(images)
+        x = images.to(self.device, non_blocking=True).unsqueeze(1).float().div_(255.0)
         if generator is not None:
-            x = augment(x, generator, self.augment)
-        x = x.sub_(self.mean).div_(self.std).expand(-1, 3, -1, -1).to(dtype)
+            x = augment(x, generator, "flip" if self.augment == "flip" else "none" if self.augment == "none" else "crop_flip")
+        x = x.sub_(self.mean).div_(self.std)
+        if generator is not None and self.randaug is not None:
+            x = self.randaug.erasing(x)
+        x = x.expand(-1, 3, -1, -1).to(dtype)
         return x, self.labels[index].to(self.device, non_blocking=True)
 
 
@@ -177,21 +306,23 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evalu
     """Trains one trial on this worker; returns the last epoch's metrics.
 
     With ``evaluate_test``, the epoch with the best validation AUROC is evaluated on the test
-    split at the end (``test_auroc``, ``test_loss``, ``test_epoch`` in the returned metrics); the
-    test split never takes part in choosing that epoch.
+    split at the end (``test_auroc``, ``test_loss``, ``test_epoch``, and that epoch's
+    ``best_val_auroc`` and ``best_val_loss`` in the returned metrics); the test split never takes
+    part in choosing that epoch.
 
     Raises:
-        TrialFailed: the loss became NaN or infinite.
+        TrialFailed: the loss became NaN or infinite (on any rank: every rank raises it together).
     """
     started_at = time.time()
+    marks: dict[str, float] = {}  # start-up breakdown (end of each phase), reported with the first epoch
     use_gpu = ctx.device.type == "cuda"
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    torch.manual_seed(trial.train.seed)
-    np.random.seed(trial.train.seed)
+    set_determinism(trial.train.seed, trial.train.deterministic)
+    marks["deepspeed_import"] = time.time()
 
     data = load_splits(
         trial.dataset.name, trial.dataset.root, trial.dataset.image_size, trial.dataset.options, trial.dataset.seed,
@@ -203,6 +334,7 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evalu
     if len(train_split) < ctx.world_size:
         raise TrialFailed(f"{len(train_split)} training images cannot feed {ctx.world_size} workers")
 
+    marks["data"] = time.time()
     model = build_backbone(
         trial.model.backbone,
         data.num_classes,
@@ -217,21 +349,21 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evalu
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     shard_size = len(train_split) // ctx.world_size
     steps_per_epoch = max(1, math.ceil(shard_size / micro_batch) // trial.train.deepspeed.gradient_accumulation_steps)
-    optimizer = build_optimizer(model, trial.train)
+    marks["model"] = time.time()
+    optimizer = build_optimizer(model, trial.train, use_gpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model.to(ctx.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DeepSpeed's notes on CPU-only features
+        engine, _, _, _ = deepspeed.initialize(
+            model=model.to(ctx.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(trial.train, use_gpu), torch.float32)
 
     start_epoch = 0
     if ctx.resume_from is not None:
-        state = load_checkpoint_into(ctx.resume_from, engine.module)
-        start_epoch = int(state["epoch"])
-        with warnings.catch_warnings():  # stepping before any optimizer step is the point here
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start_epoch * steps_per_epoch):
-                scheduler.step()  # the schedule is a function of the step: replay it to where it was
+        # weights, optimizer moments and the lr schedule, each rank its own shard
+        start_epoch = int(load_deepspeed_state(ctx.resume_from, engine)["epoch"])
+    marks["deepspeed_init"] = time.time()
 
     multilabel = data.task == "multilabel"
     # decided once per trial, so the common all-known case pays no masking (and no GPU sync)
@@ -254,13 +386,18 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evalu
     first_step_at: float | None = None
     train_time = 0.0
     metrics: dict[str, Any] = {}
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (val AUROC, epoch, trainable state)
+    best: tuple[float, int, dict[str, torch.Tensor], float] | None = None  # (val AUROC, epoch, trainable state, val loss)
     for epoch in range(start_epoch, trial.train.epochs):
         epoch_start = time.time()
         engine.train()
         # Every rank draws the same permutation and takes its own stride of it.
         order_gen = torch.Generator().manual_seed(trial.train.seed * 1000 + epoch)
-        aug_gen = torch.Generator().manual_seed(trial.train.seed * 1000 + epoch + 10**6 * (ctx.rank + 1))
+        # Augmentation and dropout draw from streams seeded by (seed, epoch, rank), so an epoch
+        # trained after a resume draws exactly what it would have drawn without the interruption.
+        epoch_seed = trial.train.seed * 1000 + epoch + 10**6 * (ctx.rank + 1)
+        aug_gen = torch.Generator().manual_seed(epoch_seed)
+        train_batches.reseed(epoch_seed)
+        torch.manual_seed(epoch_seed)
         shard = torch.randperm(len(train_split), generator=order_gen)[ctx.rank :: ctx.world_size][:shard_size]
         loss_sum = torch.zeros((), device=ctx.device)
         steps = 0
@@ -273,7 +410,7 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evalu
             engine.step()
             loss_sum += loss.detach()
             steps += 1
-        train_loss = (loss_sum / max(1, steps)).item()  # one sync per epoch, not per step
+        train_loss = mean_over_ranks(loss_sum, steps, ctx.world_size)  # one sync per epoch, not per step
         if not math.isfinite(train_loss):
             raise TrialFailed(f"training loss is {train_loss} in epoch {epoch + 1} (lr {trial.train.lr:g}); trial stopped")
 
@@ -293,16 +430,16 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evalu
             "train_time_s": train_time,
             "worker_started_at": started_at,
             "first_step_at": first_step_at,
+            "resumed_from_epoch": start_epoch,
         }
-        if ctx.rank == 0:
-            with tempfile.TemporaryDirectory(prefix="medpeft-ckpt-") as tmp:
-                state = {"epoch": epoch + 1, "metrics": metrics, "val_auroc_per_class": dict(zip(data.class_names, per_class)),
-                         "trial": trial.model_dump(mode="json")}
-                report(metrics, save_checkpoint(Path(tmp), engine.module, state))
-        else:
-            report(metrics, None)
+        if epoch == start_epoch:
+            metrics["startup"] = startup_breakdown(ctx.started, marks, first_step_at)
+        with tempfile.TemporaryDirectory(prefix="medpeft-ckpt-") as tmp:
+            state = {"epoch": epoch + 1, "metrics": metrics, "val_auroc_per_class": dict(zip(data.class_names, per_class)),
+                     "trial": trial.model_dump(mode="json")}
+            report(metrics, save_trial_checkpoint(Path(tmp), engine, state, ctx.rank))
         if evaluate_test and (best is None or val_auroc > best[0]):
-            best = (val_auroc, epoch + 1, trainable_state(engine.module))
+            best = (val_auroc, epoch + 1, trainable_state(engine.module), val_loss)
     if evaluate_test and best is not None and len(data.test):
         load_trainable_state(engine.module, best[2])
         test_batches = Batches(data.test.images, data.test.labels, ctx.device, trial.model.mean, trial.model.std)
@@ -310,8 +447,41 @@ def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evalu
             engine, test_batches, dtype, loss_fn, multilabel, ctx, trial.train.eval_batch_size
         )
         metrics = {**metrics, "test_auroc": test_auroc, "test_loss": test_loss, "test_epoch": best[1],
+                   "best_val_auroc": best[0], "best_val_loss": best[3],
                    "test_auroc_per_class": dict(zip(data.class_names, test_per_class))}
     return metrics
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    """Seeds every generator a trial draws from; ``deterministic`` also forbids non-deterministic kernels.
+
+    On CPUs the same seed already gives the same numbers; on GPUs some kernels (atomics in
+    backward passes, cuDNN's autotuner) vary between runs unless they are ruled out, at a speed cost.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def mean_over_ranks(loss_sum: torch.Tensor, steps: int, world_size: int) -> float:
+    """The epoch's mean training loss over every rank's steps (so all ranks agree on NaN)."""
+    total = torch.stack([loss_sum.detach().float(), torch.tensor(float(steps), device=loss_sum.device)])
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def startup_breakdown(started: dict[str, float] | None, marks: dict[str, float], first_step_at: float | None) -> dict[str, float]:
+    """Seconds spent in each start-up phase of this worker, from its process start to its first step."""
+    points = [*(started or {}).items(), *marks.items(), ("first_step", first_step_at or time.time())]
+    points.sort(key=lambda item: item[1])
+    return {f"{name}_s": round(t - points[i - 1][1], 3) for i, (name, t) in enumerate(points) if i}
 
 
 @torch.no_grad()

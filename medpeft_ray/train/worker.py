@@ -2,34 +2,50 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 #: key of the trial config in ``train_loop_config``
 TRIAL_KEY = "trial"
+#: metrics key of a trial that ended in a reported failure (a NaN loss); its value is the reason
+FAILURE_KEY = "failure"
+#: key of ``train_loop_config``: after training, score the best validation epoch on the test split
+EVALUATE_TEST_KEY = "evaluate_test"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker of a trial (``TorchTrainer(train_loop_per_worker)``)."""
+    started = {**loop_config.get("started", {}), "actor_start": time.time()}
     # DeepSpeed picks its accelerator at import: decide before anything imports it.
     if not os.environ.get("CUDA_VISIBLE_DEVICES"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import psutil  # a Ray dependency
     import ray.train
     import ray.train.torch
     import torch
 
     from medpeft_ray.config import TrialConfig
+    from medpeft_ray.errors import TrialFailed
     from medpeft_ray.train.engine import WorkerContext, run_training
 
+    started["worker_process"] = psutil.Process().create_time()
+    started["imports"] = time.time()
     trial = TrialConfig.model_validate(loop_config[TRIAL_KEY])
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
     context = ray.train.get_context()
     checkpoint = ray.train.get_checkpoint()
+    epochs_reported = 0
 
     def report(metrics: dict[str, Any], directory: Path | None) -> None:
+        nonlocal epochs_reported
         ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
         ray.train.report(metrics, checkpoint=ckpt)
+        epochs_reported = int(metrics["epoch"])
 
     def run(resume_from: Path | None) -> None:
         ctx = WorkerContext(
@@ -38,8 +54,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             device=ray.train.torch.get_device(),
             resume_from=resume_from,
             dataset_key=loop_config.get("dataset_key"),
+            started=started,
         )
-        run_training(trial, ctx, report)
+        evaluate_test = bool(loop_config.get(EVALUATE_TEST_KEY))
+        try:
+            final = run_training(trial, ctx, report, evaluate_test=evaluate_test)
+        except TrialFailed as exc:
+            # A trial that cannot succeed (NaN loss) must not be restarted by Ray Train's
+            # FailureConfig, which retries any worker error: report the failure as this trial's
+            # last result and end normally; the Tune trainable turns it into the trial's error.
+            # Every rank gets here together (the loss is averaged over ranks), so reports match.
+            nan = math.nan
+            report_final({"epoch": epochs_reported + 1, "val_auroc": nan, "val_loss": nan, "train_loss": nan,
+                          FAILURE_KEY: str(exc)}, ctx.rank)
+            return
+        if evaluate_test:
+            report_final({k: v for k, v in final.items() if not isinstance(v, dict)}, ctx.rank)
+
+    def report_final(metrics: dict[str, Any], rank: int) -> None:
+        # With a small checkpoint: Ray Train hands the trainable the metrics of its latest
+        # checkpoint, not of its latest report.
+        with tempfile.TemporaryDirectory(prefix="medpeft-final-") as tmp:
+            (Path(tmp) / "final.json").write_text(json.dumps(metrics, default=str))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
     if checkpoint is None:
         run(None)

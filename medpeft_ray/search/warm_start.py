@@ -1,0 +1,79 @@
+"""Configurations a study tries first: hand-given points and the leaderboard's best known ones.
+
+``search.points_to_evaluate`` are tried in every study. With ``search.warm_start.from_leaderboard``,
+each study also starts from the ``top_k`` best trials recorded for the same dataset, backbone and
+method: at the same label ratio in earlier experiments, and at the label ratio nearest to it among
+those this search has already finished (the best rank or lr at 10% labels is a good first guess at
+1%). Only the searched parameters of a recorded trial are reused, and only where they fall inside
+this search's ranges; Optuna then samples anything a point leaves out, and learns from the results
+like from any other trial.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from medpeft_ray.config import METHOD_PARAM, SearchConfig, distribution_contains
+
+
+def warm_start_points(config: SearchConfig, label_ratio: float, db_url: str, searched_ratios: list[float]) -> list[dict[str, Any]]:
+    """The points the study of ``label_ratio`` tries first, best known first, without duplicates."""
+    distributions = config.distributions()
+    points: list[dict[str, Any]] = [dict(p) for p in config.search.points_to_evaluate]
+    settings = config.search.warm_start
+    if settings.from_leaderboard:
+        for method, params in _best_known(config, label_ratio, db_url, searched_ratios):
+            point = _as_point(config, method, params if isinstance(params, dict) else {})
+            point = {k: v for k, v in point.items() if k in distributions and distribution_contains(distributions[k], v)}
+            if point.keys() - {METHOD_PARAM}:
+                points.append(point)
+    unique: list[dict[str, Any]] = []
+    for point in points:
+        if point not in unique:
+            unique.append(point)
+    return unique
+
+
+def _as_point(config: SearchConfig, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A recorded trial's (method, sampled params) in this search's parameter names.
+
+    A trial of a one-method search recorded ``rank``; of a several-method search ``lora.rank``
+    and ``method``: either becomes ``rank`` here with one method, ``lora.rank`` with several.
+    """
+    plain = {}
+    for name, value in params.items():
+        scope, sep, field = name.partition(".")
+        if name != METHOD_PARAM:
+            plain[field if sep and scope == method else name] = value
+    if not config.method.is_choice:
+        return plain if method == config.method.name else {}
+    if method not in config.method.names:
+        return {}
+    point: dict[str, Any] = {METHOD_PARAM: method}
+    for name, value in plain.items():
+        point[f"{method}.{name}" if f"{method}.{name}" in config.raw_space() else name] = value
+    return point
+
+
+def _best_known(
+    config: SearchConfig, label_ratio: float, db_url: str, searched_ratios: list[float]
+) -> list[tuple[str, dict[str, Any]]]:
+    """(method, sampled params) of the best recorded trials: same ratio (any earlier run), then the nearest searched ratio."""
+    from medpeft_ray.leaderboard import LeaderboardStore
+
+    metric, mode = config.search.metric, config.search.resolved_mode
+    rows = LeaderboardStore(db_url).query(
+        dataset=config.dataset.name, backbone=config.model.backbone, metric=metric, ascending=mode == "min"
+    )
+    if rows.empty:
+        return []
+    rows = rows[(rows["status"] != "failed") & rows[metric].notna() & rows["method"].isin(config.method.names)]
+    k = config.search.warm_start.top_k
+    same_ratio = rows[(rows["label_ratio"] - label_ratio).abs() < 1e-12].head(k)
+    chosen = list(zip(same_ratio["method"], same_ratio["params"]))
+    if searched_ratios:
+        nearest = min(searched_ratios, key=lambda r: abs(math.log(r) - math.log(label_ratio)))
+        this_search = rows[(rows["experiment"] == config.experiment) & ((rows["label_ratio"] - nearest).abs() < 1e-12)]
+        chosen += list(zip(this_search["method"].head(k), this_search["params"].head(k)))
+    return chosen
