@@ -76,7 +76,6 @@ class LeaderboardCallback(Callback):
         self.metric = config.search.metric
         self.maximize = config.search.resolved_mode == "max"
         self.progress: dict[str, _TrialProgress] = {}
-        self.finished: list[TrialSummary] = []
 
     # -- Tune hooks ---------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -158,7 +157,6 @@ class LeaderboardCallback(Callback):
             error=error,
         )
         self.store.record(record)
-        self.finished.append(TrialSummary(record, sampled))
         if status == "failed":
             self._say(trial, f"[red]failed[/red]: {error}")
         else:
