@@ -74,7 +74,7 @@ def confirm_study(
     tuner = tune.Tuner(
         trainable,
         param_space={"point": tune.grid_search(points)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=f"{config.experiment}-ratio{label_ratio:g}-confirm",
                                   storage_path=f"{storage}/tune", verbose=0),
     )

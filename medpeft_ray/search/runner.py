@@ -357,8 +357,10 @@ def _run_studies(
                     scheduler=make_scheduler(settings, config.train.epochs),
                     num_samples=num_samples,
                     max_concurrent_trials=plan.concurrency,
-                    # a finished trial's driver process runs the next trial: its imports are paid once
-                    reuse_actors=True,
+                    # No reuse of trial driver processes: a driver whose trial the scheduler stopped
+                    # is still inside TorchTrainer.fit when the next trial asks for it, and Tune
+                    # then drops that next trial instead of starting a fresh driver.
+                    reuse_actors=False,
                 ),
                 run_config=tune.RunConfig(
                     name=f"{config.experiment}-ratio{label_ratio:g}",

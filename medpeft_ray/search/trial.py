@@ -62,7 +62,7 @@ def _pin_cluster_address() -> None:
         pass
 
 
-#: trials this process has run (Tune reuses trial processes: only the first one pays its start)
+#: trials this process has run (a reused trial process would have paid its start only for the first)
 _trials_run_here = 0
 
 
