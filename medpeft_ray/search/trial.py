@@ -62,10 +62,6 @@ def _pin_cluster_address() -> None:
         pass
 
 
-#: trials this process has run (a reused trial process would have paid its start only for the first)
-_trials_run_here = 0
-
-
 def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
     """Tune function trainable: trains one sampled configuration through Ray Train.
 
@@ -97,18 +93,12 @@ def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
 
 
 def _start_marks() -> dict[str, float]:
-    """The start of the trial's start-up breakdown: its process's start (unless an earlier trial
-    reused the process), then its function's."""
+    """The start of the trial's start-up breakdown: its process's start, then its function's."""
     import time
 
     import psutil  # a Ray dependency
 
-    global _trials_run_here
-    started = {"trial_function": time.time()}
-    if not _trials_run_here:
-        started["trial_process"] = psutil.Process().create_time()
-    _trials_run_here += 1
-    return started
+    return {"trial_process": psutil.Process().create_time(), "trial_function": time.time()}
 
 
 def _fit(
