@@ -6,14 +6,18 @@
    imports, as a script's does.
 2. **Trials**: ``medpeft-ray search`` runs the same configuration (nothing searched, ``--trials``
    identical trials one after another) through Ray Tune, Ray Train and DeepSpeed, with per-epoch
-   checkpoints. A trial's cost is its wall time in the leaderboard (trial start to trial end);
-   the Ray cluster's own start, paid once per search, is reported apart.
+   checkpoints, twice: on a warm executor (the default: the first trial pays the executor's
+   set-up, later ones start on the loaded backbone) and cold (``resources.warm_executors: false``:
+   every trial is a Ray Train run of its own). A trial's cost is its wall time in the leaderboard
+   (trial start to trial end); the Ray cluster's own start, paid once per search, is reported apart.
 
-The ratio trial / plain loop is the result (the goal is at most 2x on the default synthetic
-trial); the start-up breakdown of the last trial shows where the remaining overhead goes.
+Reported: each trial's start-up (trial start to its first training step), the first trial's and
+the median of the later ones, and the ratio of the median later trial to the plain loop (goal
+<= 1.1x warm); the start-up breakdown of the last trial shows where the remaining overhead goes.
 
     python bench/trial_overhead.py                                  # search_spaces/lora.yaml at label ratio 1
-    python bench/trial_overhead.py --trials 3 --epochs 2 --json
+    python bench/trial_overhead.py --trials 5 --epochs 2 --json
+    python bench/trial_overhead.py --modes warm                     # skip the cold search
 """
 
 from __future__ import annotations
@@ -128,40 +132,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plain_wall = time.time() - started
     plain = json.loads(out.stdout.strip().splitlines()[-1])
 
-    started = time.time()
-    search = subprocess.run([sys.executable, "-m", "medpeft_ray.cli", "search", "--space", str(space), "--results",
-                             str(work / "results")], env=env, capture_output=True, text=True)
-    search_wall = time.time() - started
-    if search.returncode != 0:
-        raise SystemExit(f"search failed:\n{search.stdout[-3000:]}\n{search.stderr[-3000:]}")
-
-    from medpeft_ray.leaderboard import LeaderboardStore
-
-    rows = LeaderboardStore(f"sqlite:///{work / 'results' / 'leaderboard.db'}", create=False).query()
-    # Tune names trial folders run_trial_<trial id>_<number>_...: order the rows as the trials ran
-    results = sorted((work / "results" / "tune").glob("*/run_trial_*/result.json"),
-                     key=lambda p: int(p.parent.name.split("_")[3]))
-    order = [p.parent.name.split("_")[2] for p in results]
-    rows = rows.set_index("trial_id").loc[order]
-    trial_walls = [float(w) for w in rows["wall_time_s"]]
-    first_epoch = [json.loads(next(ln for ln in p.read_text().splitlines() if ln.strip())) for p in results]
-    breakdown = {k.removeprefix("startup/"): v for k, v in first_epoch[-1].items() if k.startswith("startup/")}
-    if not breakdown:
-        breakdown = first_epoch[-1].get("startup", {})
-    median_trial = statistics.median(trial_walls)
+    searches = {mode: _search(work, raw, mode, env) for mode in args.modes.split(",")}
     return {
         "config": {"backbone": trial.model.backbone, "method": trial.method.name, "image_size": trial.dataset.image_size,
-                   "epochs": trial.train.epochs, "train_images": first_epoch[-1].get("train_images"),
+                   "epochs": trial.train.epochs, "train_images": next(iter(searches.values()))["train_images"],
                    "threads": args.threads},
         "plain_wall_s": plain_wall,
         "plain": plain,
-        "trial_wall_s": trial_walls,
-        "trial_startup_s": [float(s) for s in rows["startup_s"]],
+        "searches": searches,
+        "ratios_over_plain": {mode: s["later_trial_wall_median_s"] / plain_wall for mode, s in searches.items()},
+    }
+
+
+def _search(work: Path, raw: dict[str, Any], mode: str, env: dict[str, str]) -> dict[str, Any]:
+    """One search of identical trials, on a warm executor or cold; each trial's cost and start-up."""
+    import yaml
+
+    from medpeft_ray.leaderboard import LeaderboardStore
+
+    raw = {**raw, "experiment": f"overhead-{mode}",
+           "resources": {**raw["resources"], "warm_executors": mode == "warm"}}
+    space = work / f"overhead-{mode}.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    results = work / f"results-{mode}"
+    started = time.time()
+    search = subprocess.run([sys.executable, "-m", "medpeft_ray.cli", "search", "--space", str(space), "--results",
+                             str(results)], env=env, capture_output=True, text=True)
+    search_wall = time.time() - started
+    if search.returncode != 0:
+        raise SystemExit(f"{mode} search failed:\n{search.stdout[-3000:]}\n{search.stderr[-3000:]}")
+    rows = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}", create=False).query()
+    # Tune names trial folders run_trial_<trial id>_<number>_...: order the rows as the trials ran
+    tune_results = sorted((results / "tune").glob("*/run_trial_*/result.json"), key=lambda p: int(p.parent.name.split("_")[3]))
+    order = [p.parent.name.split("_")[2] for p in tune_results]
+    rows = rows.set_index("trial_id").loc[order]
+    walls = [float(w) for w in rows["wall_time_s"]]
+    startups = [float(s) for s in rows["startup_s"]]
+    first_epoch = [json.loads(next(ln for ln in p.read_text().splitlines() if ln.strip())) for p in tune_results]
+    utilisation = next((line for line in search.stdout.splitlines() if line.startswith("slot utilisation")), "")
+    later_walls, later_startups = walls[1:] or walls, startups[1:] or startups
+    return {
+        "trial_wall_s": walls,
+        "trial_startup_s": startups,
         "trial_train_s": [float(s) for s in rows["train_time_s"]],
+        "first_trial_startup_s": startups[0],
+        "later_trial_startup_median_s": statistics.median(later_startups),
+        "later_trial_wall_median_s": statistics.median(later_walls),
         "search_wall_s": search_wall,
-        "ray_and_search_setup_s": search_wall - sum(trial_walls),
-        "last_trial_startup_breakdown_s": breakdown,
-        "ratio_trial_over_plain": median_trial / plain_wall,
+        "ray_and_search_setup_s": search_wall - sum(walls),
+        "slot_utilisation": utilisation.split()[2] if utilisation else None,
+        "train_images": first_epoch[-1].get("train_images"),
+        "last_trial_startup_breakdown_s": first_epoch[-1].get("startup", {}),
     }
 
 
@@ -170,7 +191,8 @@ def main() -> None:
     parser.add_argument("--space", default=str(ROOT / "search_spaces" / "lora.yaml"))
     parser.add_argument("--label-ratio", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=0, help="override train.epochs (0: the YAML's)")
-    parser.add_argument("--trials", type=int, default=2, help="identical trials run one after another")
+    parser.add_argument("--trials", type=int, default=4, help="identical trials run one after another")
+    parser.add_argument("--modes", default="warm,cold", help="which searches to run: warm, cold or both")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the plain loop and of each trial's worker")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plain", help=argparse.SUPPRESS)
@@ -187,12 +209,22 @@ def main() -> None:
           f"{c['epochs']} epochs, {c['threads']} thread(s)")
     print(f"plain PyTorch loop: {result['plain_wall_s']:.1f} s  (imports {p['imports_s']:.1f} s, "
           f"start-up {p['startup_s']:.1f} s, training + eval {p['train_s']:.1f} s)")
-    for i, (wall, start, train) in enumerate(zip(result["trial_wall_s"], result["trial_startup_s"], result["trial_train_s"])):
-        print(f"trial {i + 1}: {wall:.1f} s  (start-up {start:.1f} s, training + eval {train:.1f} s)")
-    print(f"Ray start and search set-up, once per search: {result['ray_and_search_setup_s']:.1f} s")
-    print("start-up of the last trial, by phase: " + ", ".join(
-        f"{k.removesuffix('_s')} {v:.1f} s" for k, v in result["last_trial_startup_breakdown_s"].items()))
-    print(f"ratio trial / plain loop (median trial): {result['ratio_trial_over_plain']:.2f}x  (goal: <= 2x)")
+    for mode, search in result["searches"].items():
+        print(f"\n{mode} trials (search {search['search_wall_s']:.0f} s, {search['slot_utilisation'] or '?'} slot utilisation):")
+        for i, (wall, start, train) in enumerate(zip(search["trial_wall_s"], search["trial_startup_s"], search["trial_train_s"])):
+            print(f"  trial {i + 1}: {wall:.1f} s  (start-up {start:.1f} s, training + eval {train:.1f} s)")
+        print(f"  start-up: first trial {search['first_trial_startup_s']:.1f} s, "
+              f"median of later trials {search['later_trial_startup_median_s']:.2f} s")
+        print(f"  Ray start and search set-up, once per search: {search['ray_and_search_setup_s']:.1f} s")
+        print("  start-up of the last trial, by phase: " + ", ".join(
+            f"{k.removesuffix('_s')} {v:.2f} s" for k, v in search["last_trial_startup_breakdown_s"].items()))
+        print(f"  ratio later trial / plain loop (median): {result['ratios_over_plain'][mode]:.2f}x"
+              + ("  (goal: <= 1.1x)" if mode == "warm" else ""))
+    if {"warm", "cold"} <= result["searches"].keys():
+        warm, cold = result["searches"]["warm"], result["searches"]["cold"]
+        print(f"\nwarm / cold: median later start-up {warm['later_trial_startup_median_s']:.2f} s vs "
+              f"{cold['later_trial_startup_median_s']:.1f} s; search wall time {warm['search_wall_s']:.0f} s vs "
+              f"{cold['search_wall_s']:.0f} s ({warm['search_wall_s'] / cold['search_wall_s']:.2f}x)")
 
 
 if __name__ == "__main__":

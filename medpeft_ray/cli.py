@@ -99,6 +99,10 @@ def _print_search_summary(result: Any) -> None:
             f"per trial: start-up (trial start to first training step) {sum(startups) / len(startups):.1f} s, "
             f"training + evaluation {sum(trains) / len(trains):.1f} s (means)"
         )
+    utilisation = result.slot_utilisation
+    if utilisation is not None:
+        console.print(f"slot utilisation {utilisation:.0%} (training + evaluation over the {result.slots} slot(s)' "
+                      "time from the first trial's start to the last one's end)")
     console.print(f"leaderboard: {result.db_url}   (medpeft-ray leaderboard --experiment {result.experiment})")
     if not done:
         raise typer.Exit(1)
@@ -380,7 +384,9 @@ def train(
         except MedpeftError as exc:
             _fail(exc)
     test = f"test_auroc={result['test_auroc']:.4f} (epoch {result['test_epoch']})" if "test_auroc" in result else "no test split"
-    console.print(f"best val_auroc={result['best_val_auroc']:.4f}; {test}; {result['wall_time_s']:.0f} s")
+    metric = result["metric"]
+    console.print(f"best {metric}={result[f'best_{metric}']:.4f} (epoch {result['best_epoch']}); {test}; "
+                  f"{result['wall_time_s']:.0f} s")
     console.print(f"checkpoint and result.json in {out_dir}")
 
 

@@ -310,6 +310,13 @@ class ResourcesConfig(_Strict):
     worker_start_timeout_s: float = Field(
         1800.0, gt=0, description="how long each start of a trial's workers may wait for resources (new nodes)"
     )
+    warm_executors: bool = Field(
+        True, description="train trials on long-lived executors that keep imports, data and the pre-trained backbone "
+        "loaded (false: every trial is a cold Ray Train run of its own)"
+    )
+    executor_idle_s: float = Field(
+        60.0, gt=0, description="an executor with no trial for this long exits, giving its resources (and node) back"
+    )
 
     @field_validator("gpus_per_worker")
     @classmethod
@@ -412,6 +419,8 @@ class SearchConfig(_Strict):
             model=self.model,
             method=MethodConfig(name=chosen, options=method_options),
             train=TrainConfig.model_validate(train),
+            metric=self.search.metric,
+            mode=self.search.resolved_mode,  # type: ignore[arg-type]
         )
 
 
@@ -424,6 +433,10 @@ class TrialConfig(_Strict):
     model: ModelConfig
     method: MethodConfig
     train: TrainConfig
+    metric: Literal["val_auroc", "val_loss"] = Field(
+        "val_auroc", description="the validation metric that picks the trial's best epoch (the search's search.metric)"
+    )
+    mode: Literal["max", "min"] = Field("max", description="whether higher (max) or lower (min) metric values are better")
 
     @field_validator("method")
     @classmethod
@@ -472,8 +485,10 @@ def load_trial_config(path: str | Path) -> TrialConfig:
         if not isinstance(raw, dict):
             raise ConfigError("", f"must be a mapping of sections, got {type(raw).__name__}")
         trial = parse_section(TrialConfig, raw, "")
-        search = {**raw, "dataset": {**raw["dataset"], "label_ratios": [trial.label_ratio]}, "space": {}}
-        del search["label_ratio"]
+        search = {**raw, "dataset": {**raw["dataset"], "label_ratios": [trial.label_ratio]}, "space": {},
+                  "search": {"metric": trial.metric, "mode": trial.mode}}
+        for key in ("label_ratio", "metric", "mode"):
+            search.pop(key, None)
         return _validate_search(search, path).trial_config(trial.label_ratio, {})
 
     return _with_file(path.name, load)

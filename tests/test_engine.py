@@ -15,7 +15,8 @@ from medpeft_ray.config import TrainConfig
 from medpeft_ray.errors import TrialFailed
 from medpeft_ray.train import engine
 from medpeft_ray.train.checkpoint import STATE_FILE, WEIGHTS_FILE
-from medpeft_ray.train.engine import WorkerContext, augment, deepspeed_config, ensure_process_group, run_training, warmup_cosine
+from medpeft_ray.train.engine import WorkerContext, augment, deepspeed_config, ensure_process_group, warmup_cosine
+from medpeft_ray.train.recipe import run_training
 
 
 def test_deepspeed_config_from_train_section() -> None:
@@ -195,6 +196,8 @@ def test_every_method_trains_under_deepspeed_in_the_worker_loop(backbone: str, m
     from conftest import tiny_search
 
     from medpeft_ray.config import validate_search_dict
+    from medpeft_ray.methods import prepare_model
+    from medpeft_ray.models import build_backbone
 
     config = validate_search_dict(
         tiny_search(model={"backbone": backbone}, method={"name": method, "options": {}}, train={"epochs": 1}),
@@ -202,8 +205,8 @@ def test_every_method_trains_under_deepspeed_in_the_worker_loop(backbone: str, m
     )
     trial = config.trial_config(1.0, {"lr": 3e-3})
     torch.manual_seed(0)
-    initial = {n: p.clone() for n, p in engine.prepare_model(
-        engine.build_backbone(backbone, 3, 32), method, {}, trial.family).named_parameters() if p.requires_grad}
+    initial = {n: p.clone() for n, p in prepare_model(
+        build_backbone(backbone, 3, 32), method, {}, trial.family).named_parameters() if p.requires_grad}
     (metrics, weights, _), = _run(trial)
     assert math.isfinite(metrics["train_loss"]) and 0.0 <= metrics["val_auroc"] <= 1.0
     # the checkpoint holds exactly the trainable tensors, and training moved them

@@ -60,7 +60,8 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cache: str) -> No
                       WORLD_SIZE=str(world), MEDPEFT_CACHE=cache, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     import torch.distributed as dist
 
-    from medpeft_ray.train.engine import WorkerContext, run_training
+    from medpeft_ray.train.engine import WorkerContext
+    from medpeft_ray.train.recipe import run_training
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -129,7 +130,8 @@ def test_options_that_change_the_arithmetic_change_the_result(two_ranks: Any) ->
 
 
 def test_two_workers_match_one_worker_on_the_same_global_batch(two_ranks: Any) -> None:
-    from medpeft_ray.train.engine import WorkerContext, ensure_process_group, run_training
+    from medpeft_ray.train.engine import WorkerContext, ensure_process_group
+    from medpeft_ray.train.recipe import run_training
 
     rank0, _, _ = two_ranks
     torch.set_num_threads(1)

@@ -29,6 +29,28 @@ class _TrialProgress:
 
 
 @dataclass
+class SearchTimeline:
+    """When a search's trials ran: slot utilisation is their training time over the slot-seconds
+    from the first trial's start to the last one's end."""
+
+    first_start: float | None = None
+    last_end: float | None = None
+    train_s: float = 0.0
+    trials: int = 0
+
+    def note(self, started_at: float, ended_at: float, train_s: float | None) -> None:
+        self.first_start = started_at if self.first_start is None else min(self.first_start, started_at)
+        self.last_end = ended_at if self.last_end is None else max(self.last_end, ended_at)
+        self.train_s += train_s or 0.0
+        self.trials += 1
+
+    def utilisation(self, slots: int) -> float | None:
+        if self.first_start is None or self.last_end is None or self.last_end <= self.first_start:
+            return None
+        return self.train_s / (max(1, slots) * (self.last_end - self.first_start))
+
+
+@dataclass
 class TrialSummary:
     """What the search remembers of a finished trial (for its closing table and timings)."""
 
@@ -64,11 +86,39 @@ def _error_text(trial: Any) -> str | None:
     return trial.get_error()
 
 
+class StudyTail(Callback):
+    """Sets ``tail`` once the study will start no more trials: all ``num_samples`` started, or its
+    budget share is spent (the search then starts the next study beside this one's last trials)."""
+
+    def __init__(self, num_samples: int, share: Any, tail: Any) -> None:
+        self.num_samples, self.share, self.tail = num_samples, share, tail
+        self.started = 0
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started = max(self.started, len(trials))
+        self._check()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        if self.tail is not None and (self.started >= self.num_samples or self.share.spent):
+            self.tail.set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "tail": None}  # an event of this process; a restored study has its own
+
+
 class LeaderboardCallback(Callback):
     """Records each trial's best epoch, cost and config when the trial completes, stops or fails."""
 
-    def __init__(self, config: SearchConfig, label_ratio: float, db_url: str, console: Any = None) -> None:
+    def __init__(self, config: SearchConfig, label_ratio: float, db_url: str, console: Any = None,
+                 timeline: SearchTimeline | None = None) -> None:
         self.config = config
+        self.timeline = timeline
         self.label_ratio = label_ratio
         self.db_url = db_url
         self.console = console
@@ -103,7 +153,7 @@ class LeaderboardCallback(Callback):
     # Tune pickles its callbacks with the experiment state: the database engine and the console
     # are process-local and made again where needed.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_store": None, "console": None}
+        return {**self.__dict__, "_store": None, "console": None, "timeline": None}
 
     @property
     def store(self) -> LeaderboardStore:
@@ -157,6 +207,8 @@ class LeaderboardCallback(Callback):
             error=error,
         )
         self.store.record(record)
+        if self.timeline is not None:
+            self.timeline.note(p.started_at, ended, record.train_time_s)
         if status == "failed":
             self._say(trial, f"[red]failed[/red]: {error}")
         else:

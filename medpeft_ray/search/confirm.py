@@ -59,6 +59,7 @@ def choose(confirmed: list[ConfirmedConfig], mode: str) -> ConfirmedConfig | Non
 
 def confirm_study(
     config: SearchConfig, label_ratio: float, top: list[Any], trainable: Any, concurrency: int, storage: str,
+    callbacks: list[Any] | None = None,
 ) -> list[ConfirmedConfig]:
     """Re-trains ``top`` (leaderboard records, best first) with the confirmation seeds through Tune.
 
@@ -76,7 +77,7 @@ def confirm_study(
         param_space={"point": tune.grid_search(points)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=f"{config.experiment}-ratio{label_ratio:g}-confirm",
-                                  storage_path=f"{storage}/tune", verbose=0),
+                                  storage_path=f"{storage}/tune", callbacks=callbacks or [], verbose=0),
     )
     for result in tuner.fit():
         point = result.config["point"]

@@ -7,10 +7,10 @@ Each study is a ``Tuner`` over :func:`medpeft_ray.search.trial.run_trial` with `
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,14 @@ class SearchResult:
     trials: list[Any]  # TrialSummary, best first per label ratio
     results_dir: Path | str  # a local folder, or a cloud storage URI (s3://, gs://)
     db_url: str
+    slots: int = 1  # trials that ran at a time (the slot-seconds of slot utilisation)
+    executors: dict[str, Any] | None = None  # the warm executors' statistics, None for cold trials
+    timeline: Any = None  # SearchTimeline: when trials ran, and how long they trained
+
+    @property
+    def slot_utilisation(self) -> float | None:
+        """Training + evaluation seconds over the slot-seconds from the first trial's start to the last one's end."""
+        return self.timeline.utilisation(self.slots) if self.timeline is not None else None
 
 
 def preflight(config: SearchConfig) -> dict[str, Any]:
@@ -229,12 +237,52 @@ def run_search(
     else:
         manifest = SearchManifest(config.experiment or "search", config.model_dump(mode="json"))
     manifest.save(storage)
+    from medpeft_ray.search.callbacks import SearchTimeline
+
+    dispatcher, executor_stats, timeline = None, None, SearchTimeline()
     try:
-        summaries = _run_studies(config, plan, storage, facts, db_url, console, manifest)
+        if config.resources.warm_executors:
+            dispatcher = _start_executors(config, plan, storage, facts)
+        elif console is not None:
+            console.print("[yellow]resources.warm_executors is off: every trial starts its own Ray Train run (cold)[/yellow]")
+        summaries = _run_studies(config, plan, storage, facts, db_url, console, manifest, dispatcher, timeline)
     finally:
+        if dispatcher is not None:
+            executor_stats = _stop_executors(dispatcher)
         if capacity.autoscaling:
             release_resource_requests()
-    return SearchResult(config.experiment or "search", time.time() - started, summaries, results_path or storage, db_url)
+    return SearchResult(config.experiment or "search", time.time() - started, summaries, results_path or storage, db_url,
+                        slots=plan.concurrency, executors=executor_stats, timeline=timeline)
+
+
+def _start_executors(config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any]) -> tuple[Any, str]:
+    """The search's dispatcher and its first executors, one per trial slot (they boot while Tune starts)."""
+    import ray
+
+    from medpeft_ray.search.executors import ExecutorSpec, start_dispatcher
+
+    spec = ExecutorSpec(
+        num_workers=config.resources.workers_per_trial, use_gpu=plan.use_gpu, resources_per_worker=plan.per_worker,
+        storage_path=f"{storage}/executors", experiment=config.experiment or "search", max_executors=plan.concurrency,
+        threads=max(1, int(plan.per_worker.get("CPU", 1))), worker_start_timeout_s=config.resources.worker_start_timeout_s,
+        idle_exit_s=config.resources.executor_idle_s,
+    )
+    dispatcher, name = start_dispatcher(spec, facts["dataset_key"])
+    ray.get(dispatcher.start.remote(plan.concurrency))
+    return dispatcher, name
+
+
+def _stop_executors(dispatcher: tuple[Any, str]) -> dict[str, Any] | None:
+    """Ends the executors (their resources go back to the cluster) and the dispatcher; returns its statistics."""
+    import ray
+
+    actor, _ = dispatcher
+    try:
+        stats = ray.get(actor.shutdown.remote(), timeout=120)
+    except Exception:  # noqa: BLE001  (the statistics are a nicety; the executors end with the dispatcher)
+        stats = None
+    ray.kill(actor)
+    return stats
 
 
 def _describe_trainable(facts: dict[str, Any]) -> str:
@@ -277,122 +325,182 @@ def resumable_config(name: str, results: str | Path | None = None) -> SearchConf
 
 def _run_studies(
     config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any], db_url: str, console: Any,
-    manifest: SearchManifest,
+    manifest: SearchManifest, dispatcher: tuple[Any, str] | None = None, timeline: Any = None,
 ) -> list[Any]:
     """One Tune study per label ratio; returns the finished trials, best first per ratio.
+
+    Each study runs in a thread of its own, and the next one starts as soon as the previous one
+    starts no more trials, so that its last trials' free slots go to the next label ratio.
 
     Resuming (``manifest`` lists studies already started), a finished study is not run again, an
     unfinished one is restored from Tune's state (finished trials stay finished, interrupted ones
     restart from their last checkpoint, the searcher and its Optuna study keep their history),
     and the rest start as usual.
     """
+    from medpeft_ray.search.budget import SearchBudget
+
+    settings = config.search
+    budget = SearchBudget(settings.time_budget_s, settings.max_trials, started_at=manifest.started_at)
+    ratios = config.dataset.label_ratios
+    lock = threading.Lock()  # studies that overlap share the manifest and the budget
+    results: dict[float, list[Any]] = {}
+    errors: list[BaseException] = []
+    threads: list[threading.Thread] = []
+
+    def run_study(index: int, label_ratio: float, tail: threading.Event) -> None:
+        try:
+            results[label_ratio] = _run_study(
+                config, plan, storage, facts, db_url, console, manifest, dispatcher, timeline, budget, index, lock, tail
+            )
+        except BaseException as exc:  # noqa: BLE001  (raised again in the search's own thread)
+            errors.append(exc)
+        finally:
+            tail.set()
+
+    for index, label_ratio in enumerate(ratios):
+        if errors:
+            break
+        if label_ratio in manifest.studies_done:
+            results[label_ratio] = _recorded_trials(config, label_ratio, db_url, manifest)
+            continue
+        # The next study starts once this one starts no more trials: its last trials' slots would
+        # otherwise wait for them (warm starts read the trials of earlier ratios finished by then).
+        tail = threading.Event()
+        thread = threading.Thread(target=run_study, args=(index, label_ratio, tail), name=f"study-{label_ratio:g}",
+                                  daemon=True)
+        thread.start()
+        threads.append(thread)
+        while not tail.wait(0.5):
+            pass
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    manifest.finished = True
+    manifest.save(storage)
+    return [summary for ratio in ratios for summary in results.get(ratio, [])]
+
+
+def _run_study(
+    config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any], db_url: str, console: Any,
+    manifest: SearchManifest, dispatcher: tuple[Any, str] | None, timeline: Any, budget: Any, index: int,
+    lock: threading.Lock, tail: threading.Event,
+) -> list[Any]:
+    """The study of one label ratio (restored if it was interrupted); sets ``tail`` once it starts no more trials."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from medpeft_ray.search.budget import BudgetedSearch, SearchBudget
-    from medpeft_ray.search.callbacks import LeaderboardCallback
+    from medpeft_ray.search.budget import BudgetedSearch
+    from medpeft_ray.search.callbacks import LeaderboardCallback, StudyTail
     from medpeft_ray.search.confirm import choose, confirm_study, describe, record_confirmation
-    from medpeft_ray.search.warm_start import warm_start_points
+    from medpeft_ray.search.executors import ExecutorCallback, ExecutorGate
     from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
     from medpeft_ray.search.trial import TrialPlan, confirm_trial, run_trial
+    from medpeft_ray.search.warm_start import warm_start_points
 
     settings = config.search
-    summaries: list[Any] = []
-    budget = SearchBudget(settings.time_budget_s, settings.max_trials, started_at=manifest.started_at)
     ratios = config.dataset.label_ratios
-    for index, label_ratio in enumerate(ratios):
-        if label_ratio in manifest.studies_done:
-            summaries.extend(_recorded_trials(config, label_ratio, db_url, manifest))
-            continue
+    label_ratio = ratios[index]
+    with lock:
         share = budget.share(len(ratios) - index)
-        num_samples = settings.num_samples if share.trials is None else min(settings.num_samples, share.trials)
-        if num_samples == 0 or not share.allows_another():
-            if console is not None:
-                console.print(f"[yellow]ratio {label_ratio:g}: not searched, the search's {share.spent or 'budget'} is spent[/yellow]")
-            continue
-        trial_plan = TrialPlan(
-            search=config.model_dump(mode="json"),
-            label_ratio=label_ratio,
-            num_workers=config.resources.workers_per_trial,
-            use_gpu=plan.use_gpu,
-            resources_per_worker=plan.per_worker,
-            storage_path=f"{storage}/train",
-            dataset_key=facts["dataset_key"],
-            max_failures=config.resources.max_failures,
-            worker_start_timeout_s=config.resources.worker_start_timeout_s,
+    num_samples = settings.num_samples if share.trials is None else min(settings.num_samples, share.trials)
+    if num_samples == 0 or not share.allows_another():
+        if console is not None:
+            console.print(f"[yellow]ratio {label_ratio:g}: not searched, the search's {share.spent or 'budget'} is spent[/yellow]")
+        return []
+    trial_plan = TrialPlan(
+        search=config.model_dump(mode="json"),
+        label_ratio=label_ratio,
+        num_workers=config.resources.workers_per_trial,
+        use_gpu=plan.use_gpu,
+        resources_per_worker=plan.per_worker,
+        storage_path=f"{storage}/train",
+        dataset_key=facts["dataset_key"],
+        max_failures=config.resources.max_failures,
+        worker_start_timeout_s=config.resources.worker_start_timeout_s,
+        dispatcher=dispatcher[0] if dispatcher is not None else None,
+    )
+    metrics, modes = settings.objectives
+    study_name = f"{config.experiment}-ratio{label_ratio:g}-{manifest.run_stamp}"
+    experiment = f"{config.experiment}-ratio{label_ratio:g}"
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=trial_plan), plan.driver)
+    study_path = f"{storage}/tune/{experiment}"
+    if label_ratio in manifest.studies_started and tune.Tuner.can_restore(study_path):
+        if console is not None:
+            console.print(f"[dim]\\[ratio {label_ratio:g}][/dim] resuming the interrupted study", highlight=False)
+        # finished trials stay finished; trials that were running restart from their last checkpoint;
+        # the searcher comes back with its Optuna study, the leaderboard callback with its database
+        tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        points = warm_start_points(config, label_ratio, db_url, ratios[:index])
+        if points and console is not None:
+            console.print(f"[dim]\\[ratio {label_ratio:g}][/dim] trying first: " + "; ".join(
+                " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()) for p in points),
+                highlight=False, soft_wrap=True)
+        searcher: Any = OptunaSearch(
+            space=SpaceSampler(config.distributions(), config.method.names if config.method.is_choice else None),
+            metric=metrics if len(metrics) > 1 else metrics[0],
+            mode=modes if len(modes) > 1 else modes[0],
+            sampler=make_sampler(settings, config.distributions(), conditional=config.method.is_choice),
+            points_to_evaluate=points or None,
+            # Optuna's study lives in the leaderboard's database (optuna-dashboard opens it); one
+            # study per run, so a re-run of an experiment starts a fresh history
+            storage=optuna_storage(db_url),
+            study_name=study_name,
         )
-        metrics, modes = settings.objectives
-        study_name = f"{config.experiment}-ratio{label_ratio:g}-{manifest.run_stamp}"
-        trainable = tune.with_resources(tune.with_parameters(run_trial, plan=trial_plan), plan.driver)
-        study_path = f"{storage}/tune/{config.experiment}-ratio{label_ratio:g}"
-        if label_ratio in manifest.studies_started and tune.Tuner.can_restore(study_path):
-            if console is not None:
-                console.print(f"[dim]\\[ratio {label_ratio:g}][/dim] resuming the interrupted study", highlight=False)
-            # finished trials stay finished; trials that were running restart from their last checkpoint;
-            # the searcher comes back with its Optuna study, the leaderboard callback with its database
-            tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            points = warm_start_points(config, label_ratio, db_url, ratios[:index])
-            if points and console is not None:
-                console.print(f"[dim]\\[ratio {label_ratio:g}][/dim] trying first: " + "; ".join(
-                    " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()) for p in points),
-                    highlight=False, soft_wrap=True)
-            searcher: Any = OptunaSearch(
-                space=SpaceSampler(config.distributions(), config.method.names if config.method.is_choice else None),
-                metric=metrics if len(metrics) > 1 else metrics[0],
-                mode=modes if len(modes) > 1 else modes[0],
-                sampler=make_sampler(settings, config.distributions(), conditional=config.method.is_choice),
-                points_to_evaluate=points or None,
-                # Optuna's study lives in the leaderboard's database (optuna-dashboard opens it); one
-                # study per run, so a re-run of an experiment starts a fresh history
-                storage=optuna_storage(db_url),
-                study_name=study_name,
-            )
-            if share.deadline is not None or share.trials is not None:
-                searcher = BudgetedSearch(searcher, share)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,  # the searcher and the scheduler each know their objectives
-                    scheduler=make_scheduler(settings, config.train.epochs),
-                    num_samples=num_samples,
-                    max_concurrent_trials=plan.concurrency,
-                    # No reuse of trial driver processes: a driver whose trial the scheduler stopped
-                    # is still inside TorchTrainer.fit when the next trial asks for it, and Tune
-                    # then drops that next trial instead of starting a fresh driver.
-                    reuse_actors=False,
-                ),
-                run_config=tune.RunConfig(
-                    name=f"{config.experiment}-ratio{label_ratio:g}",
-                    storage_path=f"{storage}/tune",
-                    callbacks=[LeaderboardCallback(config, label_ratio, db_url, console)],
-                    verbose=0,
-                ),
-            )
+        if share.deadline is not None or share.trials is not None:
+            searcher = BudgetedSearch(searcher, share)
+        if dispatcher is not None:
+            # a study that overlaps the previous one's last trials starts a trial only when an
+            # executor is free for it, so no trial's start-up includes a wait in the queue
+            searcher = ExecutorGate(searcher, dispatcher[1])
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,  # the searcher and the scheduler each know their objectives
+                scheduler=make_scheduler(settings, config.train.epochs),
+                num_samples=num_samples,
+                max_concurrent_trials=plan.concurrency,
+                # No reuse of trial driver processes: a driver whose trial the scheduler stopped
+                # may still be waiting for its executor when the next trial asks for it, and Tune
+                # then drops that next trial instead of starting a fresh driver.
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment,
+                storage_path=f"{storage}/tune",
+                callbacks=[LeaderboardCallback(config, label_ratio, db_url, console, timeline),
+                           StudyTail(num_samples, share, tail),
+                           *([ExecutorCallback(dispatcher[1], experiment)] if dispatcher is not None else [])],
+                verbose=0,
+            ),
+        )
+        with lock:
             manifest.studies_started.append(label_ratio)
             manifest.save(storage)
-        tuner.fit()
-        trials = _recorded_trials(config, label_ratio, db_url, manifest)
-        if settings.confirm is not None:
-            top = [t.record for t in trials if t.record.status != "failed"][: settings.confirm.top_k]
-            confirm_trainable = tune.with_resources(tune.with_parameters(confirm_trial, plan=trial_plan), plan.driver)
-            confirmed = confirm_study(config, label_ratio, top, confirm_trainable, plan.concurrency, storage)
-            chosen = choose(confirmed, settings.resolved_mode)
+    tuner.fit()
+    tail.set()
+    trials = _recorded_trials(config, label_ratio, db_url, manifest)
+    if settings.confirm is not None:
+        top = [t.record for t in trials if t.record.status != "failed"][: settings.confirm.top_k]
+        confirm_trainable = tune.with_resources(tune.with_parameters(confirm_trial, plan=trial_plan), plan.driver)
+        callbacks = [ExecutorCallback(dispatcher[1], f"{experiment}-confirm")] if dispatcher is not None else []
+        confirmed = confirm_study(config, label_ratio, top, confirm_trainable, plan.concurrency, storage, callbacks)
+        chosen = choose(confirmed, settings.resolved_mode)
+        with lock:
             manifest.confirmations[f"{label_ratio:g}"] = record_confirmation(study_name, db_url, confirmed, chosen)
-            if console is not None:
-                console.print(f"[bold]ratio {label_ratio:g}: top {len(top)} confirmed with {settings.confirm.seeds} seeds[/bold]")
-                for line in describe(confirmed, chosen, settings.metric):
-                    console.print(line, highlight=False, soft_wrap=True)
+        if console is not None:
+            console.print(f"[bold]ratio {label_ratio:g}: top {len(top)} confirmed with {settings.confirm.seeds} seeds[/bold]")
+            for line in describe(confirmed, chosen, settings.metric):
+                console.print(line, highlight=False, soft_wrap=True)
+    with lock:
         _finish_study(manifest, storage, label_ratio)
-        if len(metrics) > 1 and console is not None:
-            _print_pareto_front(console, study_name, db_url, metrics, label_ratio)
-        if share.spent and console is not None:
-            console.print(f"[yellow]ratio {label_ratio:g}: {share.spent} spent after {share.started} trial(s); "
-                          "no new trials started, the running ones finished[/yellow]")
-        summaries.extend(trials)
-    manifest.finished = True
-    manifest.save(storage)
-    return summaries
+    if len(metrics) > 1 and console is not None:
+        _print_pareto_front(console, study_name, db_url, metrics, label_ratio)
+    if share.spent and console is not None:
+        console.print(f"[yellow]ratio {label_ratio:g}: {share.spent} spent after {share.started} trial(s); "
+                      "no new trials started, the running ones finished[/yellow]")
+    return trials
 
 
 def _finish_study(manifest: SearchManifest, storage: str, label_ratio: float) -> None:

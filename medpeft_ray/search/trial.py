@@ -1,9 +1,11 @@
-"""One Tune trial = one Ray Train ``TorchTrainer`` run (the Train V2 pattern).
+"""One Tune trial: a small driver function that trains one sampled configuration.
 
-The Tune trainable is a small driver function holding a sliver of CPU; it builds the trial's
-configuration from the sampled values and runs a TorchTrainer whose workers hold the real
-resources. ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune, where the
-scheduler (ASHA) and the searcher (Optuna) see them.
+The Tune trainable holds a sliver of CPU; it builds the trial's configuration from the sampled
+values and hands it to a warm executor of the search (:mod:`medpeft_ray.search.executors`), whose
+workers hold the real resources and report each epoch back; the driver passes them on to Tune,
+where the scheduler (ASHA) and the searcher (Optuna) see them. Without executors
+(``resources.warm_executors: false``) the trial is a cold Ray Train run of its own: a
+``TorchTrainer`` whose ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune.
 
 On a cluster, a trial's workers may wait for nodes the autoscaler is adding (up to
 ``worker_start_timeout_s`` each time they start), and a trial whose worker or node is lost
@@ -33,6 +35,7 @@ class TrialPlan:
     dataset_key: dict[str, Any] | None = None  # the decode-once cache key, computed once by the driver
     max_failures: int = 0  # restarts from the last checkpoint after a lost worker or node (-1: no limit)
     worker_start_timeout_s: float = 1800.0  # per start of the workers: covers nodes being added
+    dispatcher: Any = None  # the search's warm executors (a TrialDispatcher actor), or None: cold trials
 
 
 #: Ray Train's (V2) limit on waiting for a worker group's resources. Its default (60 s) is far
@@ -72,7 +75,11 @@ def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
 
     started = _start_marks()
     search = SearchConfig.model_validate(plan.search)
-    _fit(search, search.trial_config(plan.label_ratio, sampled), plan, started, [TuneReportCallback()], evaluate_test=False)
+    trial = search.trial_config(plan.label_ratio, sampled)
+    if plan.dispatcher is not None:
+        _run_warm(trial, plan, started, evaluate_test=False)
+        return
+    _fit(search, trial, plan, started, [TuneReportCallback()], evaluate_test=False)
 
 
 def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
@@ -88,7 +95,10 @@ def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     search = SearchConfig.model_validate(plan.search)
     trial = search.trial_config(plan.label_ratio, point["params"])
     trial = trial.model_copy(update={"train": trial.train.model_copy(update={"seed": int(point["seed"])})})
-    metrics = _fit(search, trial, plan, started, [], evaluate_test=True)
+    if plan.dispatcher is not None:
+        metrics = _run_warm(trial, plan, started, evaluate_test=True)
+    else:
+        metrics = _fit(search, trial, plan, started, [], evaluate_test=True)
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
 
@@ -99,6 +109,26 @@ def _start_marks() -> dict[str, float]:
     import psutil  # a Ray dependency
 
     return {"trial_process": psutil.Process().create_time(), "trial_function": time.time()}
+
+
+def _run_warm(trial: Any, plan: TrialPlan, started: dict[str, float], evaluate_test: bool) -> dict[str, Any]:
+    """Trains ``trial`` on one of the search's warm executors; returns its final metrics."""
+    from ray import tune
+
+    from medpeft_ray.search.executors import run_on_executor, trial_key
+
+    context = tune.get_context()
+    experiment, trial_id = context.get_experiment_name(), context.get_trial_id()
+    payload = {
+        "trial": trial.model_dump(mode="json"),
+        # the same folder a cold trial's Ray Train run uses, so a resumed trial finds its checkpoints
+        "checkpoint_uri": f"{plan.storage_path}/{experiment}-{trial_id}",
+        "evaluate_test": evaluate_test,
+        "started": started,
+        "dataset_key": plan.dataset_key,
+        "max_failures": plan.max_failures,
+    }
+    return run_on_executor(plan.dispatcher, trial_key(experiment, trial_id), payload, report_epochs=not evaluate_test)
 
 
 def _fit(

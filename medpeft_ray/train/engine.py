@@ -1,8 +1,8 @@
-"""The per-worker training loop: backbone + PEFT method under a DeepSpeed engine, eval, checkpoints.
+"""The training engine's parts: DeepSpeed config, optimizer and schedule, batches, augmentation, eval.
 
-``run_training`` is the whole loop for one worker of one trial. It does not know about Ray: the
-Ray Train worker function (:mod:`medpeft_ray.train.worker`) calls it with Ray's rank, device and
-report function, and a plain process can call it with its own (for single runs and benchmarks).
+:class:`medpeft_ray.train.recipe.TrialRecipe` puts them together into a trial. Nothing here knows
+about Ray: the Ray Train worker functions call the recipe with Ray's rank, device and report
+function, and a plain process can call it with its own (single runs and benchmarks).
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import os
 import random
 import re
 import socket
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,12 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medpeft_ray.config import TrainConfig, TrialConfig
-from medpeft_ray.data import load_splits, train_subset_index
-from medpeft_ray.errors import TrialFailed
-from medpeft_ray.methods import count_parameters, prepare_model
-from medpeft_ray.models import build_backbone
-from medpeft_ray.train.checkpoint import load_deepspeed_state, load_trainable_state, save_trial_checkpoint, trainable_state
+from medpeft_ray.config import TrainConfig
 from medpeft_ray.train.metrics import mean_auroc
 
 log = logging.getLogger(__name__)
@@ -52,6 +45,8 @@ class WorkerContext:
     dataset_key: dict[str, Any] | None = None
     #: when this worker's process and function started (start-up breakdown in the first epoch's metrics)
     started: dict[str, float] | None = None
+    #: asked before every training step: True ends the trial (the scheduler stopped it); None: never
+    should_stop: Callable[[], bool] | None = None
 
 
 def resolve_precision(train: TrainConfig, use_gpu: bool) -> str:
@@ -252,15 +247,23 @@ class Batches:
     """Turns cached uint8 images into normalised 3-channel batches on the worker's device."""
 
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, device: torch.device, mean: float, std: float, augment: str = "none",
-        seed: int = 0,
+        self, images: Any, labels: Any, device: torch.device, mean: float, std: float, augment: str = "none",
+        seed: int = 0, shared: bool = False,
     ):
-        self.images = torch.from_numpy(np.array(images, copy=True))  # a private, writable copy of the mmap
-        self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
-        if device.type == "cuda":
-            self.images = self.images.pin_memory()
+        if shared:  # tensors from :meth:`tensors`, shared by trials: only ever indexed (copied), never changed
+            self.images, self.labels = images, labels
+        else:
+            self.images, self.labels = self.tensors(images, labels, pin=device.type == "cuda")
         self.device, self.mean, self.std, self.augment = device, mean, std, augment
         self.randaug = RandAugment(seed, device) if augment == "randaug" else None
+
+    @staticmethod
+    def tensors(images: np.ndarray, labels: np.ndarray, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split's uint8 images (a private, writable copy of the cache's mmap) and float labels."""
+        image_tensor = torch.from_numpy(np.array(images, copy=True))
+        if pin:
+            image_tensor = image_tensor.pin_memory()
+        return image_tensor, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
 
     def reseed(self, seed: int) -> None:
         """Restarts the augmentation's own random stream (each epoch: a resumed run draws the same)."""
@@ -300,156 +303,6 @@ def ensure_process_group(backend: str) -> None:
         os.environ.setdefault(name, "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     dist.init_process_group(backend, rank=0, world_size=1)
-
-
-def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evaluate_test: bool = False) -> dict[str, Any]:
-    """Trains one trial on this worker; returns the last epoch's metrics.
-
-    With ``evaluate_test``, the epoch with the best validation AUROC is evaluated on the test
-    split at the end (``test_auroc``, ``test_loss``, ``test_epoch``, and that epoch's
-    ``best_val_auroc`` and ``best_val_loss`` in the returned metrics); the test split never takes
-    part in choosing that epoch.
-
-    Raises:
-        TrialFailed: the loss became NaN or infinite (on any rank: every rank raises it together).
-    """
-    started_at = time.time()
-    marks: dict[str, float] = {}  # start-up breakdown (end of each phase), reported with the first epoch
-    use_gpu = ctx.device.type == "cuda"
-    if not use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    set_determinism(trial.train.seed, trial.train.deterministic)
-    marks["deepspeed_import"] = time.time()
-
-    data = load_splits(
-        trial.dataset.name, trial.dataset.root, trial.dataset.image_size, trial.dataset.options, trial.dataset.seed,
-        key=ctx.dataset_key,
-    )
-    if data.skipped and ctx.rank == 0:
-        log.warning("%d unreadable image(s) skipped, e.g. %s", len(data.skipped), data.skipped[0])
-    train_split = data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed))
-    if len(train_split) < ctx.world_size:
-        raise TrialFailed(f"{len(train_split)} training images cannot feed {ctx.world_size} workers")
-
-    marks["data"] = time.time()
-    model = build_backbone(
-        trial.model.backbone,
-        data.num_classes,
-        trial.dataset.image_size,
-        checkpoint=trial.model.checkpoint,
-        drop_path=trial.train.drop_path,
-    )
-    model = prepare_model(model, trial.method.name, trial.method.options, trial.family)
-    trainable_params, total_params = count_parameters(model)
-
-    ds_config = deepspeed_config(trial.train, ctx.world_size, use_gpu)
-    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-    shard_size = len(train_split) // ctx.world_size
-    steps_per_epoch = max(1, math.ceil(shard_size / micro_batch) // trial.train.deepspeed.gradient_accumulation_steps)
-    marks["model"] = time.time()
-    optimizer = build_optimizer(model, trial.train, use_gpu)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # DeepSpeed's notes on CPU-only features
-        engine, _, _, _ = deepspeed.initialize(
-            model=model.to(ctx.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-        )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(trial.train, use_gpu), torch.float32)
-
-    start_epoch = 0
-    if ctx.resume_from is not None:
-        # weights, optimizer moments and the lr schedule, each rank its own shard
-        start_epoch = int(load_deepspeed_state(ctx.resume_from, engine)["epoch"])
-    marks["deepspeed_init"] = time.time()
-
-    multilabel = data.task == "multilabel"
-    # decided once per trial, so the common all-known case pays no masking (and no GPU sync)
-    has_unknown = bool(np.isnan(train_split.labels).any() or np.isnan(data.val.labels).any())
-    train_batches = Batches(
-        train_split.images, train_split.labels, ctx.device, trial.model.mean, trial.model.std, trial.train.augment
-    )
-    val_batches = Batches(data.val.images, data.val.labels, ctx.device, trial.model.mean, trial.model.std)
-
-    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if multilabel:
-            if not has_unknown:
-                return F.binary_cross_entropy_with_logits(logits, target)
-            known = ~torch.isnan(target)  # unknown labels (NaN) stay out of the loss
-            losses = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(target), reduction="none")
-            return (losses * known).sum() / known.sum().clamp(min=1)
-        return F.cross_entropy(logits, target.argmax(dim=1))
-
-    first_step_at: float | None = None
-    train_time = 0.0
-    metrics: dict[str, Any] = {}
-    best: tuple[float, int, dict[str, torch.Tensor], float] | None = None  # (val AUROC, epoch, trainable state, val loss)
-    for epoch in range(start_epoch, trial.train.epochs):
-        epoch_start = time.time()
-        engine.train()
-        # Every rank draws the same permutation and takes its own stride of it.
-        order_gen = torch.Generator().manual_seed(trial.train.seed * 1000 + epoch)
-        # Augmentation and dropout draw from streams seeded by (seed, epoch, rank), so an epoch
-        # trained after a resume draws exactly what it would have drawn without the interruption.
-        epoch_seed = trial.train.seed * 1000 + epoch + 10**6 * (ctx.rank + 1)
-        aug_gen = torch.Generator().manual_seed(epoch_seed)
-        train_batches.reseed(epoch_seed)
-        torch.manual_seed(epoch_seed)
-        shard = torch.randperm(len(train_split), generator=order_gen)[ctx.rank :: ctx.world_size][:shard_size]
-        loss_sum = torch.zeros((), device=ctx.device)
-        steps = 0
-        for start in range(0, len(shard), micro_batch):
-            x, y = train_batches.get(shard[start : start + micro_batch], dtype, aug_gen)
-            if first_step_at is None:
-                first_step_at = time.time()
-            loss = loss_fn(engine(x), y)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach()
-            steps += 1
-        train_loss = mean_over_ranks(loss_sum, steps, ctx.world_size)  # one sync per epoch, not per step
-        if not math.isfinite(train_loss):
-            raise TrialFailed(f"training loss is {train_loss} in epoch {epoch + 1} (lr {trial.train.lr:g}); trial stopped")
-
-        val_loss, val_auroc, per_class = evaluate(engine, val_batches, dtype, loss_fn, multilabel, ctx, trial.train.eval_batch_size)
-        epoch_time = time.time() - epoch_start
-        train_time += epoch_time
-        metrics = {
-            "epoch": epoch + 1,
-            "val_auroc": val_auroc,
-            "val_loss": val_loss,
-            "train_loss": train_loss,
-            "trainable_params": trainable_params,
-            "total_params": total_params,
-            "train_images": len(train_split),
-            "skipped_images": len(data.skipped),
-            "epoch_time_s": epoch_time,
-            "train_time_s": train_time,
-            "worker_started_at": started_at,
-            "first_step_at": first_step_at,
-            "resumed_from_epoch": start_epoch,
-        }
-        if epoch == start_epoch:
-            metrics["startup"] = startup_breakdown(ctx.started, marks, first_step_at)
-        with tempfile.TemporaryDirectory(prefix="medpeft-ckpt-") as tmp:
-            state = {"epoch": epoch + 1, "metrics": metrics, "val_auroc_per_class": dict(zip(data.class_names, per_class)),
-                     "trial": trial.model_dump(mode="json")}
-            report(metrics, save_trial_checkpoint(Path(tmp), engine, state, ctx.rank))
-        if evaluate_test and (best is None or val_auroc > best[0]):
-            best = (val_auroc, epoch + 1, trainable_state(engine.module), val_loss)
-    if evaluate_test and best is not None and len(data.test):
-        load_trainable_state(engine.module, best[2])
-        test_batches = Batches(data.test.images, data.test.labels, ctx.device, trial.model.mean, trial.model.std)
-        test_loss, test_auroc, test_per_class = evaluate(
-            engine, test_batches, dtype, loss_fn, multilabel, ctx, trial.train.eval_batch_size
-        )
-        metrics = {**metrics, "test_auroc": test_auroc, "test_loss": test_loss, "test_epoch": best[1],
-                   "best_val_auroc": best[0], "best_val_loss": best[3],
-                   "test_auroc_per_class": dict(zip(data.class_names, test_per_class))}
-    return metrics
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:

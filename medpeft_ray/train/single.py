@@ -26,7 +26,8 @@ def train_single(trial: TrialConfig, out_dir: Path, on_epoch: EpochFn | None = N
     """
     import torch
 
-    from medpeft_ray.train.engine import WorkerContext, ensure_process_group, run_training
+    from medpeft_ray.train.engine import WorkerContext, ensure_process_group
+    from medpeft_ray.train.recipe import better, run_training
 
     out_dir.mkdir(parents=True, exist_ok=True)
     use_gpu = torch.cuda.is_available()
@@ -35,13 +36,12 @@ def train_single(trial: TrialConfig, out_dir: Path, on_epoch: EpochFn | None = N
         torch.cuda.set_device(device)
     ensure_process_group("nccl" if use_gpu else "gloo")
     history: list[dict[str, Any]] = []
-    best_auroc = -1.0
+    best: dict[str, Any] = {}  # the best epoch by the trial's metric
 
     def report(metrics: dict[str, Any], directory: Path | None) -> None:
-        nonlocal best_auroc
         history.append(dict(metrics))
-        if directory is not None and metrics["val_auroc"] > best_auroc:
-            best_auroc = metrics["val_auroc"]
+        if directory is not None and better(metrics[trial.metric], best.get(trial.metric), trial.mode):
+            best.update(metrics)
             target = out_dir / "checkpoint"
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(directory, target)  # the checkpoint folder only lives until report returns
@@ -51,6 +51,7 @@ def train_single(trial: TrialConfig, out_dir: Path, on_epoch: EpochFn | None = N
     started = time.time()
     final = run_training(trial, WorkerContext(0, 1, device), report, evaluate_test=True)
     result = {"trial": trial.model_dump(mode="json"), "epochs": history, "wall_time_s": time.time() - started,
-              "best_val_auroc": best_auroc, **{k: v for k, v in final.items() if k.startswith("test_")}}
+              "metric": trial.metric, "best_epoch": best.get("epoch"), "best_val_auroc": best.get("val_auroc"),
+              "best_val_loss": best.get("val_loss"), **{k: v for k, v in final.items() if k.startswith("test_")}}
     (out_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return result

@@ -1,4 +1,4 @@
-"""The Ray Train worker function: Ray's rank, device and report around :func:`run_training`."""
+"""The Ray Train worker function of a cold trial: Ray's rank, device and report around :func:`run_training`."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from medpeft_ray.config import TrialConfig
     from medpeft_ray.errors import TrialFailed
-    from medpeft_ray.train.engine import WorkerContext, run_training
+    from medpeft_ray.train.engine import WorkerContext
+    from medpeft_ray.train.recipe import run_training
 
     started["worker_process"] = psutil.Process().create_time()
     started["imports"] = time.time()

@@ -1,0 +1,437 @@
+"""The training recipe of one worker: set up once, then per trial build, train, evaluate, save, load.
+
+A :class:`TrialRecipe` lives as long as its worker process. What every trial of a search shares
+stays resident in it: the imports, the decoded dataset (and its tensors), and each backbone's
+*pristine* pre-trained weights, read from disk once. Each trial then builds its own model from a
+copy of those weights (nothing a trial changes reaches the pristine copy or the next trial), its
+own optimizer and DeepSpeed engine, trains, evaluates and checkpoints per epoch, and frees
+everything it allocated when it ends, is stopped or fails.
+
+The same recipe runs a cold trial (``run_training``: a fresh recipe, one trial), a warm executor's
+trials (:mod:`medpeft_ray.search.executors`) and ``medpeft-ray train --config``, so a configuration
+gives the same numbers whichever way it runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medpeft_ray.config import TrialConfig
+from medpeft_ray.errors import TrialFailed
+from medpeft_ray.train.engine import (
+    Batches,
+    ReportFn,
+    WorkerContext,
+    build_optimizer,
+    deepspeed_config,
+    evaluate,
+    mean_over_ranks,
+    resolve_precision,
+    set_determinism,
+    startup_breakdown,
+    warmup_cosine,
+)
+
+log = logging.getLogger(__name__)
+
+#: The seed of a backbone's random initialisation when no checkpoint is given: fixed, so that like
+#: pre-trained weights the frozen backbone is the same in every trial (seeds vary the head, the
+#: method's parameters, the data order and augmentation).
+BACKBONE_INIT_SEED = 0
+#: pristine backbones a worker keeps (a search uses one; a second covers a change of backbone)
+MAX_PRISTINE_BACKBONES = 2
+
+
+class TrialStopped(Exception):
+    """The trial was stopped from outside (the scheduler ended it); it ends without a result."""
+
+
+def better(value: float, than: float | None, mode: str) -> bool:
+    """Whether ``value`` beats ``than`` under ``mode`` (``max`` or ``min``); NaN never does."""
+    if not math.isfinite(value):
+        return False
+    return than is None or (value > than if mode == "max" else value < than)
+
+
+@dataclass
+class _TrialState:
+    """Everything one trial allocated on this worker (freed as a whole when it ends)."""
+
+    engine: Any
+    train_batches: Batches
+    val_batches: Batches
+    data: Any
+    train_split: Any
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    dtype: torch.dtype
+    micro_batch: int
+    shard_size: int
+    trainable_params: int
+    total_params: int
+    start_epoch: int = 0
+    marks: dict[str, float] = field(default_factory=dict)
+
+
+class TrialRecipe:
+    """One worker's trainer of trials; keeps imports, data and pristine backbones between trials.
+
+    Args:
+        ctx: this worker's rank, world size and device (``resume_from``, ``started`` and
+            ``dataset_key`` of ``ctx`` are per trial and given to :meth:`run` instead).
+        control_group: a CPU process group over the trial's ranks, on which the ranks agree to stop
+            (None with one rank).
+    """
+
+    def __init__(self, ctx: WorkerContext, control_group: Any = None) -> None:
+        self.ctx = ctx
+        self.use_gpu = ctx.device.type == "cuda"
+        if not self.use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed  # noqa: F401  (imported once per worker, not per trial)
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.control_group = control_group
+        self._splits: dict[str, Any] = {}
+        self._tensors: dict[tuple[str, str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pristine: OrderedDict[tuple[Any, ...], torch.nn.Module] = OrderedDict()
+        self.trials_run = 0
+
+    # -- set-up that trials share ------------------------------------------------------------
+    def dataset(self, trial: TrialConfig, key: dict[str, Any] | None) -> Any:
+        """The trial's dataset splits, decoded once per worker (from the decode-once cache)."""
+        from medpeft_ray.data import load_splits
+
+        ds = trial.dataset
+        cache_key = json.dumps([ds.name, str(ds.root), ds.image_size, ds.options, ds.seed], sort_keys=True, default=str)
+        if cache_key not in self._splits:
+            self._splits.clear()
+            self._tensors.clear()
+            self._splits[cache_key] = load_splits(ds.name, ds.root, ds.image_size, ds.options, ds.seed, key=key)
+        return self._splits[cache_key]
+
+    def split_tensors(self, trial: TrialConfig, name: str, split: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split's images and labels as (pinned, on GPUs) CPU tensors, made once per worker.
+
+        Trials only ever index them (which copies), so sharing them cannot leak one trial's
+        changes into the next.
+        """
+        key = (name, trial.dataset.name, trial.label_ratio if name == "train" else -1.0)
+        if key not in self._tensors:
+            images, labels = Batches.tensors(split.images, split.labels, pin=self.use_gpu)
+            self._tensors[key] = (images, labels)
+        return self._tensors[key]
+
+    def pristine_backbone(self, trial: TrialConfig, num_classes: int) -> torch.nn.Module:
+        """The backbone with its pre-trained weights, loaded from disk once per worker.
+
+        It never trains: each trial copies its weights (:meth:`build_model`). Without a checkpoint
+        its random weights come from :data:`BACKBONE_INIT_SEED`.
+        """
+        from medpeft_ray.models import build_backbone
+
+        model_cfg = trial.model
+        checkpoint = Path(model_cfg.checkpoint) if model_cfg.checkpoint else None
+        stamp = (checkpoint.stat().st_size, checkpoint.stat().st_mtime_ns) if checkpoint and checkpoint.is_file() else None
+        key = (model_cfg.backbone, num_classes, trial.dataset.image_size, str(checkpoint), stamp)
+        if key in self._pristine:
+            self._pristine.move_to_end(key)
+            return self._pristine[key]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BACKBONE_INIT_SEED)
+            model = build_backbone(model_cfg.backbone, num_classes, trial.dataset.image_size, checkpoint=checkpoint)
+        model.requires_grad_(False).eval()
+        if self.use_gpu and trial.train.deepspeed.zero_stage < 3 and trial.train.deepspeed.offload_param == "none":
+            model = model.to(self.ctx.device)  # copied on the device, per trial, in milliseconds
+        self._pristine[key] = model
+        while len(self._pristine) > MAX_PRISTINE_BACKBONES:
+            self._pristine.popitem(last=False)
+        return model
+
+    # -- per trial ---------------------------------------------------------------------------
+    def build_model(self, trial: TrialConfig, num_classes: int) -> torch.nn.Module:
+        """A fresh model for ``trial``: the pristine weights copied, a new head, the method applied.
+
+        The skeleton is made on the meta device (no initialisation work) with the trial's own
+        drop-path rate, then every parameter and buffer is copied from the pristine backbone.
+        Call after :func:`set_determinism`: the head and the method's parameters draw from the
+        trial's seed.
+        """
+        from medpeft_ray.methods import prepare_model
+        from medpeft_ray.models import build_backbone
+
+        pristine = self.pristine_backbone(trial, num_classes)
+        with torch.device("meta"):
+            model = build_backbone(trial.model.backbone, num_classes, trial.dataset.image_size, drop_path=trial.train.drop_path)
+        model = model.to_empty(device=self.ctx.device)
+        source = dict(pristine.named_parameters())
+        source.update(pristine.named_buffers())
+        with torch.no_grad():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if name not in source:
+                    raise RuntimeError(f"{trial.model.backbone}: {name} is not in the pre-trained backbone")
+                tensor.copy_(source[name])
+        reset_classifier(model)
+        return prepare_model(model, trial.method.name, trial.method.options, trial.family)
+
+    def build(self, trial: TrialConfig, dataset_key: dict[str, Any] | None, resume_from: Path | None) -> _TrialState:
+        """Data, model, optimizer, schedule and DeepSpeed engine of one trial (resumed if asked)."""
+        import deepspeed
+
+        from medpeft_ray.data import train_subset_index
+        from medpeft_ray.methods import count_parameters
+
+        ctx = self.ctx
+        marks: dict[str, float] = {}
+        set_determinism(trial.train.seed, trial.train.deterministic)
+        data = self.dataset(trial, dataset_key)
+        if data.skipped and ctx.rank == 0 and self.trials_run == 0:
+            log.warning("%d unreadable image(s) skipped, e.g. %s", len(data.skipped), data.skipped[0])
+        train_split = data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed))
+        if len(train_split) < ctx.world_size:
+            raise TrialFailed(f"{len(train_split)} training images cannot feed {ctx.world_size} workers")
+        train_batches = Batches(
+            *self.split_tensors(trial, "train", train_split), ctx.device, trial.model.mean, trial.model.std,
+            trial.train.augment, shared=True,
+        )
+        val_batches = Batches(*self.split_tensors(trial, "val", data.val), ctx.device, trial.model.mean, trial.model.std,
+                              shared=True)
+        marks["data"] = time.time()
+
+        model = self.build_model(trial, data.num_classes)
+        trainable_params, total_params = count_parameters(model)
+        ds_config = deepspeed_config(trial.train, ctx.world_size, self.use_gpu)
+        micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+        shard_size = len(train_split) // ctx.world_size
+        steps_per_epoch = max(1, math.ceil(shard_size / micro_batch) // trial.train.deepspeed.gradient_accumulation_steps)
+        marks["model"] = time.time()
+        optimizer = build_optimizer(model, trial.train, self.use_gpu)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # DeepSpeed's notes on CPU-only features
+            engine, _, _, _ = deepspeed.initialize(
+                model=model.to(ctx.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+            )
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(trial.train, self.use_gpu), torch.float32)
+        state = _TrialState(
+            engine=engine, train_batches=train_batches, val_batches=val_batches, data=data, train_split=train_split,
+            loss_fn=make_loss(data, train_split), dtype=dtype, micro_batch=micro_batch, shard_size=shard_size,
+            trainable_params=trainable_params, total_params=total_params, marks=marks,
+        )
+        if resume_from is not None:
+            state.start_epoch = self.load(state, resume_from)
+        marks["deepspeed_init"] = time.time()
+        return state
+
+    def load(self, state: _TrialState, directory: Path) -> int:
+        """Restores weights, optimizer moments and lr schedule (each rank its shard); returns the epoch."""
+        from medpeft_ray.train.checkpoint import load_deepspeed_state
+
+        return int(load_deepspeed_state(directory, state.engine)["epoch"])
+
+    def train_epoch(self, trial: TrialConfig, state: _TrialState, epoch: int, first_step: list[float]) -> float:
+        """One epoch on this rank's stride of a shuffle shared by all ranks; returns the mean loss over ranks.
+
+        Raises:
+            TrialStopped: the trial was stopped from outside (checked before every step).
+        """
+        ctx, engine = self.ctx, state.engine
+        engine.train()
+        # Every rank draws the same permutation and takes its own stride of it.
+        order_gen = torch.Generator().manual_seed(trial.train.seed * 1000 + epoch)
+        # Augmentation and dropout draw from streams seeded by (seed, epoch, rank), so an epoch
+        # trained after a resume draws exactly what it would have drawn without the interruption.
+        epoch_seed = trial.train.seed * 1000 + epoch + 10**6 * (ctx.rank + 1)
+        aug_gen = torch.Generator().manual_seed(epoch_seed)
+        state.train_batches.reseed(epoch_seed)
+        torch.manual_seed(epoch_seed)
+        shard = torch.randperm(len(state.train_split), generator=order_gen)[ctx.rank :: ctx.world_size][: state.shard_size]
+        loss_sum = torch.zeros((), device=ctx.device)
+        steps = 0
+        for start in range(0, len(shard), state.micro_batch):
+            if self.stop_requested():
+                raise TrialStopped()
+            x, y = state.train_batches.get(shard[start : start + state.micro_batch], state.dtype, aug_gen)
+            if not first_step:
+                first_step.append(time.time())
+            loss = state.loss_fn(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach()
+            steps += 1
+        return mean_over_ranks(loss_sum, steps, ctx.world_size)  # one sync per epoch, not per step
+
+    def evaluate(self, trial: TrialConfig, state: _TrialState, batches: Batches) -> tuple[float, float, list[float]]:
+        """Loss and mean AUROC of a split, over the predictions of every rank."""
+        multilabel = state.data.task == "multilabel"
+        return evaluate(state.engine, batches, state.dtype, state.loss_fn, multilabel, self.ctx, trial.train.eval_batch_size)
+
+    def save(self, trial: TrialConfig, state: _TrialState, directory: Path, metrics: dict[str, Any],
+             per_class: list[float]) -> Path:
+        """This rank's part of the epoch's checkpoint in ``directory`` (every rank calls it)."""
+        from medpeft_ray.train.checkpoint import save_trial_checkpoint
+
+        record = {"epoch": metrics["epoch"], "metrics": metrics,
+                  "val_auroc_per_class": dict(zip(state.data.class_names, per_class)), "trial": trial.model_dump(mode="json")}
+        return save_trial_checkpoint(directory, state.engine, record, self.ctx.rank)
+
+    def memory(self) -> dict[str, float]:
+        """This worker's resident memory and (on GPUs) the trial's peak GPU memory, in MiB."""
+        import psutil  # a Ray dependency
+
+        usage = {"worker_rss_mb": psutil.Process().memory_info().rss / 2**20}
+        if self.use_gpu:
+            usage["gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**20
+            usage["gpu_reserved_mb"] = torch.cuda.memory_reserved(self.ctx.device) / 2**20
+        return usage
+
+    def stop_requested(self) -> bool:
+        """Whether the trial should stop now; all ranks agree (a stop seen by one rank stops all)."""
+        stop = self.ctx.should_stop() if self.ctx.should_stop is not None else False
+        if self.control_group is None or self.ctx.world_size == 1:
+            return stop
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(stop)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(flag.item())
+
+    def release(self, state: _TrialState | None) -> None:
+        """Frees what a trial allocated (its model, optimizer and engine); the shared set-up stays."""
+        if state is not None:
+            destroy = getattr(state.engine, "destroy", None)
+            if callable(destroy):
+                try:
+                    destroy()  # removes ZeRO-3's hooks and buffers
+                except Exception as exc:  # noqa: BLE001  (best effort: the memory goes below anyway)
+                    log.debug("engine.destroy failed: %s", exc)
+            state.engine = None
+        gc.collect()
+        if self.use_gpu:
+            torch.cuda.empty_cache()
+
+    # -- a whole trial -----------------------------------------------------------------------
+    def run(
+        self,
+        trial: TrialConfig,
+        report: ReportFn,
+        *,
+        evaluate_test: bool = False,
+        resume_from: Path | None = None,
+        dataset_key: dict[str, Any] | None = None,
+        started: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Trains one trial; ``report(metrics, checkpoint_dir)`` is called every epoch; returns the last metrics.
+
+        The best epoch is the one with the best ``trial.metric`` (in ``trial.mode``). With
+        ``evaluate_test``, that epoch is evaluated on the test split at the end (``test_auroc``,
+        ``test_loss``, ``test_epoch``, and that epoch's ``best_val_auroc`` and ``best_val_loss``);
+        the test split never takes part in choosing it.
+
+        Raises:
+            TrialFailed: the loss became NaN or infinite (every rank raises it together).
+            TrialStopped: the trial was stopped from outside.
+        """
+        import tempfile
+
+        from medpeft_ray.train.checkpoint import load_trainable_state, trainable_state
+
+        started_at = time.time()
+        started = {**(started or {}), "recipe": started_at}
+        state: _TrialState | None = None
+        if self.use_gpu:
+            torch.cuda.reset_peak_memory_stats(self.ctx.device)
+        try:
+            state = self.build(trial, dataset_key, resume_from)
+            first_step: list[float] = []
+            train_time = 0.0
+            metrics: dict[str, Any] = {}
+            best: dict[str, Any] | None = None  # the best epoch: its metric value, number, weights and losses
+            for epoch in range(state.start_epoch, trial.train.epochs):
+                epoch_start = time.time()
+                train_loss = self.train_epoch(trial, state, epoch, first_step)
+                if not math.isfinite(train_loss):
+                    raise TrialFailed(f"training loss is {train_loss} in epoch {epoch + 1} (lr {trial.train.lr:g}); trial stopped")
+                val_loss, val_auroc, per_class = self.evaluate(trial, state, state.val_batches)
+                epoch_time = time.time() - epoch_start
+                train_time += epoch_time
+                metrics = {
+                    "epoch": epoch + 1, "val_auroc": val_auroc, "val_loss": val_loss, "train_loss": train_loss,
+                    "trainable_params": state.trainable_params, "total_params": state.total_params,
+                    "train_images": len(state.train_split), "skipped_images": len(state.data.skipped),
+                    "epoch_time_s": epoch_time, "train_time_s": train_time, "worker_started_at": started_at,
+                    "first_step_at": first_step[0] if first_step else None, "resumed_from_epoch": state.start_epoch,
+                    **self.memory(),
+                }
+                if epoch == state.start_epoch:
+                    metrics["startup"] = startup_breakdown(started, state.marks, metrics["first_step_at"])
+                with tempfile.TemporaryDirectory(prefix="medpeft-ckpt-") as tmp:
+                    report(metrics, self.save(trial, state, Path(tmp), metrics, per_class))
+                value = metrics[trial.metric]
+                if evaluate_test and better(value, None if best is None else best["value"], trial.mode):
+                    best = {"value": value, "epoch": epoch + 1, "weights": trainable_state(state.engine.module),
+                            "val_auroc": val_auroc, "val_loss": val_loss}
+            if evaluate_test and best is not None and len(state.data.test):
+                load_trainable_state(state.engine.module, best["weights"])
+                test_batches = Batches(*Batches.tensors(state.data.test.images, state.data.test.labels), self.ctx.device,
+                                       trial.model.mean, trial.model.std, shared=True)
+                test_loss, test_auroc, test_per_class = self.evaluate(trial, state, test_batches)
+                metrics = {**metrics, "test_auroc": test_auroc, "test_loss": test_loss, "test_epoch": best["epoch"],
+                           "best_val_auroc": best["val_auroc"], "best_val_loss": best["val_loss"],
+                           "test_auroc_per_class": dict(zip(state.data.class_names, test_per_class))}
+            return metrics
+        finally:
+            self.trials_run += 1
+            self.release(state)
+            state = None
+
+
+def reset_classifier(model: torch.nn.Module) -> None:
+    """A new task's head: truncated normal (std 2e-5) weights and zero bias, as MED-PEFT initialises it."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.trunc_normal_(head.weight, std=2e-5)
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+
+
+def make_loss(data: Any, train_split: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """BCE-with-logits for multi-label data (unknown labels, NaN, left out), cross-entropy otherwise."""
+    multilabel = data.task == "multilabel"
+    # decided once per trial, so the common all-known case pays no masking (and no GPU sync)
+    has_unknown = bool(np.isnan(train_split.labels).any() or np.isnan(data.val.labels).any())
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if multilabel:
+            if not has_unknown:
+                return F.binary_cross_entropy_with_logits(logits, target)
+            known = ~torch.isnan(target)
+            losses = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(target), reduction="none")
+            return (losses * known).sum() / known.sum().clamp(min=1)
+        return F.cross_entropy(logits, target.argmax(dim=1))
+
+    return loss_fn
+
+
+def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evaluate_test: bool = False) -> dict[str, Any]:
+    """Trains one trial on a fresh recipe (a cold trial, a test, ``train --config``); see :meth:`TrialRecipe.run`."""
+    started = {**(ctx.started or {})}
+    started.setdefault("recipe_setup", time.time())
+    recipe = TrialRecipe(ctx)
+    started["deepspeed_import"] = time.time()
+    return recipe.run(trial, report, evaluate_test=evaluate_test, resume_from=ctx.resume_from,
+                      dataset_key=ctx.dataset_key, started=started)

@@ -1,0 +1,186 @@
+"""Warm trial executors: the recipe's per-trial isolation, checkpoints in storage, the dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_search
+
+from medpeft_ray.config import validate_search_dict
+from medpeft_ray.search.executors import EXIT, ExecutorSpec, TrialCheckpoints, TrialDispatcher
+from medpeft_ray.train.engine import WorkerContext, ensure_process_group
+from medpeft_ray.train.recipe import TrialRecipe, better, run_training
+
+
+def _trial(method: str = "lora", **train: Any) -> Any:
+    options = {"rank": 2} if method == "lora" else {}
+    config = validate_search_dict(
+        tiny_search(method={"name": method, "options": options}, train={"epochs": 2, **train}), "tiny.yaml"
+    )
+    return config.trial_config(1.0, {"lr": 3e-3})
+
+
+def _epochs(recipe: TrialRecipe | None, trial: Any) -> list[tuple[float, float, float]]:
+    seen: list[tuple[float, float, float]] = []
+
+    def report(metrics: dict[str, Any], directory: Path | None) -> None:
+        seen.append((metrics["train_loss"], metrics["val_loss"], metrics["val_auroc"]))
+
+    if recipe is None:
+        run_training(trial, WorkerContext(0, 1, torch.device("cpu")), report)
+    else:
+        recipe.run(trial, report)
+    return seen
+
+
+def test_a_warm_recipe_gives_the_numbers_of_a_cold_run_and_trials_leave_the_backbone_pristine() -> None:
+    """The fourth trial on one recipe, after a full fine-tune and trials of other methods and seeds,
+    trains exactly as the same configuration on a fresh recipe: nothing a trial changed survives it."""
+    ensure_process_group("gloo")
+    recipe = TrialRecipe(WorkerContext(0, 1, torch.device("cpu")))
+    lora = _trial("lora")
+    first = _epochs(recipe, lora)
+    key = next(iter(recipe._pristine))
+    pristine = {n: t.clone() for n, t in recipe._pristine[key].state_dict().items()}
+    _epochs(recipe, _trial("full"))  # trains every backbone weight of its own copy
+    _epochs(recipe, _trial("bitfit", seed=3))
+    fourth = _epochs(recipe, lora)
+    assert fourth == first  # exactly, not approximately
+    assert fourth == _epochs(None, lora)  # and exactly what a cold run gives
+    after = recipe._pristine[key].state_dict()
+    assert all(torch.equal(after[n], t) for n, t in pristine.items())
+    assert recipe.trials_run == 4 and len(recipe._pristine) == 1  # one backbone read, four trials
+
+
+def test_the_best_epoch_follows_the_trials_metric_and_direction() -> None:
+    assert better(0.5, None, "max") and better(0.6, 0.5, "max") and not better(0.4, 0.5, "max")
+    assert better(0.4, 0.5, "min") and not better(0.6, 0.5, "min")
+    assert not better(math.nan, None, "max") and not better(math.inf, 1.0, "min")
+    config = validate_search_dict(tiny_search(search={"metric": "val_loss"}), "tiny.yaml")
+    trial = config.trial_config(1.0, {"lr": 3e-3})
+    assert (trial.metric, trial.mode) == ("val_loss", "min")
+    ensure_process_group("gloo")
+    final = run_training(trial, WorkerContext(0, 1, torch.device("cpu")), lambda m, d: None, evaluate_test=True)
+    assert final["best_val_loss"] is not None and final["test_epoch"] in (1, 2)
+
+
+def test_a_stop_request_ends_the_trial_before_its_next_step_and_frees_it() -> None:
+    ensure_process_group("gloo")
+    calls = {"n": 0}
+
+    def stop_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    from medpeft_ray.train.recipe import TrialStopped
+
+    recipe = TrialRecipe(WorkerContext(0, 1, torch.device("cpu"), should_stop=stop_after_three))
+    reported: list[int] = []
+    with pytest.raises(TrialStopped):
+        recipe.run(_trial(), lambda m, d: reported.append(m["epoch"]))
+    assert reported == [] and calls["n"] == 4 and recipe.trials_run == 1
+
+
+def _fake_checkpoint(folder: Path, epoch: int, rank: int) -> Path:
+    part = folder / f"rank{rank}-epoch{epoch}"
+    (part / "deepspeed" / "epoch").mkdir(parents=True)
+    (part / "deepspeed" / "epoch" / f"shard_rank{rank}.pt").write_text(f"{epoch}/{rank}")
+    if rank == 0:
+        (part / "state.json").write_text(json.dumps({"epoch": epoch}))
+    return part
+
+
+def test_trial_checkpoints_merge_ranks_keep_the_best_and_the_latest_and_resume_from_the_latest(tmp_path: Path) -> None:
+    store = TrialCheckpoints(str(tmp_path / "storage" / "trial"), keep=2, metric="val_auroc", mode="max")
+    for epoch, value in [(1, 0.6), (2, 0.9), (3, 0.7), (4, 0.5)]:
+        for rank in (0, 1):  # every rank's part lands in the same folder
+            store.upload(_fake_checkpoint(tmp_path / "local", epoch, rank), epoch)
+        store.record(epoch, value)
+    # the two best (epochs 2 and 3) and the latest (4) are kept, the rest deleted
+    assert [e["epoch"] for e in store.index()] == [2, 3, 4]
+    kept = sorted(p.name for p in (tmp_path / "storage" / "trial").iterdir() if p.is_dir())
+    assert kept == ["checkpoint_000002", "checkpoint_000003", "checkpoint_000004"]
+    latest = store.download_latest(tmp_path / "resume")
+    assert latest is not None and json.loads((latest / "state.json").read_text()) == {"epoch": 4}
+    assert sorted(p.name for p in (latest / "deepspeed" / "epoch").iterdir()) == ["shard_rank0.pt", "shard_rank1.pt"]
+    # a NaN epoch is never among the best; lower is better for a loss
+    losses = TrialCheckpoints(str(tmp_path / "loss"), keep=1, metric="val_loss", mode="min")
+    for epoch, value in [(1, 0.3), (2, math.nan), (3, 0.4)]:
+        losses.upload(_fake_checkpoint(tmp_path / "l", epoch, 0), epoch)
+        losses.record(epoch, value)
+    assert [e["epoch"] for e in losses.index()] == [1, 3]
+    assert TrialCheckpoints(str(tmp_path / "none"), 2, "val_auroc", "max").download_latest(tmp_path / "x") is None
+
+
+def _dispatcher(max_failures_per_trial: int = 1, idle_exit_s: float = 60.0) -> TrialDispatcher:
+    spec = ExecutorSpec(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}, storage_path="/tmp",
+                        experiment="t", max_executors=0, idle_exit_s=idle_exit_s)  # 0: the test plays the executors
+    return TrialDispatcher(spec)
+
+
+def test_the_dispatcher_hands_trials_out_in_order_and_relays_their_events() -> None:
+    async def scenario() -> None:
+        d = _dispatcher()
+        await d.submit("s/a", {"trial": "A", "max_failures": 1})
+        await d.submit("s/b", {"trial": "B", "max_failures": 1})
+        first = await d.next_trial("e0", 0.1)
+        second = await d.next_trial("e1", 0.1)
+        assert first["trial"] == "A" and second["trial"] == "B"
+        assert await d.next_trial("e2", 0.05) is None  # nothing left: the long poll times out
+        await d.post("s/a", "epoch", {"epoch": 1})
+        await d.post("s/a", "done", {"epoch": 2})
+        assert await d.next_event("s/a", 0.1) == ("epoch", {"epoch": 1})
+        assert await d.next_event("s/a", 0.1) == ("done", {"epoch": 2})
+        assert await d.next_event("s/a", 0.01) is None
+        await d.release("e0", "s/a")
+        # a trial that Tune ended (ASHA) is seen by its executor's watcher, and its slot is freed
+        assert not await d.wait_end("s/b", 0.01)
+        await d.end_trial("s/b")
+        assert await d.wait_end("s/b", 0.01)
+        await d.release("e1", "s/b")
+        stats = await d.stats()
+        assert stats["executors"]["e0"]["trials_run"] == 1 and stats["executors"]["e1"]["trials_run"] == 1
+        assert await d.free_slots() == 3  # three idle executors, nothing queued
+        # a trial ended while it waited in the queue never reaches an executor
+        await d.submit("s/c", {"trial": "C", "max_failures": 1})
+        await d.end_trial("s/c")
+        assert await d.next_trial("e0", 0.05) is None
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_executor_gets_its_trial_back_until_the_trials_failure_budget_is_spent() -> None:
+    async def scenario() -> None:
+        d = _dispatcher()
+        await d.submit("s/a", {"trial": "A", "max_failures": 1})
+        await d.submit("s/b", {"trial": "B", "max_failures": 1})
+        assert (await d.next_trial("e0", 0.1))["delivery"] == 1
+        # the worker group died and came back: the same trial again, resumed from its checkpoint
+        again = await d.next_trial("e0", 0.1)
+        assert again["trial"] == "A" and again["delivery"] == 2
+        # a second loss spends the budget (max_failures 1): the trial fails, the queue goes on
+        third = await d.next_trial("e0", 0.1)
+        assert third["trial"] == "B"
+        assert await d.next_event("s/a", 0.1) == ("failed", "the trial's workers were lost 2 time(s) "
+                                                            "(resources.max_failures: 1)")
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_executor_exits_and_all_exit_at_shutdown() -> None:
+    async def scenario() -> None:
+        d = _dispatcher(idle_exit_s=0.05)
+        assert await d.next_trial("e0", 0.01) is None
+        await asyncio.sleep(0.1)
+        assert await d.next_trial("e0", 0.5) == EXIT  # its slot (and node) go back to the cluster
+        closing = _dispatcher()
+        await closing.shutdown(timeout_s=0.1)
+        assert await closing.next_trial("e1", 1.0) == EXIT
+
+    asyncio.run(scenario())
