@@ -33,7 +33,8 @@ class OutputFormat(str, Enum):
 
 
 def _fail(exc: MedpeftError) -> None:
-    err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+    # one line, or one block (a missing-files summary); file names like "x[1].png" are not markup
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -465,6 +466,9 @@ def data_check(
         raise typer.Exit(1)
 
 
+UNREADABLE_SHOWN = 20  # undecodable files listed one per line by `data check`
+
+
 def _print_report(report: Any) -> None:
     console.print(f"[bold]{report.name}[/bold] {report.root or ''}: {len(report.class_names)} classes ({report.task})")
     table = Table()
@@ -479,8 +483,17 @@ def _print_report(report: Any) -> None:
         table.add_row(cls, *cells)
     console.print(table)
     console.print("positives per class; column headers give the images in each split and label-ratio subset")
-    for line in report.unreadable:
-        console.print(f"[yellow]unreadable:[/yellow] {line}", soft_wrap=True)
+    from medpeft_ray.data.records import is_missing
+
+    if report.missing:
+        console.print(f"[yellow]missing:[/yellow] {escape(report.missing)}", soft_wrap=True)
+    # missing files are in the block above; a flood of undecodable ones is cut short too
+    undecodable = [line for line in report.unreadable if not is_missing(line)]
+    for line in undecodable[:UNREADABLE_SHOWN]:
+        console.print(f"[yellow]unreadable:[/yellow] {escape(line)}", soft_wrap=True)
+    if len(undecodable) > UNREADABLE_SHOWN:
+        console.print(f"[yellow]unreadable:[/yellow] ... and {len(undecodable) - UNREADABLE_SHOWN:,} more "
+                      "(--format json lists every one)")
     for problem in report.problems:
         console.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
     console.print("[green]usable[/green]" if report.usable else "[red]not usable[/red]")
