@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import sys
 import time
 from enum import Enum
@@ -61,10 +62,14 @@ def search(
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
     experiment: Optional[str] = typer.Option(None, help="experiment name (default: from the YAML)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's own messages and the trials' output in "
+                                 "the terminal (default: in Ray's session logs; same as MEDPEFT_WORKER_LOGS=1)"),
 ) -> None:
     """Run a hyperparameter search: one Optuna study per label ratio, trials on Ray Train."""
     from medpeft_ray.config import load_search_config
 
+    if verbose:
+        os.environ["MEDPEFT_WORKER_LOGS"] = "1"  # read where the search starts Ray
     try:
         if (space is None) == (resume is None):
             raise UsageError("give --space FILE for a new search, or --resume NAME to continue one (not both)")
