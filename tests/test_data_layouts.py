@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from test_data_busi import Busi
@@ -248,9 +249,11 @@ def test_partial_chexpert_download_names_absent_and_incomplete_folders(tmp_path:
     with pytest.raises(DataError) as err:
         load_splits("chexpert", tmp_path / "dl", SIZE, {}, 0)
     lines = str(err.value).splitlines()
-    assert lines[0].startswith(f"{data.root}: {train + 1} of the {len(data.values)} images listed are missing, e.g. train/")
-    valid = len(data.values) - train
-    assert lines[1:3] == [f"  absent folders: train/ ({train} listed)", f"  folders with some missing: valid/ (1 of {valid} missing)"]
+    total, valid = len(data.values), len(data.values) - train
+    assert lines[0].startswith(f"{data.root}: {train + 1} of the {total} images listed are missing, e.g. train/")
+    assert lines[1:3] == [
+        f"  absent folders: train/ ({train} listed)", f"  folders with some missing: valid/ (1 of {valid} missing)"
+    ]
     assert lines[3].startswith("  unpack the rest of the download into")
 
 
@@ -260,7 +263,8 @@ def test_a_folder_that_holds_none_of_its_listed_images(tmp_path: Path) -> None:
         file.unlink()
     with pytest.raises(DataError) as err:
         load_splits("rsna", rsna.root, SIZE, {}, 0)
-    assert f"  folders with none of their listed images: stage_2_train_images/ ({len(rsna.truth)} listed)" in str(err.value)
+    empty = f"  folders with none of their listed images: stage_2_train_images/ ({len(rsna.truth)} listed)"
+    assert empty in str(err.value)
     assert "use the 0 images present" in str(err.value)
 
 
@@ -290,7 +294,7 @@ def test_search_stops_with_the_block_and_exit_2_before_ray(tmp_path: Path, monke
     import yaml
     from conftest import tiny_search
 
-    import medpeft_ray.search.runner as runner
+    from medpeft_ray.search import runner
 
     data = make_nih(tmp_path)
     shutil.rmtree(data.root / "images_003")

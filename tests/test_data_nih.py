@@ -240,7 +240,8 @@ def test_images_outside_images_folders_are_not_used(nih: NIH) -> None:
     nih.path[name].rename(stray)
     with pytest.raises(DataError, match=name) as err:
         load(nih)
-    assert str(err.value).startswith(f"{nih.root}: 1 of the {len(nih.findings)} images listed in Data_Entry_2017.csv is missing")
+    head = f"{nih.root}: 1 of the {len(nih.findings)} images listed in Data_Entry_2017.csv is missing"
+    assert str(err.value).startswith(head)
     assert "in none of these folders" in str(err.value)
 
 

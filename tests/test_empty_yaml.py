@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -31,7 +33,7 @@ def empty_yaml(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("load", [load_search_config, load_trial_config], ids=["search", "trial"])
-def test_loading_an_empty_yaml_is_one_line_naming_the_file(empty_yaml: Path, load) -> None:  # type: ignore[no-untyped-def]
+def test_loading_an_empty_yaml_is_one_line_naming_the_file(empty_yaml: Path, load: Callable[[Path], Any]) -> None:
     with pytest.raises(ConfigError) as info:
         load(empty_yaml)
     assert str(info.value) == f"empty.yaml: {MESSAGE}"

@@ -20,14 +20,15 @@ import yaml
 from conftest import tiny_search
 from typer.testing import CliRunner
 
-import medpeft_ray.search.runner as runner
 from medpeft_ray.cli import app
+from medpeft_ray.search import runner
 
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
 WORKER_NOTICE = "WARNING: 6 PYTHON worker processes have been started on node: abc with address: 10.0.0.1"
 TUNE_WARNING = "No trial is running and no new trial has been started within the last 60 seconds."
 #: a line as Ray's loggers write it: "2026-12-01 09:59:35,267\tWARNING authentication_token_setup.py:85 -- ..."
-RAY_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+:\d+ -- ", re.M)
+RAY_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+:\d+ -- ",
+                          re.MULTILINE)
 
 
 @dataclass
@@ -48,7 +49,8 @@ def terminal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Terminal:
     seen = Terminal(tmp_path / "session" / "logs")
     seen.logs.mkdir(parents=True)
     monkeypatch.setattr(logging.getLogger("ray"), "handlers", [logging.StreamHandler(seen.log_lines)])
-    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: seen.printed.extend(data["lines"]))
+    monkeypatch.setattr(ray_worker, "print_to_stdstream",
+                        lambda data, ignore_prefix: seen.printed.extend(data["lines"]))
     monkeypatch.setattr(warnings, "showwarning",
                         lambda message, category, *rest: seen.shown.append(f"{category.__name__}: {message}"))
     monkeypatch.setattr(ray_worker, "_global_node", types.SimpleNamespace(get_logs_dir_path=lambda: str(seen.logs)),
@@ -81,7 +83,8 @@ def test_ray_messages_go_to_the_session_log(terminal: Terminal) -> None:
     assert terminal.log_lines.getvalue() == "" and terminal.printed == []
     assert terminal.shown == ["UserWarning: a warning of our own"]
     log = (terminal.logs / "medpeft-driver.log").read_text()
-    for text in (TOKEN_NOTICE, "RayDeprecationWarning: `old_api` is deprecated", f"(raylet) {WORKER_NOTICE}", TUNE_WARNING):
+    for text in (TOKEN_NOTICE, f"(raylet) {WORKER_NOTICE}", TUNE_WARNING,
+                 "RayDeprecationWarning: `old_api` is deprecated"):
         assert text in log, log
     assert "a warning of our own" not in log
 
@@ -125,8 +128,13 @@ def test_search_verbose_asks_for_worker_logs(
 ) -> None:
     monkeypatch.delenv("MEDPEFT_WORKER_LOGS", raising=False)
     seen: list[str | None] = []
+
+    def run_search(*args: object, **kwargs: object) -> None:
+        seen.append(os.environ.get("MEDPEFT_WORKER_LOGS"))
+        sys.exit(0)  # no search, no summary to print
+
     fake_runner = types.ModuleType("medpeft_ray.search.runner")
-    fake_runner.run_search = lambda *a, **k: seen.append(os.environ.get("MEDPEFT_WORKER_LOGS")) or sys.exit(0)  # type: ignore[attr-defined]
+    fake_runner.run_search = run_search  # type: ignore[attr-defined]
     fake_runner.resumable_config = None  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "medpeft_ray.search.runner", fake_runner)
     space = tmp_path / "tiny.yaml"
@@ -146,10 +154,9 @@ def test_a_real_search_prints_no_ray_lines(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("MEDPEFT_WORKER_LOGS", "RAY_AUTH_MODE")}
     env.update(HF_HUB_OFFLINE="1", RAY_TMPDIR=str(ray_tmp))
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "medpeft_ray.cli", "search", "--space", str(space), "--results", str(tmp_path / "r")],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-        )
+        command = ["search", "--space", str(space), "--results", str(tmp_path / "r")]
+        proc = subprocess.run([sys.executable, "-m", "medpeft_ray.cli", *command], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, output[-3000:]
         assert "tiny: 1 trials" in proc.stdout

@@ -3,8 +3,9 @@
 The dataset folder (``Dataset_BUSI_with_GT/`` in the release; the root may also be the download
 folder that holds it) holds ``benign/``, ``malignant/`` and ``normal/``; each image, e.g.
 ``benign (1).png``, lies beside its tumour masks ``benign (1)_mask.png``, ``benign (1)_mask_1.png``,
-..., which are not images of the dataset and are ignored. Multi-class, three classes in that order. BUSI gives no patient ids and no split:
-every image is its own group and the split is drawn per image.
+..., which are not images of the dataset and are ignored. Multi-class, three classes in that
+order. BUSI gives no patient ids and no split: every image is its own group and the split is
+drawn per image.
 """
 
 from __future__ import annotations

@@ -82,6 +82,6 @@ def _load(entry: Path) -> DatasetSplits:
 
     ratios = {float(r): np.load(entry / f"ratio_{i}.npy") for i, r in enumerate(meta.get("ratio_subsets", []))}
     return DatasetSplits(
-        split("train"), split("val"), split("test"), tuple(meta["class_names"]), meta["task"], tuple(meta.get("skipped", [])), ratios,
-        meta.get("missing_summary", ""),
+        split("train"), split("val"), split("test"), tuple(meta["class_names"]), meta["task"],
+        tuple(meta.get("skipped", [])), ratios, meta.get("missing_summary", ""),
     )

@@ -9,9 +9,10 @@ its files through :func:`walk` and its folder through :func:`find_dataset_root`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from medpeft_ray.errors import DataError
 

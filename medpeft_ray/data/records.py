@@ -212,7 +212,8 @@ def missing_files_summary(
 
         top = [first_folder(path) for path in paths]
         listed, lost = Counter(top), Counter(top[i] for i in missing)
-        absent, empty, partly = "absent folders", "folders with none of their listed images", "folders with some missing"
+        absent, empty = "absent folders", "folders with none of their listed images"
+        partly = "folders with some missing"
         kinds: dict[str, dict[str, str]] = {absent: {}, empty: {}, partly: {}}
         for folder, n in listed.items():
             if lost[folder] == n:
