@@ -202,6 +202,18 @@ def test_two_dataset_folders_in_the_download_are_an_error_naming_both(tmp_path: 
     )
 
 
+def test_an_image_tree_given_as_root_is_not_searched_through(tmp_path: Path) -> None:
+    """A root as wide as CheXpert's train/ (64k patient folders) fails at once instead of walking it."""
+    from medpeft_ray.data.layout import SEARCH_WIDTH
+
+    root = tmp_path / "train"
+    for i in range(SEARCH_WIDTH + 1):
+        (root / f"patient{i:05d}").mkdir(parents=True)
+    make_chexpert(root / "patient00000")  # two levels down, but past a level too wide to search
+    with pytest.raises(DataError, match=f"^{root}: no chexpert dataset found"):
+        load_splits("chexpert", root, SIZE, {}, 0)
+
+
 def test_a_linked_dataset_folder_counts_once(tmp_path: Path) -> None:
     data = make_chexpert(tmp_path / "dl")
     (tmp_path / "dl" / "latest").symlink_to(data.root)

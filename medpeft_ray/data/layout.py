@@ -18,6 +18,8 @@ from medpeft_ray.errors import DataError
 
 #: How many folder levels below the given root the dataset folder is looked for.
 SEARCH_DEPTH = 2
+#: A level with more folders than this is an image tree (patients, studies), not a download: not searched.
+SEARCH_WIDTH = 1000
 
 
 def is_tool_folder(name: str) -> bool:
@@ -99,8 +101,9 @@ def find_dataset_root(root: Path, marker: RootMarker, dataset: str) -> Path:
     Level by level (``root``, its sub-folders, theirs; :data:`SEARCH_DEPTH` levels down), the
     first level where one folder shows the marker wins: a folder with all of it before one with
     a part of it, so that a dataset folder missing a file stays the root and its loader names
-    the file. Hidden and tool folders (``__MACOSX``) are not searched; a folder reached through
-    two links counts once. A root that is no directory is returned as is (the loader names it).
+    the file. Hidden and tool folders (``__MACOSX``) are not searched, nor a level wider than
+    :data:`SEARCH_WIDTH` folders; a folder reached through two links counts once. A root that is
+    no directory is returned as is (the loader names it).
 
     Raises:
         DataError: one line naming ``root`` and what was looked for, when no folder shows the
@@ -121,6 +124,8 @@ def find_dataset_root(root: Path, marker: RootMarker, dataset: str) -> Path:
                 )
         if depth < SEARCH_DEPTH:
             level = _sub_folders(level)
+            if len(level) > SEARCH_WIDTH:
+                break
     raise DataError(
         f"{root}: no {dataset} dataset found: looked for {marker} in it and in its sub-folders "
         f"({SEARCH_DEPTH} levels down)"
@@ -128,7 +133,10 @@ def find_dataset_root(root: Path, marker: RootMarker, dataset: str) -> Path:
 
 
 def _sub_folders(folders: list[Path]) -> list[Path]:
-    """The sub-folders of ``folders`` (sorted, tool folders left out), each real folder once."""
+    """The sub-folders of ``folders`` (sorted, tool folders left out), each real folder once.
+
+    Stops past :data:`SEARCH_WIDTH` of them (the caller then searches no further).
+    """
     seen: set[str] = set()
     out: list[Path] = []
     for folder in folders:
@@ -141,4 +149,6 @@ def _sub_folders(folders: list[Path]) -> list[Path]:
             if real not in seen:
                 seen.add(real)
                 out.append(child)
+        if len(out) > SEARCH_WIDTH:
+            break
     return out
