@@ -163,7 +163,9 @@ def _start_ray(init: Any, verbose: bool) -> None:
         ray_logger.removeHandler(handler)
     ray_logger.addHandler(held)
     ray_code = os.path.dirname(ray.__file__) + os.sep
-    show_warning, print_notice = warnings.showwarning, ray_worker.print_to_stdstream
+    show_warning = warnings.showwarning
+    # Ray's private printer of the raylet's notices; a Ray without it leaves those notices alone
+    print_notice = getattr(ray_worker, "print_to_stdstream", None)
 
     def ray_warning(message: Any, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
         if issubclass(category, RayDeprecationWarning) or filename.startswith(ray_code):
@@ -176,7 +178,9 @@ def _start_ray(init: Any, verbose: bool) -> None:
             ray_logger.warning("(%s) %s", data.get("pid", "raylet"), line)
 
     def back_to_terminal() -> None:
-        warnings.showwarning, ray_worker.print_to_stdstream = show_warning, print_notice
+        warnings.showwarning = show_warning
+        if print_notice is not None:
+            ray_worker.print_to_stdstream = print_notice
         ray_logger.removeHandler(held)
         for handler in terminal:
             ray_logger.addHandler(handler)
@@ -184,7 +188,8 @@ def _start_ray(init: Any, verbose: bool) -> None:
                 handler.handle(record)
 
     warnings.showwarning = ray_warning
-    ray_worker.print_to_stdstream = raylet_notice
+    if print_notice is not None:
+        ray_worker.print_to_stdstream = raylet_notice
     try:
         init()
     except BaseException:
