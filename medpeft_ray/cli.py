@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import sys
 import time
 from enum import Enum
@@ -33,7 +34,8 @@ class OutputFormat(str, Enum):
 
 
 def _fail(exc: MedpeftError) -> None:
-    err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+    # one line, or one block (a missing-files summary); file names like "x[1].png" are not markup
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -60,10 +62,14 @@ def search(
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
     experiment: Optional[str] = typer.Option(None, help="experiment name (default: from the YAML)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's own messages and the trials' output in "
+                                 "the terminal (default: in Ray's session logs; same as MEDPEFT_WORKER_LOGS=1)"),
 ) -> None:
     """Run a hyperparameter search: one Optuna study per label ratio, trials on Ray Train."""
     from medpeft_ray.config import load_search_config
 
+    if verbose:
+        os.environ["MEDPEFT_WORKER_LOGS"] = "1"  # read where the search starts Ray
     try:
         if (space is None) == (resume is None):
             raise UsageError("give --space FILE for a new search, or --resume NAME to continue one (not both)")
@@ -471,6 +477,9 @@ def data_check(
         raise typer.Exit(1)
 
 
+UNREADABLE_SHOWN = 20  # undecodable files listed one per line by `data check`
+
+
 def _print_report(report: Any) -> None:
     console.print(f"[bold]{report.name}[/bold] {report.root or ''}: {len(report.class_names)} classes ({report.task})")
     table = Table()
@@ -485,8 +494,17 @@ def _print_report(report: Any) -> None:
         table.add_row(cls, *cells)
     console.print(table)
     console.print("positives per class; column headers give the images in each split and label-ratio subset")
-    for line in report.unreadable:
-        console.print(f"[yellow]unreadable:[/yellow] {line}", soft_wrap=True)
+    from medpeft_ray.data.records import is_missing
+
+    if report.missing:
+        console.print(f"[yellow]missing:[/yellow] {escape(report.missing)}", soft_wrap=True)
+    # missing files are in the block above; a flood of undecodable ones is cut short too
+    undecodable = [line for line in report.unreadable if not is_missing(line)]
+    for line in undecodable[:UNREADABLE_SHOWN]:
+        console.print(f"[yellow]unreadable:[/yellow] {escape(line)}", soft_wrap=True)
+    if len(undecodable) > UNREADABLE_SHOWN:
+        console.print(f"[yellow]unreadable:[/yellow] ... and {len(undecodable) - UNREADABLE_SHOWN:,} more "
+                      "(--format json lists every one)")
     for problem in report.problems:
         console.print(f"[red]problem:[/red] {problem}", soft_wrap=True)
     console.print("[green]usable[/green]" if report.usable else "[red]not usable[/red]")

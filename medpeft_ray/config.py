@@ -510,7 +510,7 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError("", "file not found", str(path))
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
@@ -518,6 +518,10 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(where, f"not valid YAML: {problem}", path.name) from None
     except UnicodeDecodeError:
         raise ConfigError("", "not a text file", path.name) from None
+    if raw is None:
+        # an empty file is a mistake (a failed copy, the wrong file), not a request for every default
+        raise ConfigError("", "no settings: the file is empty or holds only comments", path.name)
+    return raw
 
 
 def _validate_search(raw: Any, source: Path | None) -> SearchConfig:

@@ -316,7 +316,7 @@ def test_class_folders_without_images_raise(tmp_path: Path) -> None:
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
     (root / "a" / "readme.txt").write_text("x")
-    with pytest.raises(DataError, match="no class folders"):
+    with pytest.raises(DataError, match="no folder dataset found: looked for class folders"):
         load_splits("folder", root, SIZE, {}, 0)
 
 

@@ -425,9 +425,10 @@ def test_experiment_argument_is_validated() -> None:
     assert str(info.value).startswith("lora.yaml: experiment: must be 1-100 letters")
 
 
-def test_empty_yaml_means_all_defaults(tmp_path: Path) -> None:
+def test_empty_mapping_means_all_defaults(tmp_path: Path) -> None:
+    """``{}`` asks for every default on purpose; an empty file is an error (tests/test_empty_yaml.py)."""
     path = tmp_path / "empty.yaml"
-    path.write_text("")
+    path.write_text("{}\n")
     config = load_search_config(path)
     assert config.experiment == "empty"
     assert config.method.name == "lora"

@@ -78,7 +78,7 @@ def test_csv_multiclass_and_explicit_split(tmp_path: Path) -> None:
     [
         (["img.png,p1,2,0"], {"group_column": "patient"}, r"labels.csv: row 2, column 'A': label '2' is not 0, 1 or blank"),
         (["img.png,p1,1,0"], {"group_column": "pid"}, r"labels.csv: no column 'pid'"),
-        (["missing.png,p1,1,0"], {"group_column": "patient"}, r"missing.png: image file not found"),
+        (["missing.png,p1,1,0"], {"group_column": "patient"}, r"ds: 1 of the 1 images listed in labels.csv is missing"),
         (["img.png,p1,1,0"], {"split_column": "patient"}, r"split 'p1' is not train, val or test"),
     ],
 )
@@ -92,7 +92,7 @@ def test_csv_errors_name_the_file(tmp_path: Path, rows: list[str], options: dict
 
 def test_csv_missing_table(tmp_path: Path) -> None:
     (tmp_path / "ds").mkdir()
-    with pytest.raises(DataError, match=r"ds/labels.csv: file not found"):
+    with pytest.raises(DataError, match=r"ds: no csv dataset found: looked for labels.csv in it"):
         load_splits("csv", tmp_path / "ds", SIZE, {}, 0)
 
 
@@ -181,7 +181,7 @@ def test_check_cli_exit_codes(tmp_path: Path) -> None:
     ok = runner.invoke(app, ["data", "check", "--dataset", "synthetic", "-o", "num_patients=40"])
     assert ok.exit_code == 0 and "usable" in ok.output and "Cardiomegaly" in ok.output
     missing = runner.invoke(app, ["data", "check", "--dataset", "csv", "--root", str(tmp_path)])
-    assert missing.exit_code == 2 and "labels.csv: file not found" in missing.output
+    assert missing.exit_code == 2 and f"{tmp_path}: no csv dataset found: looked for labels.csv" in missing.output
     bad_option = runner.invoke(app, ["data", "check", "--dataset", "synthetic", "-o", "num_classes=99"])
     assert bad_option.exit_code == 2 and "dataset.options.num_classes: must be <= 6" in bad_option.output
     with pytest.raises(ConfigError):

@@ -150,9 +150,9 @@ def test_missing_csv_and_column_name_the_csv(ham: Ham) -> None:
         load_splits("ham10000", ham.root, SIZE, {}, 0)
     assert str(err.value).startswith(str(ham.csv))
     ham.csv.unlink()
-    with pytest.raises(DataError, match="not found") as err:
+    with pytest.raises(DataError) as err:
         load_splits("ham10000", ham.root, SIZE, {}, 0)
-    assert str(err.value).startswith(str(ham.csv))
+    assert str(err.value).startswith(f"{ham.root}: no ham10000 dataset found: looked for HAM10000_metadata.csv")
 
 
 def test_missing_and_corrupt_images_fail_or_are_skipped(ham: Ham) -> None:
@@ -160,8 +160,9 @@ def test_missing_and_corrupt_images_fail_or_are_skipped(ham: Ham) -> None:
     ham.path[gone].unlink()
     with pytest.raises(DataError) as err:
         load_splits("ham10000", ham.root, SIZE, {}, 0)
-    assert str(err.value).startswith(str(ham.root / f"{gone}.jpg"))
-    assert "not found" in str(err.value) and "row 7" in str(err.value)
+    assert str(err.value).startswith(
+        f"{ham.root}: 1 of the {len(ham.level)} images listed in HAM10000_metadata.csv is missing, e.g. {gone}.jpg"
+    )
 
     ham.path[bad].write_bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes())
     splits = load_splits("ham10000", ham.root, SIZE, {"skip_unreadable": True}, 0)

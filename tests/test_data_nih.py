@@ -240,7 +240,9 @@ def test_images_outside_images_folders_are_not_used(nih: NIH) -> None:
     nih.path[name].rename(stray)
     with pytest.raises(DataError, match=name) as err:
         load(nih)
-    assert "not found" in str(err.value)
+    head = f"{nih.root}: 1 of the {len(nih.findings)} images listed in Data_Entry_2017.csv is missing"
+    assert str(err.value).startswith(head)
+    assert "in none of these folders" in str(err.value)
 
 
 def test_rows_with_trailing_commas_do_not_shift_columns(tmp_path: Path) -> None:
@@ -302,7 +304,7 @@ def test_missing_image_fails_naming_it_or_is_skipped_and_counted(nih: NIH) -> No
     nih.path[name].unlink()
     with pytest.raises(DataError, match=name) as err:
         load(nih)
-    assert "not found" in str(err.value)
+    assert str(err.value).startswith(f"{nih.root}: 1 of the ") and " is missing" in str(err.value)
     splits = load(nih, skip_unreadable=True)
     assert len(splits.skipped) == 1 and name in splits.skipped[0]
     all_names = [n for s in (splits.train, splits.val, splits.test) for n in names_of(s, nih)]

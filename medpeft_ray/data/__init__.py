@@ -21,8 +21,12 @@ __all__ = [
 def dataset_key(name: str, root: str | Path | None, image_size: int, options: dict[str, Any], seed: int) -> dict[str, Any]:
     """What determines a dataset's decoded bytes: the cache key (walks the dataset's files once).
 
+    ``root`` may be the dataset folder or a download folder holding it; the key names the
+    dataset folder.
+
     Raises:
         ConfigError: an unknown or invalid option (named ``dataset.options.<key>``).
+        DataError: no dataset folder of this format under ``root`` (or several).
     """
     from medpeft_ray.config import parse_section  # the config module imports this package
 
@@ -30,7 +34,8 @@ def dataset_key(name: str, root: str | Path | None, image_size: int, options: di
     parsed = parse_section(spec.options, options, "dataset.options")
     key: dict[str, Any] = {"dataset": name, "image_size": image_size, "options": parsed.model_dump(), "seed": seed}
     if root is not None:
-        root_path = Path(root).resolve()
+        # the download folder or the dataset folder inside it: both key (and cache) the dataset folder
+        root_path = spec.dataset_folder(Path(root).expanduser().resolve(), parsed)
         key["root"] = str(root_path)
         key["files"] = _fingerprint(root_path)
     return key
@@ -61,21 +66,28 @@ def load_splits(
 
 
 def _fingerprint(root: Path) -> str:
-    """A content fingerprint of a tree: paths, sizes and mtimes of its files (not the cache's)."""
+    """A content fingerprint of a tree: paths, sizes and mtimes of its files (not the cache's).
+
+    Linked folders and files count with their targets, so a changed image behind a link
+    changes the key.
+    """
     import hashlib
 
     from medpeft_ray.data.cache import cache_root
+    from medpeft_ray.data.layout import walk
 
     cache = str(cache_root().resolve())
     digest = hashlib.sha256()
-    for directory, dirs, files in os.walk(root):
+    for directory, dirs, files in walk(root):
         if directory == cache or directory.startswith(cache + os.sep):
             dirs[:] = []  # the cache may live inside the dataset folder: its entries must not change the key
             continue
-        dirs.sort()
-        for name in sorted(files):
+        for name in files:
             path = os.path.join(directory, name)
-            stat = os.stat(path)
+            try:
+                stat = os.stat(path)
+            except OSError:
+                stat = os.lstat(path)  # a broken link: decoding names it as missing
             digest.update(f"{os.path.relpath(path, root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 

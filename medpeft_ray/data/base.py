@@ -59,6 +59,8 @@ class DatasetSplits:
     skipped: tuple[str, ...] = ()
     #: label-ratio subsets given by the publisher (indices into ``train``), used instead of drawn ones
     ratio_subsets: dict[float, np.ndarray] = field(default_factory=dict)
+    #: the block summarising listed files that were missing (and skipped), "" when none was
+    missing_summary: str = ""
 
     @property
     def num_classes(self) -> int:

@@ -1,10 +1,11 @@
 """BUSI: Breast Ultrasound Images (Al-Dhabyani et al. 2020, 780 images), as published.
 
-The root (``Dataset_BUSI_with_GT/`` in the release) holds ``benign/``, ``malignant/`` and
-``normal/``; each image, e.g. ``benign (1).png``, lies beside its tumour masks
-``benign (1)_mask.png``, ``benign (1)_mask_1.png``, ..., which are not images of the dataset and
-are ignored. Multi-class, three classes in that order. BUSI gives no patient ids and no split:
-every image is its own group and the split is drawn per image.
+The dataset folder (``Dataset_BUSI_with_GT/`` in the release; the root may also be the download
+folder that holds it) holds ``benign/``, ``malignant/`` and ``normal/``; each image, e.g.
+``benign (1).png``, lies beside its tumour masks ``benign (1)_mask.png``, ``benign (1)_mask_1.png``,
+..., which are not images of the dataset and are ignored. Multi-class, three classes in that
+order. BUSI gives no patient ids and no split: every image is its own group and the split is
+drawn per image.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
+from medpeft_ray.data.layout import MarkerPaths
 from medpeft_ray.data.records import SplitOptions
 from medpeft_ray.data.records import ImageRecord, build_splits, one_hot
 from medpeft_ray.data.registry import register_dataset
@@ -50,7 +52,10 @@ def class_images(folder: Path) -> list[Path]:
     return images
 
 
-@register_dataset("busi", options=BusiOptions, needs_root=True, task="multiclass")
+@register_dataset(
+    "busi", options=BusiOptions, needs_root=True, task="multiclass",
+    marker=lambda _: MarkerPaths(tuple(f"{name}/" for name in CLASS_NAMES)),
+)
 def load_busi(root: Path, image_size: int, options: BusiOptions, seed: int) -> DatasetSplits:
     records = [
         ImageRecord(path, one_hot(k, len(CLASS_NAMES)), f"{name}/{path.name}")
@@ -58,6 +63,6 @@ def load_busi(root: Path, image_size: int, options: BusiOptions, seed: int) -> D
         for path in class_images(root / name)
     ]
     return build_splits(
-        records, CLASS_NAMES, "multiclass", image_size, seed, val_fraction=options.val_fraction,
+        records, CLASS_NAMES, "multiclass", image_size, seed, root=root, val_fraction=options.val_fraction,
         test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(root),
     )

@@ -55,6 +55,7 @@ def cached_splits(key_parts: dict[str, Any], build: Callable[[], DatasetSplits])
             "class_names": list(splits.class_names),
             "task": splits.task,
             "skipped": list(splits.skipped),
+            "missing_summary": splits.missing_summary,
             "ratio_subsets": list(splits.ratio_subsets),
             "key": key_parts,
         }
@@ -81,5 +82,6 @@ def _load(entry: Path) -> DatasetSplits:
 
     ratios = {float(r): np.load(entry / f"ratio_{i}.npy") for i, r in enumerate(meta.get("ratio_subsets", []))}
     return DatasetSplits(
-        split("train"), split("val"), split("test"), tuple(meta["class_names"]), meta["task"], tuple(meta.get("skipped", [])), ratios
+        split("train"), split("val"), split("test"), tuple(meta["class_names"]), meta["task"],
+        tuple(meta.get("skipped", [])), ratios, meta.get("missing_summary", ""),
     )

@@ -6,13 +6,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from medpeft_ray.data.records import is_missing
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.data.splits import train_subset_index
 
 
 @dataclass
 class DatasetReport:
-    """Images per split, positives per class (per split and per label ratio), files that failed."""
+    """Images per split, positives per class (per split and per label ratio), files that failed.
+
+    ``unreadable`` lists every file left out (missing or undecodable, as "path: reason");
+    ``missing`` summarises the missing ones in one block ("" when none is).
+    """
 
     name: str
     root: str | None
@@ -23,6 +28,7 @@ class DatasetReport:
     ratio_images: dict[float, int]
     ratio_positives: dict[float, dict[str, int]]
     unreadable: list[str] = field(default_factory=list)
+    missing: str = ""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -58,7 +64,7 @@ def check_dataset(
     from medpeft_ray.config import parse_section
 
     parsed = parse_section(spec.options, options, "dataset.options")
-    root_path = Path(root).expanduser().resolve() if root is not None else None
+    root_path = spec.dataset_folder(Path(root).expanduser().resolve(), parsed) if root is not None else None
     splits = spec.load(root_path, image_size, parsed, seed)
 
     classes = list(splits.class_names)
@@ -73,6 +79,7 @@ def check_dataset(
         ratio_images={},
         ratio_positives={},
         unreadable=list(splits.skipped),
+        missing=splits.missing_summary,
     )
     for ratio in label_ratios:
         index = train_subset_index(splits, ratio, seed)
@@ -85,9 +92,16 @@ def check_dataset(
     for split_name, count in report.images.items():
         if count == 0:
             report.problems.append(f"the {split_name} split has no images")
-    if report.unreadable and not skip_asked:
+    missing = sum(map(is_missing, report.unreadable))
+    undecodable = len(report.unreadable) - missing
+    if missing and not skip_asked:
         report.problems.append(
-            f"{len(report.unreadable)} unreadable file(s): a search stops at the first; fix them or set "
+            f"{missing} listed image file(s) missing: a search stops before its first trial; unpack them or set "
+            "dataset.options.skip_unreadable: true"
+        )
+    if undecodable and not skip_asked:
+        report.problems.append(
+            f"{undecodable} unreadable file(s): a search stops at the first; fix them or set "
             "dataset.options.skip_unreadable: true"
         )
     return report

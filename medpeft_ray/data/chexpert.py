@@ -1,6 +1,7 @@
 """CheXpert as published: ``train.csv`` and ``valid.csv`` under the dataset folder.
 
-Layout (``root`` is the dataset folder, e.g. ``CheXpert-v1.0-small``)::
+Layout (``root`` is the dataset folder, e.g. ``CheXpert-v1.0-small``, or the download folder
+that holds it)::
 
     train.csv    Path,Sex,Age,Frontal/Lateral,AP/PA,<14 observations>
     valid.csv    same columns
@@ -33,6 +34,7 @@ import numpy as np
 from pydantic import AfterValidator, Field, field_validator
 
 from medpeft_ray.data.base import DatasetSplits
+from medpeft_ray.data.layout import MarkerPaths
 from medpeft_ray.data.tables import read_csv
 from medpeft_ray.data.records import ImageRecord, assign_splits, build_splits
 from medpeft_ray.data.registry import DatasetOptions, register_dataset
@@ -168,7 +170,10 @@ def read_records(csv: Path, split: str | None, options: CheXpertOptions, resolve
     return records
 
 
-@register_dataset("chexpert", options=CheXpertOptions, needs_root=True, task="multilabel")
+@register_dataset(
+    "chexpert", options=CheXpertOptions, needs_root=True, task="multilabel",
+    marker=lambda _: MarkerPaths(("train.csv", "valid.csv")),
+)
 def load_chexpert(root: Path, image_size: int, options: CheXpertOptions, seed: int) -> DatasetSplits:
     resolve = PathResolver(root)
     train = read_records(root / "train.csv", None, options, resolve)
@@ -182,6 +187,6 @@ def load_chexpert(root: Path, image_size: int, options: CheXpertOptions, seed: i
     drawn = assign_splits([r.group for r in train], options.val_fraction, 0.0, seed) if train else []
     train = [ImageRecord(r.path, r.labels, r.group, str(s)) for r, s in zip(train, drawn)]
     return build_splits(
-        train + test, options.labels, "multilabel", image_size, seed, val_fraction=options.val_fraction,
+        train + test, options.labels, "multilabel", image_size, seed, root=root, val_fraction=options.val_fraction,
         test_fraction=0.0, skip_unreadable=options.skip_unreadable, source=str(root),
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from medpeft_ray.data.base import DatasetSplits
+from medpeft_ray.data.layout import MarkerPaths
 from medpeft_ray.data.records import SplitOptions
 from medpeft_ray.data.records import SPLITS, ImageRecord, build_splits, one_hot
 from medpeft_ray.data.registry import register_dataset
@@ -49,7 +50,9 @@ def binary_label(value: str, csv: Path, row: int, column: str) -> float:
     return number
 
 
-@register_dataset("csv", options=CsvOptions, needs_root=True, task="multilabel")
+@register_dataset(
+    "csv", options=CsvOptions, needs_root=True, task="multilabel", marker=lambda options: MarkerPaths((options.file,))
+)
 def load_csv(root: Path, image_size: int, options: CsvOptions, seed: int) -> DatasetSplits:
     csv = root / options.file
     named = [c for c in (options.path_column, options.class_column, options.group_column, options.split_column) if c]
@@ -77,6 +80,6 @@ def load_csv(root: Path, image_size: int, options: CsvOptions, seed: int) -> Dat
         group = row[options.group_column] if options.group_column else path
         records.append(ImageRecord(root / path, labels, group, split))
     return build_splits(
-        records, class_names, task, image_size, seed, val_fraction=options.val_fraction,
+        records, class_names, task, image_size, seed, root=root, val_fraction=options.val_fraction,
         test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv),
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
+from medpeft_ray.data.layout import MarkerPaths, is_tool_folder, walk
 from medpeft_ray.data.records import SplitOptions
 from medpeft_ray.data.records import ImageRecord, build_splits, one_hot
 from medpeft_ray.data.registry import register_dataset
@@ -38,9 +39,9 @@ class Ham10000Options(SplitOptions):
 def index_jpegs(root: Path) -> dict[str, Path]:
     """``image_id -> path`` of every ``.jpg``/``.jpeg`` under ``root`` (hidden and ``__`` folders skipped)."""
     found: dict[str, Path] = {}
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith((".", "__")))
-        for name in sorted(files):
+    for folder, subfolders, files in walk(root):
+        subfolders[:] = [d for d in subfolders if not is_tool_folder(d)]
+        for name in files:
             stem, suffix = os.path.splitext(name)
             if suffix.lower() in (".jpg", ".jpeg") and not name.startswith("."):
                 found.setdefault(stem, Path(folder) / name)  # walked in sorted order: the first path wins
@@ -69,24 +70,21 @@ def read_metadata(csv_path: Path) -> list[tuple[int, str, str, str]]:
     return rows
 
 
-@register_dataset("ham10000", options=Ham10000Options, needs_root=True, task="multiclass")
+@register_dataset(
+    "ham10000", options=Ham10000Options, needs_root=True, task="multiclass",
+    marker=lambda options: MarkerPaths((options.metadata_file,)),
+)
 def load_ham10000(root: Path, image_size: int, options: Ham10000Options, seed: int) -> DatasetSplits:
     csv_path = root / options.metadata_file
     rows = read_metadata(csv_path)
     jpegs = index_jpegs(root)
-    records = []
-    for row_number, lesion, image, dx in rows:
-        path = jpegs.get(image)
-        if path is None:
-            expected = root / f"{image}.jpg"
-            if not options.skip_unreadable:
-                raise DataError(
-                    f"{expected}: image file not found in {root} or its sub-folders "
-                    f"(listed in {csv_path}, row {row_number})"
-                )
-            path = expected  # decoding fails and build_splits counts it as skipped
-        records.append(ImageRecord(path, one_hot(CLASS_NAMES.index(dx), len(CLASS_NAMES)), lesion))
+    records = [
+        # an image in no folder is missing: build_splits summarises (or, asked to, skips) all such
+        ImageRecord(jpegs.get(image, root / f"{image}.jpg"), one_hot(CLASS_NAMES.index(dx), len(CLASS_NAMES)), lesion)
+        for _, lesion, image, dx in rows
+    ]
     return build_splits(
-        records, CLASS_NAMES, "multiclass", image_size, seed, val_fraction=options.val_fraction,
+        records, CLASS_NAMES, "multiclass", image_size, seed, root=root, val_fraction=options.val_fraction,
         test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv_path),
+        found_by_name=True,
     )

@@ -7,11 +7,14 @@ Layout under ``root`` (the folder holding the CSV)::
     test_list.txt              one image name per line (official test images)
     images_001/images/*.png    the Kaggle layout; a plain images/*.png works too
 
+``root`` may also be a download folder holding that folder (up to two levels above it).
+
 Images are found by file name in any folder whose path below ``root`` has a component starting
-with ``images`` (``images/``, ``images_001/images/``, ``data/images_012/...``), at any depth; when
-one name occurs twice, the first in sorted path order is used. A CSV row whose image is in none of
-them points at ``root/images/<name>``, so decoding fails naming that file (or, with
-``skip_unreadable``, counts it in ``DatasetSplits.skipped``).
+with ``images`` (``images/``, ``images_001/images/``, ``data/images_012/...``), at any depth and
+through symbolic links; when one name occurs twice, the first in sorted path order is used. CSV
+rows whose image is in none of them are missing: the load stops with one summary of them (how
+many, which image folders were found) or, with ``skip_unreadable``, counts them in
+``DatasetSplits.skipped``.
 
 ``Finding Labels`` holds findings joined by ``|`` (``No Finding`` for none); labels are the 14
 classes in MED-PEFT order (:data:`CLASSES`). An unknown finding is a :class:`DataError` naming the
@@ -27,13 +30,13 @@ one of the two list files present is an error: that would silently change the pr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
+from medpeft_ray.data.layout import MarkerPaths, is_tool_folder, walk
 from medpeft_ray.data.records import SplitOptions
 from medpeft_ray.data.records import ImageRecord, assign_splits, build_splits
 from medpeft_ray.data.tables import read_csv
@@ -50,6 +53,8 @@ CLASSES = (
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )
 NO_FINDING = "No Finding"
+#: the dataset folder holds the CSV; the official lists (optional) are a sign of it too
+NIH_MARKER = MarkerPaths((CSV_NAME, TRAIN_VAL_LIST, TEST_LIST))
 IMAGE_COLUMN, FINDINGS_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
 
 
@@ -71,11 +76,11 @@ class NIHOptions(SplitOptions):
 def index_images(root: Path) -> dict[str, Path]:
     """File name -> path of every file in a folder under ``root`` whose relative path has a part ``images*``."""
     found: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
+    for dirpath, dirnames, filenames in walk(root):
+        dirnames[:] = [d for d in dirnames if not is_tool_folder(d)]
         parts = Path(dirpath).relative_to(root).parts
         if any(part.lower().startswith("images") for part in parts):
-            for name in sorted(filenames):
+            for name in filenames:
                 found.setdefault(name, Path(dirpath) / name)
     return found
 
@@ -124,7 +129,7 @@ def official_splits(root: Path) -> tuple[set[str], set[str]] | None:
     return train_val, test
 
 
-@register_dataset("nih", options=NIHOptions, needs_root=True, task="multilabel")
+@register_dataset("nih", options=NIHOptions, needs_root=True, task="multilabel", marker=lambda _: NIH_MARKER)
 def load_nih(root: Path, image_size: int, options: NIHOptions, seed: int) -> DatasetSplits:
     csv = root / CSV_NAME
     frame = read_csv(csv, (IMAGE_COLUMN, FINDINGS_COLUMN, PATIENT_COLUMN))
@@ -173,6 +178,7 @@ def load_nih(root: Path, image_size: int, options: NIHOptions, seed: int) -> Dat
         if split[i]  # rows in neither official list are left out
     ]
     return build_splits(
-        records, CLASSES, "multilabel", image_size, seed, val_fraction=options.val_fraction,
+        records, CLASSES, "multilabel", image_size, seed, root=root, val_fraction=options.val_fraction,
         test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv),
+        found_by_name=True,
     )

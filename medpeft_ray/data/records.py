@@ -1,8 +1,10 @@
 """From file records to decoded splits: the part every file-based dataset format shares.
 
 A format module only reads its metadata (CSV, folders, split files) into :class:`ImageRecord`s;
-:func:`build_splits` decodes the images (PNG/JPEG/16-bit/DICOM), carves patient-disjoint splits
-where the publisher gives none, and counts unreadable files when asked to skip them.
+:func:`build_splits` checks that the listed files are there (summarising the missing ones at
+once: a partial download misses thousands), decodes the images (PNG/JPEG/16-bit/DICOM), carves
+patient-disjoint splits where the publisher gives none, and counts unreadable files when asked to
+skip them.
 
 Labels are floats: 1 positive, 0 negative, NaN unknown (CheXpert's "ignore" policy); unknown
 labels are left out of the loss and of that class's AUROC.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,9 @@ from medpeft_ray.data.registry import DatasetOptions
 from medpeft_ray.errors import DataError
 
 SPLITS = ("train", "val", "test")
+NOT_FOUND = "image file not found"
+#: how many missing file names, and folders per kind, a missing-files summary shows
+SHOWN = 3
 
 
 class SplitOptions(DatasetOptions):
@@ -97,7 +103,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
                 img = Image.fromarray(to_uint8(np.asarray(img, dtype=np.float32)))
         return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
     except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
+        raise DataError(f"{path}: {NOT_FOUND}") from None
     except Exception as exc:  # noqa: BLE001  (PIL and pydicom raise many types for corrupt files)
         raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
 
@@ -164,6 +170,72 @@ def assign_splits(groups: Sequence[str], val_fraction: float, test_fraction: flo
     return np.asarray([lookup[g] for g in groups], dtype=object)
 
 
+def is_missing(skipped: str) -> bool:
+    """Whether a ``DatasetSplits.skipped`` entry is a missing file (not an undecodable one)."""
+    return skipped.endswith(f": {NOT_FOUND}")
+
+
+def missing_files_summary(
+    records: Sequence[ImageRecord], missing: Sequence[int], root: Path, source: str, found_by_name: bool
+) -> str:
+    """One block on the files of ``records`` (indices ``missing``) that are not there.
+
+    How many of how many listed, a few names, which folders were found or are absent, and what
+    to do. With ``found_by_name`` (images looked up by name in every folder below ``root``) a
+    missing file has no folder of its own, so the folders the present ones were found in are named.
+    """
+    def relative(path: Path) -> Path:
+        try:
+            return path.relative_to(root)
+        except ValueError:  # a listed path outside the dataset folder
+            return path
+
+    paths = [relative(r.path) for r in records]
+    examples = ", ".join(paths[i].name if found_by_name else str(paths[i]) for i in missing[:SHOWN])
+    listed_in = relative(Path(source))
+    where = f" in {listed_in}" if not listed_in.is_absolute() and str(listed_in) != "." else ""
+    verb = "is" if len(missing) == 1 else "are"
+    lines = [f"{root}: {len(missing):,} of the {len(records):,} images listed{where} {verb} missing, e.g. {examples}"]
+    if found_by_name:
+        gone = set(missing)
+        found = Counter(f"{path.parent}/" for i, path in enumerate(paths) if i not in gone)
+        lines.append(
+            f"the others were found in: {_few({f: f'{n:,} found' for f, n in found.items()})}; "
+            "the missing ones are in none of these folders" if found else "no image folder holds any of them"
+        )
+    else:
+        def first_folder(path: Path) -> str:
+            """train/, valid/, stage_2_train_images/: where a listed path lies below the dataset folder."""
+            if path.is_absolute():  # listed outside the dataset folder
+                return f"{path.parent}/"
+            return f"{path.parts[0]}/" if len(path.parts) > 1 else "./"
+
+        top = [first_folder(path) for path in paths]
+        listed, lost = Counter(top), Counter(top[i] for i in missing)
+        absent, empty = "absent folders", "folders with none of their listed images"
+        partly = "folders with some missing"
+        kinds: dict[str, dict[str, str]] = {absent: {}, empty: {}, partly: {}}
+        for folder, n in listed.items():
+            if lost[folder] == n:
+                kinds[empty if (root / folder).is_dir() else absent][folder] = f"{n:,} listed"
+            elif lost[folder]:
+                kinds[partly][folder] = f"{lost[folder]:,} of {n:,} missing"
+        lines += [f"{kind}: {_few(folders)}" for kind, folders in kinds.items() if folders]
+    present = len(records) - len(missing)
+    lines.append(
+        f"unpack the rest of the download into {root}, or set dataset.options.skip_unreadable: true "
+        f"to use the {present:,} images present"
+    )
+    return "\n  ".join(lines)
+
+
+def _few(folders: dict[str, str]) -> str:
+    """``a/ (12 listed), b/ (7 listed) and 9 more``: the first :data:`SHOWN` folders in name order."""
+    names = sorted(folders)
+    text = ", ".join(f"{name} ({folders[name]})" for name in names[:SHOWN])
+    return text + (f" and {len(names) - SHOWN:,} more" if len(names) > SHOWN else "")
+
+
 def build_splits(
     records: Sequence[ImageRecord],
     class_names: Sequence[str],
@@ -171,21 +243,30 @@ def build_splits(
     image_size: int,
     seed: int,
     *,
+    root: Path,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     skip_unreadable: bool = False,
     source: str = "dataset",
+    found_by_name: bool = False,
     ratio_members: dict[float, set[Path]] | None = None,
 ) -> DatasetSplits:
     """Decodes ``records`` into train/val/test :class:`LabeledImages`.
 
     Records without a split are assigned one by patient (``val_fraction``, ``test_fraction``);
-    records with one keep it. ``skip_unreadable`` drops undecodable files and counts them in
-    ``DatasetSplits.skipped``; otherwise the first one raises :class:`DataError` naming it.
-    ``ratio_members`` maps a label ratio to the training files the publisher lists for it.
+    records with one keep it. Missing files are checked first, all at once: without
+    ``skip_unreadable`` they raise one :class:`DataError` summarising them
+    (:func:`missing_files_summary`, ``found_by_name`` as there). ``skip_unreadable`` drops missing
+    and undecodable files and counts them in ``DatasetSplits.skipped``; otherwise the first
+    undecodable one raises :class:`DataError` naming it. ``ratio_members`` maps a label ratio to
+    the training files the publisher lists for it.
     """
     if not records:
         raise DataError(f"{source}: no images listed")
+    missing = [i for i, r in enumerate(records) if not r.path.is_file()]
+    summary = missing_files_summary(records, missing, root, source, found_by_name) if missing else ""
+    if missing and not skip_unreadable:
+        raise DataError(summary)
     widths = {len(r.labels) for r in records}
     if widths != {len(class_names)}:
         raise DataError(f"{source}: label vectors of lengths {sorted(widths)} for {len(class_names)} classes")
@@ -216,6 +297,7 @@ def build_splits(
         take("train"), take("val"), take("test"), tuple(class_names), task,
         skipped=tuple(error for _, error in decoded.unreadable),  # each error starts with its file's path
         ratio_subsets=ratio_subsets,
+        missing_summary=summary,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict
 
 from medpeft_ray.data.base import DatasetSplits
+from medpeft_ray.data.layout import RootMarker, find_dataset_root
 
 
 class DatasetOptions(BaseModel):
@@ -18,29 +19,49 @@ class DatasetOptions(BaseModel):
 
 
 LoadFn = Callable[[Path | None, int, Any, int], DatasetSplits]
+#: what a format's dataset folder holds, given the parsed options (file names can be options)
+MarkerFn = Callable[[Any], RootMarker]
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A dataset format: ``load(root, image_size, options, seed) -> DatasetSplits``."""
+    """A dataset format: ``load(root, image_size, options, seed) -> DatasetSplits``.
+
+    ``marker`` tells the format's dataset folder, so that a root given as the download folder
+    that holds it works as well (:meth:`dataset_folder`).
+    """
 
     name: str
     load: LoadFn
     options: type[DatasetOptions]
     needs_root: bool
     task: Literal["multilabel", "multiclass"]
+    marker: MarkerFn | None = None
+
+    def dataset_folder(self, root: Path, options: Any) -> Path:
+        """``root``, or the folder below it that holds this format's dataset (``options`` parsed).
+
+        Raises:
+            DataError: no folder under ``root`` holds the dataset, or several do (one line).
+        """
+        return find_dataset_root(root, self.marker(options), self.name) if self.marker is not None else root
 
 
 _DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(
-    name: str, *, options: type[DatasetOptions], needs_root: bool, task: Literal["multilabel", "multiclass"]
+    name: str,
+    *,
+    options: type[DatasetOptions],
+    needs_root: bool,
+    task: Literal["multilabel", "multiclass"],
+    marker: MarkerFn | None = None,
 ) -> Callable[[LoadFn], LoadFn]:
     def decorate(load: LoadFn) -> LoadFn:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        _DATASETS[name] = DatasetSpec(name, load, options, needs_root, task)
+        _DATASETS[name] = DatasetSpec(name, load, options, needs_root, task, marker)
         return load
 
     return decorate

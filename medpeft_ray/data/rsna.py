@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
+from medpeft_ray.data.layout import MarkerPaths
 from medpeft_ray.data.records import SplitOptions
 from medpeft_ray.data.records import ImageRecord, build_splits
 from medpeft_ray.data.registry import register_dataset
@@ -68,7 +69,10 @@ def read_targets(csv_path: Path) -> dict[str, tuple[float, int]]:
     return targets
 
 
-@register_dataset("rsna", options=RsnaOptions, needs_root=True, task="multilabel")
+@register_dataset(
+    "rsna", options=RsnaOptions, needs_root=True, task="multilabel",
+    marker=lambda options: MarkerPaths((options.labels_file, f"{options.images_dir}/")),
+)
 def load_rsna(root: Path, image_size: int, options: RsnaOptions, seed: int) -> DatasetSplits:
     csv_path = root / options.labels_file
     images = root / options.images_dir
@@ -76,13 +80,7 @@ def load_rsna(root: Path, image_size: int, options: RsnaOptions, seed: int) -> D
     records = [
         ImageRecord(images / f"{patient}.dcm", (target,), patient) for patient, (target, _) in targets.items()
     ]
-    if not options.skip_unreadable:
-        # fail before decoding tens of thousands of files, naming the image and the row that lists it
-        for record in records:
-            if not record.path.is_file():
-                row = targets[record.group][1]
-                raise DataError(f"{record.path}: image file not found (listed in {csv_path}, row {row})")
     return build_splits(
-        records, CLASS_NAMES, "multilabel", image_size, seed, val_fraction=options.val_fraction,
+        records, CLASS_NAMES, "multilabel", image_size, seed, root=root, val_fraction=options.val_fraction,
         test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv_path),
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from medpeft_ray.data.base import DatasetSplits
+from medpeft_ray.data.layout import MarkerPaths
 from medpeft_ray.data.records import ImageRecord, build_splits
 from medpeft_ray.data.registry import DatasetOptions, register_dataset
 from medpeft_ray.errors import DataError
@@ -76,7 +77,10 @@ def read_split_file(path: Path) -> list[tuple[str, tuple[float, ...]]]:
     return entries
 
 
-@register_dataset("splitfile", options=SplitFileOptions, needs_root=True, task="multilabel")
+@register_dataset(
+    "splitfile", options=SplitFileOptions, needs_root=True, task="multilabel",
+    marker=lambda options: MarkerPaths((options.train, options.val, options.test)),
+)
 def load_splitfile(root: Path, image_size: int, options: SplitFileOptions, seed: int) -> DatasetSplits:
     images = root / options.images_dir
     pattern = re.compile(options.group_pattern) if options.group_pattern else None
@@ -107,6 +111,6 @@ def load_splitfile(root: Path, image_size: int, options: SplitFileOptions, seed:
     if not any(math.isclose(r, 1.0) for r in members):
         members[1.0] = train_files
     return build_splits(
-        records, class_names, "multilabel", image_size, seed, skip_unreadable=options.skip_unreadable,
+        records, class_names, "multilabel", image_size, seed, root=root, skip_unreadable=options.skip_unreadable,
         source=str(root / options.train), ratio_members=members,
     )
