@@ -156,7 +156,7 @@ def leaderboard(
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
     """Show the best configurations found so far, or a comparison of methods, or the Pareto front."""
-    from medpeft_ray.leaderboard.store import lower_is_better
+    from medpeft_ray.ranking import lower_is_better
 
     filters = dict(experiment=experiment, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
                    status=status, since=since, until=until)

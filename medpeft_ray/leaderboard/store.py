@@ -84,11 +84,6 @@ schema_table = sa.Table(
 
 #: The keyword filters every view takes (those of ``LeaderboardStore.query``).
 _FILTERS = ("experiment", "dataset", "label_ratio", "method", "backbone", "status", "since", "until")
-#: Columns a ``query`` can sort by where lower is better (everything else sorts highest first).
-LOWER_IS_BETTER = frozenset({"val_loss", "wall_time_s", "startup_s", "train_time_s", "trainable_params",
-                             "total_params", "skipped_images"})
-#: Columns that measure a trial's quality (what ``compare``, ``pareto`` and ``best`` rank by).
-QUALITY_METRICS = ("val_auroc", "val_loss")
 
 
 @dataclass
@@ -141,11 +136,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def lower_is_better(column: str) -> bool:
-    """Whether ``column`` ranks smallest first (losses, times, parameter counts)."""
-    return column in LOWER_IS_BETTER
 
 
 def _as_utc_text(value: str | date | datetime, end_of_day: bool = False) -> str:

@@ -12,7 +12,7 @@ import numbers
 from typing import TYPE_CHECKING, Any, Sequence
 
 from medpeft_ray.errors import MedpeftError, UsageError
-from medpeft_ray.leaderboard.store import QUALITY_METRICS, lower_is_better
+from medpeft_ray.ranking import metric_mode
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,13 +20,6 @@ if TYPE_CHECKING:
 #: the columns that identify a study: one Optuna study per (experiment, label ratio)
 STUDY_COLUMNS = ["experiment", "method", "dataset", "label_ratio"]
 GROUP_COLUMNS = ("experiment", "dataset", "label_ratio", "method", "backbone", "status")
-
-
-def metric_mode(metric: str) -> str:
-    """``max`` or ``min``: how ``metric`` ranks; only quality metrics rank trials against each other."""
-    if metric not in QUALITY_METRICS:
-        raise UsageError(f"cannot rank trials by {metric!r}; metrics: {', '.join(QUALITY_METRICS)}")
-    return "min" if lower_is_better(metric) else "max"
 
 
 def cell_label(dataset: str, label_ratio: float) -> str:
