@@ -47,7 +47,7 @@ def error_summary(text: str | None) -> str:
     if not text:
         return "trial failed (no error recorded)"
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    for pattern in (r"(?:TrialFailed|DataError|MedpeftError|ConfigError): (.*)", r"^(\w*Error: .*)$"):
+    for pattern in (r"(?:TrialFailed|DataError|CheckpointError|MedpeftError|ConfigError): (.*)", r"^(\w*Error: .*)$"):
         for line in reversed(lines):
             match = re.search(pattern, line)
             if match:
