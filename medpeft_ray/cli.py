@@ -183,6 +183,8 @@ def leaderboard(
 
 
 def _print_rows(frame: Any, output: BoardFormat, store_empty: bool, sort: str = "val_auroc") -> None:
+    from medpeft_ray.leaderboard.views import checkpoint_labels
+
     if output is BoardFormat.json:
         # missing metrics are NaN in the DataFrame and null in JSON (NaN is not valid JSON)
         records = [{k: _plain(v) for k, v in r.items()} for r in frame.to_dict(orient="records")]
@@ -199,6 +201,10 @@ def _print_rows(frame: Any, output: BoardFormat, store_empty: bool, sort: str = 
                "trainable_params", "params", "status", "wall_time_s"]
     if sort not in columns:
         columns.insert(columns.index("val_auroc") + 1, sort)  # the column the rows are ordered by is shown
+    labels = checkpoint_labels(frame)
+    if labels.nunique() > 1:  # trials from different pre-trained weights: say which is which
+        frame = frame.assign(checkpoint_sha256=labels)
+        columns.insert(columns.index("backbone") + 1, "checkpoint_sha256")
     rows = [[_cell(column, row[column]) for column in columns] for row in frame.to_dict(orient="records")]
     if output is BoardFormat.markdown:
         import pandas as pd

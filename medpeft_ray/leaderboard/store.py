@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 #: Version 2 renamed ``trials`` to ``medpeft_trials`` (Optuna's RDB storage owns a ``trials`` table,
 #: and its studies live in the same database) and added indexes for date and (dataset, ratio, method).
-SCHEMA_VERSION = 2
+#: Version 3 added the pre-trained checkpoint each trial started from (``checkpoint_file``, ``checkpoint_sha256``).
+SCHEMA_VERSION = 3
 TRIALS_TABLE = "medpeft_trials"
 SCHEMA_TABLE = "medpeft_schema"
 DEFAULT_RESULTS_DIR = "medpeft-results"
@@ -69,6 +70,10 @@ trials_table = sa.Table(
     sa.Column("checkpoint", sa.Text),
     sa.Column("error", sa.Text),
     sa.Column("created_at", sa.String(40), nullable=False),  # UTC ISO 8601: sorts and compares as text
+    # the pre-trained weights (model.checkpoint) the trial started from, and their content's SHA-256
+    # (NULL: random initialisation, or a row written before version 3)
+    sa.Column("checkpoint_file", sa.Text),
+    sa.Column("checkpoint_sha256", sa.String(64)),
     sa.UniqueConstraint("experiment", "trial_id", name="uq_trial"),
 )
 _indexes = (
@@ -111,6 +116,8 @@ class TrialRecord:
     skipped_images: int | None = None
     checkpoint: str | None = None
     error: str | None = None
+    checkpoint_file: str | None = None
+    checkpoint_sha256: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
@@ -239,7 +246,7 @@ class LeaderboardStore:
                 f"{self.label}: leaderboard schema version {version}, newer than this medpeft-ray reads "
                 f"(version {SCHEMA_VERSION}); upgrade medpeft-ray, or use a new --results folder"
             )
-        expected = TRIALS_TABLE if version == SCHEMA_VERSION else _V1_TRIALS_TABLE
+        expected = _V1_TRIALS_TABLE if version == 1 else TRIALS_TABLE
         if expected not in names:
             raise MedpeftError(f"{self.label}: leaderboard schema version {version} but no {expected!r} table")
         return version
@@ -469,7 +476,14 @@ def _upgrade_1_to_2(conn: sa.Connection) -> None:
         index.create(conn)
 
 
-_UPGRADES: dict[int, Callable[[sa.Connection], None]] = {1: _upgrade_1_to_2}
+def _upgrade_2_to_3(conn: sa.Connection) -> None:
+    """Version 3 records the pre-trained checkpoint of each trial; older rows keep NULL (not known)."""
+    for column in (trials_table.c.checkpoint_file, trials_table.c.checkpoint_sha256):
+        kind = column.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE {TRIALS_TABLE} ADD COLUMN {column.name} {kind}"))
+
+
+_UPGRADES: dict[int, Callable[[sa.Connection], None]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3}
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
