@@ -33,7 +33,8 @@ class OutputFormat(str, Enum):
 
 
 def _fail(exc: MedpeftError) -> None:
-    err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+    # escaped: a message naming "medpeft-ray[postgres]" or a path with brackets is text, not rich markup
+    err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -498,7 +499,7 @@ def main() -> None:
     except OSError as exc:
         # a full disk or a permission error: one line naming the file; rows already written stay
         where = f"{exc.filename}: " if exc.filename else ""
-        err_console.print(f"[red]error:[/red] {where}{exc.strerror or exc}", soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(f'{where}{exc.strerror or exc}')}", soft_wrap=True)
         sys.exit(1)
 
 

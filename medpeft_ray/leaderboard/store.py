@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
@@ -138,6 +139,45 @@ def default_db_url(results: str | Path | None = None) -> str:
     return os.environ.get("MEDPEFT_DB") or f"sqlite:///{results_dir(results) / 'leaderboard.db'}"
 
 
+#: What to install for a database driver SQLAlchemy cannot import (by the driver's module).
+_DRIVER_INSTALL = {
+    "psycopg": "pip install 'medpeft-ray[postgres]' (or 'psycopg[binary]')",
+    "psycopg2": "pip install 'medpeft-ray[postgres]' (or psycopg2-binary)",
+    "MySQLdb": "pip install mysqlclient",
+}
+_URL_EXAMPLES = "e.g. sqlite:///path/leaderboard.db or postgresql://user:password@host/db"
+
+
+def check_database_url(url: str) -> sa.URL:
+    """Parses a database URL and imports its driver, so that a bad URL fails before any work starts.
+
+    Raises:
+        UsageError: one line (exit code 2) naming the URL, password masked, and for a driver that
+            is not installed, what to install (plain ``postgresql://`` is psycopg 3 in SQLAlchemy 2.1,
+            ``postgresql+psycopg2://`` is psycopg2; the ``postgres`` extra installs both).
+    """
+    try:
+        parsed = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        masked = re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
+        raise UsageError(f"{masked}: not a database URL ({_URL_EXAMPLES})") from None
+    label = parsed.render_as_string()
+    try:
+        dialect = parsed.get_dialect()
+    except sa.exc.NoSuchModuleError:
+        raise UsageError(
+            f"{label}: SQLAlchemy knows no database type {parsed.drivername!r} ({_URL_EXAMPLES})"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        module = (exc.name or dialect.driver).split(".")[0]
+        install = _DRIVER_INSTALL.get(module, f"pip install {module}")
+        raise UsageError(f"{label}: the database driver {module!r} that {parsed.drivername}:// URLs use is not "
+                         f"installed; {install}") from None
+    return parsed
+
+
 def _clean(value: Any) -> Any:
     """NaN/inf become NULL: a trial that never produced a metric has none, not a fake number."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -192,8 +232,9 @@ class LeaderboardStore:
 
     def __init__(self, url: str, create: bool = True) -> None:
         self.url = url
+        parsed = check_database_url(url)
         #: the database as shown in messages (a password in the URL is masked)
-        self.label = url.split("///", 1)[-1] if url.startswith("sqlite") else sa.make_url(url).render_as_string()
+        self.label = url.split("///", 1)[-1] if url.startswith("sqlite") else parsed.render_as_string()
         if url.startswith("sqlite:///"):
             path = Path(url.removeprefix("sqlite:///"))
             if not create and not path.exists():
@@ -452,6 +493,7 @@ def optuna_storage(url: str) -> "optuna.storages.RDBStorage":
     """
     import optuna
 
+    check_database_url(url)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
