@@ -1,8 +1,8 @@
 """Pre-trained checkpoints: read safely, recognise the usual layouts, check them against the backbone.
 
 :func:`match_checkpoint` is the one place that decides what of a file loads into a backbone. The
-pre-flight step runs it on a meta-device model before Ray starts (no weights materialised: ``.pth``
-files are memory-mapped), and every worker runs it again when it loads the weights
+pre-flight step runs it on a meta-device model before Ray starts (no model weights materialised;
+zip-format ``.pth`` files are memory-mapped), and every worker runs it again when it loads the weights
 (:func:`medpeft_ray.models.backbones.load_checkpoint`), so the two cannot disagree.
 
 Layouts recognised: MAE/MRM ``{"model": ...}`` (with its pickled ``argparse.Namespace``),
@@ -69,7 +69,7 @@ def _first_line(exc: BaseException) -> str:
     # torch's weights-only errors start with a paragraph of advice; the cause follows this marker
     marker = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
     line = marker.group(1) if marker else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
 
 
 def _looks_like_text(head: bytes) -> bool:
