@@ -259,8 +259,8 @@ class Opaque:  # pickled by reference: unpickling it would run this module's cod
 
 
 NOT_CHECKPOINTS: list[tuple[str, Any, str]] = [
-    ("random.pth", lambda p: p.write_bytes(os.urandom(4096)),
-     "not a PyTorch or safetensors checkpoint (UnpicklingError: "),
+    # random bytes fail inside the unpickler in several ways (UnpicklingError, IndexError, KeyError, ...)
+    ("random.pth", lambda p: p.write_bytes(os.urandom(4096)), "not a PyTorch or safetensors checkpoint ("),
     ("random.safetensors", lambda p: p.write_bytes(os.urandom(4096)), "not a readable safetensors file ("),
     ("notes.pth", lambda p: p.write_text("model: vit_base\nepochs: 800\n"), "a text file, not a checkpoint"),
     ("empty.pth", lambda p: p.write_bytes(b""), "empty file (0 bytes), not a checkpoint"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,9 @@ def read_checkpoint(path: str | Path) -> Any:
     if _looks_like_text(head):
         raise CheckpointError(f"{path}: a text file, not a checkpoint")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # bytes that are no pickle can look like an unusual pickle protocol; the error says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001  torch.load fails in many ways on foreign files
         unsafe = re.findall(r"Unsupported global: GLOBAL (\S+)", str(exc))
