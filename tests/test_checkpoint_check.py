@@ -268,7 +268,7 @@ NOT_CHECKPOINTS: list[tuple[str, Any, str]] = [
     ("no_tensors.pth", lambda p: torch.save({"model": {}, "epoch": 3}, p),
      "no tensors in the file, not a checkpoint of model weights"),
     ("pickled_object.pth", lambda p: torch.save({"model": {"cls_token": torch.zeros(1)}, "extra": Opaque()}, p),
-     ("refused: it pickles test_checkpoint_check.Opaque, which only an unsafe load (weights_only=False, arbitrary "
+     (f"refused: it pickles {Opaque.__module__}.Opaque, which only an unsafe load (weights_only=False, arbitrary "
       "code) could read; re-save just its state dict where you trust the file")),
 ]
 
