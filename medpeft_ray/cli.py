@@ -34,7 +34,7 @@ class OutputFormat(str, Enum):
 
 
 def _fail(exc: MedpeftError) -> None:
-    # one line, or one block (a missing-files summary); file names like "x[1].png" are not markup
+    # one line, or one block (a missing-files summary); text such as "medpeft-ray[postgres]" or "x[1].png" is not markup
     err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
@@ -166,7 +166,7 @@ def leaderboard(
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
     """Show the best configurations found so far, or a comparison of methods, or the Pareto front."""
-    from medpeft_ray.leaderboard.store import lower_is_better
+    from medpeft_ray.ranking import lower_is_better
 
     filters = dict(experiment=experiment, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
                    status=status, since=since, until=until)
@@ -193,6 +193,8 @@ def leaderboard(
 
 
 def _print_rows(frame: Any, output: BoardFormat, store_empty: bool, sort: str = "val_auroc") -> None:
+    from medpeft_ray.leaderboard.views import checkpoint_labels
+
     if output is BoardFormat.json:
         # missing metrics are NaN in the DataFrame and null in JSON (NaN is not valid JSON)
         records = [{k: _plain(v) for k, v in r.items()} for r in frame.to_dict(orient="records")]
@@ -209,6 +211,10 @@ def _print_rows(frame: Any, output: BoardFormat, store_empty: bool, sort: str = 
                "trainable_params", "params", "status", "wall_time_s"]
     if sort not in columns:
         columns.insert(columns.index("val_auroc") + 1, sort)  # the column the rows are ordered by is shown
+    labels = checkpoint_labels(frame)
+    if labels.nunique() > 1:  # trials from different pre-trained weights: say which is which
+        frame = frame.assign(checkpoint_sha256=labels)
+        columns.insert(columns.index("backbone") + 1, "checkpoint_sha256")
     rows = [[_cell(column, row[column]) for column in columns] for row in frame.to_dict(orient="records")]
     if output is BoardFormat.markdown:
         import pandas as pd
@@ -516,7 +522,7 @@ def main() -> None:
     except OSError as exc:
         # a full disk or a permission error: one line naming the file; rows already written stay
         where = f"{exc.filename}: " if exc.filename else ""
-        err_console.print(f"[red]error:[/red] {where}{exc.strerror or exc}", soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(f'{where}{exc.strerror or exc}')}", soft_wrap=True)
         sys.exit(1)
 
 

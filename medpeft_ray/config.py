@@ -21,6 +21,7 @@ from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.errors import ConfigError
 from medpeft_ray.methods.registry import MethodOptions, get_method
 from medpeft_ray.models.backbones import backbone_family
+from medpeft_ray.ranking import METRIC_DIRECTION
 
 # Importing the packages registers the built-in methods and datasets.
 import medpeft_ray.data  # noqa: E402,F401  isort: skip
@@ -246,7 +247,9 @@ class SearchSettings(_Strict):
     )
     seed: int = 0
     metric: Literal["val_auroc", "val_loss"] = "val_auroc"
-    mode: Literal["max", "min"] | None = Field(None, description="default: max for val_auroc, min for val_loss")
+    mode: Literal["max", "min"] | None = Field(
+        None, description="the metric's direction (max for val_auroc, min for val_loss); may be given, not changed"
+    )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's free resources allow")
     also_minimize: list[Literal["trainable_params", "train_time_s"]] = Field(
@@ -268,7 +271,8 @@ class SearchSettings(_Strict):
 
     @property
     def resolved_mode(self) -> str:
-        return self.mode or ("min" if self.metric == "val_loss" else "max")
+        """The metric's direction: the one the leaderboard, confirmation and checkpoint retention rank by."""
+        return METRIC_DIRECTION[self.metric]
 
     @property
     def objectives(self) -> tuple[list[str], list[str]]:
@@ -281,6 +285,12 @@ class SearchSettings(_Strict):
             raise ValueError("also_minimize: lists an objective twice")
         if self.also_minimize and self.sampler == "cmaes":
             raise ValueError("sampler: cmaes optimises one objective; use tpe, random, gp or grid with also_minimize")
+        direction = METRIC_DIRECTION[self.metric]
+        if self.mode is not None and self.mode != direction:
+            # the leaderboard, `best` and confirmation rank by the metric's own direction; a search
+            # optimising the other way would pick the worst trials as its best
+            raise ValueError(f"mode: {self.metric} is {'maximised' if direction == 'max' else 'minimised'} "
+                             f"(mode {direction}); got {self.mode}")
         return self
 
 
@@ -420,7 +430,6 @@ class SearchConfig(_Strict):
             method=MethodConfig(name=chosen, options=method_options),
             train=TrainConfig.model_validate(train),
             metric=self.search.metric,
-            mode=self.search.resolved_mode,  # type: ignore[arg-type]
         )
 
 
@@ -436,7 +445,6 @@ class TrialConfig(_Strict):
     metric: Literal["val_auroc", "val_loss"] = Field(
         "val_auroc", description="the validation metric that picks the trial's best epoch (the search's search.metric)"
     )
-    mode: Literal["max", "min"] = Field("max", description="whether higher (max) or lower (min) metric values are better")
 
     @field_validator("method")
     @classmethod
@@ -448,6 +456,11 @@ class TrialConfig(_Strict):
     @property
     def family(self) -> str:
         return backbone_family(self.model.backbone) or "vit"
+
+    @property
+    def mode(self) -> str:
+        """``max`` or ``min``: which way ``metric`` is better."""
+        return METRIC_DIRECTION[self.metric]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,8 +499,8 @@ def load_trial_config(path: str | Path) -> TrialConfig:
             raise ConfigError("", f"must be a mapping of sections, got {type(raw).__name__}")
         trial = parse_section(TrialConfig, raw, "")
         search = {**raw, "dataset": {**raw["dataset"], "label_ratios": [trial.label_ratio]}, "space": {},
-                  "search": {"metric": trial.metric, "mode": trial.mode}}
-        for key in ("label_ratio", "metric", "mode"):
+                  "search": {"metric": trial.metric}}
+        for key in ("label_ratio", "metric"):
             search.pop(key, None)
         return _validate_search(search, path).trial_config(trial.label_ratio, {})
 

@@ -40,5 +40,11 @@ class DataError(MedpeftError):
     exit_code = 2
 
 
+class CheckpointError(MedpeftError):
+    """Pre-trained weights that cannot be used: unreadable, unsafe to unpickle, or of another model (names the file)."""
+
+    exit_code = 2
+
+
 class TrialFailed(MedpeftError):
     """A trial that cannot go on (NaN loss, diverged); the search records it and continues."""

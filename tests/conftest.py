@@ -109,3 +109,28 @@ def fill_results(results: Path, *records: Any) -> Path:
         store.record(record)
     store.engine.dispose()
     return results
+
+
+PG_ADDRESS = ("127.0.0.1", 5432)
+
+
+@pytest.fixture
+def pg_schema() -> Any:
+    """A fresh schema in the PostgreSQL database ``test`` (user postgres), dropped with everything in it
+    afterwards; the test skips, saying why, where no server answers."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg", reason="psycopg (3) is not installed")
+    host, port = PG_ADDRESS
+    try:
+        conn = psycopg.connect(host=host, port=port, user="postgres", dbname="test", connect_timeout=3, autocommit=True)
+    except psycopg.Error as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        pytest.skip(f"no PostgreSQL server answers at {host}:{port} as user postgres ({first_line})")
+    name = f"medpeft_test_{uuid.uuid4().hex[:12]}"
+    conn.execute(f'CREATE SCHEMA "{name}"')
+    try:
+        yield name
+    finally:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        conn.close()

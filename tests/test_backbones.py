@@ -9,7 +9,7 @@ import torch
 
 from medpeft_ray.errors import MedpeftError
 from medpeft_ray.models import backbone_family, build_backbone, load_checkpoint
-from medpeft_ray.models.backbones import read_state_dict
+from medpeft_ray.models.checkpoints import read_checkpoint
 
 
 def test_family_from_name() -> None:
@@ -49,10 +49,11 @@ def test_corrupt_and_missing_checkpoint_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"\x00not a checkpoint")
     with pytest.raises(MedpeftError, match="broken.pth"):
-        read_state_dict(bad)
+        read_checkpoint(bad)
     with pytest.raises(MedpeftError, match="not found"):
-        read_state_dict(tmp_path / "absent.pth")
+        read_checkpoint(tmp_path / "absent.pth")
     wrong = tmp_path / "wrong.pth"
     torch.save({"model": {"blocks.0.attn.qkv.weight": torch.zeros(5, 5)}}, wrong)
-    with pytest.raises(MedpeftError, match="wrong.pth.*does not fit"):
+    with pytest.raises(MedpeftError, match="wrong.pth: only 0 of 148 backbone tensors .*shape differs e.g. "
+                                           "blocks.0.attn.qkv.weight \\(file 5x5, model 576x192\\)"):
         build_backbone("vit_tiny_patch16_224", num_classes=3, image_size=32, checkpoint=wrong)

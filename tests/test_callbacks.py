@@ -61,3 +61,35 @@ def test_callback_pickles_without_engine(tiny_config: Any, tmp_path: Path) -> No
     callback.store  # noqa: B018  (opens the engine)
     clone = pickle.loads(pickle.dumps(callback))
     assert clone.console is None and clone.store.url == callback.db_url
+
+
+def test_rows_record_the_pretrained_checkpoint(tiny_config: Any, tmp_path: Path) -> None:
+    import hashlib
+
+    weights = tmp_path / "mae.pth"
+    weights.write_bytes(b"pre-trained weights")
+    config = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"checkpoint": weights})})
+    url = f"sqlite:///{tmp_path / 'lb.db'}"
+    for cfg, trial_id in ((config, "with"), (tiny_config, "without")):
+        callback = LeaderboardCallback(cfg, 1.0, url)
+        trial = FakeTrial(trial_id, {"lr": 3e-3})
+        callback.on_trial_start(0, [], trial)
+        callback.on_trial_result(0, [], trial, {"epoch": 2, "val_auroc": 0.7, "val_loss": 0.5})
+        callback.on_trial_complete(0, [], trial)
+    rows = LeaderboardStore(url).query().set_index("trial_id")
+    assert rows.loc["with", "checkpoint_file"] == str(weights)
+    assert rows.loc["with", "checkpoint_sha256"] == hashlib.sha256(b"pre-trained weights").hexdigest()
+    assert rows.loc["without", ["checkpoint_file", "checkpoint_sha256"]].isna().all()
+
+
+def test_best_epoch_follows_a_minimised_metric(tiny_config: Any, tmp_path: Path) -> None:
+    search = tiny_config.search.model_copy(update={"metric": "val_loss"})
+    url = f"sqlite:///{tmp_path / 'lb.db'}"
+    callback = LeaderboardCallback(tiny_config.model_copy(update={"search": search}), 1.0, url)
+    trial = FakeTrial("a", {"lr": 3e-3})
+    callback.on_trial_start(0, [], trial)
+    for epoch, auroc, loss in ((1, 0.8, 0.6), (2, 0.7, 0.4)):  # best AUROC at epoch 1, best loss at epoch 2
+        callback.on_trial_result(0, [], trial, {"epoch": epoch, "val_auroc": auroc, "val_loss": loss})
+    callback.on_trial_complete(0, [], trial)
+    row = LeaderboardStore(url).query().iloc[0]
+    assert row["best_epoch"] == 2 and row["val_loss"] == 0.4 and row["val_auroc"] == 0.7

@@ -105,6 +105,20 @@ def test_lora_yaml_contents() -> None:
     assert config.search.resolved_mode == "max"
 
 
+def test_the_metric_sets_the_direction_everywhere() -> None:
+    """One definition of "best": the search's mode, the store's sort order and the views' ranking."""
+    from medpeft_ray.config import SearchSettings
+    from medpeft_ray.leaderboard import views
+    from medpeft_ray.ranking import METRIC_DIRECTION, lower_is_better
+
+    for metric, direction in METRIC_DIRECTION.items():
+        assert SearchSettings(metric=metric).resolved_mode == direction
+        assert SearchSettings(metric=metric, mode=direction).resolved_mode == direction
+        assert views.metric_mode(metric) == direction
+        assert lower_is_better(metric) == (direction == "min")
+    assert SearchSettings(metric="val_loss").objectives == (["val_loss"], ["min"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad configs: one line naming the file, the key and the problem
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +271,8 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
      "space.lr", "a grid needs listed values"),
     ("reduction-factor", _set("search", "scheduler", "reduction_factor", value=1),
      "search.scheduler.reduction_factor", "must be > 1"),
+    ("mode-against-the-metric", _set("search", "mode", value="min"),
+     "search.mode", "val_auroc is maximised (mode max); got min"),
     ("unsupported-backbone", _set("model", "backbone", value="efficientnet_b0"),
      "model.backbone", "'efficientnet_b0' is not a supported timm ViT"),
     ("gpus-fractional-above-1", _set("resources", "gpus_per_worker", value=1.5),

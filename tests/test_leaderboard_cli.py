@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from medpeft_ray.cli import app
 from medpeft_ray.config import TrialConfig, load_trial_config, validate_search_dict
-from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
+from medpeft_ray.leaderboard import SCHEMA_VERSION, LeaderboardStore, TrialRecord
 
 
 @pytest.fixture(autouse=True)
@@ -182,6 +182,19 @@ def test_bad_view_arguments_exit_2(results: Path, args: list[str], message: str)
     assert one_error_line(result).startswith(message)
 
 
+def test_rows_from_different_checkpoints_show_a_short_hash(tmp_path: Path) -> None:
+    same = fill(tmp_path / "same", trial("a", "lora", 0.1, 0.7, checkpoint_sha256="ab" * 32),
+                trial("b", "lora", 0.1, 0.8, checkpoint_sha256="ab" * 32))
+    assert "checkpoint sha256" not in run("leaderboard", "--results", same, "--format", "markdown").stdout
+    mixed = fill(tmp_path / "mixed", trial("a", "lora", 0.1, 0.7, checkpoint_sha256="ab" * 32),
+                 trial("b", "lora", 0.1, 0.8, checkpoint_sha256="cd" * 32), trial("c", "lora", 0.1, 0.6))
+    lines = run("leaderboard", "--results", mixed, "--format", "markdown").stdout.splitlines()
+    assert "| backbone | checkpoint sha256 |" in lines[0]
+    assert ["cdcdcdcd" in lines[2], "abababab" in lines[3], "| - |" in lines[4]] == [True, True, True]
+    compare = run("leaderboard", "--results", mixed, "--compare", "methods", "--format", "json")
+    assert [row["method"] for row in json.loads(compare.stdout)] == ["lora [cdcdcdcd]", "lora [abababab]", "lora [-]"]
+
+
 def test_views_of_an_empty_store_say_so(tmp_path: Path) -> None:
     results = fill(tmp_path / "results")
     for args in (["--compare", "methods"], ["--pareto"], ["--group-by", "method"], []):
@@ -198,7 +211,7 @@ def test_views_of_an_empty_store_say_so(tmp_path: Path) -> None:
 def test_newer_or_corrupt_store_is_one_line(tmp_path: Path) -> None:
     results = fill(tmp_path / "results", trial("a", "lora", 0.1, 0.7))
     conn = sqlite3.connect(results / "leaderboard.db")
-    conn.execute("UPDATE medpeft_schema SET version = 3")
+    conn.execute(f"UPDATE medpeft_schema SET version = {SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
     for command in (
@@ -208,7 +221,8 @@ def test_newer_or_corrupt_store_is_one_line(tmp_path: Path) -> None:
     ):
         result = run(*command, "--results", results)
         assert result.exit_code == 1, command
-        assert "leaderboard schema version 3, newer than this medpeft-ray reads" in one_error_line(result)
+        newer = f"leaderboard schema version {SCHEMA_VERSION + 1}, newer than this medpeft-ray reads"
+        assert newer in one_error_line(result)
     (results / "leaderboard.db").write_bytes(b"garbage" * 100)
     result = run("best", "--dataset", "synthetic", "--label-ratio", "0.1", "--results", results)
     assert result.exit_code == 1 and "not a usable leaderboard database (file is not a database)" in one_error_line(

@@ -123,6 +123,38 @@ def test_compare_empty_and_bad_arguments(store: LeaderboardStore) -> None:
         store.compare(by="dataset")
 
 
+MAE, MRM = "a1" * 32, "b2" * 32  # two pre-trained checkpoints' SHA-256
+
+
+def test_compare_tells_checkpoints_apart(store: LeaderboardStore) -> None:
+    fill(
+        store,
+        trial("m1", "lora", 0.1, 0.70, checkpoint_file="/w/mae.pth", checkpoint_sha256=MAE),
+        trial("m2", "lora", 0.1, 0.80, checkpoint_file="/w/mrm.pth", checkpoint_sha256=MRM),
+        trial("m3", "bitfit", 0.1, 0.75, checkpoint_file="/w/mrm.pth", checkpoint_sha256=MRM),
+        trial("old", "lora", 0.1, 0.60),  # recorded before checkpoints were (schema version 2): unknown
+    )
+    table = store.compare()
+    assert list(table.index) == ["lora [b2b2b2b2]", "bitfit [b2b2b2b2]", "lora [a1a1a1a1]", "lora [-]"]
+    assert list(table["synthetic @ 0.1"]) == [0.80, 0.75, 0.70, 0.60]
+    assert list(table["mean_rank"]) == [1.0, 2.0, 3.0, 4.0]
+    # one checkpoint per dataset: rows are methods, as before
+    assert list(store.compare(method="bitfit").index) == ["bitfit"]
+    best = store.best_per_group(["method", "checkpoint_sha256"])
+    assert list(zip(best["method"], best["checkpoint_sha256"].fillna("-"))) == [
+        ("lora", MRM), ("bitfit", MRM), ("lora", MAE), ("lora", "-")]
+
+
+def test_one_checkpoint_per_dataset_keeps_plain_rows(store: LeaderboardStore) -> None:
+    fill(
+        store,
+        trial("a", "lora", 0.1, 0.70, checkpoint_sha256=MAE),
+        trial("b", "lora", 0.1, 0.80, dataset="nih", checkpoint_sha256=MRM),
+    )
+    assert not views.several_checkpoints(store.query())
+    assert list(store.compare().index) == ["lora"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Pareto front, best per group, best
 # ----------------------------------------------------------------------------------------------

@@ -107,8 +107,13 @@ def test_nan_loss_fails_the_trial_once_and_the_search_goes_on(tmp_path: Path) ->
     """
     import torch
 
+    from medpeft_ray.models import build_backbone
+
     weights = tmp_path / "nan_mae.pth"
-    torch.save({"model": {"patch_embed.proj.weight": torch.full((192, 3, 16, 16), float("nan"))}}, weights)
+    # a whole backbone, so that the pre-flight check lets it through
+    state = build_backbone("vit_tiny_patch16_224", 1000, 32).state_dict()
+    state["patch_embed.proj.weight"] = torch.full_like(state["patch_embed.proj.weight"], float("nan"))
+    torch.save({"model": state}, weights)
     space = tmp_path / "nan.yaml"
     config = tiny_search(model={"checkpoint": str(weights)}, resources={"max_failures": 2})
     space.write_text(yaml.safe_dump(config))

@@ -557,33 +557,41 @@ def test_query_several_experiments_and_describe(store: LeaderboardStore) -> None
 
 
 # ----------------------------------------------------------------------------------------------
-# Schema version 1 (rows in `trials`) is upgraded in place
+# Older schemas are upgraded in place: version 1 (rows in `trials`), version 2 (no checkpoint identity)
 # ----------------------------------------------------------------------------------------------
 
-V1_COLUMNS = ["experiment", "trial_id", "dataset", "label_ratio", "method", "backbone", "status", "val_auroc",
-              "val_loss", "best_epoch", "epochs_run", "trainable_params", "total_params", "wall_time_s", "startup_s",
-              "train_time_s", "skipped_images", "params", "config", "checkpoint", "error", "created_at"]
+#: columns version 3 added
+V3_COLUMNS = ("checkpoint_file", "checkpoint_sha256")
 
 
-def create_v1_store(url: str, rows: int) -> None:
-    """A leaderboard exactly as schema version 1 laid it out, holding ``rows`` trials."""
+def create_old_store(url: str, rows: int, version: int = 1) -> None:
+    """A leaderboard exactly as schema ``version`` (1 or 2) laid it out, holding ``rows`` trials."""
     from medpeft_ray.leaderboard.store import trials_table
 
     metadata = sa.MetaData()
-    columns = [sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in trials_table.c]
-    v1 = sa.Table("trials", metadata, *columns, sa.UniqueConstraint("experiment", "trial_id", name="uq_trial"))
+    columns = [sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in trials_table.c
+               if c.name not in V3_COLUMNS]
+    name = "trials" if version == 1 else "medpeft_trials"
+    table = sa.Table(name, metadata, *columns, sa.UniqueConstraint("experiment", "trial_id", name="uq_trial"))
+    if version == 2:
+        sa.Index("ix_medpeft_trials_created_at", table.c.created_at)
+        sa.Index("ix_medpeft_trials_lookup", table.c.dataset, table.c.label_ratio, table.c.method)
     schema = sa.Table("medpeft_schema", metadata, sa.Column("version", sa.Integer, primary_key=True))
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         metadata.create_all(conn)
-        conn.execute(schema.insert().values(version=1))
+        conn.execute(schema.insert().values(version=version))
         for i in range(rows):
-            conn.execute(v1.insert().values(
-                experiment="old", trial_id=f"v1-{i}", dataset="synthetic", label_ratio=0.5, method="lora",
+            conn.execute(table.insert().values(
+                experiment="old", trial_id=f"v{version}-{i}", dataset="synthetic", label_ratio=0.5, method="lora",
                 backbone="vit_tiny_patch16_224", status="completed", val_auroc=0.5 + i / 100,
                 params=json.dumps({"i": i}), config=json.dumps({"i": i}), created_at="2026-01-01T00:00:00+00:00",
             ))
     engine.dispose()
+
+
+def create_v1_store(url: str, rows: int) -> None:
+    create_old_store(url, rows, version=1)
 
 
 def table_names(url: str) -> set[str]:
@@ -601,9 +609,9 @@ def test_version_1_store_is_upgraded_in_place(db_url: str, open_store: Callable[
 
     create_v1_store(db_url, rows=3)
     store = open_store(db_url, create=False)  # reading an old store upgrades it too
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [2]
+        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [3]
         indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("medpeft_trials")}
     assert {"ix_medpeft_trials_created_at", "ix_medpeft_trials_lookup"} <= indexes
     assert "trials" not in table_names(db_url) and "medpeft_trials" in table_names(db_url)
@@ -643,6 +651,49 @@ def test_failed_upgrade_leaves_version_1_untouched(
     names = table_names(db_url)
     assert "trials" in names and "medpeft_trials" not in names  # rolled back as one transaction
     monkeypatch.setitem(store_module._UPGRADES, 1, real)
+    assert len(open_store(db_url).query()) == 2
+
+
+def test_version_2_store_gains_the_checkpoint_columns(db_url: str, open_store: Callable[..., LeaderboardStore]) -> None:
+    create_old_store(db_url, rows=2, version=2)
+    store = open_store(db_url, create=False)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [3]
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("medpeft_trials")}
+    assert set(V3_COLUMNS) <= columns
+    frame = store.query().set_index("trial_id")
+    assert list(frame.index) == ["v2-1", "v2-0"]  # old rows kept, best first, checkpoint not known
+    assert frame["checkpoint_file"].isna().all() and frame["checkpoint_sha256"].isna().all()
+    ids_before = dict(zip(frame.index, frame["id"]))
+    store.record(make_record("v2-0", experiment="old", checkpoint_file="/w/mae.pth", checkpoint_sha256="ab" * 32))
+    store.record(make_record("new", experiment="old", checkpoint_file="/w/mae.pth", checkpoint_sha256="cd" * 32))
+    frame = open_store(db_url, create=False).query().set_index("trial_id")
+    assert len(frame) == 3 and int(frame.loc["v2-0", "id"]) == ids_before["v2-0"]
+    assert frame.loc["v2-0", "checkpoint_sha256"] == "ab" * 32 and frame.loc["new", "checkpoint_file"] == "/w/mae.pth"
+    assert frame.loc["v2-1", ["checkpoint_file", "checkpoint_sha256"]].isna().all()
+
+
+def test_failed_upgrade_from_version_2_leaves_it_untouched(
+    db_url: str, open_store: Callable[..., LeaderboardStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medpeft_ray.leaderboard import store as store_module
+
+    create_old_store(db_url, rows=2, version=2)
+    real = store_module._UPGRADES[2]
+
+    def interrupted(conn: Any) -> None:
+        real(conn)  # the columns are added when the process dies
+        raise sa.exc.OperationalError("upgrade", {}, Exception("disk I/O error"))
+
+    monkeypatch.setitem(store_module._UPGRADES, 2, interrupted)
+    with pytest.raises(MedpeftError, match="not a usable leaderboard database"):
+        LeaderboardStore(db_url)
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        assert not set(V3_COLUMNS) & {c["name"] for c in sa.inspect(conn).get_columns("medpeft_trials")}
+        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [2]
+    engine.dispose()
+    monkeypatch.setitem(store_module._UPGRADES, 2, real)
     assert len(open_store(db_url).query()) == 2
 
 

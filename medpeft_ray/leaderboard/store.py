@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 
 #: Version 2 renamed ``trials`` to ``medpeft_trials`` (Optuna's RDB storage owns a ``trials`` table,
 #: and its studies live in the same database) and added indexes for date and (dataset, ratio, method).
-SCHEMA_VERSION = 2
+#: Version 3 added the pre-trained checkpoint each trial started from (``checkpoint_file``, ``checkpoint_sha256``).
+SCHEMA_VERSION = 3
 TRIALS_TABLE = "medpeft_trials"
 SCHEMA_TABLE = "medpeft_schema"
 DEFAULT_RESULTS_DIR = "medpeft-results"
@@ -69,6 +71,10 @@ trials_table = sa.Table(
     sa.Column("checkpoint", sa.Text),
     sa.Column("error", sa.Text),
     sa.Column("created_at", sa.String(40), nullable=False),  # UTC ISO 8601: sorts and compares as text
+    # the pre-trained weights (model.checkpoint) the trial started from, and their content's SHA-256
+    # (NULL: random initialisation, or a row written before version 3)
+    sa.Column("checkpoint_file", sa.Text),
+    sa.Column("checkpoint_sha256", sa.String(64)),
     sa.UniqueConstraint("experiment", "trial_id", name="uq_trial"),
 )
 _indexes = (
@@ -84,11 +90,6 @@ schema_table = sa.Table(
 
 #: The keyword filters every view takes (those of ``LeaderboardStore.query``).
 _FILTERS = ("experiment", "dataset", "label_ratio", "method", "backbone", "status", "since", "until")
-#: Columns a ``query`` can sort by where lower is better (everything else sorts highest first).
-LOWER_IS_BETTER = frozenset({"val_loss", "wall_time_s", "startup_s", "train_time_s", "trainable_params",
-                             "total_params", "skipped_images"})
-#: Columns that measure a trial's quality (what ``compare``, ``pareto`` and ``best`` rank by).
-QUALITY_METRICS = ("val_auroc", "val_loss")
 
 
 @dataclass
@@ -116,6 +117,8 @@ class TrialRecord:
     skipped_images: int | None = None
     checkpoint: str | None = None
     error: str | None = None
+    checkpoint_file: str | None = None
+    checkpoint_sha256: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
@@ -136,16 +139,50 @@ def default_db_url(results: str | Path | None = None) -> str:
     return os.environ.get("MEDPEFT_DB") or f"sqlite:///{results_dir(results) / 'leaderboard.db'}"
 
 
+#: What to install for a database driver SQLAlchemy cannot import (by the driver's module).
+_DRIVER_INSTALL = {
+    "psycopg": "pip install 'medpeft-ray[postgres]' (or 'psycopg[binary]')",
+    "psycopg2": "pip install 'medpeft-ray[postgres]' (or psycopg2-binary)",
+    "MySQLdb": "pip install mysqlclient",
+}
+_URL_EXAMPLES = "e.g. sqlite:///path/leaderboard.db or postgresql://user:password@host/db"
+
+
+def check_database_url(url: str) -> sa.URL:
+    """Parses a database URL and imports its driver, so that a bad URL fails before any work starts.
+
+    Raises:
+        UsageError: one line (exit code 2) naming the URL, password masked, and for a driver that
+            is not installed, what to install (plain ``postgresql://`` is psycopg 3 in SQLAlchemy 2.1,
+            ``postgresql+psycopg2://`` is psycopg2; the ``postgres`` extra installs both).
+    """
+    try:
+        parsed = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        masked = re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
+        raise UsageError(f"{masked}: not a database URL ({_URL_EXAMPLES})") from None
+    label = parsed.render_as_string()
+    try:
+        dialect = parsed.get_dialect()
+    except sa.exc.NoSuchModuleError:
+        raise UsageError(
+            f"{label}: SQLAlchemy knows no database type {parsed.drivername!r} ({_URL_EXAMPLES})"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        module = (exc.name or dialect.driver).split(".")[0]
+        install = _DRIVER_INSTALL.get(module, f"pip install {module}")
+        raise UsageError(f"{label}: the database driver {module!r} that {parsed.drivername}:// URLs use is not "
+                         f"installed; {install}") from None
+    return parsed
+
+
 def _clean(value: Any) -> Any:
     """NaN/inf become NULL: a trial that never produced a metric has none, not a fake number."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def lower_is_better(column: str) -> bool:
-    """Whether ``column`` ranks smallest first (losses, times, parameter counts)."""
-    return column in LOWER_IS_BETTER
 
 
 def _as_utc_text(value: str | date | datetime, end_of_day: bool = False) -> str:
@@ -195,8 +232,9 @@ class LeaderboardStore:
 
     def __init__(self, url: str, create: bool = True) -> None:
         self.url = url
+        parsed = check_database_url(url)
         #: the database as shown in messages (a password in the URL is masked)
-        self.label = url.split("///", 1)[-1] if url.startswith("sqlite") else sa.make_url(url).render_as_string()
+        self.label = url.split("///", 1)[-1] if url.startswith("sqlite") else parsed.render_as_string()
         if url.startswith("sqlite:///"):
             path = Path(url.removeprefix("sqlite:///"))
             if not create and not path.exists():
@@ -249,7 +287,7 @@ class LeaderboardStore:
                 f"{self.label}: leaderboard schema version {version}, newer than this medpeft-ray reads "
                 f"(version {SCHEMA_VERSION}); upgrade medpeft-ray, or use a new --results folder"
             )
-        expected = TRIALS_TABLE if version == SCHEMA_VERSION else _V1_TRIALS_TABLE
+        expected = _V1_TRIALS_TABLE if version == 1 else TRIALS_TABLE
         if expected not in names:
             raise MedpeftError(f"{self.label}: leaderboard schema version {version} but no {expected!r} table")
         return version
@@ -455,6 +493,7 @@ def optuna_storage(url: str) -> "optuna.storages.RDBStorage":
     """
     import optuna
 
+    check_database_url(url)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
@@ -479,7 +518,14 @@ def _upgrade_1_to_2(conn: sa.Connection) -> None:
         index.create(conn)
 
 
-_UPGRADES: dict[int, Callable[[sa.Connection], None]] = {1: _upgrade_1_to_2}
+def _upgrade_2_to_3(conn: sa.Connection) -> None:
+    """Version 3 records the pre-trained checkpoint of each trial; older rows keep NULL (not known)."""
+    for column in (trials_table.c.checkpoint_file, trials_table.c.checkpoint_sha256):
+        kind = column.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE {TRIALS_TABLE} ADD COLUMN {column.name} {kind}"))
+
+
+_UPGRADES: dict[int, Callable[[sa.Connection], None]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3}
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -12,21 +12,31 @@ import numbers
 from typing import TYPE_CHECKING, Any, Sequence
 
 from medpeft_ray.errors import MedpeftError, UsageError
-from medpeft_ray.leaderboard.store import QUALITY_METRICS, lower_is_better
+from medpeft_ray.ranking import metric_mode
 
 if TYPE_CHECKING:
     import pandas as pd
 
 #: the columns that identify a study: one Optuna study per (experiment, label ratio)
 STUDY_COLUMNS = ["experiment", "method", "dataset", "label_ratio"]
-GROUP_COLUMNS = ("experiment", "dataset", "label_ratio", "method", "backbone", "status")
+GROUP_COLUMNS = ("experiment", "dataset", "label_ratio", "method", "backbone", "status", "checkpoint_sha256")
+#: hex digits of a checkpoint's SHA-256 shown to tell checkpoints apart
+SHORT_HASH = 8
 
 
-def metric_mode(metric: str) -> str:
-    """``max`` or ``min``: how ``metric`` ranks; only quality metrics rank trials against each other."""
-    if metric not in QUALITY_METRICS:
-        raise UsageError(f"cannot rank trials by {metric!r}; metrics: {', '.join(QUALITY_METRICS)}")
-    return "min" if lower_is_better(metric) else "max"
+def checkpoint_labels(frame: "pd.DataFrame") -> "pd.Series":
+    """Each row's pre-trained checkpoint as its hash's first digits (``-``: none recorded)."""
+    import pandas as pd
+
+    hashes = frame.get("checkpoint_sha256", pd.Series(None, index=frame.index, dtype=object))
+    return hashes.map(lambda h: h[:SHORT_HASH] if isinstance(h, str) and h else "-")
+
+
+def several_checkpoints(frame: "pd.DataFrame") -> bool:
+    """Whether some dataset has rows that started from different pre-trained checkpoints."""
+    if frame.empty:
+        return False
+    return bool(checkpoint_labels(frame).groupby(frame["dataset"]).nunique().max() > 1)
 
 
 def cell_label(dataset: str, label_ratio: float) -> str:
@@ -69,6 +79,10 @@ def compare(frame: "pd.DataFrame", by: str = "method", metric: str = "val_auroc"
     """The studies' comparison table: one row per ``by`` value (method or backbone), one column per
     (dataset, label ratio) holding the best ``metric`` there, and ``mean_rank``.
 
+    When some dataset has trials from more than one pre-trained checkpoint, each row is a ``by``
+    value and a checkpoint, labelled ``lora [1a2b3c4d]`` (the hash's first digits; ``-``: none
+    recorded), so that results of different weights are never merged.
+
     A method's rank in a column is 1 for the best value (ties share the mean of their ranks); its
     mean rank averages the columns it has a value in. Rows are sorted by mean rank.
     """
@@ -80,6 +94,8 @@ def compare(frame: "pd.DataFrame", by: str = "method", metric: str = "val_auroc"
     rows = frame[frame[metric].notna()]
     if rows.empty:
         return pd.DataFrame({"mean_rank": pd.Series(dtype="float64")}, index=pd.Index([], name=by))
+    if several_checkpoints(rows):
+        rows = rows.assign(**{by: rows[by].astype(str) + " [" + checkpoint_labels(rows) + "]"})
     cells = rows.groupby([by, "dataset", "label_ratio"])[metric].agg("max" if mode == "max" else "min")
     wide = cells.unstack(["dataset", "label_ratio"]).sort_index(axis=1)
     ranks = wide.rank(axis=0, ascending=mode == "min", method="average")

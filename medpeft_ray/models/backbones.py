@@ -1,4 +1,4 @@
-"""timm backbones and the loading of local pre-trained checkpoints (MAE/MRM ``.pth``, timm files).
+"""timm backbones and the loading of local pre-trained checkpoints (see :mod:`medpeft_ray.models.checkpoints`).
 
 Nothing is downloaded: weights come from a local file named in ``model.checkpoint`` or the model
 starts from random initialisation.
@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
-
-from medpeft_ray.errors import MedpeftError
 
 if TYPE_CHECKING:
     import torch
@@ -71,72 +69,29 @@ def build_backbone(
     return model
 
 
-def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
-    """Reads the weights of a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file.
-
-    MAE/MRM checkpoints keep the weights under ``"model"``; some files use ``"state_dict"``; a raw
-    dict is taken as is. DDP's ``module.`` prefix is removed.
-    """
-    import torch
-
-    if not path.is_file():
-        raise MedpeftError(f"{path}: checkpoint file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            try:
-                raw = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001
-                # MAE/MRM files also pickle their argparse Namespace; only the user's own file
-                # is read this way.
-                raw = torch.load(path, map_location="cpu", weights_only=False)
-            state = raw
-            for key in ("model", "state_dict"):
-                if isinstance(raw, dict) and isinstance(raw.get(key), dict):
-                    state = raw[key]
-                    break
-    except MedpeftError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise MedpeftError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-        raise MedpeftError(f"{path}: no tensor state dict found in the checkpoint")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def load_checkpoint(model: "nn.Module", path: Path) -> tuple[list[str], list[str]]:
-    """Loads a pre-trained checkpoint into ``model`` the way MED-PEFT does.
+    """Loads a pre-trained checkpoint into ``model`` the way MED-PEFT does, after checking it fits.
 
-    The head is dropped when its shape differs and re-initialised (trunc normal, std 2e-5),
-    ``pos_embed`` is resized bicubically to the model's grid, loading is non-strict.
+    :func:`medpeft_ray.models.checkpoints.match_checkpoint` (the pre-flight step's check) finds the
+    file's layout and refuses a file that does not cover the backbone; the head is dropped when its
+    shape differs and re-initialised (trunc normal, std 2e-5), ``pos_embed`` is resized to the
+    model's grid.
 
     Returns:
-        (missing, unexpected) key lists of the non-strict load.
+        (missing, unexpected) keys: backbone and head tensors the file did not provide, and file
+        tensors the model does not have.
     """
     import torch
-    from timm.layers import resample_abs_pos_embed
 
-    state = read_state_dict(path)
-    own = model.state_dict()
-    for key in [k for k in state if k.startswith(("head.", "fc.")) and k in own and state[k].shape != own[k].shape]:
-        del state[key]
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        prefix = getattr(model, "num_prefix_tokens", 1)
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix
-        )
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise MedpeftError(f"{path}: does not fit the backbone ({str(exc).splitlines()[0]})") from exc
+    from medpeft_ray.models.checkpoints import match_checkpoint
+
+    match = match_checkpoint(model, path)
+    result = model.load_state_dict(match.state, strict=False)
     head = getattr(model, "head", None)
     if isinstance(head, torch.nn.Linear):
         torch.nn.init.trunc_normal_(head.weight, std=2e-5)
         torch.nn.init.zeros_(head.bias)
-    return list(result.missing_keys), list(result.unexpected_keys)
+    return list(result.missing_keys), match.unexpected
 
 
 def head_parameters(model: "nn.Module", family: str) -> Iterator["torch.nn.Parameter"]:

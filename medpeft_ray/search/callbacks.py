@@ -69,7 +69,7 @@ def error_summary(text: str | None) -> str:
     if not text:
         return "trial failed (no error recorded)"
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    for pattern in (r"(?:TrialFailed|DataError|MedpeftError|ConfigError): (.*)", r"^(\w*Error: .*)$"):
+    for pattern in (r"(?:TrialFailed|DataError|CheckpointError|MedpeftError|ConfigError): (.*)", r"^(\w*Error: .*)$"):
         for line in reversed(lines):
             match = re.search(pattern, line)
             if match:
@@ -176,6 +176,22 @@ class LeaderboardCallback(Callback):
                 highlight=False,
             )
 
+    def _pretrained(self) -> dict[str, str | None]:
+        """The row's ``checkpoint_file`` and ``checkpoint_sha256``: the pre-trained weights the trial started from.
+
+        The hash was computed in the pre-flight step and is cached per (path, size, mtime).
+        """
+        from medpeft_ray.models.checkpoints import file_sha256
+
+        path = self.config.model.checkpoint
+        if path is None:
+            return {"checkpoint_file": None, "checkpoint_sha256": None}
+        try:
+            sha256: str | None = file_sha256(path)
+        except OSError:  # the file went away after the search started: its path is still worth keeping
+            sha256 = None
+        return {"checkpoint_file": str(path), "checkpoint_sha256": sha256}
+
     def _finish(self, trial: Any, status: str, error: str | None) -> None:
         p = self._state(trial)
         ended = time.time()
@@ -205,6 +221,7 @@ class LeaderboardCallback(Callback):
             skipped_images=last.get("skipped_images"),
             checkpoint=best.get("checkpoint_path"),
             error=error,
+            **self._pretrained(),
         )
         self.store.record(record)
         if self.timeline is not None:

@@ -51,14 +51,15 @@ class SearchResult:
 
 
 def preflight(config: SearchConfig) -> dict[str, Any]:
-    """Checks what needs torch before any Ray work: backbone name, data, method on the backbone.
+    """Checks what needs torch before any Ray work: backbone name, checkpoint, data, method on the backbone.
 
     Builds the dataset's decode-once cache on this machine (later trials here only read it) and
     the model on the meta device (no memory, no weights), with the method applied.
 
     Returns:
         facts for the progress line (classes, images per split and ratio, trainable params) and
-        the dataset's cache key, which trials reuse instead of walking the dataset again.
+        the dataset's cache key, which trials reuse instead of walking the dataset again, and
+        the pre-trained checkpoint's path and SHA-256.
     """
     import torch
 
@@ -66,12 +67,21 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
     from medpeft_ray.methods import count_parameters, prepare_model
     from medpeft_ray.models import build_backbone
     from medpeft_ray.models.backbones import check_backbone_name
+    from medpeft_ray.models.checkpoints import checkpoint_identity, match_checkpoint
 
     backbone = config.model.backbone
     try:
         check_backbone_name(backbone)
     except ConfigError as exc:
         raise exc.with_file(config.experiment or "") from None
+    checkpoint = None
+    if config.model.checkpoint is not None:
+        # the workers' own check, on a meta model: a file of another model stops here, not in a trial
+        # (the head does not take part, so its size does not matter yet)
+        with torch.device("meta"):
+            bare = build_backbone(backbone, 1, config.dataset.image_size)
+        match_checkpoint(bare, config.model.checkpoint)
+        checkpoint = checkpoint_identity(config.model.checkpoint)
 
     ds = config.dataset
     key = dataset_key(ds.name, ds.root, ds.image_size, ds.options, ds.seed)
@@ -108,6 +118,7 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
         "total_params": total,
         "dataset_key": key,
         "skipped": list(splits.skipped),
+        "checkpoint": checkpoint,  # {path, sha256} of the pre-trained weights, or None
     }
 
 
