@@ -148,8 +148,14 @@ def _rows(results: Path) -> list[dict]:
 
 
 def _checkpointed_epochs(train_dir: Path, run_part: str) -> list[int]:
-    """Epochs Ray Train has registered checkpoints of, in runs whose folder name contains ``run_part``."""
+    """Epochs checkpointed in full (every rank's part) by trials whose folder name contains ``run_part``:
+    a warm executor's index, or a cold trial's Ray Train snapshot."""
     epochs = []
+    for index in train_dir.glob(f"*{run_part}*/checkpoints.json"):
+        try:
+            epochs += [entry["epoch"] for entry in json.loads(index.read_text())]
+        except ValueError:
+            pass  # being written
     for snapshot in train_dir.glob(f"*{run_part}*/checkpoint_manager_snapshot.json"):
         try:
             epochs += [c["metrics"]["epoch"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]

@@ -1,0 +1,168 @@
+"""Warm trial executors on a real Ray: same numbers as a cold run, ASHA, several workers with ZeRO, lost workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import tiny_search
+
+pytestmark = pytest.mark.ray
+
+CLI = [sys.executable, "-m", "medpeft_ray.cli"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
+
+
+def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=600)
+
+
+def _epochs_reported(results: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each trial's epochs as Tune recorded them (``result.json``), by trial id, in the order the trials started."""
+    # Tune names trial folders run_trial_<trial id>_<number>_...
+    files = sorted((results / "tune").glob("*/run_trial_*/result.json"), key=lambda p: int(p.parent.name.split("_")[3]))
+    return {p.parent.name.split("_")[2]: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            for p in files}
+
+
+def _rows(results: Path) -> list[dict[str, Any]]:
+    from medpeft_ray.leaderboard import LeaderboardStore
+
+    store = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}", create=False)
+    try:
+        return store.query().to_dict(orient="records")
+    finally:
+        store.engine.dispose()
+
+
+def test_the_fifth_trial_on_a_warm_executor_gives_the_numbers_of_a_cold_trial_and_of_train_config(tmp_path: Path) -> None:
+    """Five identical trials on one executor, one after another: the fifth trains exactly as the
+    same configuration does cold (its own Ray Train run) and through ``medpeft-ray train --config``."""
+    config = tiny_search(space={}, train={"epochs": 2, "lr": 3e-3, "augment": "crop_flip"},
+                         search={"num_samples": 5, "max_concurrent": 1, "scheduler": {"type": "none"}})
+    space = tmp_path / "same.yaml"
+    space.write_text(yaml.safe_dump(config))
+    warm = _cli("search", "--space", str(space), "--results", str(tmp_path / "warm"), cwd=tmp_path)
+    assert warm.returncode == 0, warm.stdout[-3000:] + warm.stderr[-3000:]
+    assert "warm_executors is off" not in warm.stdout
+
+    cold_config = {**config, "search": {**config["search"], "num_samples": 1},
+                   "resources": {**config["resources"], "warm_executors": False}}
+    space.write_text(yaml.safe_dump(cold_config))
+    cold = _cli("search", "--space", str(space), "--results", str(tmp_path / "cold"), cwd=tmp_path)
+    assert cold.returncode == 0, cold.stdout[-3000:] + cold.stderr[-3000:]
+    assert "resources.warm_executors is off: every trial starts its own Ray Train run (cold)" in cold.stdout
+
+    best = _cli("best", "--dataset", "synthetic", "--label-ratio", "1.0", "--results", str(tmp_path / "warm"),
+                "--out", str(tmp_path / "best.yaml"), cwd=tmp_path)
+    assert best.returncode == 0, best.stderr
+    single = _cli("train", "--config", str(tmp_path / "best.yaml"), "--results", str(tmp_path / "single"), cwd=tmp_path,
+                  OMP_NUM_THREADS="1")  # the executors' workers train with one thread (cpus_per_worker 1)
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    (result_file,) = (tmp_path / "single" / "train").glob("*/result.json")
+
+    def numbers(epochs: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
+        return [(e["train_loss"], e["val_loss"], e["val_auroc"]) for e in epochs]
+
+    rows = sorted(_rows(tmp_path / "warm"), key=lambda r: r["created_at"])
+    assert len(rows) == 5 and all(r["status"] == "completed" for r in rows)
+    warm_epochs = _epochs_reported(tmp_path / "warm")
+    fifth = list(warm_epochs.values())[-1]
+    (cold_epochs,) = _epochs_reported(tmp_path / "cold").values()
+    assert numbers(fifth) == numbers(cold_epochs)  # exactly: nothing of the four trials before it leaked
+    assert numbers(fifth) == numbers(json.loads(result_file.read_text())["epochs"])
+    assert len({tuple(numbers(e)) for e in warm_epochs.values()}) == 1  # all five trials alike
+    # the later trials started on the loaded backbone: one executor set-up, paid by the first trial
+    assert sum("executor_start_s" in e[0]["startup"] for e in warm_epochs.values()) == 1
+
+
+def test_stopped_trials_free_their_executors_and_two_workers_train_under_zero3_offload(ray_session: None,
+                                                                                         tmp_path: Path) -> None:
+    """ASHA stops trials at its rungs; each stopped trial's executor takes the next trial. Then a
+    search of two-worker trials under ZeRO-3 with CPU offload runs on one two-worker executor."""
+    from medpeft_ray.config import validate_search_dict
+    from medpeft_ray.search.runner import run_search
+
+    raw = tiny_search(experiment="asha", train={"epochs": 3},
+                      search={"num_samples": 5, "seed": 3, "scheduler": {"type": "asha", "grace_period": 1,
+                                                                         "reduction_factor": 3}})
+    result = run_search(validate_search_dict(raw, "asha.yaml"), results=tmp_path / "asha")
+    statuses = sorted(s.record.status for s in result.trials)
+    assert len(statuses) == 5 and "stopped" in statuses and "failed" not in statuses, statuses
+    assert all(s.record.epochs_run < 3 for s in result.trials if s.record.status == "stopped")
+    stats = result.executors
+    # the two executors started with the search ran every trial: none was lost or replaced
+    assert stats["executors_started"] == 2, stats
+    assert sum(e["trials_run"] for e in stats["executors"].values()) == 5, stats
+    assert result.slot_utilisation is not None and 0 < result.slot_utilisation <= 1
+
+    raw = tiny_search(experiment="zero3", train={"epochs": 1, "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu",
+                                                                            "offload_param": "cpu"}},
+                      search={"num_samples": 2, "scheduler": {"type": "none"}},
+                      resources={"workers_per_trial": 2, "cpus_per_worker": 1})
+    result = run_search(validate_search_dict(raw, "zero3.yaml"), results=tmp_path / "zero3")
+    assert [s.record.status for s in result.trials] == ["completed", "completed"], [s.record.error for s in result.trials]
+    assert result.executors["executors_started"] == 1 and result.slots == 1
+    (executor,) = result.executors["executors"].values()
+    assert executor["trials_run"] == 2
+    # every rank's DeepSpeed shard landed in the trial's checkpoint
+    for summary in result.trials:
+        shards = list(Path(summary.record.checkpoint).glob("deepspeed/epoch/*optim_states.pt"))
+        assert len(shards) == 2, shards
+
+
+def _train_workers() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])]
+
+
+def test_a_worker_killed_mid_trial_resumes_its_trial_on_the_restored_executor(tmp_path: Path) -> None:
+    """The executor's worker is killed after the first trial checkpointed an epoch: Ray Train restores
+    the executor, the trial resumes from its last checkpoint (one leaderboard row, no epoch trained
+    twice beyond the one in flight), and the trial queued behind it still runs."""
+    epochs = 4
+    config = tiny_search(train={"epochs": epochs},
+                         search={"num_samples": 2, "max_concurrent": 1, "scheduler": {"type": "none"}})
+    space = tmp_path / "kill.yaml"
+    space.write_text(yaml.safe_dump(config))
+    results = tmp_path / "results"
+    driver = subprocess.Popen([*CLI, "search", "--space", str(space), "--results", str(results)], cwd=tmp_path,
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while True:
+            indexes = list((results / "train").glob("*/checkpoints.json")) if (results / "train").is_dir() else []
+            if indexes and _train_workers():
+                break
+            assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""
+            assert time.time() < deadline, "no trial checkpointed an epoch within 400 s"
+            time.sleep(0.2)
+        for pid in _train_workers():
+            os.kill(pid, signal.SIGKILL)
+        out, _ = driver.communicate(timeout=500)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, out[-4000:]
+    rows = _rows(results)
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs_run"] == epochs for r in rows), rows
+    reported = _epochs_reported(results)
+    resumed = [e for trial in reported.values() for e in trial if e.get("resumed_from_epoch")]
+    assert resumed, reported  # the killed trial went on from its checkpoint rather than from scratch
+    for trial in reported.values():
+        numbers = [e["epoch"] for e in trial]
+        assert numbers[-1] == epochs and sorted(set(numbers)) == list(range(1, epochs + 1)), numbers
+        assert len(numbers) - len(set(numbers)) <= 1, numbers  # at most the epoch in flight again
