@@ -49,8 +49,9 @@ def _rows(results: Path) -> list[dict[str, Any]]:
 def test_the_fifth_trial_on_a_warm_executor_gives_the_numbers_of_a_cold_trial_and_of_train_config(tmp_path: Path) -> None:
     """Five identical trials on one executor, one after another: the fifth trains exactly as the
     same configuration does cold (its own Ray Train run) and through ``medpeft-ray train --config``."""
-    config = tiny_search(space={}, train={"epochs": 2, "lr": 3e-3, "augment": "crop_flip"},
+    config = tiny_search(train={"epochs": 2, "lr": 3e-3, "augment": "crop_flip"},
                          search={"num_samples": 5, "max_concurrent": 1, "scheduler": {"type": "none"}})
+    config["space"] = {}  # nothing searched: five trials of one configuration
     space = tmp_path / "same.yaml"
     space.write_text(yaml.safe_dump(config))
     warm = _cli("search", "--space", str(space), "--results", str(tmp_path / "warm"), cwd=tmp_path)
