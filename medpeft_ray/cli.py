@@ -39,13 +39,30 @@ def _fail(exc: MedpeftError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+def _load_space(space: Path, experiment: Optional[str] = None) -> Any:
+    """A search-space YAML, validated, its backbone name looked up in timm's registry too.
+
+    Config validation stays free of torch and timm, so it cannot know timm's names: without this,
+    `validate` passed a misspelt backbone that the search then refused, naming the experiment
+    rather than the file.
+    """
+    from medpeft_ray.config import load_search_config
+    from medpeft_ray.errors import ConfigError
+    from medpeft_ray.models.backbones import check_backbone_name
+
+    config = load_search_config(space, experiment=experiment)
+    try:
+        check_backbone_name(config.model.backbone)
+    except ConfigError as exc:
+        raise exc.with_file(space.name) from None
+    return config
+
+
 @app.command()
 def validate(space: Path = typer.Option(..., "--space", "-s", help="search-space YAML")) -> None:
     """Validate a search-space YAML without running anything."""
-    from medpeft_ray.config import load_search_config
-
     try:
-        config = load_search_config(space)
+        config = _load_space(space)
     except MedpeftError as exc:
         _fail(exc)
     dists = ", ".join(config.distributions())
@@ -66,8 +83,6 @@ def search(
                                  "the terminal (default: in Ray's session logs; same as MEDPEFT_WORKER_LOGS=1)"),
 ) -> None:
     """Run a hyperparameter search: one Optuna study per label ratio, trials on Ray Train."""
-    from medpeft_ray.config import load_search_config
-
     if verbose:
         os.environ["MEDPEFT_WORKER_LOGS"] = "1"  # read where the search starts Ray
     try:
@@ -76,7 +91,7 @@ def search(
         if resume is not None and experiment is not None:
             raise UsageError("--experiment names a new search; a resumed one keeps its name")
         # a new search's YAML is validated before anything imports Ray
-        config = load_search_config(space, experiment=experiment) if space is not None else None
+        config = _load_space(space, experiment=experiment) if space is not None else None
         from medpeft_ray.search.runner import resumable_config, run_search
 
         config = config or resumable_config(str(resume), results)
@@ -518,12 +533,25 @@ def _print_report(report: Any) -> None:
 
 def main() -> None:
     try:
-        app()
+        # not standalone: click's own errors (an unknown option, "--label-ratio abc") come back as
+        # exceptions, printed below as one line like every other error instead of a multi-line usage box
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # click's UsageError, BadParameter and other ClickExceptions
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+            err_console.print(f"[red]error:[/red] {escape(message + hint)}", soft_wrap=True)
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except typer.Abort:  # end of input at a prompt
+        err_console.print("aborted")
+        sys.exit(1)
     except OSError as exc:
         # a full disk or a permission error: one line naming the file; rows already written stay
         where = f"{exc.filename}: " if exc.filename else ""
         err_console.print(f"[red]error:[/red] {escape(f'{where}{exc.strerror or exc}')}", soft_wrap=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # a command's typer.Exit(n) comes back as n
 
 
 if __name__ == "__main__":

@@ -64,6 +64,11 @@ def check_dataset(
     from medpeft_ray.config import parse_section
 
     parsed = parse_section(spec.options, options, "dataset.options")
+    if root is not None and not Path(root).expanduser().is_dir():
+        from medpeft_ray.errors import DataError
+
+        # a folder that is not there is named itself, not as the first file the format reads inside it
+        raise DataError(f"{root}: {'not a folder' if Path(root).expanduser().exists() else 'folder not found'}")
     root_path = spec.dataset_folder(Path(root).expanduser().resolve(), parsed) if root is not None else None
     splits = spec.load(root_path, image_size, parsed, seed)
 

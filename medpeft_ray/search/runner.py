@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medpeft_ray.config import METHOD_PARAM, CategoricalDistribution, SearchConfig
-from medpeft_ray.errors import ConfigError, MedpeftError
+from medpeft_ray.errors import ConfigError, MedpeftError, UsageError
 from medpeft_ray.leaderboard import LeaderboardStore, default_db_url, optuna_storage, results_dir
 from medpeft_ray.search.manifest import SearchManifest
 from medpeft_ray.search.cluster import (  # noqa: F401  DRIVER_* are part of this module's interface
@@ -253,6 +253,38 @@ def results_location(results: str | Path | None = None) -> tuple[str, Path | Non
     return str(path), path
 
 
+#: what a local results folder must take before Ray starts: a search's manifest, Tune's state, first checkpoints
+RESULTS_PROBE_BYTES = 1 << 20
+
+
+def check_results_folder(path: Path | None) -> None:
+    """Refuses, before Ray starts, a local results folder that a search could not write to.
+
+    A search's first write to its results folder (the manifest) comes after Ray has started, and
+    with the leaderboard in another database nothing before it writes there: a read-only folder or
+    a full disk would show only then. A probe file of ``RESULTS_PROBE_BYTES``, written, synced and
+    removed, finds both now. ``path`` None (cloud storage) is not probed.
+
+    Raises:
+        UsageError: the path is a file, not a folder (exit code 2).
+        MedpeftError: the folder cannot be created or written (read-only, full, no permission).
+    """
+    import tempfile
+
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path}: not a folder; --results (or MEDPEFT_RESULTS) names the folder a search writes to")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".medpeft-write-probe-") as probe:
+            probe.write(bytes(RESULTS_PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise MedpeftError(f"{path}: the results folder cannot be written ({exc.strerror or exc})") from None
+
+
 def run_search(
     config: SearchConfig,
     *,
@@ -278,6 +310,7 @@ def run_search(
     """
     started = time.time()
     storage, results_path = results_location(results)
+    check_results_folder(results_path)  # a read-only or full results folder fails here, before Ray starts
     if results_path is not None:
         results_path.mkdir(parents=True, exist_ok=True)
     elif not (db_url or os.environ.get("MEDPEFT_DB")):
