@@ -16,6 +16,13 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every real Ray test is slow too, so ``-m "not slow"`` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test decodes into a cache folder of its own (subprocesses it starts inherit it)."""
@@ -134,3 +141,48 @@ def pg_schema() -> Any:
     finally:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
         conn.close()
+
+
+def checkpointed_epochs(train_dir: Path, run_part: str = "") -> list[int]:
+    """Epochs checkpointed in full (every rank's part) by trials whose folder name contains ``run_part``:
+    a warm executor's index (``checkpoints.json``), or a cold trial's Ray Train snapshot."""
+    import json
+
+    epochs: list[int] = []
+    for index in train_dir.glob(f"*{run_part}*/checkpoints.json"):
+        try:
+            epochs += [entry["epoch"] for entry in json.loads(index.read_text())]
+        except ValueError:
+            pass  # being written
+    for snapshot in train_dir.glob(f"*{run_part}*/checkpoint_manager_snapshot.json"):
+        try:
+            epochs += [c["metrics"]["epoch"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (ValueError, KeyError):
+            pass  # being written
+    return epochs
+
+
+def schema_tables(url: str, schema: str) -> set[str]:
+    """The tables of ``schema`` in the PostgreSQL database at ``url``."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s")
+            return set(conn.execute(query, {"s": schema}).scalars())
+    finally:
+        engine.dispose()
+
+
+def leaderboard_rows(results: Path) -> list[dict[str, Any]]:
+    """The rows of the SQLite leaderboard in the results folder ``results`` (none if it has none yet)."""
+    from medpeft_ray.leaderboard import LeaderboardStore
+
+    if not (results / "leaderboard.db").is_file():
+        return []
+    store = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}", create=False)
+    try:
+        return store.query().to_dict(orient="records")
+    finally:
+        store.engine.dispose()

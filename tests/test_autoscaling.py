@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from conftest import tiny_search
+from conftest import checkpointed_epochs, tiny_search
 
 pytestmark = pytest.mark.ray
 
@@ -228,16 +228,6 @@ def _leaderboard(results: Path) -> list[dict[str, Any]]:
     return LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}", create=False).query().to_dict(orient="records")
 
 
-def _registered_checkpoint_epochs(results: Path) -> list[int]:
-    epochs = []
-    for snapshot in (results / "train").glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            epochs += [c["metrics"]["epoch"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
-        except (ValueError, KeyError):
-            pass  # being written
-    return epochs
-
-
 def _tune_results(results: Path) -> list[dict[str, Any]]:
     lines = [ln for f in sorted((results / "tune").glob("*/*/result.json")) for ln in f.read_text().splitlines()]
     return [json.loads(ln) for ln in lines if ln.strip()]
@@ -311,7 +301,7 @@ def test_trial_resumes_from_checkpoint_on_a_new_node_when_its_node_dies(
     try:
         # Wait until Ray Train has registered a checkpoint (its snapshot lists it): a restart finds it.
         deadline = time.time() + 300
-        while not _registered_checkpoint_epochs(results):
+        while not checkpointed_epochs(results / "train"):
             assert search.poll() is None, search.stdout.read()[-4000:] if search.stdout else ""
             assert time.time() < deadline, "the trial registered no checkpoint within 300 s"
             time.sleep(0.2)

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
-from conftest import PG_ADDRESS, leaderboard_row, tiny_search
+from conftest import PG_ADDRESS, leaderboard_row, schema_tables, tiny_search
 from typer.testing import CliRunner
 
 from medpeft_ray.cli import app
@@ -44,12 +43,7 @@ def test_readme_url_forms_on_postgresql(url: str, pg_schema: str, monkeypatch: p
     assert board.exit_code == 0, board.output
     assert '"checkpoint_sha256": "' + "ab" * 32 in board.output and '"trial_id": "t1"' in board.output
     assert optuna.load_study(study_name="s", storage=optuna_storage(url)).best_value == 0.8
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        tables = set(conn.execute(sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s"),
-                                  {"s": pg_schema}).scalars())
-    engine.dispose()
-    assert {"medpeft_trials", "medpeft_schema", "studies", "trials"} <= tables
+    assert {"medpeft_trials", "medpeft_schema", "studies", "trials"} <= schema_tables(url, pg_schema)
 
 
 MISSING_DRIVER = [

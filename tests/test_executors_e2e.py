@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import tiny_search
+from conftest import leaderboard_rows, tiny_search
 
 pytestmark = pytest.mark.ray
 
@@ -34,16 +34,6 @@ def _epochs_reported(results: Path) -> dict[str, list[dict[str, Any]]]:
     files = sorted((results / "tune").glob("*/run_trial_*/result.json"), key=lambda p: int(p.parent.name.split("_")[3]))
     return {p.parent.name.split("_")[2]: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
             for p in files}
-
-
-def _rows(results: Path) -> list[dict[str, Any]]:
-    from medpeft_ray.leaderboard import LeaderboardStore
-
-    store = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}", create=False)
-    try:
-        return store.query().to_dict(orient="records")
-    finally:
-        store.engine.dispose()
 
 
 def test_the_fifth_trial_on_a_warm_executor_gives_the_numbers_of_a_cold_trial_and_of_train_config(tmp_path: Path) -> None:
@@ -76,7 +66,7 @@ def test_the_fifth_trial_on_a_warm_executor_gives_the_numbers_of_a_cold_trial_an
     def numbers(epochs: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
         return [(e["train_loss"], e["val_loss"], e["val_auroc"]) for e in epochs]
 
-    rows = sorted(_rows(tmp_path / "warm"), key=lambda r: r["created_at"])
+    rows = sorted(leaderboard_rows(tmp_path / "warm"), key=lambda r: r["created_at"])
     assert len(rows) == 5 and all(r["status"] == "completed" for r in rows)
     warm_epochs = _epochs_reported(tmp_path / "warm")
     fifth = list(warm_epochs.values())[-1]
@@ -158,7 +148,7 @@ def test_a_worker_killed_mid_trial_resumes_its_trial_on_the_restored_executor(tm
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0, out[-4000:]
-    rows = _rows(results)
+    rows = leaderboard_rows(results)
     assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs_run"] == epochs for r in rows), rows
     reported = _epochs_reported(results)
     resumed = [e for trial in reported.values() for e in trial if e.get("resumed_from_epoch")]

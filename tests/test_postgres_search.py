@@ -9,8 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from conftest import PG_ADDRESS, tiny_search
+from conftest import PG_ADDRESS, schema_tables, tiny_search
 
 pytestmark = pytest.mark.ray
 
@@ -55,9 +54,4 @@ def test_search_with_leaderboard_and_studies_in_postgresql(ray_session: None, pg
     study = optuna.load_study(study_name=names[0], storage=storage)
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 2 and sorted(t.values[0] for t in finished) == sorted(rows["val_auroc"])
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        tables = set(conn.execute(sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s"),
-                                  {"s": pg_schema}).scalars())
-    engine.dispose()
-    assert {"medpeft_trials", "medpeft_schema", "studies", "trials"} <= tables
+    assert {"medpeft_trials", "medpeft_schema", "studies", "trials"} <= schema_tables(url, pg_schema)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_search
+from conftest import checkpointed_epochs, leaderboard_rows, tiny_search
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.ray
@@ -135,35 +135,6 @@ def test_nan_loss_fails_the_trial_once_and_the_search_goes_on(tmp_path: Path) ->
         assert [r["epoch"] for r in reported] == [1], reported
 
 
-def _rows(results: Path) -> list[dict]:
-    from medpeft_ray.leaderboard import LeaderboardStore
-
-    if not (results / "leaderboard.db").is_file():
-        return []
-    store = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}", create=False)
-    try:
-        return store.query().to_dict(orient="records")
-    finally:
-        store.engine.dispose()
-
-
-def _checkpointed_epochs(train_dir: Path, run_part: str) -> list[int]:
-    """Epochs checkpointed in full (every rank's part) by trials whose folder name contains ``run_part``:
-    a warm executor's index, or a cold trial's Ray Train snapshot."""
-    epochs = []
-    for index in train_dir.glob(f"*{run_part}*/checkpoints.json"):
-        try:
-            epochs += [entry["epoch"] for entry in json.loads(index.read_text())]
-        except ValueError:
-            pass  # being written
-    for snapshot in train_dir.glob(f"*{run_part}*/checkpoint_manager_snapshot.json"):
-        try:
-            epochs += [c["metrics"]["epoch"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
-        except (ValueError, KeyError):
-            pass  # being written
-    return epochs
-
-
 def test_a_killed_search_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path: Path) -> None:
     import signal
     import time
@@ -181,7 +152,7 @@ def test_a_killed_search_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path: P
     try:
         # wait until the first study is done and the second one's trial has checkpointed an epoch
         deadline = time.time() + 400
-        while not (len(_rows(results)) == 1 and _checkpointed_epochs(results / "train", "ratio1-")):
+        while not (len(leaderboard_rows(results)) == 1 and checkpointed_epochs(results / "train", "ratio1-")):
             assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""
             assert time.time() < deadline, "the second study checkpointed no epoch within 400 s"
             time.sleep(0.2)
@@ -190,7 +161,7 @@ def test_a_killed_search_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path: P
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    before = {r["trial_id"]: r["created_at"] for r in _rows(results)}
+    before = {r["trial_id"]: r["created_at"] for r in leaderboard_rows(results)}
     assert len(before) == 1
 
     resumed = subprocess.run([*CLI, "search", "--resume", "tiny", "--results", str(results)], cwd=tmp_path, env=env,
@@ -199,7 +170,7 @@ def test_a_killed_search_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path: P
     assert "resuming the interrupted study" in resumed.stdout
     assert "tiny: 2 trials" in resumed.stdout
 
-    rows = _rows(results)
+    rows = leaderboard_rows(results)
     assert sorted(r["label_ratio"] for r in rows) == [0.5, 1.0]  # as many rows as without the kill
     assert all(r["status"] == "completed" and r["epochs_run"] == epochs for r in rows), rows
     # the trial that had finished was not run again

@@ -61,12 +61,11 @@ class StudyBudget:
         self.search.trials_started += 1
 
 
-class BudgetedSearch(Searcher):
-    """Wraps a Tune searcher; once the study's budget is spent it suggests nothing more (FINISHED)."""
+class ForwardingSearcher(Searcher):
+    """A Tune searcher that hands everything to the searcher it wraps; subclasses change what they must."""
 
-    def __init__(self, searcher: Searcher, budget: StudyBudget) -> None:
+    def __init__(self, searcher: Searcher) -> None:
         self.searcher = searcher
-        self.budget = budget
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -76,12 +75,7 @@ class BudgetedSearch(Searcher):
         return self.searcher.set_max_concurrency(max_concurrent)
 
     def suggest(self, trial_id: str) -> dict | None:
-        if not self.budget.allows_another():
-            return Searcher.FINISHED
-        suggestion = self.searcher.suggest(trial_id)
-        if suggestion not in (None, Searcher.FINISHED):
-            self.budget.count_start()
-        return suggestion
+        return self.searcher.suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.searcher.on_trial_result(trial_id, result)
@@ -93,7 +87,29 @@ class BudgetedSearch(Searcher):
         self.searcher.add_evaluated_point(*args, **kwargs)
 
     # Tune saves each wrapper's own state and the innermost searcher's separately (as it does for
-    # its ConcurrencyLimiter): these are the wrapper's part, the budget.
+    # its ConcurrencyLimiter): a wrapper's part is what get_state returns.
+    def get_state(self) -> dict:
+        return {}
+
+    def set_state(self, state: dict) -> None:
+        pass
+
+
+class BudgetedSearch(ForwardingSearcher):
+    """Wraps a Tune searcher; once the study's budget is spent it suggests nothing more (FINISHED)."""
+
+    def __init__(self, searcher: Searcher, budget: StudyBudget) -> None:
+        super().__init__(searcher)
+        self.budget = budget
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if not self.budget.allows_another():
+            return Searcher.FINISHED
+        suggestion = self.searcher.suggest(trial_id)
+        if suggestion not in (None, Searcher.FINISHED):
+            self.budget.count_start()
+        return suggestion
+
     def get_state(self) -> dict:
         return {"budget": self.budget}
 

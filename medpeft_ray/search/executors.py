@@ -44,6 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+from ray.tune.search import Searcher
+
+from medpeft_ray.search.budget import ForwardingSearcher
+
 log = logging.getLogger(__name__)
 
 #: what ``TrialDispatcher.next_trial`` answers an executor that should exit
@@ -384,8 +389,8 @@ class TrialDispatcher:
         executor_id = f"executor{self.started}"
         self.started += 1
         handle = ray.get_runtime_context().current_actor
-        self.hosts[executor_id] = host_executor.options(**_host_options()).remote(executor_id, self.spec, handle,
-                                                                                  self.dataset_key)
+        host = ray.remote(_host).options(**_host_options())
+        self.hosts[executor_id] = host.remote(executor_id, self.spec, handle, self.dataset_key)
 
 
 async def _await_ref(ref: Any) -> Any:
@@ -433,22 +438,6 @@ def _host(executor_id: str, spec: ExecutorSpec, dispatcher: Any, dataset_key: di
         ),
     )
     trainer.fit()
-
-
-def _remote_host() -> Any:
-    import ray
-
-    return ray.remote(_host)
-
-
-class _LazyRemote:
-    """``host_executor.options(...).remote(...)`` without making Ray remote functions at import."""
-
-    def options(self, **options: Any) -> Any:
-        return _remote_host().options(**options)
-
-
-host_executor = _LazyRemote()
 
 
 def start_dispatcher(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> tuple[Any, str]:
@@ -552,10 +541,12 @@ def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, ex
 
             dist.barrier(group=control)  # every rank's part is in storage before the index names it
         if ctx.rank == 0:
-            if directory is not None:
-                checkpoints.record(epoch, metrics.get(trial.metric))
+            # reported before it is indexed: a worker lost in between makes the resumed trial report
+            # this epoch again, rather than never
             if not evaluate_test:
                 ray.get(dispatcher.post.remote(key, "epoch", {**metrics, "checkpoint_path": checkpoints.uri(epoch)}))
+            if directory is not None:
+                checkpoints.record(epoch, metrics.get(trial.metric))
 
     outcome: tuple[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="medpeft-resume-") as tmp:
@@ -632,32 +623,19 @@ def run_on_executor(dispatcher: Any, key: str, payload: dict[str, Any], report_e
             raise TrialFailed(data)
 
 
-def _searcher_base() -> type:
-    from ray.tune.search import Searcher
-
-    return Searcher
-
-
-class ExecutorGate(_searcher_base()):  # type: ignore[misc]
+class ExecutorGate(ForwardingSearcher):
     """Wraps a Tune searcher: no new trial while every executor is busy (Tune asks again shortly).
 
     With studies that overlap, Tune would otherwise start the next study's trials as soon as it
     has room, and they would wait in the dispatcher's queue for an executor.
     """
 
-    def __init__(self, searcher: Any, dispatcher_name: str, recheck_s: float = 0.2) -> None:
-        self.searcher = searcher
+    def __init__(self, searcher: Searcher, dispatcher_name: str, recheck_s: float = 0.2) -> None:
+        super().__init__(searcher)
         self.dispatcher_name = dispatcher_name
         self.recheck_s = recheck_s
         self._checked: tuple[float, bool] = (0.0, True)
         self.live = 0  # this study's trials suggested and not yet complete
-        super().__init__(metric=searcher.metric, mode=searcher.mode)
-
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
-        return self.searcher.set_search_properties(metric, mode, config, **spec)
-
-    def set_max_concurrency(self, max_concurrent: int) -> bool:
-        return self.searcher.set_max_concurrency(max_concurrent)
 
     def suggest(self, trial_id: str) -> dict | None:
         # A study with no trial of its own running is never held back: Tune may not ask again
@@ -668,6 +646,10 @@ class ExecutorGate(_searcher_base()):  # type: ignore[misc]
         if isinstance(suggestion, dict):
             self.live += 1
         return suggestion
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.live = max(0, self.live - 1)
+        super().on_trial_complete(trial_id, result=result, error=error)
 
     def _free(self) -> bool:
         import ray
@@ -683,30 +665,8 @@ class ExecutorGate(_searcher_base()):  # type: ignore[misc]
             self._checked = (0.0, True)  # a suggestion takes a slot: ask again next time
         return free
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.searcher.on_trial_result(trial_id, result)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.live = max(0, self.live - 1)
-        self.searcher.on_trial_complete(trial_id, result=result, error=error)
-
-    def add_evaluated_point(self, *args: Any, **kwargs: Any) -> None:
-        self.searcher.add_evaluated_point(*args, **kwargs)
-
-    def get_state(self) -> dict:
-        return {}
-
-    def set_state(self, state: dict) -> None:
-        pass
-
-
-def _tune_callback_base() -> type:
-    from ray.tune import Callback
-
-    return Callback
-
-
-class ExecutorCallback(_tune_callback_base()):  # type: ignore[misc]
+class ExecutorCallback(Callback):
     """Tells the dispatcher when Tune ends a trial (finished, stopped by the scheduler, failed),
     so that its executor frees it at once and takes the next trial.
 
