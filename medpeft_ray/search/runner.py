@@ -394,12 +394,22 @@ def _stop_executors(dispatcher: tuple[Any, str]) -> dict[str, Any] | None:
     """Ends the executors (their resources go back to the cluster) and the dispatcher; returns its statistics."""
     import ray
 
-    actor, _ = dispatcher
+    from medpeft_ray.search.executors import NAMESPACE
+
+    actor, name = dispatcher
     try:
         stats = ray.get(actor.shutdown.remote(), timeout=120)
     except Exception:  # noqa: BLE001  (the statistics are a nicety; the executors end with the dispatcher)
         stats = None
     ray.kill(actor)
+    # the name is free once the actor is gone: a next search of the same experiment may start at once
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.1)
     return stats
 
 
