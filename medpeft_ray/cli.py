@@ -145,6 +145,15 @@ class CompareBy(str, Enum):
 def _open_store(results: Optional[Path], db: Optional[str]) -> Any:
     from medpeft_ray.leaderboard import LeaderboardStore, default_db_url
 
+    if db is None and not os.environ.get("MEDPEFT_DB") and results is not None:
+        from medpeft_ray.search.runner import results_location
+
+        storage, local = results_location(results)
+        if local is None:
+            # a search with results on cloud storage keeps its leaderboard in --db, never in the
+            # bucket: without this, "s3://b/x" would be looked for as the folder ./s3:/b/x
+            raise UsageError(f"{storage}: results on cloud storage keep no leaderboard; give the search's database: "
+                             "--db postgresql://user@host/db (or MEDPEFT_DB)")
     return LeaderboardStore(db or default_db_url(results), create=False)
 
 

@@ -19,7 +19,7 @@ import yaml
 from conftest import tiny_search
 
 from medpeft_ray.config import validate_search_dict
-from medpeft_ray.errors import MedpeftError
+from medpeft_ray.errors import MedpeftError, UsageError
 from medpeft_ray.search.cluster import (
     CLUSTER_CONFIG_ENV,
     DRIVER_RESOURCE,
@@ -317,6 +317,14 @@ def test_local_results_stay_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert results_location() == ("s3://env-bucket/x", None)
 
 
+@pytest.mark.parametrize("given", ["s3://bucket/medpeft?endpoint_override=http://127.0.0.1:9000&scheme=http",
+                                   Path("s3://bucket/medpeft?region=eu-west-1")])
+def test_cloud_results_with_query_parameters_are_refused_naming_the_environment(given: Any) -> None:
+    # the search appends folders to the location, which a query string would swallow
+    with pytest.raises(UsageError, match="takes no query parameters.*AWS_ENDPOINT_URL"):
+        results_location(given)
+
+
 def test_cloud_results_without_a_database_stop_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MEDPEFT_DB", raising=False)
     config = validate_search_dict(tiny_search(), "tiny.yaml")
@@ -337,6 +345,22 @@ def test_cli_cloud_results_without_a_database_is_one_line(tmp_path: Path, monkey
     assert result.exit_code == 1
     assert "s3://bucket/medpeft: with results on cloud storage" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["leaderboard"], ["best", "--dataset", "synthetic", "--label-ratio", "1"]])
+def test_reading_the_leaderboard_of_cloud_results_asks_for_the_database(
+        command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from medpeft_ray.cli import app
+
+    monkeypatch.delenv("MEDPEFT_DB", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*command, "--results", "s3://bucket/medpeft"])
+    assert result.exit_code == 2
+    assert "s3://bucket/medpeft: results on cloud storage keep no leaderboard; give the search's database: --db" in (
+        " ".join(result.output.split()))
+    assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket folder looked for or made
 
 
 # ----------------------------------------------------------------------------------------------

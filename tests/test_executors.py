@@ -118,6 +118,20 @@ def test_trial_checkpoints_merge_ranks_keep_the_best_and_the_latest_and_resume_f
     assert TrialCheckpoints(str(tmp_path / "none"), 2, "val_auroc", "max").download_latest(tmp_path / "x") is None
 
 
+def test_a_local_index_is_replaced_whole_so_a_write_killed_midway_leaves_the_last_one(tmp_path: Path) -> None:
+    store = TrialCheckpoints(str(tmp_path / "trial"), keep=2, metric="val_auroc", mode="max")
+    store.upload(_fake_checkpoint(tmp_path / "local", 1, 0), 1)
+    store.record(1, 0.5)
+    # what a worker killed while writing the next index leaves: a partial file beside the index
+    (tmp_path / "trial" / ".checkpoints.json.partial").write_text('[{"epoch": 1, "val')
+    assert store.index() == [{"epoch": 1, "value": 0.5}]
+    store.upload(_fake_checkpoint(tmp_path / "local", 2, 0), 2)
+    store.record(2, 0.6)
+    assert [e["epoch"] for e in store.index()] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["checkpoint_000001", "checkpoint_000002",
+                                                                      "checkpoints.json"]
+
+
 def _dispatcher(max_failures_per_trial: int = 1, idle_exit_s: float = 60.0) -> TrialDispatcher:
     spec = ExecutorSpec(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}, storage_path="/tmp",
                         experiment="t", max_executors=0, idle_exit_s=idle_exit_s)  # 0: the test plays the executors

@@ -2,14 +2,16 @@
 
 ``best.yaml`` is the trial's :class:`~medpeft_ray.config.TrialConfig` (what its workers ran), so
 ``medpeft-ray train --config best.yaml`` runs it again as is. The adapter export copies the
-trial's best checkpoint (trainable weights, state, and peft's adapter folder for peft methods)
-and, where the method folds into the backbone, writes the merged plain timm weights.
+trial's best checkpoint (trainable weights, state, and peft's adapter folder for peft methods),
+from the results folder or from cloud storage (``s3://``, ``gs://``, read as Ray reads it), and,
+where the method folds into the backbone, writes the merged plain timm weights.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -94,13 +96,24 @@ class AdapterExport:
     note: str = ""
 
 
-def _checkpoint_folder(row: Mapping[str, Any]) -> Path:
+def _checkpoint_folder(row: Mapping[str, Any], scratch: Path) -> Path:
+    """The row's checkpoint folder on this machine: the folder itself, or for a checkpoint in cloud
+    storage (a search with ``--results s3://...``), what the export reads of it copied into ``scratch``."""
+    from medpeft_ray.storage import download, is_uri
+
     checkpoint = row.get("checkpoint")
     if not checkpoint:
         raise MedpeftError(f"{_trial_name(row)}: no checkpoint recorded (status {row['status']})")
-    if "://" in str(checkpoint):
-        raise MedpeftError(f"{checkpoint}: the checkpoint is in remote storage; copy the folder to this machine "
-                           "and export from there")
+    if is_uri(checkpoint):
+        # Only the files the export uses: DeepSpeed's folder (the whole module and optimizer
+        # state, for resuming) can be many times their size.
+        try:
+            copied = download(str(checkpoint), scratch, [WEIGHTS_FILE, STATE_FILE, PEFT_DIR])
+        except OSError as exc:  # pyarrow's errors from the storage: credentials, network, permissions
+            raise MedpeftError(f"{checkpoint}: cannot read the trial's checkpoint ({exc})") from None
+        if WEIGHTS_FILE not in copied:
+            raise MedpeftError(f"{checkpoint}: the trial's checkpoint folder is missing or has no {WEIGHTS_FILE}")
+        return scratch
     folder = Path(checkpoint)
     if not (folder / WEIGHTS_FILE).is_file():
         raise MedpeftError(f"{folder}: the trial's checkpoint folder is missing or has no {WEIGHTS_FILE}")
@@ -122,7 +135,7 @@ def _num_classes(folder: Path, family: str, state: dict[str, Any]) -> int:
 
 
 def export_adapter(row: Mapping[str, Any], directory: str | Path, metric: str = "val_auroc") -> AdapterExport:
-    """Writes the trial's trained adapter to ``directory``.
+    """Writes the trial's trained adapter to ``directory`` (from a local or a cloud storage checkpoint).
 
     Always: ``trainable.safetensors`` and ``state.json`` (the checkpoint), ``config.yaml`` (the
     trial's config) and ``export.json`` (what was written, classes, how to load it). For peft
@@ -130,11 +143,15 @@ def export_adapter(row: Mapping[str, Any], directory: str | Path, metric: str = 
     the state dict of the merged timm model (``build_backbone(backbone, num_classes, image_size)``
     loads it strictly).
     """
+    config = trial_config(row)
+    with tempfile.TemporaryDirectory(prefix="medpeft-export-") as scratch:
+        return _export_from(row, config, _checkpoint_folder(row, Path(scratch)), Path(directory), metric)
+
+
+def _export_from(row: Mapping[str, Any], config: Any, source: Path, out: Path, metric: str) -> AdapterExport:
+    """:func:`export_adapter` from the checkpoint folder ``source`` on this machine."""
     from medpeft_ray.methods import get_method
 
-    config = trial_config(row)
-    source = _checkpoint_folder(row)
-    out = Path(directory)
     if out.resolve() == source.resolve():
         raise MedpeftError(f"{out}: is the checkpoint itself; export to another folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +182,7 @@ def export_adapter(row: Mapping[str, Any], directory: str | Path, metric: str = 
         "backbone": config.model.backbone, "image_size": config.dataset.image_size,
         "num_classes": result.num_classes, "class_names": result.class_names, "metric": metric,
         "value": row.get(metric), "files": result.files, "merged": result.merged, "peft": result.peft,
-        "source": str(source),
+        "source": str(row["checkpoint"]),  # the folder or URI the leaderboard names
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str))
     result.files.append(MANIFEST_FILE)

@@ -134,14 +134,27 @@ class TrialCheckpoints:
                          key=lambda e: e["epoch"])
         best = sorted(entries, key=lambda e: (_sort_key(e["value"], self.mode), e["epoch"]))[: self.keep]
         kept = {e["epoch"] for e in best} | {entries[-1]["epoch"]}
-        with self.fs.open_output_stream(f"{self.root}/{CHECKPOINT_INDEX}") as stream:
-            stream.write(json.dumps([e for e in entries if e["epoch"] in kept]).encode())
+        self._write_index([e for e in entries if e["epoch"] in kept])
         for entry in entries:
             if entry["epoch"] not in kept:
                 try:
                     self.fs.delete_dir(self.path(entry["epoch"]))
                 except OSError:  # already gone
                     pass
+
+    def _write_index(self, entries: list[dict[str, Any]]) -> None:
+        """Replaces the index whole. An object store's PUT is already all or nothing; a local file
+        is written beside it and moved over it, since a worker killed mid-write (a killed driver
+        takes its Ray with it) would leave a truncated index that the resumed trial cannot read."""
+        import pyarrow.fs
+
+        target = f"{self.root}/{CHECKPOINT_INDEX}"
+        local = isinstance(self.fs, pyarrow.fs.LocalFileSystem)
+        written = f"{self.root}/.{CHECKPOINT_INDEX}.partial" if local else target
+        with self.fs.open_output_stream(written) as stream:
+            stream.write(json.dumps(entries).encode())
+        if local:
+            self.fs.move(written, target)
 
     def download_latest(self, into: Path) -> Path | None:
         """The latest complete checkpoint copied into ``into`` (to resume from), or None."""

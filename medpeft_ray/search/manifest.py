@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from medpeft_ray.errors import MedpeftError
+from medpeft_ray.storage import filesystem as _filesystem  # what Tune and Ray Train use too
 
 MANIFEST_DIR = "searches"
 
@@ -53,17 +54,6 @@ class SearchManifest:
 
 def _location(storage: str, experiment: str) -> str:
     return f"{storage}/{MANIFEST_DIR}/{experiment}.json"
-
-
-def _filesystem(uri: str) -> tuple[Any, str]:
-    """pyarrow's file system and path for a local path or a cloud URI (what Tune and Ray Train use too)."""
-    from pathlib import Path
-
-    import pyarrow.fs
-
-    if "://" not in uri:
-        return pyarrow.fs.LocalFileSystem(), str(Path(uri).absolute())
-    return pyarrow.fs.FileSystem.from_uri(uri)
 
 
 def _write_text(uri: str, text: str) -> None:

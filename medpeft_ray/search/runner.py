@@ -241,11 +241,23 @@ def results_location(results: str | Path | None = None) -> tuple[str, Path | Non
     A cloud storage URI (``s3://bucket/prefix``, ``gs://...``), given or in ``$MEDPEFT_RESULTS``,
     is used as is, so that every node of a cluster reads and writes the same checkpoints;
     anything else is a local (or shared file system) folder.
+
+    Raises:
+        UsageError: a URI with query parameters (``?endpoint_override=...``).
     """
     raw = results if results is not None else os.environ.get("MEDPEFT_RESULTS")
     # str(Path("s3://b/x")) is "s3:/b/x": the scheme survives a trip through Path, the slashes do not
     match = _URI.match(str(raw)) if raw is not None else None
     if match and match.group(1).lower() != "file":
+        if "?" in match.group(2):
+            # The search appends folders to the location (f"{storage}/tune", ".../train/<trial>"),
+            # which would land inside the query, and the leaderboard's checkpoint URIs would lose it;
+            # pyarrow, and so Ray, read the same settings from the environment instead.
+            raise UsageError(
+                f"{raw}: a results URI takes no query parameters; give the storage's settings in the environment "
+                "of every node, where Ray's storage reads them too (for S3 and S3-compatible servers: "
+                "AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+            )
         return f"{match.group(1).lower()}://{match.group(2).rstrip('/')}", None
     if match:  # file:///path
         raw = "/" + match.group(2)
