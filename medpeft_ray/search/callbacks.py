@@ -216,7 +216,8 @@ class LeaderboardCallback(Callback):
             trainable_params=last.get("trainable_params"),
             total_params=last.get("total_params"),
             wall_time_s=ended - p.started_at,
-            startup_s=(first_step - p.started_at) if first_step else None,
+            # from the trial's start, or from when an executor took it if it waited for one
+            startup_s=(first_step - max(p.started_at, last.get("dispatched_at") or 0.0)) if first_step else None,
             train_time_s=last.get("train_time_s"),
             skipped_images=last.get("skipped_images"),
             checkpoint=best.get("checkpoint_path"),

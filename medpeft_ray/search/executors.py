@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 #: what ``TrialDispatcher.next_trial`` answers an executor that should exit
 EXIT = "exit"
+#: trials that may wait at the dispatcher for each executor, handed to it the moment it finishes
+#: its trial (Tune needs seconds to start a trial's driver; the executor would idle meanwhile)
+WAITING_PER_EXECUTOR = 1
 #: the Ray namespace of the dispatchers: a search's dispatcher is found by name from any driver
 NAMESPACE = "medpeft"
 #: the index of a trial's checkpoints, in its folder (written last, by rank 0)
@@ -72,6 +75,9 @@ class ExecutorSpec:
     threads: int = 1
     worker_start_timeout_s: float = 1800.0
     idle_exit_s: float = 60.0
+    #: a trial configuration of the search (JSON) that executors build once while they set up, so
+    #: that the first trial, too, finds the data, the pristine backbone and the method's imports ready
+    warm_up: dict[str, Any] | None = None
 
     def fits(self, num_workers: int, use_gpu: bool, resources_per_worker: dict[str, float]) -> bool:
         return (num_workers, use_gpu, dict(resources_per_worker)) == (self.num_workers, self.use_gpu,
@@ -92,15 +98,11 @@ class TrialCheckpoints:
     """
 
     def __init__(self, uri: str, keep: int, metric: str, mode: str) -> None:
-        import pyarrow.fs
+        from medpeft_ray.storage import filesystem, is_uri
 
-        if "://" in uri:
-            self.fs, self.root = pyarrow.fs.FileSystem.from_uri(uri)
-            scheme = uri.split("://", 1)[0]
-            self.display_root = f"{scheme}://{self.root}"
-        else:
-            self.fs, self.root = pyarrow.fs.LocalFileSystem(), str(Path(uri).resolve())
-            self.display_root = self.root
+        self.fs, self.root = filesystem(uri)
+        # the URI the leaderboard keeps (pyarrow's path of a bucket has no scheme)
+        self.display_root = f"{uri.split('://', 1)[0]}://{self.root}" if is_uri(uri) else self.root
         self.keep, self.metric, self.mode = max(1, keep), metric, mode
 
     def path(self, epoch: int) -> str:
@@ -225,6 +227,7 @@ class TrialDispatcher:
         self.wakeup = asyncio.Event()
         self.closing = False
         self.started = 0
+        self.setup_failures: dict[str, str] = {}  # executor -> why it could not set up
 
     # -- the search driver -------------------------------------------------------------------
     async def start(self, count: int) -> None:
@@ -246,12 +249,36 @@ class TrialDispatcher:
                     ray.cancel(ref, force=True)
         return await self.stats()
 
+    async def wait_ready(self, count: int, settle_s: float = 30.0) -> int:
+        """Waits until ``count`` executors have set up, or ``settle_s`` after the first one did (the rest
+        join as they come, e.g. as an autoscaler adds their nodes); returns how many are ready.
+
+        Raises:
+            RuntimeError: every executor failed to set up (the first reason is given).
+        """
+        first_ready: float | None = None
+        while True:
+            ready = sum(e.alive for e in self.executors.values())
+            if ready and first_ready is None:
+                first_ready = time.time()
+            if ready >= count or (first_ready is not None and time.time() - first_ready > settle_s):
+                return ready
+            if self.setup_failures and len(self.setup_failures) >= len(self.hosts):
+                raise RuntimeError(next(iter(self.setup_failures.values())))
+            await asyncio.sleep(0.1)
+
+    async def setup_failed(self, executor_id: str, reason: str) -> None:
+        """An executor could not set up (it then exits): the search is told rather than left waiting."""
+        self.setup_failures[executor_id] = reason
+        self.hosts.pop(executor_id, None)
+
     async def free_slots(self) -> int:
-        """Executors that could take a trial now (idle, booting, or to be started again after an
-        idle exit) less the trials waiting."""
-        booting = sum(1 for eid in self.hosts if eid not in self.executors)
-        startable = max(0, self.spec.max_executors - self._alive())
-        return len(self._idle_executors()) + booting + startable - len(self.queue)
+        """How many more trials could be handed out or wait for an executor: each executor (running,
+        booting, or to be started again after an idle exit) takes one trial and holds
+        :data:`WAITING_PER_EXECUTOR` more, less the trials it has."""
+        executors = max(self._alive(), self.spec.max_executors)
+        running = sum(1 for e in self.executors.values() if e.alive and e.trial is not None)
+        return executors * (1 + WAITING_PER_EXECUTOR) - running - len(self.queue)
 
     async def stats(self) -> dict[str, Any]:
         now = time.time()
@@ -439,7 +466,7 @@ def _host(executor_id: str, spec: ExecutorSpec, dispatcher: Any, dataset_key: di
     trainer = TorchTrainer(
         executor_loop,
         train_loop_config={"executor_id": executor_id, "dispatcher": dispatcher, "threads": spec.threads,
-                           "dataset_key": dataset_key},
+                           "dataset_key": dataset_key, "warm_up": spec.warm_up},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker=spec.resources_per_worker),
         run_config=RunConfig(
@@ -506,6 +533,17 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
     ctx = WorkerContext(rank=rank, world_size=world_size, device=ray.train.torch.get_device())
     recipe = TrialRecipe(ctx, control)
     setup_marks = {"executor_start": started_at, "executor_setup": time.time()}
+    if loop_config.get("warm_up") is not None:
+        from medpeft_ray.config import TrialConfig
+
+        try:
+            recipe.warm_up(TrialConfig.model_validate(loop_config["warm_up"]), loop_config.get("dataset_key"))
+        except Exception as exc:  # noqa: BLE001  (a set-up that fails would fail again: exit, and say why)
+            if rank == 0:
+                ray.get(dispatcher.setup_failed.remote(executor_id, f"{type(exc).__name__}: {exc}"))
+            log.error("executor %s could not set up:\n%s", executor_id, traceback.format_exc())
+            return
+        setup_marks["executor_warm_up"] = time.time()
     while True:
         assignment = ray.get(dispatcher.next_trial.remote(executor_id)) if rank == 0 else None
         if world_size > 1:
@@ -637,10 +675,9 @@ def run_on_executor(dispatcher: Any, key: str, payload: dict[str, Any], report_e
 
 
 class ExecutorGate(ForwardingSearcher):
-    """Wraps a Tune searcher: no new trial while every executor is busy (Tune asks again shortly).
-
-    With studies that overlap, Tune would otherwise start the next study's trials as soon as it
-    has room, and they would wait in the dispatcher's queue for an executor.
+    """Wraps a Tune searcher: a new trial only while an executor can take it or hold it as its next
+    (Tune asks again shortly). Tune may run more trials at a time than there are executors (the
+    waiting ones), and studies overlap: without the gate, trials would pile up in the queue.
     """
 
     def __init__(self, searcher: Searcher, dispatcher_name: str, recheck_s: float = 0.2) -> None:

@@ -119,6 +119,9 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
         "dataset_key": key,
         "skipped": list(splits.skipped),
         "checkpoint": checkpoint,  # {path, sha256} of the pre-trained weights, or None
+        # what warm executors build while they set up (data, pristine backbone, the method's imports)
+        "warm_up": config.trial_config(ds.label_ratios[0], {**representative, METHOD_PARAM: config.method.names[0]})
+        .model_dump(mode="json"),
     }
 
 
@@ -372,7 +375,7 @@ def run_search(
     dispatcher, executor_stats, timeline = None, None, SearchTimeline()
     try:
         if config.resources.warm_executors:
-            dispatcher = _start_executors(config, plan, storage, facts)
+            dispatcher = _start_executors(config, plan, storage, facts, console)
         elif console is not None:
             console.print("[yellow]resources.warm_executors is off: every trial starts its own Ray Train run (cold)[/yellow]")
         summaries = _run_studies(config, plan, storage, facts, db_url, console, manifest, dispatcher, timeline)
@@ -385,7 +388,9 @@ def run_search(
                         slots=plan.concurrency, executors=executor_stats, timeline=timeline)
 
 
-def _start_executors(config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any]) -> tuple[Any, str]:
+def _start_executors(
+    config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any], console: Any = None
+) -> tuple[Any, str]:
     """The search's dispatcher and its first executors, one per trial slot (they boot while Tune starts)."""
     import ray
 
@@ -395,10 +400,21 @@ def _start_executors(config: SearchConfig, plan: ResourcePlan, storage: str, fac
         num_workers=config.resources.workers_per_trial, use_gpu=plan.use_gpu, resources_per_worker=plan.per_worker,
         storage_path=f"{storage}/executors", experiment=config.experiment or "search", max_executors=plan.concurrency,
         threads=max(1, int(plan.per_worker.get("CPU", 1))), worker_start_timeout_s=config.resources.worker_start_timeout_s,
-        idle_exit_s=config.resources.executor_idle_s,
+        idle_exit_s=config.resources.executor_idle_s, warm_up=facts["warm_up"],
     )
     dispatcher, name = start_dispatcher(spec, facts["dataset_key"])
     ray.get(dispatcher.start.remote(plan.concurrency))
+    # Tune starts its trials once executors are ready: a trial then starts on a loaded backbone
+    # instead of holding a slot (and its share of a time budget) while an executor boots.
+    started = time.time()
+    try:
+        ready = ray.get(dispatcher.wait_ready.remote(plan.concurrency))
+    except ray.exceptions.RayTaskError as exc:
+        ray.kill(dispatcher)
+        raise MedpeftError(f"the trial executors could not set up: {exc.cause}") from None
+    if console is not None:
+        console.print(f"{ready} of {plan.concurrency} executor(s) ready in {time.time() - started:.0f} s "
+                      "(imports, data and the pre-trained backbone loaded once)", highlight=False)
     return dispatcher, name
 
 
@@ -533,7 +549,7 @@ def _run_study(
     from medpeft_ray.search.budget import BudgetedSearch
     from medpeft_ray.search.callbacks import LeaderboardCallback, StudyTail
     from medpeft_ray.search.confirm import choose, confirm_study, describe, record_confirmation
-    from medpeft_ray.search.executors import ExecutorCallback, ExecutorGate
+    from medpeft_ray.search.executors import WAITING_PER_EXECUTOR, ExecutorCallback, ExecutorGate
     from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
     from medpeft_ray.search.trial import TrialPlan, confirm_trial, run_trial
     from medpeft_ray.search.warm_start import warm_start_points
@@ -591,8 +607,7 @@ def _run_study(
         if share.deadline is not None or share.trials is not None:
             searcher = BudgetedSearch(searcher, share)
         if dispatcher is not None:
-            # a study that overlaps the previous one's last trials starts a trial only when an
-            # executor is free for it, so no trial's start-up includes a wait in the queue
+            # a trial starts only when an executor can take it, or take it next (WAITING_PER_EXECUTOR)
             searcher = ExecutorGate(searcher, dispatcher[1])
         tuner = tune.Tuner(
             trainable,
@@ -600,7 +615,8 @@ def _run_study(
                 search_alg=searcher,  # the searcher and the scheduler each know their objectives
                 scheduler=make_scheduler(settings, config.train.epochs),
                 num_samples=num_samples,
-                max_concurrent_trials=plan.concurrency,
+                # with executors, each slot's next trial waits beside it, ready the moment it is free
+                max_concurrent_trials=plan.concurrency * (1 + WAITING_PER_EXECUTOR if dispatcher is not None else 1),
                 # No reuse of trial driver processes: a driver whose trial the scheduler stopped
                 # may still be waiting for its executor when the next trial asks for it, and Tune
                 # then drops that next trial instead of starting a fresh driver.

@@ -161,6 +161,18 @@ class TrialRecipe:
             self._pristine.popitem(last=False)
         return model
 
+    def warm_up(self, trial: TrialConfig, dataset_key: dict[str, Any] | None) -> None:
+        """Everything a trial like ``trial`` needs before its first step, done once: the dataset and
+        its tensors, the pristine backbone, and the method's imports (a model is built and dropped)."""
+        from medpeft_ray.data import train_subset_index
+
+        data = self.dataset(trial, dataset_key)
+        self.split_tensors(trial, "train", data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed)))
+        self.split_tensors(trial, "val", data.val)
+        with torch.random.fork_rng(devices=[]):  # leaves the trials' random streams as they were
+            self.build_model(trial, data.num_classes)
+        gc.collect()
+
     # -- per trial ---------------------------------------------------------------------------
     def build_model(self, trial: TrialConfig, num_classes: int) -> torch.nn.Module:
         """A fresh model for ``trial``: the pristine weights copied, a new head, the method applied.
@@ -376,6 +388,8 @@ class TrialRecipe:
                     "first_step_at": first_step[0] if first_step else None, "resumed_from_epoch": state.start_epoch,
                     **self.memory(),
                 }
+                if "dispatch" in started:  # when a warm executor took the trial (it may have waited for one)
+                    metrics["dispatched_at"] = started["dispatch"]
                 if epoch == state.start_epoch:
                     metrics["startup"] = startup_breakdown(started, state.marks, metrics["first_step_at"])
                 with tempfile.TemporaryDirectory(prefix="medpeft-ckpt-") as tmp:
