@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}},
         "train": {"epochs": args.epochs, "batch_size": 16, "augment": "flip"},
         "search": {"num_samples": args.trials, "max_concurrent": 1, "scheduler": {"type": "none"}, "seed": 0,
-                   # alternate the methods, so each kind of trial follows the other
+                   # the methods in turn, so each kind of trial follows the other
                    "points_to_evaluate": [{"method": methods[i % len(methods)]} for i in range(args.trials)]
                    if len(methods) > 1 else []},
         "resources": {"cpus_per_worker": args.threads, "gpus_per_worker": "auto"},
@@ -60,8 +60,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trials.append({"method": config.get("method", methods[0]), "rss_mb": first["worker_rss_mb"],
                        "gpu_peak_mb": first.get("gpu_memory_mb"), "gpu_reserved_mb": first.get("gpu_reserved_mb"),
                        "startup_s": sum(v for k, v in first.get("startup", {}).items())})
-    second, last = trials[1], trials[-1]
+    second, middle, last = trials[1], trials[len(trials) // 2], trials[-1]
     return {
+        # over the second half: after the allocators have seen every kind of trial at least once
+        "rss_growth_second_half_mb": last["rss_mb"] - middle["rss_mb"],
+        "second_half_trials": len(trials) - 1 - len(trials) // 2,
         "config": {"backbone": args.backbone, "image_size": args.image_size, "methods": methods, "trials": len(trials)},
         "trials": trials,
         "rss_growth_mb": last["rss_mb"] - second["rss_mb"],
@@ -94,6 +97,8 @@ def main() -> None:
         print(f"  trial {i + 1:2d} ({t['method']}): RSS {t['rss_mb']:.0f} MiB{gpu}")
     print(f"RSS growth from trial 2 to trial {c['trials']}: {result['rss_growth_mb']:+.1f} MiB "
           f"({result['rss_growth_per_trial_mb']:+.2f} MiB per trial; last / second {result['rss_last_over_second']:.3f}x)")
+    print(f"RSS growth over the second half ({result['second_half_trials']} trials): "
+          f"{result['rss_growth_second_half_mb']:+.1f} MiB")
     if result["gpu_reserved_growth_mb"] is not None:
         print(f"GPU reserved memory growth: {result['gpu_reserved_growth_mb']:+.0f} MiB")
 

@@ -169,6 +169,12 @@ def _search(work: Path, raw: dict[str, Any], mode: str, env: dict[str, str]) -> 
     walls = [float(w) for w in rows["wall_time_s"]]
     startups = [float(s) for s in rows["startup_s"]]
     first_epoch = [json.loads(next(ln for ln in p.read_text().splitlines() if ln.strip())) for p in tune_results]
+    dispatched = [e.get("dispatched_at") for e in first_epoch]
+    if all(dispatched):
+        # A warm executor holds its next trial waiting beside it (Tune has already started it), so a
+        # trial's wall time includes that wait: what a trial costs its slot is the time from the
+        # executor taking it to the executor taking the next one.
+        walls = [later - earlier for earlier, later in zip(dispatched, dispatched[1:])] + walls[-1:]
     utilisation = next((line for line in search.stdout.splitlines() if line.startswith("slot utilisation")), "")
     later_walls, later_startups = walls[1:] or walls, startups[1:] or startups
     return {

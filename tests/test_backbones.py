@@ -18,6 +18,7 @@ def test_family_from_name() -> None:
     assert backbone_family("efficientnet_b0") is None
 
 
+@pytest.mark.slow
 def test_mae_style_checkpoint_loads_with_new_head_and_resized_pos_embed(tmp_path: Path) -> None:
     torch.manual_seed(0)
     # "pre-trained" at 64 px (4x4 grid) with a 1000-class head, saved the MAE way: {"model": ..., "args": ...}

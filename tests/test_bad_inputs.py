@@ -426,6 +426,8 @@ def _params() -> list[Any]:
         marks = []
         if row.id == "db-driver-not-installed" and importlib.util.find_spec("MySQLdb") is not None:
             marks.append(pytest.mark.skip(reason="MySQLdb (mysqlclient) is installed here: mysql:// has its driver"))
+        if row.real:
+            marks.append(pytest.mark.slow)  # a real CLI process: its imports cost seconds
         params.append(pytest.param(row, row.results, id=row.id, marks=marks))
     return params
 

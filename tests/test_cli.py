@@ -332,6 +332,7 @@ def test_leaderboard_on_empty_database_file(runner: CliRunner, tmp_path: Path) -
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_console_script(tmp_path: Path) -> None:
     assert CONSOLE_SCRIPT.is_file(), CONSOLE_SCRIPT
     env = {k: v for k, v in os.environ.items() if k not in ("MEDPEFT_DB", "MEDPEFT_RESULTS")}
@@ -354,6 +355,7 @@ def test_console_script(tmp_path: Path) -> None:
     ("vit_large_patch16_224", {"lora": 802_830, "linear": 16_398}),
     ("resnet50", {"tsa": 1_286_158, "linear": 28_686, "full": 23_536_718}),
 ])
+@pytest.mark.slow
 def test_methods_json_lists_trainable_parameters(runner: CliRunner, backbone: str, expected: dict[str, int]) -> None:
     result = runner.invoke(app, ["methods", "--backbone", backbone, "--num-classes", "14", "--json"])
     assert result.exit_code == 0, result.output
@@ -372,6 +374,7 @@ def test_methods_json_lists_trainable_parameters(runner: CliRunner, backbone: st
         assert rows["lora"]["trainable_params"] == 12 * 2 * 8 * (768 + 768) + (768 * 14 + 14) + 2 * 768
 
 
+@pytest.mark.slow
 def test_methods_table_and_bad_backbone(runner: CliRunner) -> None:
     table = runner.invoke(app, ["methods", "--backbone", "vit_small_patch16_224", "--num-classes", "3"])
     assert table.exit_code == 0, table.output

@@ -142,6 +142,7 @@ def _run(trial: Any, resume_from: Path | None = None, keep: Path | None = None) 
     return reports
 
 
+@pytest.mark.slow
 def test_training_reports_each_epoch_with_adapter_only_checkpoint(tiny_config: Any, tmp_path: Path) -> None:
     trial = tiny_config.trial_config(1.0, {"lr": 3e-3})
     reports = _run(trial, keep=tmp_path)
@@ -162,6 +163,7 @@ def test_training_reports_each_epoch_with_adapter_only_checkpoint(tiny_config: A
     assert [m["epoch"] for m, _, _ in resumed] == [2]
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_with_the_determinism_switch(tiny_config: Any) -> None:
     trial = tiny_config.trial_config(1.0, {"lr": 3e-3})
     trial = trial.model_copy(update={"train": trial.train.model_copy(update={"deterministic": True, "augment": "randaug"})})
@@ -191,6 +193,7 @@ def _registry_cases() -> list[tuple[str, str]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,method", _registry_cases())
 def test_every_method_trains_under_deepspeed_in_the_worker_loop(backbone: str, method: str) -> None:
     from conftest import tiny_search

@@ -37,6 +37,8 @@ CASES: dict[str, dict[str, Any]] = {
     "sgd_layer_decay": {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0, "layer_decay": 0.65, "lr": 3e-2},
 }
 
+pytestmark = pytest.mark.slow  # two-process DeepSpeed runs
+
 
 def _trial(train: dict[str, Any]) -> Any:
     from medpeft_ray.config import validate_search_dict

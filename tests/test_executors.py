@@ -39,6 +39,7 @@ def _epochs(recipe: TrialRecipe | None, trial: Any) -> list[tuple[float, float, 
     return seen
 
 
+@pytest.mark.slow
 def test_a_warm_recipe_gives_the_numbers_of_a_cold_run_and_trials_leave_the_backbone_pristine() -> None:
     """The fourth trial on one recipe, after a full fine-tune and trials of other methods and seeds,
     trains exactly as the same configuration on a fresh recipe: nothing a trial changed survives it."""

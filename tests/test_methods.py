@@ -252,6 +252,7 @@ def test_frozen_batchnorm_keeps_its_statistics() -> None:
     assert not torch.equal(tuned.bn1.running_mean, stats)  # tuned BatchNorm normalises with batch statistics
 
 
+@pytest.mark.slow
 def test_counts_on_meta_device_match_real_model() -> None:
     from medpeft_ray.methods import method_summaries
 
