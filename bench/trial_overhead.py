@@ -170,7 +170,11 @@ def _search(work: Path, raw: dict[str, Any], mode: str, env: dict[str, str]) -> 
     startups = [float(s) for s in rows["startup_s"]]
     first_epoch = [json.loads(next(ln for ln in p.read_text().splitlines() if ln.strip())) for p in tune_results]
     dispatched = [e.get("dispatched_at") for e in first_epoch]
-    if all(dispatched):
+    if all(dispatched):  # the order in which the executor took them (a waiting trial may overtake)
+        taken = sorted(range(len(dispatched)), key=lambda i: dispatched[i])
+        walls, startups, first_epoch = ([x[i] for i in taken] for x in (walls, startups, first_epoch))
+        rows = rows.iloc[taken]
+        dispatched = [dispatched[i] for i in taken]
         # A warm executor holds its next trial waiting beside it (Tune has already started it), so a
         # trial's wall time includes that wait: what a trial costs its slot is the time from the
         # executor taking it to the executor taking the next one.

@@ -13,7 +13,6 @@ import math
 import os
 import random
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,20 +288,20 @@ class Batches:
 
 
 def ensure_process_group(backend: str) -> None:
-    """A one-process group for runs outside Ray Train (DeepSpeed always needs one)."""
+    """A one-process group for runs outside Ray Train (DeepSpeed always needs one).
+
+    The group rendezvous through an in-process store rather than a TCP port: a free port picked
+    here can be taken by another process (a Ray worker, a second run) before the group binds it.
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    for name in ("RANK", "LOCAL_RANK"):
-        os.environ.setdefault(name, "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    dist.init_process_group(backend, rank=0, world_size=1)
+    # DeepSpeed reads these to decide that a launcher already set the process up.
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "0")):
+        os.environ.setdefault(name, value)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
