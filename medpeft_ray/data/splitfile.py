@@ -6,7 +6,6 @@ instead of drawn subsets, so results are comparable with the studies that ship t
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from medpeft_ray.data.layout import MarkerPaths
 from medpeft_ray.data.records import ImageRecord, build_splits
 from medpeft_ray.data.registry import DatasetOptions, register_dataset
 from medpeft_ray.errors import DataError
+from medpeft_ray.label_ratios import same_label_ratio
 
 
 class SplitFileOptions(DatasetOptions):
@@ -78,7 +78,7 @@ def read_split_file(path: Path) -> list[tuple[str, tuple[float, ...]]]:
 
 
 @register_dataset(
-    "splitfile", options=SplitFileOptions, needs_root=True, task="multilabel",
+    "splitfile", options=SplitFileOptions, needs_root=True,
     marker=lambda options: MarkerPaths((options.train, options.val, options.test)),
 )
 def load_splitfile(root: Path, image_size: int, options: SplitFileOptions, seed: int) -> DatasetSplits:
@@ -108,7 +108,7 @@ def load_splitfile(root: Path, image_size: int, options: SplitFileOptions, seed:
         if outside:
             raise DataError(f"{root / name}: {len(outside)} image(s) not in {options.train}, e.g. {outside[0]}")
         members[ratio] = listed
-    if not any(math.isclose(r, 1.0) for r in members):
+    if not any(same_label_ratio(r, 1.0) for r in members):
         members[1.0] = train_files
     return build_splits(
         records, class_names, "multilabel", image_size, seed, root=root, skip_unreadable=options.skip_unreadable,

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
+from medpeft_ray.label_ratios import same_label_ratio
 
 
 def label_ratio_index(split: LabeledImages, ratio: float, seed: int) -> np.ndarray:
@@ -45,6 +46,6 @@ def label_ratio_index(split: LabeledImages, ratio: float, seed: int) -> np.ndarr
 def train_subset_index(splits: DatasetSplits, ratio: float, seed: int) -> np.ndarray:
     """The training images of a label ratio: the publisher's subset where one is given, else drawn."""
     for given, index in splits.ratio_subsets.items():
-        if math.isclose(given, ratio, rel_tol=1e-9):
+        if same_label_ratio(given, ratio):
             return np.asarray(index)
     return label_ratio_index(splits.train, ratio, seed)

@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from medpeft_ray.config import METHOD_PARAM, SearchConfig, distribution_contains
+from medpeft_ray.label_ratios import LABEL_RATIO_TOLERANCE
 
 
 def warm_start_points(config: SearchConfig, label_ratio: float, db_url: str, searched_ratios: list[float]) -> list[dict[str, Any]]:
@@ -70,10 +71,11 @@ def _best_known(
         return []
     rows = rows[(rows["status"] != "failed") & rows[metric].notna() & rows["method"].isin(config.method.names)]
     k = config.search.warm_start.top_k
-    same_ratio = rows[(rows["label_ratio"] - label_ratio).abs() < 1e-12].head(k)
+    same_ratio = rows[(rows["label_ratio"] - label_ratio).abs() < LABEL_RATIO_TOLERANCE].head(k)
     chosen = list(zip(same_ratio["method"], same_ratio["params"]))
     if searched_ratios:
         nearest = min(searched_ratios, key=lambda r: abs(math.log(r) - math.log(label_ratio)))
-        this_search = rows[(rows["experiment"] == config.experiment) & ((rows["label_ratio"] - nearest).abs() < 1e-12)]
+        same_nearest = (rows["label_ratio"] - nearest).abs() < LABEL_RATIO_TOLERANCE
+        this_search = rows[(rows["experiment"] == config.experiment) & same_nearest]
         chosen += list(zip(this_search["method"].head(k), this_search["params"].head(k)))
     return chosen
