@@ -48,9 +48,9 @@ def plain_loop(trial_json: str, threads: int) -> dict[str, Any]:
     from medpeft_ray.config import TrialConfig
     from medpeft_ray.data import load_splits, train_subset_index
     from medpeft_ray.methods import prepare_model
+    from medpeft_ray.metrics import mean_auroc
     from medpeft_ray.models import build_backbone
     from medpeft_ray.train.engine import Batches, build_optimizer, warmup_cosine
-    from medpeft_ray.train.metrics import mean_auroc
 
     imported = time.time()
     torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from medpeft_ray.errors import MedpeftError, UsageError
+from medpeft_ray.metrics import METRICS, get_metric
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 # Piped output (a log file, CI) gets wide lines instead of rich's 80-column default.
@@ -31,6 +32,32 @@ class OutputFormat(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
+    markdown = "markdown"
+
+
+def _either(words: list[str]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _sort_help() -> str:
+    """The --sort help: which columns sort highest first and which lowest first (metric directions)."""
+    highest = [m.name for m in METRICS.values() if not m.ascending]
+    lowest = [m.name for m in METRICS.values() if m.ascending] + ["times and parameter counts"]
+    return (f"column to sort by, best first ({_either(highest)} highest first; {', '.join(lowest)} lowest first); "
+            "the metric of the views below")
+
+
+def _metric_help(wins: bool = False) -> str:
+    """``val_auroc or val_loss``, or with ``wins``: ``val_auroc (highest wins) or val_loss (lowest wins)``."""
+    return _either([f"{m.name} ({'lowest' if m.ascending else 'highest'} wins)" if wins else m.name
+                    for m in METRICS.values()])
+
+
+def _dataset_help() -> str:
+    from medpeft_ray.data import list_datasets
+
+    return f"dataset format ({', '.join(list_datasets())})"
 
 
 def _fail(exc: MedpeftError) -> None:
@@ -129,13 +156,6 @@ def _print_search_summary(result: Any) -> None:
         raise typer.Exit(1)
 
 
-class BoardFormat(str, Enum):
-    table = "table"
-    json = "json"
-    csv = "csv"
-    markdown = "markdown"
-
-
 class CompareBy(str, Enum):
     methods = "methods"
     backbones = "backbones"
@@ -175,8 +195,7 @@ def leaderboard(
                                         "UTC time"),
     until: Optional[str] = typer.Option(None, help="only trials recorded on or before this date (the whole day) or "
                                         "UTC time"),
-    sort: str = typer.Option("val_auroc", help="column to sort by, best first (val_auroc highest first; val_loss, "
-                             "times and parameter counts lowest first); the metric of the views below"),
+    sort: str = typer.Option("val_auroc", help=_sort_help()),
     top: Optional[int] = typer.Option(None, min=1, help="show the best N rows"),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="the best trial of each group: comma-separated "
                                            "columns among method, backbone, dataset, label_ratio, experiment, status"),
@@ -185,12 +204,13 @@ def leaderboard(
                                                 "mean rank"),
     pareto: bool = typer.Option(False, "--pareto", help="only the trials not beaten on both the metric and trainable "
                                                         "parameters, per (dataset, label ratio)"),
-    output: BoardFormat = typer.Option(BoardFormat.table, "--format", help="table, json, csv or markdown"),
+    output: OutputFormat = typer.Option(OutputFormat.table, "--format", help=_either([f.value for f in OutputFormat])),
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
     """Show the best configurations found so far, or a comparison of methods, or the Pareto front."""
-    from medpeft_ray.ranking import lower_is_better
+    from medpeft_ray.leaderboard import views
+    from medpeft_ray.leaderboard.store import lower_is_better
 
     filters = dict(experiment=experiment, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
                    status=status, since=since, until=until)
@@ -199,11 +219,12 @@ def leaderboard(
             raise UsageError("--compare, --pareto and --group-by are separate views; pick one")
         store = _open_store(results, db)
         if compare is not None:
-            frame = store.compare(by=compare.value.removesuffix("s"), metric=sort, **filters)
+            frame = views.compare(store.query(**filters), by=compare.value.removesuffix("s"), metric=sort)
         elif pareto:
-            frame = store.pareto(metric=sort, **filters)
+            frame = views.pareto(store.query(**filters), metric=sort)
         elif group_by is not None:
-            frame = store.best_per_group([c.strip() for c in group_by.split(",") if c.strip()], metric=sort, **filters)
+            by = [c.strip() for c in group_by.split(",") if c.strip()]
+            frame = views.best_per_group(store.query(**filters), by, metric=sort)
         else:
             frame = store.query(**filters, metric=sort, ascending=lower_is_better(sort), top=top)
         frame = frame.head(top) if top is not None else frame
@@ -216,15 +237,15 @@ def leaderboard(
         _print_rows(frame, output, store_empty, sort)
 
 
-def _print_rows(frame: Any, output: BoardFormat, store_empty: bool, sort: str = "val_auroc") -> None:
+def _print_rows(frame: Any, output: OutputFormat, store_empty: bool, sort: str = "val_auroc") -> None:
     from medpeft_ray.leaderboard.views import checkpoint_labels
 
-    if output is BoardFormat.json:
+    if output is OutputFormat.json:
         # missing metrics are NaN in the DataFrame and null in JSON (NaN is not valid JSON)
         records = [{k: _plain(v) for k, v in r.items()} for r in frame.to_dict(orient="records")]
         print(json.dumps(records, indent=1, default=str))
         return
-    if output is BoardFormat.csv:
+    if output is OutputFormat.csv:
         flat = frame.assign(config=frame["config"].map(json.dumps), params=frame["params"].map(json.dumps))
         flat.to_csv(sys.stdout, index=False)
         return
@@ -240,7 +261,7 @@ def _print_rows(frame: Any, output: BoardFormat, store_empty: bool, sort: str = 
         frame = frame.assign(checkpoint_sha256=labels)
         columns.insert(columns.index("backbone") + 1, "checkpoint_sha256")
     rows = [[_cell(column, row[column]) for column in columns] for row in frame.to_dict(orient="records")]
-    if output is BoardFormat.markdown:
+    if output is OutputFormat.markdown:
         import pandas as pd
 
         from medpeft_ray.leaderboard.views import markdown_table
@@ -256,31 +277,32 @@ def _print_rows(frame: Any, output: BoardFormat, store_empty: bool, sort: str = 
     console.print(table)
 
 
-def _print_comparison(table: Any, output: BoardFormat, metric: str, store_empty: bool) -> None:
+def _print_comparison(table: Any, output: OutputFormat, metric: str, store_empty: bool) -> None:
     """Methods as rows, (dataset, label ratio) cells, mean rank; the best value of each column in bold."""
     by = table.index.name
-    if output is BoardFormat.json:
+    if output is OutputFormat.json:
         records = [{by: name, **{k: _plain(v) for k, v in row.items()}} for name, row in table.iterrows()]
         print(json.dumps(records, indent=1))
         return
-    if output is BoardFormat.csv:
+    if output is OutputFormat.csv:
         table.to_csv(sys.stdout)
         return
     if table.empty:
         console.print("No trials recorded yet." if store_empty else f"No trial with a {metric} matches.")
         return
-    from medpeft_ray.leaderboard.views import markdown_table, metric_mode
+    from medpeft_ray.leaderboard.views import markdown_table
 
+    ranking = get_metric(metric)
     cells = [c for c in table.columns if c != "mean_rank"]
-    best = table[cells].min() if metric_mode(metric) == "min" else table[cells].max()
-    text = table[cells].map(lambda v: "-" if v != v else f"{v:.4f}")
+    best = table[cells].min() if ranking.ascending else table[cells].max()
+    text = table[cells].map(lambda v: "-" if v != v else ranking.format(v))
     text["mean rank"] = table["mean_rank"].map(lambda v: f"{v:.2f}")
-    if output is BoardFormat.markdown:
+    if output is OutputFormat.markdown:
         for column in cells:
             text.loc[table[column] == best[column], column] = text[column].map(lambda s: f"**{s}**")
         print(markdown_table(text.rename_axis(by), index=True))
         return
-    rich_table = Table(title=f"best {metric} per (dataset, label ratio); bold: best in the column")
+    rich_table = Table(title=f"best {ranking.title} per (dataset, label ratio); bold: best in the column")
     rich_table.add_column(by)
     for column in [*cells, "mean rank"]:
         rich_table.add_column(column, justify="right")
@@ -327,7 +349,7 @@ def best(
     method: Optional[str] = typer.Option(None, help="only this method (default: the best of any method)"),
     backbone: Optional[str] = typer.Option(None, help="only this backbone"),
     experiment: Optional[str] = typer.Option(None, help="only this experiment"),
-    metric: str = typer.Option("val_auroc", help="val_auroc (highest wins) or val_loss (lowest wins)"),
+    metric: str = typer.Option("val_auroc", help=_metric_help(wins=True)),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the trial config YAML here "
                                        "(default: print it)"),
     export_adapter: Optional[Path] = typer.Option(
@@ -355,7 +377,8 @@ def best(
     if out is None:
         print(text, end="")
     err_console.print(
-        f"best {row['method']} on {row['dataset']} at label ratio {row['label_ratio']:g}: {metric} {row[metric]:.4f} "
+        f"best {row['method']} on {row['dataset']} at label ratio {row['label_ratio']:g}: "
+        f"{metric} {get_metric(metric).format(row[metric])} "
         f"(experiment {row['experiment']}, trial {row['trial_id']})" + (f" -> {out}" if out is not None else ""),
         soft_wrap=True,
     )
@@ -370,7 +393,7 @@ def report(
     experiments: list[str] = typer.Argument(..., help="experiment(s) to report on; name several to compare their "
                                             "methods"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for index.html and the PNG figures"),
-    metric: str = typer.Option("val_auroc", help="val_auroc or val_loss"),
+    metric: str = typer.Option("val_auroc", help=_metric_help()),
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
@@ -456,18 +479,22 @@ def methods_command(
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets before spending GPU time on them.")
+#: what `data check` prints, of the output formats: a table, or JSON for scripts (a dataset report
+#: is no list of rows, so neither csv nor markdown)
+DataCheckFormat = Enum("DataCheckFormat", {f.name: f.value for f in (OutputFormat.table, OutputFormat.json)}, type=str)
 app.add_typer(data_app, name="data")
 
 
 @data_app.command("check")
 def data_check(
-    dataset: Optional[str] = typer.Option(None, help="dataset format (nih, chexpert, rsna, ham10000, busi, folder, csv, splitfile, synthetic)"),
+    dataset: Optional[str] = typer.Option(None, help=_dataset_help()),
     root: Optional[Path] = typer.Option(None, help="dataset folder"),
     option: list[str] = typer.Option([], "--option", "-o", help="a dataset option as key=value (YAML value), repeatable"),
     space: Optional[Path] = typer.Option(None, "--space", "-s", help="take the dataset section of this search YAML instead"),
     image_size: int = typer.Option(64, help="decode size for the check (the images are fully decoded either way)"),
     label_ratios: str = typer.Option("0.01,0.1,1.0", help="comma-separated label ratios to report positives for"),
-    output: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json"),
+    output: DataCheckFormat = typer.Option(  # type: ignore[valid-type]
+        DataCheckFormat.table, "--format", help=_either([f.value for f in DataCheckFormat])),
 ) -> None:
     """Images per split and class, positives at each label ratio, and every unreadable file."""
     import yaml
@@ -497,7 +524,7 @@ def data_check(
         from medpeft_ray.errors import ConfigError
 
         _fail(ConfigError("dataset.name", exc.args[0]))
-    if output is OutputFormat.json:
+    if OutputFormat(output.value) is OutputFormat.json:
         from dataclasses import asdict
 
         print(json.dumps({**asdict(report), "usable": report.usable}, indent=1, default=str))

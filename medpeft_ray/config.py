@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.errors import ConfigError
 from medpeft_ray.methods.registry import MethodOptions, get_method
+from medpeft_ray.metrics import metric_mode
 from medpeft_ray.models.backbones import backbone_family
-from medpeft_ray.ranking import METRIC_DIRECTION
 
 # Importing the packages registers the built-in methods and datasets.
 import medpeft_ray.data  # noqa: E402,F401  isort: skip
@@ -272,7 +272,7 @@ class SearchSettings(_Strict):
     @property
     def resolved_mode(self) -> str:
         """The metric's direction: the one the leaderboard, confirmation and checkpoint retention rank by."""
-        return METRIC_DIRECTION[self.metric]
+        return metric_mode(self.metric)
 
     @property
     def objectives(self) -> tuple[list[str], list[str]]:
@@ -285,7 +285,7 @@ class SearchSettings(_Strict):
             raise ValueError("also_minimize: lists an objective twice")
         if self.also_minimize and self.sampler == "cmaes":
             raise ValueError("sampler: cmaes optimises one objective; use tpe, random, gp or grid with also_minimize")
-        direction = METRIC_DIRECTION[self.metric]
+        direction = metric_mode(self.metric)
         if self.mode is not None and self.mode != direction:
             # the leaderboard, `best` and confirmation rank by the metric's own direction; a search
             # optimising the other way would pick the worst trials as its best
@@ -460,7 +460,7 @@ class TrialConfig(_Strict):
     @property
     def mode(self) -> str:
         """``max`` or ``min``: which way ``metric`` is better."""
-        return METRIC_DIRECTION[self.metric]
+        return metric_mode(self.metric)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -109,9 +109,10 @@ def test_the_metric_sets_the_direction_everywhere() -> None:
     """One definition of "best": the search's mode, the store's sort order and the views' ranking."""
     from medpeft_ray.config import SearchSettings
     from medpeft_ray.leaderboard import views
-    from medpeft_ray.ranking import METRIC_DIRECTION, lower_is_better
+    from medpeft_ray.leaderboard.store import lower_is_better
+    from medpeft_ray.metrics import METRICS
 
-    for metric, direction in METRIC_DIRECTION.items():
+    for metric, direction in ((m.name, m.direction) for m in METRICS.values()):
         assert SearchSettings(metric=metric).resolved_mode == direction
         assert SearchSettings(metric=metric, mode=direction).resolved_mode == direction
         assert views.metric_mode(metric) == direction

@@ -1,4 +1,4 @@
-"""Tests for the validation metrics (medpeft_ray/train/metrics.py) against scikit-learn."""
+"""Tests for the validation metrics (medpeft_ray/metrics.py) against scikit-learn."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medpeft_ray.train.metrics import mean_auroc, roc_auc
+from medpeft_ray.metrics import mean_auroc, roc_auc
 
 
 @pytest.mark.parametrize("seed", range(10))

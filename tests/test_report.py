@@ -198,9 +198,9 @@ def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: 
     from medpeft_ray.data import load_splits
     from medpeft_ray.leaderboard.export import export_adapter, write_best_yaml
     from medpeft_ray.leaderboard.views import cell_label
+    from medpeft_ray.metrics import mean_auroc
     from medpeft_ray.models import build_backbone
     from medpeft_ray.train.engine import Batches
-    from medpeft_ray.train.metrics import mean_auroc
 
     results = tmp_path / "results"
     address = ray.get_runtime_context().gcs_address

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from medpeft_ray.errors import MedpeftError
+from medpeft_ray.metrics import get_metric
 from medpeft_ray.train.checkpoint import PEFT_DIR, STATE_FILE, WEIGHTS_FILE
 
 MERGED_FILE = "model.safetensors"
@@ -58,7 +59,8 @@ def best_config_yaml(row: Mapping[str, Any], metric: str = "val_auroc") -> str:
 
     config = trial_config(row).model_dump(mode="json")
     value = row.get(metric)
-    score = f"{metric} {value:.4f}" if isinstance(value, float) and value == value else f"no {metric}"
+    known = isinstance(value, float) and value == value
+    score = f"{metric} {get_metric(metric).format(value)}" if known else f"no {metric}"
     epochs = ""
     if row.get("best_epoch") is not None:
         epochs = f" (epoch {row.get('best_epoch')} of {row.get('epochs_run')} run)"

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from medpeft_ray.errors import MedpeftError
 from medpeft_ray.leaderboard import views
+from medpeft_ray.metrics import get_metric
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from medpeft_ray.leaderboard.store import LeaderboardStore
+    from medpeft_ray.leaderboard.store import TrialStore
 
 INDEX_FILE = "index.html"
 _LINESTYLES = ("-", "--", ":", "-.")
@@ -45,7 +46,7 @@ class FigureResult:
     missing: str = ""
 
 
-def report_rows(store: "LeaderboardStore", experiments: Sequence[str]) -> "pd.DataFrame":
+def report_rows(store: "TrialStore", experiments: Sequence[str]) -> "pd.DataFrame":
     """The rows of ``experiments``; raises naming any experiment the store does not have."""
     if not experiments:
         raise MedpeftError("name at least one experiment to report on")
@@ -58,10 +59,10 @@ def report_rows(store: "LeaderboardStore", experiments: Sequence[str]) -> "pd.Da
 
 
 def write_report(
-    store: "LeaderboardStore", experiments: Sequence[str], directory: str | Path, metric: str = "val_auroc"
+    store: "TrialStore", experiments: Sequence[str], directory: str | Path, metric: str = "val_auroc"
 ) -> Path:
     """Writes the report of ``experiments`` to ``directory``; returns the path of ``index.html``."""
-    views.metric_mode(metric)
+    get_metric(metric)  # an unknown metric fails before the database is read
     frame = report_rows(store, experiments)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ def figure_metric_vs_ratio(frame: "pd.DataFrame", metric: str, colors: dict[str,
         _ratio_axis(ax, rows["label_ratio"])
         ax.set_title(dataset)
         ax.set_xlabel("label ratio (share of training labels)")
-        ax.set_ylabel(f"best {metric}")
+        ax.set_ylabel(f"best {get_metric(metric).title}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return _png(fig)
@@ -169,7 +170,7 @@ def figure_pareto(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]) ->
         _parameter_axis(ax, group["trainable_params"].astype(float))
         ax.set_title(f"{dataset} @ {ratio:g}")
         ax.set_xlabel("trainable parameters")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(get_metric(metric).title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return _png(fig)
@@ -195,7 +196,7 @@ def figure_progress(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]) 
         ax.set_title(dataset)
         ax.set_xlim(left=0)  # compute starts at zero: a short search is not stretched across the panel
         ax.set_xlabel("cumulative trial wall time (minutes)")
-        ax.set_ylabel(f"best {metric} so far")
+        ax.set_ylabel(f"best {get_metric(metric).title} so far")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over, the lines
     return _png(fig)
@@ -215,7 +216,7 @@ def figure_importance(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]
         ax.barh(labels, rows["association"], color=colors[method])
         ax.set_xlim(0, 1)
         ax.set_title(method)
-        ax.set_xlabel(f"association with {metric} rank")
+        ax.set_xlabel(f"association with {get_metric(metric).title} rank")
         ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
@@ -226,7 +227,7 @@ _FIGURES: list[tuple[str, str, str, Callable[..., bytes | None], str]] = [
      "no trial has a {metric}"),
     ("pareto", "Metric against trainable parameters",
      "Every trial; outlined points and the black line are the Pareto front of each (dataset, label ratio): "
-     "no other trial there has at least as high a {metric} with at most as many trainable parameters.",
+     "no other trial there has at least as {better} a {metric} with at most as many trainable parameters.",
      figure_pareto, "no trial has both a {metric} and a parameter count"),
     ("progress", "Search progress",
      "Best {metric} so far against the summed wall time of the study's finished trials "
@@ -242,10 +243,12 @@ _FIGURES: list[tuple[str, str, str, Callable[..., bytes | None], str]] = [
 def make_figures(frame: "pd.DataFrame", metric: str) -> list[FigureResult]:
     """Every figure of the report, drawn from the rows of ``frame``."""
     colors = method_colors(frame["method"].unique().tolist()) if len(frame) else {}
+    ranking = get_metric(metric)
+    words = {"metric": ranking.title, "better": "low" if ranking.ascending else "high"}
     results = []
     for name, title, caption, draw, missing in _FIGURES:
         png = draw(frame, metric, colors) if len(frame) else None
-        results.append(FigureResult(name, title, caption.format(metric=metric), png, missing.format(metric=metric)))
+        results.append(FigureResult(name, title, caption.format(**words), png, missing.format(**words)))
     return results
 
 
@@ -289,11 +292,12 @@ def _params_text(params: dict[str, Any]) -> str:
 
 def comparison_html(frame: "pd.DataFrame", metric: str) -> str:
     """The methods-by-(dataset, ratio) table: best value per cell (bold: best in its column), rank, mean rank."""
+    ranking = get_metric(metric)
     table = views.compare(frame, metric=metric)
     if table.empty:
-        return f'<p class="missing">No trial has a {html.escape(metric)} yet.</p>'
+        return f'<p class="missing">No trial has a {html.escape(ranking.title)} yet.</p>'
     cells = [c for c in table.columns if c != "mean_rank"]
-    ranks = table[cells].rank(axis=0, ascending=views.metric_mode(metric) == "min", method="average")
+    ranks = table[cells].rank(axis=0, ascending=ranking.ascending, method="average")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cells)
     lines = [f'<table class="compare"><tr><th class="name">method</th>{head}<th>mean rank</th></tr>']
     for method, row in table.iterrows():
@@ -304,7 +308,7 @@ def comparison_html(frame: "pd.DataFrame", metric: str) -> str:
                 tds.append("<td>–</td>")
                 continue
             css = ' class="best"' if rank == ranks[column].min() else ""
-            tds.append(f'<td{css}>{value:.4f} <span class="rank">({rank:g})</span></td>')
+            tds.append(f'<td{css}>{ranking.format(value)} <span class="rank">({rank:g})</span></td>')
         lines.append(f'<tr><td class="name">{html.escape(str(method))}</td>{"".join(tds)}'
                      f"<td>{row['mean_rank']:.2f}</td></tr>")
     lines.append("</table>")
@@ -316,9 +320,9 @@ def best_configs_html(frame: "pd.DataFrame", metric: str) -> str:
     best = views.best_per_group(frame, ["dataset", "label_ratio", "method"], metric)
     if best.empty:
         return '<p class="missing">No trial to show.</p>'
-    lowest_first = views.metric_mode(metric) == "min"
-    best = best.sort_values(["dataset", "label_ratio", metric], ascending=[True, True, lowest_first])
-    header = ["dataset", "label ratio", "method", "backbone", metric, "trainable params", "epochs", "wall time",
+    ranking = get_metric(metric)
+    best = best.sort_values(["dataset", "label_ratio", metric], ascending=[True, True, ranking.ascending])
+    header = ["dataset", "label ratio", "method", "backbone", ranking.title, "trainable params", "epochs", "wall time",
               "hyperparameters", "trial"]
     lines = ["<table><tr>" + "".join(f'<th class="name">{h}</th>' if h in ("dataset", "method", "backbone",
              "hyperparameters", "trial") else f"<th>{h}</th>" for h in header) + "</tr>"]
@@ -332,7 +336,8 @@ def best_configs_html(frame: "pd.DataFrame", metric: str) -> str:
         epochs = "–" if _missing(row["epochs_run"]) else f"{_fmt(row['best_epoch'])} / {row['epochs_run']}"
         cells = [
             ("name", row["dataset"]), ("", f"{row['label_ratio']:g}"), ("name", row["method"]),
-            ("name", row["backbone"]), ("", _fmt(row[metric])), ("", trainable), ("", epochs), ("", wall),
+            ("name", row["backbone"]), ("", "–" if _missing(row[metric]) else ranking.format(row[metric])),
+            ("", trainable), ("", epochs), ("", wall),
             ("name", _params_text(row["params"])), ("name", f"{row['experiment']} / {row['trial_id']}"),
         ]
         lines.append("<tr>" + "".join(f'<td class="{c}">{html.escape(str(v))}</td>' if c else
@@ -365,6 +370,7 @@ def render_html(
     datasets = ", ".join(sorted(frame["dataset"].unique()))
     methods = ", ".join(sorted(frame["method"].unique()))
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    shown = html.escape(get_metric(metric).title)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -372,10 +378,10 @@ def render_html(
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>medpeft-ray report: {html.escape(names)}</h1>",
         f'<p class="meta">{len(frame)} trials ({counts}); datasets: {html.escape(datasets)}; '
-        f"methods: {html.escape(methods)}; metric: {html.escape(metric)}<br>"
+        f"methods: {html.escape(methods)}; metric: {shown}<br>"
         f"leaderboard: <code>{html.escape(source)}</code>; generated {generated}</p>",
         "<h2>Methods compared</h2>",
-        f'<p class="meta">Best {html.escape(metric)} of each method per (dataset, label ratio), its rank in the column '
+        f'<p class="meta">Best {shown} of each method per (dataset, label ratio), its rank in the column '
         "in brackets (1 is best, ties share the mean rank), bold: best in the column; mean rank over the columns "
         "where the method has a value.</p>",
         comparison_html(frame, metric),

@@ -29,6 +29,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DatabaseError, OperationalError
 
 from medpeft_ray.errors import MedpeftError, UsageError
+from medpeft_ray.label_ratios import LABEL_RATIO_TOLERANCE
+from medpeft_ray.metrics import METRICS
 
 if TYPE_CHECKING:
     import optuna
@@ -88,8 +90,14 @@ schema_table = sa.Table(
     sa.Column("version", sa.Integer, primary_key=True),
 )
 
-#: The keyword filters every view takes (those of ``LeaderboardStore.query``).
-_FILTERS = ("experiment", "dataset", "label_ratio", "method", "backbone", "status", "since", "until")
+#: Cost columns: a leaderboard sorted by one of them shows the cheapest first.
+COST_COLUMNS = frozenset({"wall_time_s", "startup_s", "train_time_s", "trainable_params", "total_params",
+                          "skipped_images"})
+
+
+def lower_is_better(column: str) -> bool:
+    """Whether a leaderboard sorted by ``column`` puts the smallest first (losses, times, parameter counts)."""
+    return (column in METRICS and METRICS[column].ascending) or column in COST_COLUMNS
 
 
 @dataclass
@@ -122,7 +130,7 @@ class TrialRecord:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
-        """The record of one row of :meth:`LeaderboardStore.query` (missing values as None)."""
+        """The record of one row of :meth:`TrialStore.query` (missing values as None)."""
         import pandas as pd
 
         values = {name: row[name] for name in cls.__dataclass_fields__ if name in row}
@@ -199,31 +207,17 @@ def _as_utc_text(value: str | date | datetime, end_of_day: bool = False) -> str:
     return value.astimezone(timezone.utc).isoformat(timespec="seconds")
 
 
-def _describe_filters(filters: dict[str, Any]) -> str:
-    """``{"dataset": "nih", "label_ratio": 0.01}`` as ``dataset 'nih', label ratio 0.01``."""
-    parts = []
-    for key, value in filters.items():
-        if value is None:
-            continue
-        if key == "label_ratio":
-            parts.append(f"label ratio {value:g}")
-        elif isinstance(value, str):
-            parts.append(f"{key} {value!r}")
-        elif isinstance(value, (list, tuple)):
-            parts.append(f"{key} {', '.join(map(repr, value))}")
-        else:
-            parts.append(f"{key} {value}")
-    return ", ".join(parts)
-
-
 def _is_bare_date(value: str | date | datetime) -> bool:
     if isinstance(value, datetime):
         return False
     return isinstance(value, date) or ("T" not in value and " " not in value)
 
 
-class LeaderboardStore:
+class TrialStore:
     """Reads and writes the leaderboard of one database (SQLite file or any SQLAlchemy URL).
+
+    It hands out rows only; :mod:`medpeft_ray.leaderboard.views` ranks and compares them, and
+    :class:`~medpeft_ray.leaderboard.board.LeaderboardStore` puts the two together by filter.
 
     Opening a store checks its schema version: a new database gets the current schema (unless
     ``create`` is false), an older medpeft leaderboard is upgraded in place in one transaction,
@@ -391,7 +385,7 @@ class LeaderboardStore:
         elif experiment is not None:
             query = query.where(t.c.experiment.in_(list(experiment)))
         if label_ratio is not None:
-            query = query.where(sa.func.abs(t.c.label_ratio - label_ratio) < 1e-9)
+            query = query.where(sa.func.abs(t.c.label_ratio - label_ratio) < LABEL_RATIO_TOLERANCE)
         if since is not None:
             query = query.where(t.c.created_at >= _as_utc_text(since))
         if until is not None:
@@ -407,7 +401,7 @@ class LeaderboardStore:
             frame[column] = frame[column].map(json.loads)
         for column in ("best_epoch", "epochs_run", "trainable_params", "total_params", "skipped_images"):
             frame[column] = frame[column].astype("Int64")  # nullable: a failed trial has no counts
-        for column in ("label_ratio", "val_auroc", "val_loss", "wall_time_s", "startup_s", "train_time_s"):
+        for column in ("label_ratio", *METRICS, "wall_time_s", "startup_s", "train_time_s"):
             frame[column] = frame[column].astype("float64")  # None (no value) becomes NaN, even in an empty frame
         return frame
 
@@ -420,20 +414,6 @@ class LeaderboardStore:
         """How many trials the store holds."""
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(trials_table)).scalar() or 0)
-
-    # -- views (see medpeft_ray.leaderboard.views) -------------------------------------------------
-    def best(self, *, metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
-        """The single best trial matching ``filters`` (a one-row DataFrame); raises when none matches."""
-        from medpeft_ray.leaderboard import views
-
-        frame = self._rows(filters)
-        what = _describe_filters(filters)
-        try:
-            return views.best(frame, metric=metric, what=f"the trials matching {what}" if what else "the leaderboard")
-        except MedpeftError as exc:
-            if len(frame):
-                raise
-            raise MedpeftError(f"{exc}; {self.describe()}") from None
 
     def describe(self) -> str:
         """What the store holds, in words: datasets with their label ratios and methods."""
@@ -448,42 +428,6 @@ class LeaderboardStore:
             methods = ", ".join(sorted({r.method for r in rows if r.dataset == dataset}))
             parts.append(f"{dataset} at label ratios {ratios} ({methods})")
         return "the leaderboard has " + "; ".join(parts)
-
-    def best_per_group(self, by: Sequence[str], *, metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
-        """The best trial of each group of ``by`` columns (e.g. ``["method"]``), best first."""
-        from medpeft_ray.leaderboard import views
-
-        return views.best_per_group(self._rows(filters), by, metric=metric)
-
-    def compare(self, *, by: str = "method", metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
-        """Methods (or ``by``) as rows, (dataset, label ratio) as columns, best metric per cell, mean rank."""
-        from medpeft_ray.leaderboard import views
-
-        return views.compare(self._rows(filters), by=by, metric=metric)
-
-    def pareto(self, *, metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
-        """Per (dataset, label ratio), the trials not beaten on both ``metric`` and trainable parameters."""
-        from medpeft_ray.leaderboard import views
-
-        return views.pareto(self._rows(filters), metric=metric)
-
-    def progress(self, *, metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
-        """Best-so-far ``metric`` against cumulative trial time and epochs, per study."""
-        from medpeft_ray.leaderboard import views
-
-        return views.progress(self._rows(filters), metric=metric)
-
-    def importance(self, *, metric: str = "val_auroc", **filters: Any) -> "pd.DataFrame":
-        """How strongly each searched hyperparameter goes with ``metric``, per method."""
-        from medpeft_ray.leaderboard import views
-
-        return views.importance(self._rows(filters), metric=metric)
-
-    def _rows(self, filters: dict[str, Any]) -> "pd.DataFrame":
-        unknown = set(filters) - set(_FILTERS)
-        if unknown:
-            raise TypeError(f"unknown filter(s): {', '.join(sorted(unknown))}")
-        return self.query(**filters)
 
 
 def optuna_storage(url: str) -> "optuna.storages.RDBStorage":

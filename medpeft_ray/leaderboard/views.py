@@ -1,8 +1,8 @@
 """Views of the leaderboard that answer the studies' questions, as pandas DataFrames.
 
-Every function takes the rows of :meth:`LeaderboardStore.query` (any filtered subset) and returns
+Every function takes the rows of :meth:`TrialStore.query` (any filtered subset) and returns
 a new DataFrame; none touches the database. Trials without the metric (failed ones) take part in
-no ranking.
+no ranking; the metric's direction (:mod:`medpeft_ray.metrics`) says which way is best.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numbers
 from typing import TYPE_CHECKING, Any, Sequence
 
 from medpeft_ray.errors import MedpeftError, UsageError
-from medpeft_ray.ranking import metric_mode
+from medpeft_ray.metrics import get_metric, metric_mode  # noqa: F401  (metric_mode: part of the views' API)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,9 +46,9 @@ def cell_label(dataset: str, label_ratio: float) -> str:
 
 def ranked(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.DataFrame":
     """The rows that have ``metric``, best first (ties: first recorded first)."""
-    mode = metric_mode(metric)
+    ascending = get_metric(metric).ascending
     rows = frame[frame[metric].notna()]
-    return rows.sort_values([metric, "id"], ascending=[mode == "min", True], kind="stable").reset_index(drop=True)
+    return rows.sort_values([metric, "id"], ascending=[ascending, True], kind="stable").reset_index(drop=True)
 
 
 def best(frame: "pd.DataFrame", metric: str = "val_auroc", what: str = "the leaderboard") -> "pd.DataFrame":
@@ -90,15 +90,15 @@ def compare(frame: "pd.DataFrame", by: str = "method", metric: str = "val_auroc"
 
     if by not in ("method", "backbone", "experiment"):
         raise UsageError(f"cannot compare by {by!r}; compare methods, backbones or experiments")
-    mode = metric_mode(metric)
+    ranking = get_metric(metric)
     rows = frame[frame[metric].notna()]
     if rows.empty:
         return pd.DataFrame({"mean_rank": pd.Series(dtype="float64")}, index=pd.Index([], name=by))
     if several_checkpoints(rows):
         rows = rows.assign(**{by: rows[by].astype(str) + " [" + checkpoint_labels(rows) + "]"})
-    cells = rows.groupby([by, "dataset", "label_ratio"])[metric].agg("max" if mode == "max" else "min")
+    cells = rows.groupby([by, "dataset", "label_ratio"])[metric].agg(ranking.direction)  # "max" or "min"
     wide = cells.unstack(["dataset", "label_ratio"]).sort_index(axis=1)
-    ranks = wide.rank(axis=0, ascending=mode == "min", method="average")
+    ranks = wide.rank(axis=0, ascending=ranking.ascending, method="average")
     table = wide.copy()
     table.columns = [cell_label(dataset, ratio) for dataset, ratio in wide.columns]
     table["mean_rank"] = ranks.mean(axis=1).to_numpy()
@@ -111,11 +111,11 @@ def pareto_mask(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.Series"
     and trainable parameters (at least as good on both and better on one)."""
     import pandas as pd
 
-    mode = metric_mode(metric)
+    ascending = get_metric(metric).ascending
     mask = pd.Series(False, index=frame.index)
     usable = frame[frame[metric].notna() & frame["trainable_params"].notna()]
     for _, group in usable.groupby(["dataset", "label_ratio"]):
-        quality = group[metric] if mode == "max" else -group[metric]
+        quality = -group[metric] if ascending else group[metric]  # higher is better from here on
         best_so_far = -math.inf
         # walk from fewest parameters up: a row is on the front if it beats every cheaper row
         for _, same_cost in quality.groupby(group["trainable_params"].astype("int64"), sort=True):
@@ -140,12 +140,12 @@ def progress(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.DataFrame"
     """
     import pandas as pd
 
-    mode = metric_mode(metric)
+    ascending = get_metric(metric).ascending
     columns = [*STUDY_COLUMNS, "trial", "trial_id", "compute_s", "epochs", metric, "best_so_far"]
     parts = []
     for _, group in frame.sort_values("id").groupby(STUDY_COLUMNS, sort=True):
         values = group[metric].astype("float64")
-        running = values.cummax() if mode == "max" else values.cummin()
+        running = values.cummin() if ascending else values.cummax()
         parts.append(group[[*STUDY_COLUMNS, "trial_id", metric]].assign(
             trial=range(1, len(group) + 1),
             compute_s=group["wall_time_s"].fillna(0.0).cumsum(),
@@ -173,13 +173,13 @@ def importance(frame: "pd.DataFrame", metric: str = "val_auroc", min_trials: int
     """
     import pandas as pd
 
-    mode = metric_mode(metric)
+    ascending = get_metric(metric).ascending
     columns = ["method", "parameter", "kind", "association", "spearman", "trials"]
     rows = frame[frame[metric].notna()].copy()
     if rows.empty:
         return pd.DataFrame(columns=columns)
     rows["score"] = rows.groupby(["method", "dataset", "label_ratio"])[metric].rank(
-        pct=True, ascending=mode == "max")
+        pct=True, ascending=not ascending)  # the best trial gets the highest score
     records = []
     for method, group in rows.groupby("method", sort=True):
         names = sorted({name for params in group["params"] for name in params})

@@ -6,7 +6,6 @@ as soon as the trial ends (a driver killed later loses no finished trial).
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from ray.tune import Callback
 
 from medpeft_ray.config import SearchConfig
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
+from medpeft_ray.metrics import METRICS, better
 
 
 @dataclass
@@ -124,7 +124,6 @@ class LeaderboardCallback(Callback):
         self.console = console
         self._store: LeaderboardStore | None = None
         self.metric = config.search.metric
-        self.maximize = config.search.resolved_mode == "max"
         self.progress: dict[str, _TrialProgress] = {}
 
     # -- Tune hooks ---------------------------------------------------------------------------
@@ -136,10 +135,9 @@ class LeaderboardCallback(Callback):
         p = self._state(trial)
         p.last, p.epochs_run = result, int(result.get("epoch", p.epochs_run + 1))
         value = result.get(self.metric)
-        if value is not None and math.isfinite(value):
-            best = None if p.best is None else p.best.get(self.metric)
-            if best is None or (value > best if self.maximize else value < best):
-                p.best = result
+        best = None if p.best is None else p.best.get(self.metric)
+        if value is not None and better(value, best, self.config.search.resolved_mode):
+            p.best = result
         self._say(trial, f"epoch {p.epochs_run}/{self.config.train.epochs}  {self.metric}={_fmt(value)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -209,8 +207,7 @@ class LeaderboardCallback(Callback):
             status=status,  # type: ignore[arg-type]
             config=trial_config.model_dump(mode="json"),
             params=sampled,
-            val_auroc=best.get("val_auroc"),
-            val_loss=best.get("val_loss"),
+            **{name: best.get(name) for name in METRICS},  # the best epoch's value of every metric
             best_epoch=best.get("epoch"),
             epochs_run=p.epochs_run,
             trainable_params=last.get("trainable_params"),

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from medpeft_ray.config import SearchConfig
+from medpeft_ray.metrics import best_of, get_metric
 
 
 @dataclass
@@ -54,7 +55,7 @@ def choose(confirmed: list[ConfirmedConfig], mode: str) -> ConfirmedConfig | Non
     scored = [c for c in confirmed if c.val]
     if not scored:
         return None
-    return max(scored, key=lambda c: c.val_mean) if mode == "max" else min(scored, key=lambda c: c.val_mean)
+    return best_of(scored, lambda c: c.val_mean, mode)
 
 
 def confirm_study(
@@ -110,12 +111,14 @@ def record_confirmation(
 
 def describe(confirmed: list[ConfirmedConfig], chosen: ConfirmedConfig | None, metric: str) -> list[str]:
     """Lines for the console: each configuration's mean and std, then the choice and its test score."""
+    shown = get_metric(metric)
     lines = []
     for c in confirmed:
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.params.items())
         failed = f", {len(c.errors)} failed" if c.errors else ""
         mark = "*" if c is chosen else " "
-        lines.append(f" {mark} {metric} {c.val_mean:.4f} +- {c.val_std:.4f} over {len(c.val)} seed(s){failed}  "
+        lines.append(f" {mark} {metric} {shown.format(c.val_mean)} +- {shown.format(c.val_std)} over {len(c.val)} "
+                     f"seed(s){failed}  "
                      f"({c.method}: {params})")
     if chosen is not None:
         s = chosen.summary()

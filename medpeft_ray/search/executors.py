@@ -47,6 +47,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from medpeft_ray.metrics import best_first_key, nan_metrics
 from medpeft_ray.search.budget import ForwardingSearcher
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class TrialCheckpoints:
         checkpoints that are neither among the ``keep`` best (ties: the earlier) nor the latest."""
         entries = sorted([e for e in self.index() if e["epoch"] != epoch] + [{"epoch": epoch, "value": value}],
                          key=lambda e: e["epoch"])
-        best = sorted(entries, key=lambda e: (_sort_key(e["value"], self.mode), e["epoch"]))[: self.keep]
+        best = sorted(entries, key=lambda e: (best_first_key(e["value"], self.mode), e["epoch"]))[: self.keep]
         kept = {e["epoch"] for e in best} | {entries[-1]["epoch"]}
         self._write_index([e for e in entries if e["epoch"] in kept])
         for entry in entries:
@@ -171,15 +172,6 @@ class TrialCheckpoints:
         pyarrow.fs.copy_files(self.path(epoch), str(target), source_filesystem=self.fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())
         return target
-
-
-def _sort_key(value: float | None, mode: str) -> float:
-    """Best first: NaN and missing last."""
-    import math
-
-    if value is None or not math.isfinite(value):
-        return math.inf
-    return -value if mode == "max" else value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,9 +604,8 @@ def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, ex
             outcome = ("failed", str(exc))
             if ctx.rank == 0 and not evaluate_test:
                 # the failed epoch reaches Tune too, as a cold trial reports it (its metrics are NaN)
-                nan = float("nan")
-                ray.get(dispatcher.post.remote(key, "epoch", {"epoch": reached[0] + 1, "val_auroc": nan, "val_loss": nan,
-                                                              "train_loss": nan, "failure": str(exc)}))
+                ray.get(dispatcher.post.remote(key, "epoch", {"epoch": reached[0] + 1, **nan_metrics(),
+                                                              "train_loss": float("nan"), "failure": str(exc)}))
         except Exception as exc:  # noqa: BLE001  (the executor survives a trial's own error)
             outcome = ("failed", f"{type(exc).__name__}: {exc}")
             log.error("trial %s failed on %s:\n%s", key, executor_id, traceback.format_exc())

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from medpeft_ray.config import TrainConfig
-from medpeft_ray.train.metrics import mean_auroc
+from medpeft_ray.metrics import Predictions
 
 log = logging.getLogger(__name__)
 
@@ -345,11 +345,11 @@ def evaluate(
     multilabel: bool,
     ctx: WorkerContext,
     batch_size: int,
-) -> tuple[float, float, list[float]]:
-    """Validation loss and mean AUROC over predictions gathered from every rank.
+) -> Predictions:
+    """The split's predictions and summed loss, gathered from every rank, for the metrics to score.
 
-    Each rank predicts its stride of the split; rank-local scores are gathered and the AUROC is
-    computed on the whole split (an average of per-rank AUROCs would be a different number).
+    Each rank predicts its stride of the split; rank-local scores are gathered so that each metric
+    is computed on the whole split (an average of per-rank AUROCs would be a different number).
     """
     engine.eval()
     index = torch.arange(len(batches))[ctx.rank :: ctx.world_size]
@@ -370,6 +370,4 @@ def evaluate(
         gathered = [local]
     all_index = np.concatenate([g[0] for g in gathered])
     all_scores = np.concatenate([g[1] for g in gathered])[np.argsort(all_index)]
-    val_loss = sum(g[2] for g in gathered) / len(batches)
-    auroc, per_class = mean_auroc(batches.labels.numpy(), all_scores)
-    return val_loss, auroc, per_class
+    return Predictions(batches.labels.numpy(), all_scores, sum(g[2] for g in gathered))

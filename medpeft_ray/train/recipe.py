@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from medpeft_ray.config import TrialConfig
 from medpeft_ray.errors import TrialFailed
+from medpeft_ray.metrics import Predictions, better, metric_values
 from medpeft_ray.train.engine import (
     Batches,
     ReportFn,
@@ -58,13 +59,6 @@ MAX_PRISTINE_BACKBONES = 2
 
 class TrialStopped(Exception):
     """The trial was stopped from outside (the scheduler ended it); it ends without a result."""
-
-
-def better(value: float, than: float | None, mode: str) -> bool:
-    """Whether ``value`` beats ``than`` under ``mode`` (``max`` or ``min``); NaN never does."""
-    if not math.isfinite(value):
-        return False
-    return than is None or (value > than if mode == "max" else value < than)
 
 
 @dataclass
@@ -286,8 +280,8 @@ class TrialRecipe:
             steps += 1
         return mean_over_ranks(loss_sum, steps, ctx.world_size)  # one sync per epoch, not per step
 
-    def evaluate(self, trial: TrialConfig, state: _TrialState, batches: Batches) -> tuple[float, float, list[float]]:
-        """Loss and mean AUROC of a split, over the predictions of every rank."""
+    def evaluate(self, trial: TrialConfig, state: _TrialState, batches: Batches) -> Predictions:
+        """A split's predictions over every rank, for :func:`~medpeft_ray.metrics.metric_values` to score."""
         multilabel = state.data.task == "multilabel"
         return evaluate(state.engine, batches, state.dtype, state.loss_fn, multilabel, self.ctx, trial.train.eval_batch_size)
 
@@ -377,11 +371,12 @@ class TrialRecipe:
                 train_loss = self.train_epoch(trial, state, epoch, first_step)
                 if not math.isfinite(train_loss):
                     raise TrialFailed(f"training loss is {train_loss} in epoch {epoch + 1} (lr {trial.train.lr:g}); trial stopped")
-                val_loss, val_auroc, per_class = self.evaluate(trial, state, state.val_batches)
+                predictions = self.evaluate(trial, state, state.val_batches)
+                scores = metric_values(predictions)
                 epoch_time = time.time() - epoch_start
                 train_time += epoch_time
                 metrics = {
-                    "epoch": epoch + 1, "val_auroc": val_auroc, "val_loss": val_loss, "train_loss": train_loss,
+                    "epoch": epoch + 1, **scores, "train_loss": train_loss,
                     "trainable_params": state.trainable_params, "total_params": state.total_params,
                     "train_images": len(state.train_split), "skipped_images": len(state.data.skipped),
                     "epoch_time_s": epoch_time, "train_time_s": train_time, "worker_started_at": started_at,
@@ -393,19 +388,19 @@ class TrialRecipe:
                 if epoch == state.start_epoch:
                     metrics["startup"] = startup_breakdown(started, state.marks, metrics["first_step_at"])
                 with tempfile.TemporaryDirectory(prefix="medpeft-ckpt-") as tmp:
-                    report(metrics, self.save(trial, state, Path(tmp), metrics, per_class))
+                    report(metrics, self.save(trial, state, Path(tmp), metrics, predictions.per_class_auroc))
                 value = metrics[trial.metric]
                 if evaluate_test and better(value, None if best is None else best["value"], trial.mode):
                     best = {"value": value, "epoch": epoch + 1, "weights": trainable_state(state.engine.module),
-                            "val_auroc": val_auroc, "val_loss": val_loss}
+                            "scores": scores}
             if evaluate_test and best is not None and len(state.data.test):
                 load_trainable_state(state.engine.module, best["weights"])
                 test_batches = Batches(*Batches.tensors(state.data.test.images, state.data.test.labels), self.ctx.device,
                                        trial.model.mean, trial.model.std, shared=True)
-                test_loss, test_auroc, test_per_class = self.evaluate(trial, state, test_batches)
-                metrics = {**metrics, "test_auroc": test_auroc, "test_loss": test_loss, "test_epoch": best["epoch"],
-                           "best_val_auroc": best["val_auroc"], "best_val_loss": best["val_loss"],
-                           "test_auroc_per_class": dict(zip(state.data.class_names, test_per_class))}
+                test = self.evaluate(trial, state, test_batches)
+                metrics = {**metrics, **metric_values(test, "test"), "test_epoch": best["epoch"],
+                           **{f"best_{name}": value for name, value in best["scores"].items()},
+                           "test_auroc_per_class": dict(zip(state.data.class_names, test.per_class_auroc))}
             return metrics
         finally:
             self.trials_run += 1

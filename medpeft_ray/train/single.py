@@ -26,8 +26,9 @@ def train_single(trial: TrialConfig, out_dir: Path, on_epoch: EpochFn | None = N
     """
     import torch
 
+    from medpeft_ray.metrics import METRICS, better
     from medpeft_ray.train.engine import WorkerContext, ensure_process_group
-    from medpeft_ray.train.recipe import better, run_training
+    from medpeft_ray.train.recipe import run_training
 
     out_dir.mkdir(parents=True, exist_ok=True)
     use_gpu = torch.cuda.is_available()
@@ -51,7 +52,8 @@ def train_single(trial: TrialConfig, out_dir: Path, on_epoch: EpochFn | None = N
     started = time.time()
     final = run_training(trial, WorkerContext(0, 1, device), report, evaluate_test=True)
     result = {"trial": trial.model_dump(mode="json"), "epochs": history, "wall_time_s": time.time() - started,
-              "metric": trial.metric, "best_epoch": best.get("epoch"), "best_val_auroc": best.get("val_auroc"),
-              "best_val_loss": best.get("val_loss"), **{k: v for k, v in final.items() if k.startswith("test_")}}
+              "metric": trial.metric, "best_epoch": best.get("epoch"),
+              **{f"best_{name}": best.get(name) for name in METRICS},
+              **{k: v for k, v in final.items() if k.startswith("test_")}}
     (out_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return result

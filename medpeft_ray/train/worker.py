@@ -31,6 +31,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from medpeft_ray.config import TrialConfig
     from medpeft_ray.errors import TrialFailed
+    from medpeft_ray.metrics import nan_metrics
     from medpeft_ray.train.engine import WorkerContext
     from medpeft_ray.train.recipe import run_training
 
@@ -65,8 +66,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # FailureConfig, which retries any worker error: report the failure as this trial's
             # last result and end normally; the Tune trainable turns it into the trial's error.
             # Every rank gets here together (the loss is averaged over ranks), so reports match.
-            nan = math.nan
-            report_final({"epoch": epochs_reported + 1, "val_auroc": nan, "val_loss": nan, "train_loss": nan,
+            report_final({"epoch": epochs_reported + 1, **nan_metrics(), "train_loss": math.nan,
                           FAILURE_KEY: str(exc)}, ctx.rank)
             return
         if evaluate_test:
