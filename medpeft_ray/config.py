@@ -830,7 +830,3 @@ def _did_you_mean(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
-
-def dump_yaml(data: dict[str, Any]) -> str:
-    """YAML text of a config dict (paths as strings), in the sections' natural order."""
-    return yaml.safe_dump(data, sort_keys=False)

@@ -126,7 +126,7 @@ def test_load_splits_synthetic_uses_cache(cache_dir: Path, monkeypatch: pytest.M
     def boom(*args: object) -> DatasetSplits:
         raise AssertionError("cache miss: the loader was called again")
 
-    monkeypatch.setitem(registry._DATASETS, "synthetic", type(spec)(spec.name, boom, spec.options, spec.needs_root, spec.task))
+    monkeypatch.setitem(registry._DATASETS, "synthetic", type(spec)(spec.name, boom, spec.options, spec.needs_root))
     second = load_splits("synthetic", None, SIZE, opts, 0)
     assert isinstance(second.train.images, np.memmap)
     assert np.array_equal(first.train.images, second.train.images)

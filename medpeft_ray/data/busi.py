@@ -53,7 +53,7 @@ def class_images(folder: Path) -> list[Path]:
 
 
 @register_dataset(
-    "busi", options=BusiOptions, needs_root=True, task="multiclass",
+    "busi", options=BusiOptions, needs_root=True,
     marker=lambda _: MarkerPaths(tuple(f"{name}/" for name in CLASS_NAMES)),
 )
 def load_busi(root: Path, image_size: int, options: BusiOptions, seed: int) -> DatasetSplits:

@@ -171,7 +171,7 @@ def read_records(csv: Path, split: str | None, options: CheXpertOptions, resolve
 
 
 @register_dataset(
-    "chexpert", options=CheXpertOptions, needs_root=True, task="multilabel",
+    "chexpert", options=CheXpertOptions, needs_root=True,
     marker=lambda _: MarkerPaths(("train.csv", "valid.csv")),
 )
 def load_chexpert(root: Path, image_size: int, options: CheXpertOptions, seed: int) -> DatasetSplits:

@@ -51,7 +51,7 @@ def binary_label(value: str, csv: Path, row: int, column: str) -> float:
 
 
 @register_dataset(
-    "csv", options=CsvOptions, needs_root=True, task="multilabel", marker=lambda options: MarkerPaths((options.file,))
+    "csv", options=CsvOptions, needs_root=True, marker=lambda options: MarkerPaths((options.file,))
 )
 def load_csv(root: Path, image_size: int, options: CsvOptions, seed: int) -> DatasetSplits:
     csv = root / options.file

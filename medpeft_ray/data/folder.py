@@ -61,7 +61,7 @@ def list_folder(root: Path) -> dict[str, dict[str, list[Path]]]:
     return layout
 
 
-@register_dataset("folder", options=SplitOptions, needs_root=True, task="multiclass", marker=lambda _: ClassFolders())
+@register_dataset("folder", options=SplitOptions, needs_root=True, marker=lambda _: ClassFolders())
 def load_folder(root: Path, image_size: int, options: SplitOptions, seed: int) -> DatasetSplits:
     layout = list_folder(root)
     class_names = sorted({c for classes in layout.values() for c, files in classes.items() if files})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,6 +27,9 @@ MarkerFn = Callable[[Any], RootMarker]
 class DatasetSpec:
     """A dataset format: ``load(root, image_size, options, seed) -> DatasetSplits``.
 
+    Whether the data is multi-label or multi-class is the loaded splits' ``task``: some formats
+    (``csv`` with a ``class_column``) only know it from their options.
+
     ``marker`` tells the format's dataset folder, so that a root given as the download folder
     that holds it works as well (:meth:`dataset_folder`).
     """
@@ -35,7 +38,6 @@ class DatasetSpec:
     load: LoadFn
     options: type[DatasetOptions]
     needs_root: bool
-    task: Literal["multilabel", "multiclass"]
     marker: MarkerFn | None = None
 
     def dataset_folder(self, root: Path, options: Any) -> Path:
@@ -55,13 +57,12 @@ def register_dataset(
     *,
     options: type[DatasetOptions],
     needs_root: bool,
-    task: Literal["multilabel", "multiclass"],
     marker: MarkerFn | None = None,
 ) -> Callable[[LoadFn], LoadFn]:
     def decorate(load: LoadFn) -> LoadFn:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        _DATASETS[name] = DatasetSpec(name, load, options, needs_root, task, marker)
+        _DATASETS[name] = DatasetSpec(name, load, options, needs_root, marker)
         return load
 
     return decorate

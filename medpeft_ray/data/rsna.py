@@ -70,7 +70,7 @@ def read_targets(csv_path: Path) -> dict[str, tuple[float, int]]:
 
 
 @register_dataset(
-    "rsna", options=RsnaOptions, needs_root=True, task="multilabel",
+    "rsna", options=RsnaOptions, needs_root=True,
     marker=lambda options: MarkerPaths((options.labels_file, f"{options.images_dir}/")),
 )
 def load_rsna(root: Path, image_size: int, options: RsnaOptions, seed: int) -> DatasetSplits:

@@ -135,6 +135,6 @@ class SyntheticOptions(DatasetOptions):
     prevalence: float = Field(0.3, gt=0, lt=1, description="probability of each finding per patient")
 
 
-@register_dataset("synthetic", options=SyntheticOptions, needs_root=False, task="multilabel")
+@register_dataset("synthetic", options=SyntheticOptions, needs_root=False)
 def load_synthetic(root: Path | None, image_size: int, options: SyntheticOptions, seed: int) -> DatasetSplits:
     return make_synthetic(image_size=image_size, seed=seed, **options.model_dump())
