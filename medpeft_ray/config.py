@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.errors import ConfigError
 from medpeft_ray.methods.registry import MethodOptions, get_method
-from medpeft_ray.metrics import metric_mode
+from medpeft_ray.metrics import METRICS, MetricName, metric_mode
 from medpeft_ray.models.backbones import backbone_family
 
 # Importing the packages registers the built-in methods and datasets.
@@ -246,9 +246,10 @@ class SearchSettings(_Strict):
         "tpe", description="tpe (multivariate), random, cmaes, gp (Gaussian process), grid (every combination)"
     )
     seed: int = 0
-    metric: Literal["val_auroc", "val_loss"] = "val_auroc"
+    metric: MetricName = "val_auroc"
     mode: Literal["max", "min"] | None = Field(
-        None, description="the metric's direction (max for val_auroc, min for val_loss); may be given, not changed"
+        None, description="the metric's direction ("
+        + ", ".join(f"{m.direction} for {m.name}" for m in METRICS.values()) + "); may be given, not changed"
     )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's free resources allow")
@@ -442,7 +443,7 @@ class TrialConfig(_Strict):
     model: ModelConfig
     method: MethodConfig
     train: TrainConfig
-    metric: Literal["val_auroc", "val_loss"] = Field(
+    metric: MetricName = Field(
         "val_auroc", description="the validation metric that picks the trial's best epoch (the search's search.metric)"
     )
 
