@@ -1,0 +1,112 @@
+"""Import layers, from a static scan of every import statement in medpeft_ray (those inside
+functions too; ``if TYPE_CHECKING:`` blocks are left out, they never run).
+
+The ground floor (errors, metrics, label_ratios) imports nothing above it; the leaderboard's store
+(rows) and views (DataFrames) do not import each other; no leaderboard module is in an import cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "medpeft_ray"
+GROUND_FLOOR = {"medpeft_ray.errors", "medpeft_ray.metrics", "medpeft_ray.label_ratios"}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module's imported medpeft_ray modules; ``from X import Y`` names X, and X.Y if Y is a module."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+
+        def visit(node: ast.AST) -> None:
+            if isinstance(node, ast.If) and _is_type_checking(node):
+                for child in node.orelse:
+                    visit(child)
+                return
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name in modules)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                if base in modules:
+                    found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules)
+            for child in ast.iter_child_nodes(node):
+                visit(child)
+
+        visit(ast.parse(path.read_text()))
+        graph[name] = found - {name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[set[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return cycles
+
+
+def test_the_ground_floor_imports_only_the_ground_floor() -> None:
+    graph = import_graph()
+    for module in GROUND_FLOOR:
+        assert graph[module] <= GROUND_FLOOR, (module, graph[module] - GROUND_FLOOR)
+
+
+def test_store_and_views_do_not_import_each_other() -> None:
+    graph = import_graph()
+    store, views = "medpeft_ray.leaderboard.store", "medpeft_ray.leaderboard.views"
+    leaderboard = {m for m in graph if m.startswith("medpeft_ray.leaderboard")}
+    # neither reaches the other, the package (which imports both) or the module that joins them
+    assert not graph[store] & (leaderboard - {store}), graph[store]
+    assert not graph[views] & (leaderboard - {views}), graph[views]
+
+
+def test_no_leaderboard_or_ground_floor_module_is_in_an_import_cycle() -> None:
+    for cycle in import_cycles(import_graph()):
+        layered = {m for m in cycle if m.startswith("medpeft_ray.leaderboard") or m in GROUND_FLOOR}
+        assert not layered, f"import cycle through {', '.join(sorted(cycle))}"
