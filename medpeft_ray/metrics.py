@@ -6,8 +6,10 @@ Every epoch, each metric of :data:`METRICS` is computed from the validation spli
 keeps, what a search optimises (``search.metric``), checkpoint retention, confirmation, the
 leaderboard's order and every view of it.
 
-Adding a metric is one more entry in :data:`METRICS` (the leaderboard keeps a trial's value in a
-column of the same name; see ``docs/architecture.md``).
+Adding a metric is one more entry in :data:`METRICS`. The leaderboard keeps each trial's value in
+the column of the metric's name, so a new metric also needs that column (and ``TrialRecord``
+field) in :mod:`medpeft_ray.leaderboard.store`, with a schema upgrade step for existing
+leaderboards; ``tests/test_metric_registry.py`` checks that the two agree.
 
 Kept free of heavy imports (numpy is imported where a metric is computed), so that the config,
 the store, the views and the CLI's help can all import it.
