@@ -479,10 +479,11 @@ def methods_command(
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets before spending GPU time on them.")
+app.add_typer(data_app, name="data")
+
 #: what `data check` prints, of the output formats: a table, or JSON for scripts (a dataset report
 #: is no list of rows, so neither csv nor markdown)
 DataCheckFormat = Enum("DataCheckFormat", {f.name: f.value for f in (OutputFormat.table, OutputFormat.json)}, type=str)
-app.add_typer(data_app, name="data")
 
 
 @data_app.command("check")
