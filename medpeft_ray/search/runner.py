@@ -669,12 +669,13 @@ def _recorded_trials(config: SearchConfig, label_ratio: float, db_url: str, mani
     from datetime import datetime, timezone
 
     from medpeft_ray.leaderboard import TrialRecord
+    from medpeft_ray.metrics import get_metric
     from medpeft_ray.search.callbacks import TrialSummary
 
     since = datetime.fromtimestamp(int(manifest.started_at), timezone.utc)
     rows = LeaderboardStore(db_url).query(
         experiment=config.experiment, label_ratio=label_ratio, since=since, metric=config.search.metric,
-        ascending=config.search.resolved_mode == "min",
+        ascending=get_metric(config.search.metric).ascending,
     )
     return [TrialSummary(TrialRecord.from_row(row), row["params"]) for row in rows.to_dict(orient="records")]
 

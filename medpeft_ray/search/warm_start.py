@@ -16,6 +16,7 @@ from typing import Any
 
 from medpeft_ray.config import METHOD_PARAM, SearchConfig, distribution_contains
 from medpeft_ray.label_ratios import LABEL_RATIO_TOLERANCE
+from medpeft_ray.metrics import get_metric
 
 
 def warm_start_points(config: SearchConfig, label_ratio: float, db_url: str, searched_ratios: list[float]) -> list[dict[str, Any]]:
@@ -63,10 +64,9 @@ def _best_known(
     """(method, sampled params) of the best recorded trials: same ratio (any earlier run), then the nearest searched ratio."""
     from medpeft_ray.leaderboard import LeaderboardStore
 
-    metric, mode = config.search.metric, config.search.resolved_mode
-    rows = LeaderboardStore(db_url).query(
-        dataset=config.dataset.name, backbone=config.model.backbone, metric=metric, ascending=mode == "min"
-    )
+    metric = config.search.metric
+    rows = LeaderboardStore(db_url).query(dataset=config.dataset.name, backbone=config.model.backbone, metric=metric,
+                                          ascending=get_metric(metric).ascending)
     if rows.empty:
         return []
     rows = rows[(rows["status"] != "failed") & rows[metric].notna() & rows["method"].isin(config.method.names)]
