@@ -26,7 +26,7 @@ from medpeft_ray.config import SearchConfig
 class TrialPlan:
     """What every trial of one label ratio shares (passed to the trainable by ``with_parameters``)."""
 
-    search: dict[str, Any]  # SearchConfig as JSON
+    search: SearchConfig  # validated once, by the driver
     label_ratio: float
     num_workers: int
     use_gpu: bool
@@ -36,6 +36,10 @@ class TrialPlan:
     max_failures: int = 0  # restarts from the last checkpoint after a lost worker or node (-1: no limit)
     worker_start_timeout_s: float = 1800.0  # per start of the workers: covers nodes being added
     dispatcher: Any = None  # the search's warm executors (a TrialDispatcher actor), or None: cold trials
+
+    def __post_init__(self) -> None:
+        if isinstance(self.search, dict):  # a config as JSON (a manifest's): validated here, once
+            object.__setattr__(self, "search", SearchConfig.model_validate(self.search))
 
 
 #: Ray Train's (V2) limit on waiting for a worker group's resources. Its default (60 s) is far
@@ -74,12 +78,11 @@ def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     started = _start_marks()
-    search = SearchConfig.model_validate(plan.search)
-    trial = search.trial_config(plan.label_ratio, sampled)
+    trial = plan.search.search_space.trial_config(plan.label_ratio, sampled)
     if plan.dispatcher is not None:
         _run_warm(trial, plan, started, evaluate_test=False)
         return
-    _fit(search, trial, plan, started, [TuneReportCallback()], evaluate_test=False)
+    _fit(plan.search, trial, plan, started, [TuneReportCallback()], evaluate_test=False)
 
 
 def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
@@ -92,13 +95,12 @@ def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
 
     started = _start_marks()
     point = config["point"]
-    search = SearchConfig.model_validate(plan.search)
-    trial = search.trial_config(plan.label_ratio, point["params"])
+    trial = plan.search.search_space.trial_config(plan.label_ratio, point["params"])
     trial = trial.model_copy(update={"train": trial.train.model_copy(update={"seed": int(point["seed"])})})
     if plan.dispatcher is not None:
         metrics = _run_warm(trial, plan, started, evaluate_test=True)
     else:
-        metrics = _fit(search, trial, plan, started, [], evaluate_test=True)
+        metrics = _fit(plan.search, trial, plan, started, [], evaluate_test=True)
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
 
@@ -120,7 +122,7 @@ def _run_warm(trial: Any, plan: TrialPlan, started: dict[str, float], evaluate_t
     context = tune.get_context()
     experiment, trial_id = context.get_experiment_name(), context.get_trial_id()
     payload = {
-        "trial": trial.model_dump(mode="json"),
+        "trial": trial,
         # the same folder a cold trial's Ray Train run uses, so a resumed trial finds its checkpoints
         "checkpoint_uri": f"{plan.storage_path}/{experiment}-{trial_id}",
         "evaluate_test": evaluate_test,
@@ -152,7 +154,7 @@ def _fit(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            TRIAL_KEY: trial.model_dump(mode="json"),
+            TRIAL_KEY: trial,
             "threads": plan.resources_per_worker.get("CPU", 1),
             "dataset_key": plan.dataset_key,
             "started": started,
