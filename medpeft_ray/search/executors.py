@@ -462,10 +462,9 @@ def _host(executor_id: str, spec: ExecutorSpec, dispatcher: Any, dataset_key: di
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from medpeft_ray.search.trial import WORKER_GROUP_START_TIMEOUT_ENV, _pin_cluster_address
+    from medpeft_ray.search.ray_train import prepare_fit
 
-    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{spec.worker_start_timeout_s:g}"
-    _pin_cluster_address()
+    prepare_fit(spec.worker_start_timeout_s)
     trainer = TorchTrainer(
         executor_loop,
         train_loop_config={"executor_id": executor_id, "dispatcher": dispatcher, "threads": spec.threads,

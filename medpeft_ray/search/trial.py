@@ -15,11 +15,11 @@ restarts from its last checkpoint, which it finds in storage every node reaches,
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from medpeft_ray.config import SearchConfig
+from medpeft_ray.search.ray_train import WORKER_GROUP_START_TIMEOUT_ENV, prepare_fit  # noqa: F401  (its name is this module's too)
 
 
 @dataclass(frozen=True)
@@ -40,33 +40,6 @@ class TrialPlan:
     def __post_init__(self) -> None:
         if isinstance(self.search, dict):  # a config as JSON (a manifest's): validated here, once
             object.__setattr__(self, "search", SearchConfig.model_validate(self.search))
-
-
-#: Ray Train's (V2) limit on waiting for a worker group's resources. Its default (60 s) is far
-#: shorter than a cloud GPU node takes to boot and install; the controller reads it from the
-#: environment of the process that calls ``fit``, which passes it on.
-WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-
-
-def _pin_cluster_address() -> None:
-    """Hands this cluster's address to the trial's Ray Train controller and its helpers.
-
-    Ray Train frees the workers of a trial that Tune stopped (ASHA) through a helper that looks
-    the cluster up by itself; with another Ray instance on the same machine that lookup fails and
-    the stopped trial's CPUs and GPUs stay reserved, so later trials wait forever. ``RAY_ADDRESS`` names the
-    cluster; Ray Train passes the variables on its list to the controller, which passes them on.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        return
-    try:
-        from ray.train.v2._internal import constants as train_constants
-
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        train_constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
-    except (ImportError, AttributeError):  # another Ray Train layout: it finds the cluster its own way
-        pass
 
 
 def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
@@ -149,8 +122,7 @@ def _fit(
     from medpeft_ray.train.worker import EVALUATE_TEST_KEY, FAILURE_KEY, TRIAL_KEY, train_loop_per_worker
 
     context = tune.get_context()
-    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{plan.worker_start_timeout_s:g}"
-    _pin_cluster_address()
+    prepare_fit(plan.worker_start_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
