@@ -92,7 +92,7 @@ def validate(space: Path = typer.Option(..., "--space", "-s", help="search-space
         config = _load_space(space)
     except MedpeftError as exc:
         _fail(exc)
-    dists = ", ".join(config.distributions())
+    dists = ", ".join(config.search_space.distributions)
     console.print(f"{space}: ok ({' | '.join(config.method.names)} on {config.model.backbone}; searching {dists})")
 
 

@@ -74,8 +74,8 @@ def test_the_fifth_trial_on_a_warm_executor_gives_the_numbers_of_a_cold_trial_an
     assert numbers(fifth) == numbers(cold_epochs)  # exactly: nothing of the four trials before it leaked
     assert numbers(fifth) == numbers(json.loads(result_file.read_text())["epochs"])
     assert len({tuple(numbers(e)) for e in warm_epochs.values()}) == 1  # all five trials alike
-    # the later trials started on the loaded backbone: one executor set-up, paid by the first trial
-    assert sum("executor_start_s" in e[0]["startup"] for e in warm_epochs.values()) == 1
+    # the later trials started on the loaded backbone: one executor set-up, reported with the first trial
+    assert sum("executor_setup_s" in e[0]["startup"] for e in warm_epochs.values()) == 1
 
 
 def test_stopped_trials_free_their_executors_and_two_workers_train_under_zero3_offload(ray_session: None,

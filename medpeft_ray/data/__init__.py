@@ -11,6 +11,7 @@ from medpeft_ray.data.base import DatasetSplits, LabeledImages
 from medpeft_ray.data.cache import cached_splits
 from medpeft_ray.data.registry import DatasetOptions, get_dataset, list_datasets, register_dataset
 from medpeft_ray.data.splits import label_ratio_index, train_subset_index
+from medpeft_ray.schema import parse_section
 
 __all__ = [
     "DatasetOptions", "DatasetSplits", "LabeledImages", "get_dataset", "label_ratio_index", "list_datasets",
@@ -28,8 +29,6 @@ def dataset_key(name: str, root: str | Path | None, image_size: int, options: di
         ConfigError: an unknown or invalid option (named ``dataset.options.<key>``).
         DataError: no dataset folder of this format under ``root`` (or several).
     """
-    from medpeft_ray.config import parse_section  # the config module imports this package
-
     spec = get_dataset(name)
     parsed = parse_section(spec.options, options, "dataset.options")
     key: dict[str, Any] = {"dataset": name, "image_size": image_size, "options": parsed.model_dump(), "seed": seed}

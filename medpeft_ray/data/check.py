@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from medpeft_ray.data.records import is_missing
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.data.splits import train_subset_index
+from medpeft_ray.schema import parse_section
 
 
 @dataclass
@@ -61,8 +62,6 @@ def check_dataset(
     skip_asked = bool(options.get("skip_unreadable", False))
     if "skip_unreadable" in spec.options.model_fields:
         options["skip_unreadable"] = True  # collect every bad file instead of stopping at the first
-    from medpeft_ray.config import parse_section
-
     parsed = parse_section(spec.options, options, "dataset.options")
     if root is not None and not Path(root).expanduser().is_dir():
         from medpeft_ray.errors import DataError

@@ -17,6 +17,7 @@ from ray.tune import Callback
 from medpeft_ray.config import SearchConfig
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
 from medpeft_ray.metrics import METRICS, better
+from medpeft_ray.search.progress import format_params, format_value
 
 
 @dataclass
@@ -56,12 +57,6 @@ class TrialSummary:
 
     record: TrialRecord
     params: dict[str, Any] = field(default_factory=dict)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
 
 
 def error_summary(text: str | None) -> str:
@@ -138,7 +133,7 @@ class LeaderboardCallback(Callback):
         best = None if p.best is None else p.best.get(self.metric)
         if value is not None and better(value, best, self.config.search.resolved_mode):
             p.best = result
-        self._say(trial, f"epoch {p.epochs_run}/{self.config.train.epochs}  {self.metric}={_fmt(value)}")
+        self._say(trial, f"epoch {p.epochs_run}/{self.config.train.epochs}  {self.metric}={format_value(value)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         p = self._state(trial)
@@ -164,7 +159,7 @@ class LeaderboardCallback(Callback):
         return self.progress.setdefault(trial.trial_id, _TrialProgress(started_at=time.time(), number=len(self.progress) + 1))
 
     def _params(self, trial: Any) -> str:
-        return " ".join(f"{k}={_fmt(v)}" for k, v in sorted(trial.config.items()))
+        return format_params(dict(sorted(trial.config.items())))
 
     def _say(self, trial: Any, message: str) -> None:
         if self.console is not None:
@@ -196,9 +191,9 @@ class LeaderboardCallback(Callback):
         best, last = p.best or {}, p.last or {}
         sampled = dict(trial.config)
         first_step = last.get("first_step_at")
-        trial_config = self.config.trial_config(self.label_ratio, sampled)
+        trial_config = self.config.search_space.trial_config(self.label_ratio, sampled)
         record = TrialRecord(
-            experiment=self.config.experiment or "search",
+            experiment=self.config.experiment_name,
             trial_id=trial.trial_id,
             dataset=self.config.dataset.name,
             label_ratio=self.label_ratio,
@@ -230,6 +225,6 @@ class LeaderboardCallback(Callback):
             startup = f", start-up {record.startup_s:.0f} s" if record.startup_s is not None else ""
             self._say(
                 trial,
-                f"{status}: best {self.metric}={_fmt(best.get(self.metric))} at epoch {record.best_epoch} "
+                f"{status}: best {self.metric}={format_value(best.get(self.metric))} at epoch {record.best_epoch} "
                 f"({record.wall_time_s:.0f} s{startup})",
             )

@@ -42,13 +42,16 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from medpeft_ray.metrics import best_first_key, nan_metrics
 from medpeft_ray.search.budget import ForwardingSearcher
+
+if TYPE_CHECKING:
+    from medpeft_ray.config import TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +79,9 @@ class ExecutorSpec:
     threads: int = 1
     worker_start_timeout_s: float = 1800.0
     idle_exit_s: float = 60.0
-    #: a trial configuration of the search (JSON) that executors build once while they set up, so
-    #: that the first trial, too, finds the data, the pristine backbone and the method's imports ready
-    warm_up: dict[str, Any] | None = None
+    #: a trial configuration of the search that executors build once while they set up, so that
+    #: the first trial, too, finds the data, the pristine backbone and the method's imports ready
+    warm_up: "TrialConfig | None" = None
 
     def fits(self, num_workers: int, use_gpu: bool, resources_per_worker: dict[str, float]) -> bool:
         return (num_workers, use_gpu, dict(resources_per_worker)) == (self.num_workers, self.use_gpu,
@@ -451,10 +454,9 @@ def _host(executor_id: str, spec: ExecutorSpec, dispatcher: Any, dataset_key: di
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from medpeft_ray.search.trial import WORKER_GROUP_START_TIMEOUT_ENV, _pin_cluster_address
+    from medpeft_ray.search.ray_train import prepare_fit
 
-    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{spec.worker_start_timeout_s:g}"
-    _pin_cluster_address()
+    prepare_fit(spec.worker_start_timeout_s)
     trainer = TorchTrainer(
         executor_loop,
         train_loop_config={"executor_id": executor_id, "dispatcher": dispatcher, "threads": spec.threads,
@@ -526,10 +528,8 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
     recipe = TrialRecipe(ctx, control)
     setup_marks = {"executor_start": started_at, "executor_setup": time.time()}
     if loop_config.get("warm_up") is not None:
-        from medpeft_ray.config import TrialConfig
-
         try:
-            recipe.warm_up(TrialConfig.model_validate(loop_config["warm_up"]), loop_config.get("dataset_key"))
+            recipe.warm_up(loop_config["warm_up"], loop_config.get("dataset_key"))
         except Exception as exc:  # noqa: BLE001  (a set-up that fails would fail again: exit, and say why)
             if rank == 0:
                 ray.get(dispatcher.setup_failed.remote(executor_id, f"{type(exc).__name__}: {exc}"))
@@ -558,13 +558,12 @@ def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, ex
     """One trial on this worker: resume point, per-epoch uploads and reports, the final event."""
     import ray
 
-    from medpeft_ray.config import TrialConfig
     from medpeft_ray.errors import TrialFailed
     from medpeft_ray.train.recipe import TrialStopped
 
     ctx = recipe.ctx
     key = assignment["key"]
-    trial = TrialConfig.model_validate(assignment["trial"])
+    trial = assignment["trial"]  # a TrialConfig, validated once where it was sampled
     checkpoints = TrialCheckpoints(assignment["checkpoint_uri"], trial.train.checkpoints_to_keep, trial.metric, trial.mode)
     watcher = None
     if ctx.rank == 0:

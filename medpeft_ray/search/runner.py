@@ -12,14 +12,15 @@ import re
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medpeft_ray.config import METHOD_PARAM, CategoricalDistribution, SearchConfig
+from medpeft_ray.config import SearchConfig
 from medpeft_ray.errors import ConfigError, MedpeftError, UsageError
 from medpeft_ray.leaderboard import LeaderboardStore, default_db_url, optuna_storage, results_dir
 from medpeft_ray.search.manifest import SearchManifest
+from medpeft_ray.search.progress import SearchReporter
 from medpeft_ray.search.cluster import (  # noqa: F401  DRIVER_* are part of this module's interface
     DRIVER_RESOURCE,
     DRIVER_SLOTS,
@@ -48,6 +49,29 @@ class SearchResult:
     def slot_utilisation(self) -> float | None:
         """Training + evaluation seconds over the slot-seconds from the first trial's start to the last one's end."""
         return self.timeline.utilisation(self.slots) if self.timeline is not None else None
+
+
+@dataclass
+class SearchRun:
+    """What the studies of one search share while it runs."""
+
+    config: SearchConfig
+    plan: ResourcePlan
+    storage: str
+    facts: dict[str, Any]  # pre-flight's findings
+    db_url: str
+    reporter: SearchReporter
+    manifest: SearchManifest
+    dispatcher: tuple[Any, str] | None = None  # (actor, name) of the warm executors, None for cold trials
+    timeline: Any = None  # SearchTimeline
+    budget: Any = field(init=False)  # SearchBudget, split among the studies
+    lock: threading.Lock = field(default_factory=threading.Lock)  # overlapping studies share the manifest and budget
+
+    def __post_init__(self) -> None:
+        from medpeft_ray.search.budget import SearchBudget
+
+        settings = self.config.search
+        self.budget = SearchBudget(settings.time_budget_s, settings.max_trials, started_at=self.manifest.started_at)
 
 
 def preflight(config: SearchConfig) -> dict[str, Any]:
@@ -93,20 +117,16 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
 
     # Each method is applied with the first value of each searched option, to catch options that
     # do not fit this backbone (a block index past its depth, say) before trials start.
-    representative = {
-        name: dist.choices[0] if isinstance(dist, CategoricalDistribution) else dist.low
-        for name, dist in config.distributions().items()
-    }
+    space = config.search_space
     trainable_by_method: dict[str, int] = {}
-    for method in config.method.names:
-        trial = config.trial_config(ds.label_ratios[0], {**representative, METHOD_PARAM: method})
+    for method in space.methods:
+        trial = space.trial_config(ds.label_ratios[0], space.first_point(method))
         with torch.device("meta"):
             model = build_backbone(backbone, splits.num_classes, ds.image_size, drop_path=trial.train.drop_path)
             try:
                 model = prepare_model(model, trial.method.name, trial.method.options, trial.family)
             except ValueError as exc:
-                key = f"method.options.{method}" if config.method.is_choice else "method.options"
-                raise ConfigError(key, str(exc), config.experiment) from None
+                raise ConfigError(config.method.options_key(method), str(exc), config.experiment) from None
         trainable_by_method[method], total = count_parameters(model)
     trainable = max(trainable_by_method.values())
     return {
@@ -120,8 +140,7 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
         "skipped": list(splits.skipped),
         "checkpoint": checkpoint,  # {path, sha256} of the pre-trained weights, or None
         # what warm executors build while they set up (data, pristine backbone, the method's imports)
-        "warm_up": config.trial_config(ds.label_ratios[0], {**representative, METHOD_PARAM: config.method.names[0]})
-        .model_dump(mode="json"),
+        "warm_up": space.trial_config(ds.label_ratios[0], space.first_point(space.methods[0])),
     }
 
 
@@ -336,19 +355,8 @@ def run_search(
     db_url = db_url or default_db_url(results_path)
     LeaderboardStore(db_url)  # fails now, not after the first trial, if the database is unusable
     facts = preflight(config)
-    if console is not None:
-        console.print(
-            f"[bold]{config.experiment}[/bold]: {' | '.join(config.method.names)} on {config.model.backbone} "
-            f"({_describe_trainable(facts)} of {facts['total_params']:,} parameters train), "
-            f"dataset {config.dataset.name} {facts['images']}, {facts['classes']} classes; "
-            f"label ratios {config.dataset.label_ratios} x {config.search.num_samples} trials"
-        )
-        if facts["skipped"]:
-            console.print(
-                f"[yellow]{len(facts['skipped'])} unreadable image(s) skipped[/yellow] (dataset.options.skip_unreadable), "
-                f"e.g. {facts['skipped'][0]}",
-                soft_wrap=True,
-            )
+    reporter = SearchReporter(console)
+    reporter.search_starts(config, facts)
 
     # Tune's own tables and Optuna's per-study log lines would drown the per-trial progress lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -357,48 +365,42 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _connect(address)
     plan, capacity = _plan_resources(config, existing_cluster=bool(address))
-    if console is not None:
-        console.print(
-            f"Ray cluster {_describe(capacity)}; {plan.concurrency} trial(s) at a time, "
-            f"{config.resources.workers_per_trial} worker(s) each on {_describe_worker(plan)}; results in {storage}",
-            soft_wrap=True,
-        )
-        if plan.note:
-            console.print(f"[yellow]{plan.note}[/yellow]", soft_wrap=True)
+    reporter.cluster(config, plan, capacity, storage)
     if resume:
-        manifest = SearchManifest.load(storage, config.experiment or "search")
+        manifest = SearchManifest.load(storage, config.experiment_name)
     else:
-        manifest = SearchManifest(config.experiment or "search", config.model_dump(mode="json"))
+        manifest = SearchManifest(config.experiment_name, config.model_dump(mode="json"))
     manifest.save(storage)
     from medpeft_ray.search.callbacks import SearchTimeline
 
-    dispatcher, executor_stats, timeline = None, None, SearchTimeline()
+    run = SearchRun(config, plan, storage, facts, db_url, reporter, manifest, timeline=SearchTimeline())
+    executor_stats = None
     try:
         if config.resources.warm_executors:
-            dispatcher = _start_executors(config, plan, storage, facts, console)
-        elif console is not None:
-            console.print("[yellow]resources.warm_executors is off: every trial starts its own Ray Train run (cold)[/yellow]")
-        summaries = _run_studies(config, plan, storage, facts, db_url, console, manifest, dispatcher, timeline)
+            run.dispatcher = _start_executors(run)
+        else:
+            reporter.cold_trials()
+        summaries = _run_studies(run)
     finally:
-        if dispatcher is not None:
-            executor_stats = _stop_executors(dispatcher)
+        if run.dispatcher is not None:
+            executor_stats = _stop_executors(run.dispatcher)
         if capacity.autoscaling:
             release_resource_requests()
-    return SearchResult(config.experiment or "search", time.time() - started, summaries, results_path or storage, db_url,
-                        slots=plan.concurrency, executors=executor_stats, timeline=timeline)
+    return SearchResult(config.experiment_name, time.time() - started, summaries, results_path or storage, db_url,
+                        slots=plan.concurrency, executors=executor_stats, timeline=run.timeline)
 
 
-def _start_executors(
-    config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any], console: Any = None
-) -> tuple[Any, str]:
-    """The search's dispatcher and its first executors, one per trial slot (they boot while Tune starts)."""
+def _start_executors(run: "SearchRun") -> tuple[Any, str]:
+    """The search's dispatcher and its first executors, one per trial slot, ready before Tune starts."""
     import ray
 
     from medpeft_ray.search.executors import ExecutorSpec, start_dispatcher
 
+    config, plan, storage, facts = run.config, run.plan, run.storage, run.facts
+
     spec = ExecutorSpec(
         num_workers=config.resources.workers_per_trial, use_gpu=plan.use_gpu, resources_per_worker=plan.per_worker,
-        storage_path=f"{storage}/executors", experiment=config.experiment or "search", max_executors=plan.concurrency,
+        storage_path=f"{storage}/executors", experiment=config.experiment_name, max_executors=plan.concurrency,
         threads=max(1, int(plan.per_worker.get("CPU", 1))), worker_start_timeout_s=config.resources.worker_start_timeout_s,
         idle_exit_s=config.resources.executor_idle_s, warm_up=facts["warm_up"],
     )
@@ -412,9 +414,7 @@ def _start_executors(
     except ray.exceptions.RayTaskError as exc:
         ray.kill(dispatcher)
         raise MedpeftError(f"the trial executors could not set up: {exc.cause}") from None
-    if console is not None:
-        console.print(f"{ready} of {plan.concurrency} executor(s) ready in {time.time() - started:.0f} s "
-                      "(imports, data and the pre-trained backbone loaded once)", highlight=False)
+    run.reporter.executors_ready(ready, plan.concurrency, time.time() - started)
     return dispatcher, name
 
 
@@ -441,31 +441,6 @@ def _stop_executors(dispatcher: tuple[Any, str]) -> dict[str, Any] | None:
     return stats
 
 
-def _describe_trainable(facts: dict[str, Any]) -> str:
-    by_method = facts["trainable_params_by_method"]
-    if len(by_method) == 1:
-        return f"{facts['trainable_params']:,}"
-    return ", ".join(f"{method} {count:,}" for method, count in by_method.items())
-
-
-def _describe(capacity: ClusterCapacity) -> str:
-    def amounts(resources: dict[str, float]) -> str:
-        return f"{resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs"
-
-    text = amounts(capacity.now)
-    if capacity.most is not None:
-        text += f", autoscaling up to {amounts(capacity.most)} (from {capacity.source})"
-    elif capacity.autoscaling:
-        text += ", autoscaling"
-    return text
-
-
-def _describe_worker(plan: ResourcePlan) -> str:
-    parts = [f"{plan.per_worker['GPU']:g} GPU" if plan.use_gpu else "CPU"]
-    parts += [f"{amount:g} {name}" for name, amount in plan.per_worker.items() if name not in ("CPU", "GPU")]
-    return " + ".join(parts)
-
-
 def resumable_config(name: str, results: str | Path | None = None) -> SearchConfig:
     """The config of the last search named ``name`` in ``results``, to continue it with ``run_search(resume=True)``.
 
@@ -479,10 +454,7 @@ def resumable_config(name: str, results: str | Path | None = None) -> SearchConf
     return SearchConfig.model_validate(manifest.config)
 
 
-def _run_studies(
-    config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any], db_url: str, console: Any,
-    manifest: SearchManifest, dispatcher: tuple[Any, str] | None = None, timeline: Any = None,
-) -> list[Any]:
+def _run_studies(run: "SearchRun") -> list[Any]:
     """One Tune study per label ratio; returns the finished trials, best first per ratio.
 
     Each study runs in a thread of its own, and the next one starts as soon as the previous one
@@ -493,21 +465,15 @@ def _run_studies(
     restart from their last checkpoint, the searcher and its Optuna study keep their history),
     and the rest start as usual.
     """
-    from medpeft_ray.search.budget import SearchBudget
-
-    settings = config.search
-    budget = SearchBudget(settings.time_budget_s, settings.max_trials, started_at=manifest.started_at)
+    config, manifest = run.config, run.manifest
     ratios = config.dataset.label_ratios
-    lock = threading.Lock()  # studies that overlap share the manifest and the budget
     results: dict[float, list[Any]] = {}
     errors: list[BaseException] = []
     threads: list[threading.Thread] = []
 
     def run_study(index: int, label_ratio: float, tail: threading.Event) -> None:
         try:
-            results[label_ratio] = _run_study(
-                config, plan, storage, facts, db_url, console, manifest, dispatcher, timeline, budget, index, lock, tail
-            )
+            results[label_ratio] = _run_study(run, index, tail)
         except BaseException as exc:  # noqa: BLE001  (raised again in the search's own thread)
             errors.append(exc)
         finally:
@@ -517,7 +483,7 @@ def _run_studies(
         if errors:
             break
         if label_ratio in manifest.studies_done:
-            results[label_ratio] = _recorded_trials(config, label_ratio, db_url, manifest)
+            results[label_ratio] = _recorded_trials(config, label_ratio, run.db_url, manifest)
             continue
         # The next study starts once this one starts no more trials: its last trials' slots would
         # otherwise wait for them (warm starts read the trials of earlier ratios finished by then).
@@ -533,15 +499,11 @@ def _run_studies(
     if errors:
         raise errors[0]
     manifest.finished = True
-    manifest.save(storage)
+    manifest.save(run.storage)
     return [summary for ratio in ratios for summary in results.get(ratio, [])]
 
 
-def _run_study(
-    config: SearchConfig, plan: ResourcePlan, storage: str, facts: dict[str, Any], db_url: str, console: Any,
-    manifest: SearchManifest, dispatcher: tuple[Any, str] | None, timeline: Any, budget: Any, index: int,
-    lock: threading.Lock, tail: threading.Event,
-) -> list[Any]:
+def _run_study(run: "SearchRun", index: int, tail: threading.Event) -> list[Any]:
     """The study of one label ratio (restored if it was interrupted); sets ``tail`` once it starts no more trials."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -554,50 +516,46 @@ def _run_study(
     from medpeft_ray.search.trial import TrialPlan, confirm_trial, run_trial
     from medpeft_ray.search.warm_start import warm_start_points
 
+    config, plan, storage, db_url, manifest, dispatcher = run.config, run.plan, run.storage, run.db_url, run.manifest, run.dispatcher
     settings = config.search
     ratios = config.dataset.label_ratios
     label_ratio = ratios[index]
-    with lock:
-        share = budget.share(len(ratios) - index)
+    with run.lock:
+        share = run.budget.share(len(ratios) - index)
     num_samples = settings.num_samples if share.trials is None else min(settings.num_samples, share.trials)
     if num_samples == 0 or not share.allows_another():
-        if console is not None:
-            console.print(f"[yellow]ratio {label_ratio:g}: not searched, the search's {share.spent or 'budget'} is spent[/yellow]")
+        run.reporter.not_searched(label_ratio, share.spent)
         return []
     trial_plan = TrialPlan(
-        search=config.model_dump(mode="json"),
+        search=config,
         label_ratio=label_ratio,
         num_workers=config.resources.workers_per_trial,
         use_gpu=plan.use_gpu,
         resources_per_worker=plan.per_worker,
         storage_path=f"{storage}/train",
-        dataset_key=facts["dataset_key"],
+        dataset_key=run.facts["dataset_key"],
         max_failures=config.resources.max_failures,
         worker_start_timeout_s=config.resources.worker_start_timeout_s,
         dispatcher=dispatcher[0] if dispatcher is not None else None,
     )
     metrics, modes = settings.objectives
-    study_name = f"{config.experiment}-ratio{label_ratio:g}-{manifest.run_stamp}"
-    experiment = f"{config.experiment}-ratio{label_ratio:g}"
+    study_name = config.study_name(label_ratio, manifest.run_stamp)
+    experiment = config.run_name(label_ratio)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=trial_plan), plan.driver)
     study_path = f"{storage}/tune/{experiment}"
     if label_ratio in manifest.studies_started and tune.Tuner.can_restore(study_path):
-        if console is not None:
-            console.print(f"[dim]\\[ratio {label_ratio:g}][/dim] resuming the interrupted study", highlight=False)
+        run.reporter.resuming(label_ratio)
         # finished trials stay finished; trials that were running restart from their last checkpoint;
         # the searcher comes back with its Optuna study, the leaderboard callback with its database
         tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         points = warm_start_points(config, label_ratio, db_url, ratios[:index])
-        if points and console is not None:
-            console.print(f"[dim]\\[ratio {label_ratio:g}][/dim] trying first: " + "; ".join(
-                " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()) for p in points),
-                highlight=False, soft_wrap=True)
+        run.reporter.trying_first(label_ratio, points)
         searcher: Any = OptunaSearch(
-            space=SpaceSampler(config.distributions(), config.method.names if config.method.is_choice else None),
+            space=SpaceSampler.of(config.search_space),
             metric=metrics if len(metrics) > 1 else metrics[0],
             mode=modes if len(modes) > 1 else modes[0],
-            sampler=make_sampler(settings, config.distributions(), conditional=config.method.is_choice),
+            sampler=make_sampler(settings, config.search_space.distributions, conditional=config.search_space.several_methods),
             points_to_evaluate=points or None,
             # Optuna's study lives in the leaderboard's database (optuna-dashboard opens it); one
             # study per run, so a re-run of an experiment starts a fresh history
@@ -625,13 +583,13 @@ def _run_study(
             run_config=tune.RunConfig(
                 name=experiment,
                 storage_path=f"{storage}/tune",
-                callbacks=[LeaderboardCallback(config, label_ratio, db_url, console, timeline),
+                callbacks=[LeaderboardCallback(config, label_ratio, db_url, run.reporter.console, run.timeline),
                            StudyTail(num_samples, share, tail),
                            *([ExecutorCallback(dispatcher[1], experiment)] if dispatcher is not None else [])],
                 verbose=0,
             ),
         )
-        with lock:
+        with run.lock:
             manifest.studies_started.append(label_ratio)
             manifest.save(storage)
     tuner.fit()
@@ -643,19 +601,18 @@ def _run_study(
         callbacks = [ExecutorCallback(dispatcher[1], f"{experiment}-confirm")] if dispatcher is not None else []
         confirmed = confirm_study(config, label_ratio, top, confirm_trainable, plan.concurrency, storage, callbacks)
         chosen = choose(confirmed, settings.resolved_mode)
-        with lock:
+        with run.lock:
             manifest.confirmations[f"{label_ratio:g}"] = record_confirmation(study_name, db_url, confirmed, chosen)
-        if console is not None:
-            console.print(f"[bold]ratio {label_ratio:g}: top {len(top)} confirmed with {settings.confirm.seeds} seeds[/bold]")
-            for line in describe(confirmed, chosen, settings.metric):
-                console.print(line, highlight=False, soft_wrap=True)
-    with lock:
+        run.reporter.confirmed(label_ratio, len(top), settings.confirm.seeds, describe(confirmed, chosen, settings.metric))
+    with run.lock:
         _finish_study(manifest, storage, label_ratio)
-    if len(metrics) > 1 and console is not None:
-        _print_pareto_front(console, study_name, db_url, metrics, label_ratio)
-    if share.spent and console is not None:
-        console.print(f"[yellow]ratio {label_ratio:g}: {share.spent} spent after {share.started} trial(s); "
-                      "no new trials started, the running ones finished[/yellow]")
+    if len(metrics) > 1 and run.reporter.listening:
+        import optuna
+
+        front = optuna.load_study(study_name=study_name, storage=optuna_storage(db_url)).best_trials
+        run.reporter.pareto_front(label_ratio, metrics, front)
+    if share.spent:
+        run.reporter.budget_spent(label_ratio, share.spent, share.started)
     return trials
 
 
@@ -674,19 +631,7 @@ def _recorded_trials(config: SearchConfig, label_ratio: float, db_url: str, mani
 
     since = datetime.fromtimestamp(int(manifest.started_at), timezone.utc)
     rows = LeaderboardStore(db_url).query(
-        experiment=config.experiment, label_ratio=label_ratio, since=since, metric=config.search.metric,
+        experiment=config.experiment_name, label_ratio=label_ratio, since=since, metric=config.search.metric,
         ascending=get_metric(config.search.metric).ascending,
     )
     return [TrialSummary(TrialRecord.from_row(row), row["params"]) for row in rows.to_dict(orient="records")]
-
-
-def _print_pareto_front(console: Any, study_name: str, db_url: str, metrics: list[str], label_ratio: float) -> None:
-    """The study's Pareto front, as Optuna stored it (optuna-dashboard shows the same)."""
-    import optuna
-
-    front = optuna.load_study(study_name=study_name, storage=optuna_storage(db_url)).best_trials
-    console.print(f"[bold]ratio {label_ratio:g}: Pareto front of {' vs '.join(metrics)}[/bold] ({len(front)} trial(s))")
-    for trial in sorted(front, key=lambda t: t.values[1]):
-        values = ", ".join(f"{m}={v:.4g}" for m, v in zip(metrics, trial.values))
-        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-        console.print(f"  {values}  ({params})", highlight=False, soft_wrap=True)

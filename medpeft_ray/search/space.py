@@ -9,41 +9,31 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medpeft_ray.config import CategoricalDistribution, Distribution, FloatDistribution, IntDistribution, SearchSettings
+from medpeft_ray.config import Distribution, SearchSettings, SearchSpace, grid_points
+from medpeft_ray.config.space import suggest
 
 if TYPE_CHECKING:
     import optuna
 
 
 class SpaceSampler:
-    """Callable ``(optuna.Trial) -> None`` that suggests every searched parameter.
+    """Callable ``(optuna.Trial) -> None`` that suggests every searched parameter (define-by-run).
 
-    With several ``methods``, ``method`` is suggested first and a parameter named
-    ``<method>.<name>`` only when that method was chosen: Optuna's storage, its samplers and the
-    leaderboard then see each method's own parameters, and no value for the others.
-    A class rather than a closure so Tune can pickle it into the searcher's checkpoint.
+    A class rather than a closure so Tune can pickle it into the searcher's checkpoint; the
+    suggesting itself is :func:`medpeft_ray.config.space.suggest`. ``methods``: the methods a
+    several-method search chooses among (their parameters are suggested only when chosen).
     """
 
     def __init__(self, distributions: dict[str, Distribution], methods: list[str] | None = None) -> None:
         self.distributions = dict(distributions)
         self.methods = list(methods or [])
 
-    def __call__(self, trial: "optuna.Trial") -> dict[str, Any] | None:
-        from medpeft_ray.config import METHOD_PARAM
+    @classmethod
+    def of(cls, space: SearchSpace) -> "SpaceSampler":
+        return cls(space.distributions, space.methods)
 
-        chosen = None
-        for name, dist in self.distributions.items():
-            scope, sep, _ = name.partition(".")
-            if sep and scope in self.methods and scope != chosen:
-                continue  # a parameter of a method this trial did not choose
-            if name == METHOD_PARAM and self.methods:
-                chosen = trial.suggest_categorical(name, dist.choices)  # type: ignore[union-attr]
-            elif isinstance(dist, FloatDistribution):
-                trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
-            elif isinstance(dist, IntDistribution):
-                trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
-            elif isinstance(dist, CategoricalDistribution):
-                trial.suggest_categorical(name, dist.choices)
+    def __call__(self, trial: "optuna.Trial") -> dict[str, Any] | None:
+        suggest(trial, self.distributions, self.methods)
         return None
 
 
@@ -56,8 +46,6 @@ def make_sampler(
     each group of parameters that occur together on its own.
     """
     import optuna
-
-    from medpeft_ray.config import grid_points
 
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)

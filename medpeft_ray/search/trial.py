@@ -15,18 +15,18 @@ restarts from its last checkpoint, which it finds in storage every node reaches,
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from medpeft_ray.config import SearchConfig
+from medpeft_ray.search.ray_train import WORKER_GROUP_START_TIMEOUT_ENV, prepare_fit  # noqa: F401  (its name is this module's too)
 
 
 @dataclass(frozen=True)
 class TrialPlan:
     """What every trial of one label ratio shares (passed to the trainable by ``with_parameters``)."""
 
-    search: dict[str, Any]  # SearchConfig as JSON
+    search: SearchConfig  # validated once, by the driver
     label_ratio: float
     num_workers: int
     use_gpu: bool
@@ -37,32 +37,9 @@ class TrialPlan:
     worker_start_timeout_s: float = 1800.0  # per start of the workers: covers nodes being added
     dispatcher: Any = None  # the search's warm executors (a TrialDispatcher actor), or None: cold trials
 
-
-#: Ray Train's (V2) limit on waiting for a worker group's resources. Its default (60 s) is far
-#: shorter than a cloud GPU node takes to boot and install; the controller reads it from the
-#: environment of the process that calls ``fit``, which passes it on.
-WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-
-
-def _pin_cluster_address() -> None:
-    """Hands this cluster's address to the trial's Ray Train controller and its helpers.
-
-    Ray Train frees the workers of a trial that Tune stopped (ASHA) through a helper that looks
-    the cluster up by itself; with another Ray instance on the same machine that lookup fails and
-    the stopped trial's CPUs and GPUs stay reserved, so later trials wait forever. ``RAY_ADDRESS`` names the
-    cluster; Ray Train passes the variables on its list to the controller, which passes them on.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        return
-    try:
-        from ray.train.v2._internal import constants as train_constants
-
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        train_constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
-    except (ImportError, AttributeError):  # another Ray Train layout: it finds the cluster its own way
-        pass
+    def __post_init__(self) -> None:
+        if isinstance(self.search, dict):  # a config as JSON (a manifest's): validated here, once
+            object.__setattr__(self, "search", SearchConfig.model_validate(self.search))
 
 
 def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
@@ -74,12 +51,11 @@ def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     started = _start_marks()
-    search = SearchConfig.model_validate(plan.search)
-    trial = search.trial_config(plan.label_ratio, sampled)
+    trial = plan.search.search_space.trial_config(plan.label_ratio, sampled)
     if plan.dispatcher is not None:
         _run_warm(trial, plan, started, evaluate_test=False)
         return
-    _fit(search, trial, plan, started, [TuneReportCallback()], evaluate_test=False)
+    _fit(plan.search, trial, plan, started, [TuneReportCallback()], evaluate_test=False)
 
 
 def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
@@ -92,13 +68,12 @@ def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
 
     started = _start_marks()
     point = config["point"]
-    search = SearchConfig.model_validate(plan.search)
-    trial = search.trial_config(plan.label_ratio, point["params"])
+    trial = plan.search.search_space.trial_config(plan.label_ratio, point["params"])
     trial = trial.model_copy(update={"train": trial.train.model_copy(update={"seed": int(point["seed"])})})
     if plan.dispatcher is not None:
         metrics = _run_warm(trial, plan, started, evaluate_test=True)
     else:
-        metrics = _fit(search, trial, plan, started, [], evaluate_test=True)
+        metrics = _fit(plan.search, trial, plan, started, [], evaluate_test=True)
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
 
@@ -120,7 +95,7 @@ def _run_warm(trial: Any, plan: TrialPlan, started: dict[str, float], evaluate_t
     context = tune.get_context()
     experiment, trial_id = context.get_experiment_name(), context.get_trial_id()
     payload = {
-        "trial": trial.model_dump(mode="json"),
+        "trial": trial,
         # the same folder a cold trial's Ray Train run uses, so a resumed trial finds its checkpoints
         "checkpoint_uri": f"{plan.storage_path}/{experiment}-{trial_id}",
         "evaluate_test": evaluate_test,
@@ -147,12 +122,11 @@ def _fit(
     from medpeft_ray.train.worker import EVALUATE_TEST_KEY, FAILURE_KEY, TRIAL_KEY, train_loop_per_worker
 
     context = tune.get_context()
-    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{plan.worker_start_timeout_s:g}"
-    _pin_cluster_address()
+    prepare_fit(plan.worker_start_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            TRIAL_KEY: trial.model_dump(mode="json"),
+            TRIAL_KEY: trial,
             "threads": plan.resources_per_worker.get("CPU", 1),
             "dataset_key": plan.dataset_key,
             "started": started,

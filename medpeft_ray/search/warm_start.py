@@ -14,20 +14,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from medpeft_ray.config import METHOD_PARAM, SearchConfig, distribution_contains
+from medpeft_ray.config import METHOD_PARAM, SearchConfig
 from medpeft_ray.label_ratios import LABEL_RATIO_TOLERANCE
 from medpeft_ray.metrics import get_metric
 
 
 def warm_start_points(config: SearchConfig, label_ratio: float, db_url: str, searched_ratios: list[float]) -> list[dict[str, Any]]:
     """The points the study of ``label_ratio`` tries first, best known first, without duplicates."""
-    distributions = config.distributions()
+    space = config.search_space
     points: list[dict[str, Any]] = [dict(p) for p in config.search.points_to_evaluate]
     settings = config.search.warm_start
     if settings.from_leaderboard:
         for method, params in _best_known(config, label_ratio, db_url, searched_ratios):
-            point = _as_point(config, method, params if isinstance(params, dict) else {})
-            point = {k: v for k, v in point.items() if k in distributions and distribution_contains(distributions[k], v)}
+            point = space.within(space.point_from_record(method, params if isinstance(params, dict) else {}))
             if point.keys() - {METHOD_PARAM}:
                 points.append(point)
     unique: list[dict[str, Any]] = []
@@ -35,27 +34,6 @@ def warm_start_points(config: SearchConfig, label_ratio: float, db_url: str, sea
         if point not in unique:
             unique.append(point)
     return unique
-
-
-def _as_point(config: SearchConfig, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """A recorded trial's (method, sampled params) in this search's parameter names.
-
-    A trial of a one-method search recorded ``rank``; of a several-method search ``lora.rank``
-    and ``method``: either becomes ``rank`` here with one method, ``lora.rank`` with several.
-    """
-    plain = {}
-    for name, value in params.items():
-        scope, sep, field = name.partition(".")
-        if name != METHOD_PARAM:
-            plain[field if sep and scope == method else name] = value
-    if not config.method.is_choice:
-        return plain if method == config.method.name else {}
-    if method not in config.method.names:
-        return {}
-    point: dict[str, Any] = {METHOD_PARAM: method}
-    for name, value in plain.items():
-        point[f"{method}.{name}" if f"{method}.{name}" in config.raw_space() else name] = value
-    return point
 
 
 def _best_known(

@@ -29,7 +29,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from medpeft_ray.config import TrialConfig
     from medpeft_ray.errors import TrialFailed
     from medpeft_ray.metrics import nan_metrics
     from medpeft_ray.train.engine import WorkerContext
@@ -37,7 +36,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     started["worker_process"] = psutil.Process().create_time()
     started["imports"] = time.time()
-    trial = TrialConfig.model_validate(loop_config[TRIAL_KEY])
+    trial = loop_config[TRIAL_KEY]  # a TrialConfig, validated once where it was sampled
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
     context = ray.train.get_context()
     checkpoint = ray.train.get_checkpoint()

@@ -1,0 +1,289 @@
+"""The sections of a search YAML (``dataset``, ``model``, ``method``, ``train``, ``search``, ``resources``).
+
+Each is a strict pydantic model whose own validators check what the section alone decides;
+checks that span sections live in :mod:`medpeft_ray.config.checks`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from medpeft_ray.models.backbones import backbone_family
+from medpeft_ray.metrics import METRICS, MetricName, metric_mode
+from medpeft_ray.schema import Strict
+
+
+def check_experiment_name(name: str | None) -> str | None:
+    """An experiment names folders, Tune runs and Optuna studies: a plain, short name."""
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+        raise ValueError("must be 1-100 letters, digits, '_', '.' or '-' (it names folders)")
+    return name
+
+
+class DatasetConfig(Strict):
+    name: str = Field("synthetic", description="dataset format (synthetic, folder, ...)")
+    root: Path | None = Field(None, description="dataset folder as downloaded from its publisher")
+    label_ratios: list[float] = Field(
+        default_factory=lambda: [1.0], min_length=1, description="fractions of the training labels to use"
+    )
+    image_size: int = Field(224, ge=16, le=1024, description="input side in pixels")
+    seed: int = Field(0, description="seed of splits and label-ratio subsets")
+    options: dict[str, Any] = Field(default_factory=dict, description="format-specific options")
+
+    @field_validator("label_ratios")
+    @classmethod
+    def _ratios(cls, ratios: list[float]) -> list[float]:
+        for r in ratios:
+            if not 0.0 < r <= 1.0:
+                raise ValueError(f"every label ratio must be in (0, 1], got {r}")
+        if len(set(ratios)) != len(ratios):
+            raise ValueError("label ratios must be distinct")
+        return ratios
+
+
+class ModelConfig(Strict):
+    backbone: str = Field("vit_base_patch16_224", description="timm model name")
+    checkpoint: Path | None = Field(None, description="local pre-trained weights (.pth/.safetensors)")
+    # Grey-level normalisation the backbone was pre-trained with (MRM: 0.4978/0.2449, MAE: 0.4785/0.2834).
+    mean: float = Field(0.5, ge=0, le=1, description="grey-level mean for input normalisation")
+    std: float = Field(0.25, gt=0, le=1, description="grey-level std for input normalisation")
+
+    @field_validator("backbone")
+    @classmethod
+    def _family(cls, name: str) -> str:
+        if backbone_family(name) is None:
+            raise ValueError(f"{name!r} is not a supported timm ViT (vit_*, deit_*) or ResNet (resnet*) name")
+        return name
+
+
+#: the searched parameter that chooses the method when ``method.name`` lists several
+METHOD_PARAM = "method"
+
+
+class MethodConfig(Strict):
+    name: str | list[str] = Field(
+        "lora", description="PEFT method (see `medpeft-ray methods`), or a list of methods to choose among"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="fixed method options; with several methods, per method: {lora: {alpha: 32}}"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _names(cls, name: str | list[str]) -> str | list[str]:
+        if isinstance(name, list):
+            if not name:
+                raise ValueError("must name at least one method")
+            if len(set(name)) != len(name):
+                raise ValueError("lists a method twice")
+            if len(name) == 1:
+                return name[0]
+        return name
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name] if isinstance(self.name, str) else list(self.name)
+
+    @property
+    def is_choice(self) -> bool:
+        """Several methods: the method is itself a searched categorical (``method``)."""
+        return isinstance(self.name, list)
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        """The fixed options of ``method``."""
+        return dict(self.options.get(method) or {}) if self.is_choice else dict(self.options)
+
+    def options_key(self, method: str) -> str:
+        """Where the YAML fixes ``method``'s options (the key errors about them name)."""
+        return f"method.options.{method}" if self.is_choice else "method.options"
+
+    def name_key(self, index: int) -> str:
+        """Where the YAML names the ``index``-th method."""
+        return f"method.name.{index}" if self.is_choice else "method.name"
+
+
+class DeepSpeedConfig(Strict):
+    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters")
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="keep optimizer state (and its step) in CPU memory; needs zero_stage >= 1"
+    )
+    offload_param: Literal["none", "cpu"] = Field("none", description="keep parameters in CPU memory; needs zero_stage 3")
+    gradient_clipping: float = Field(1.0, ge=0, description="max gradient norm (0 = off)")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer: needs zero_stage 1, 2 or 3 (ZeRO owns the state it offloads)")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("offload_param: needs zero_stage 3 (only stage 3 partitions parameters)")
+        return self
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(3, ge=1, description="epochs per trial (the ASHA budget)")
+    batch_size: int = Field(32, ge=1, description="global batch size (split across a trial's workers)")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, description="learning rate (absolute)")
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up, then cosine to min_lr")
+    min_lr: float = Field(1e-6, ge=0)
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="layer-wise lr decay: block i of L trains at lr x decay^(L - i) (MAE recipe: 0.65)"
+    )
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    augment: Literal["crop_flip", "randaug", "flip", "none"] = Field(
+        "crop_flip",
+        description="crop_flip: random-resized crop (scale 0.6-1) + horizontal flip (SGD recipe); randaug: that plus "
+        "RandAugment m9-mstd0.5 and random erasing 0.25 (AdamW/MAE recipe); flip only; or none",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    eval_batch_size: int = Field(128, ge=1)
+    seed: int = Field(0, description="seed of initialisation, shuffling and augmentation")
+    deterministic: bool = Field(
+        False, description="deterministic kernels only (torch.use_deterministic_algorithms): same seed, same numbers, slower on GPU"
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="per trial: the best epochs' checkpoints kept in storage")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @model_validator(mode="after")
+    def _lr_floor(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+#: ``train`` fields a ``space`` may search; anything else in ``space`` must be a method option.
+SEARCHABLE_TRAIN_FIELDS = ("lr", "weight_decay", "momentum", "warmup_epochs", "layer_decay", "drop_path", "batch_size")
+
+
+class SchedulerConfig(Strict):
+    type: Literal["asha", "hyperband", "median", "none"] = Field(
+        "asha",
+        description="asha: successive halving at epoch rungs; hyperband: asynchronous HyperBand (several ASHA "
+        "brackets of different aggressiveness); median: stop a trial below the median of others at the same epoch; none",
+    )
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="asha/hyperband: 1/reduction_factor of trials go on at each rung")
+    brackets: int = Field(3, ge=1, description="hyperband: number of brackets")
+    min_samples: int = Field(3, ge=1, description="median: trials that must have reached an epoch before any is stopped there")
+
+
+class ConfirmConfig(Strict):
+    """Re-training each study's best configurations with several seeds before one is chosen."""
+
+    top_k: int = Field(3, ge=1, description="the study's best configurations re-trained")
+    seeds: int = Field(3, ge=2, description="seeds each is trained with: train.seed, train.seed + 1, ...")
+
+
+class WarmStartConfig(Strict):
+    """Seeding each study with configurations that did well before (tried first, then TPE goes on)."""
+
+    from_leaderboard: bool = Field(
+        False,
+        description="the best configs of this dataset and backbone at the same label ratio in earlier experiments, "
+        "and of this search's already searched (neighbouring) label ratios",
+    )
+    top_k: int = Field(2, ge=1, description="configurations taken from each source")
+
+
+class SearchSettings(Strict):
+    num_samples: int = Field(8, ge=1, description="trials per label ratio")
+    sampler: Literal["tpe", "random", "cmaes", "gp", "grid"] = Field(
+        "tpe", description="tpe (multivariate), random, cmaes, gp (Gaussian process), grid (every combination)"
+    )
+    seed: int = 0
+    metric: MetricName = "val_auroc"
+    mode: Literal["max", "min"] | None = Field(
+        None, description="the metric's direction ("
+        + ", ".join(f"{m.direction} for {m.name}" for m in METRICS.values()) + "); may be given, not changed"
+    )
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's free resources allow")
+    also_minimize: list[Literal["trainable_params", "train_time_s"]] = Field(
+        default_factory=list,
+        description="further objectives, minimised while the metric is optimised (multi-objective: Optuna keeps the "
+        "Pareto front); trainable_params, or train_time_s (seconds of training per worker: GPU-seconds on GPUs)",
+    )
+    time_budget_s: float | None = Field(
+        None, gt=0, description="wall time after which no new trial starts (split evenly over the label ratios)"
+    )
+    max_trials: int | None = Field(None, ge=1, description="trials over all label ratios (split evenly over them)")
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="configurations every study tries first, e.g. [{lr: 0.003, rank: 8}]"
+    )
+    warm_start: "WarmStartConfig" = Field(default_factory=lambda: WarmStartConfig())
+    confirm: ConfirmConfig | None = Field(
+        None, description="re-train the top_k configurations with several seeds and choose by their mean; test-score the choice"
+    )
+
+    @property
+    def resolved_mode(self) -> str:
+        """The metric's direction: the one the leaderboard, confirmation and checkpoint retention rank by."""
+        return metric_mode(self.metric)
+
+    @property
+    def objectives(self) -> tuple[list[str], list[str]]:
+        """(metrics, modes) Optuna optimises: the metric, then each ``also_minimize``."""
+        return [self.metric, *self.also_minimize], [self.resolved_mode, *["min"] * len(self.also_minimize)]
+
+    @model_validator(mode="after")
+    def _objectives(self) -> "SearchSettings":
+        if len(set(self.also_minimize)) != len(self.also_minimize):
+            raise ValueError("also_minimize: lists an objective twice")
+        if self.also_minimize and self.sampler == "cmaes":
+            raise ValueError("sampler: cmaes optimises one objective; use tpe, random, gp or grid with also_minimize")
+        direction = metric_mode(self.metric)
+        if self.mode is not None and self.mode != direction:
+            # the leaderboard, `best` and confirmation rank by the metric's own direction; a search
+            # optimising the other way would pick the worst trials as its best
+            raise ValueError(f"mode: {self.metric} is {'maximised' if direction == 'max' else 'minimised'} "
+                             f"(mode {direction}); got {self.mode}")
+        return self
+
+
+#: Ray's own resources, which ``custom_per_worker`` must not name (they have keys or are not per worker).
+BUILTIN_RESOURCES = {
+    "CPU": "set it with resources.cpus_per_worker",
+    "GPU": "set it with resources.gpus_per_worker",
+    "memory": "not a per-worker request here; pick a node type with enough memory",
+    "object_store_memory": "not a per-worker request here; pick a node type with enough memory",
+}
+
+
+class ResourcesConfig(Strict):
+    workers_per_trial: int = Field(1, ge=1, description="data-parallel workers of one trial")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float | Literal["auto"] = Field(
+        "auto", description="GPUs per worker; fractions share a GPU; auto: 1 if the cluster has or can add GPUs, else 0"
+    )
+
+    custom_per_worker: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict,
+        description="other Ray resources each worker asks for, e.g. {'accelerator_type:A100': 0.001} to pin a GPU model",
+    )
+    max_failures: int = Field(
+        2, ge=-1, description="restarts of a trial from its last checkpoint after a lost worker or node (-1: no limit)"
+    )
+    worker_start_timeout_s: float = Field(
+        1800.0, gt=0, description="how long each start of a trial's workers may wait for resources (new nodes)"
+    )
+    warm_executors: bool = Field(
+        True, description="train trials on long-lived executors that keep imports, data and the pre-trained backbone "
+        "loaded (false: every trial is a cold Ray Train run of its own)"
+    )
+    executor_idle_s: float = Field(
+        60.0, gt=0, description="an executor with no trial for this long exits, giving its resources (and node) back"
+    )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpus(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and (value < 0 or (value > 1 and not value.is_integer())):
+            raise ValueError("must be 'auto', a fraction in [0, 1] or a whole number of GPUs")
+        return value

@@ -1,0 +1,45 @@
+"""One trial's complete configuration: what its workers train, the leaderboard stores and ``train`` re-runs."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from medpeft_ray.config.sections import DatasetConfig, MethodConfig, ModelConfig, TrainConfig, check_experiment_name
+from medpeft_ray.models.backbones import backbone_family
+from medpeft_ray.metrics import MetricName, metric_mode
+from medpeft_ray.schema import Strict
+
+
+class TrialConfig(Strict):
+    """Everything one trial's workers need; the leaderboard stores it and ``train`` re-runs it."""
+
+    experiment: str
+    label_ratio: float = Field(gt=0, le=1)
+    dataset: DatasetConfig
+    model: ModelConfig
+    method: MethodConfig
+    train: TrainConfig
+    metric: MetricName = Field(
+        "val_auroc", description="the validation metric that picks the trial's best epoch (the search's search.metric)"
+    )
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, name: str) -> str:
+        return check_experiment_name(name)  # type: ignore[return-value]
+
+    @field_validator("method")
+    @classmethod
+    def _one_method(cls, method: MethodConfig) -> MethodConfig:
+        if method.is_choice:
+            raise ValueError("name: a trial trains one method, not a list")
+        return method
+
+    @property
+    def family(self) -> str:
+        return backbone_family(self.model.backbone) or "vit"
+
+    @property
+    def mode(self) -> str:
+        """``max`` or ``min``: which way ``metric`` is better."""
+        return metric_mode(self.metric)
