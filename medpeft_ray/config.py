@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.errors import ConfigError
 from medpeft_ray.methods.registry import MethodOptions, get_method
-from medpeft_ray.models.backbones import backbone_family
+from medpeft_ray.models.families import require_family
 from medpeft_ray.ranking import METRIC_DIRECTION
 
 # Importing the packages registers the built-in methods and datasets.
@@ -68,8 +68,7 @@ class ModelConfig(_Strict):
     @field_validator("backbone")
     @classmethod
     def _family(cls, name: str) -> str:
-        if backbone_family(name) is None:
-            raise ValueError(f"{name!r} is not a supported timm ViT (vit_*, deit_*) or ResNet (resnet*) name")
+        require_family(name)  # ValueError naming what the families cover
         return name
 
 
@@ -376,7 +375,7 @@ class SearchConfig(_Strict):
         YAML's ``space`` adds to and overrides these, and an unprefixed name (``lr``) is one
         parameter shared by all methods, replacing their own ranges of it.
         """
-        family = backbone_family(self.model.backbone) or "vit"
+        family = require_family(self.model.backbone).name
         if not self.method.is_choice:
             if self.space is not None:
                 return self.space
@@ -455,7 +454,7 @@ class TrialConfig(_Strict):
 
     @property
     def family(self) -> str:
-        return backbone_family(self.model.backbone) or "vit"
+        return require_family(self.model.backbone).name
 
     @property
     def mode(self) -> str:
@@ -569,7 +568,7 @@ def _check_semantics(config: SearchConfig, base_dir: Path | None) -> SearchConfi
             raise ConfigError("model.checkpoint", f"file not found: {checkpoint}")
 
     # methods: registered, apply to the backbone, valid options
-    family = backbone_family(config.model.backbone)
+    family = require_family(config.model.backbone).name
     methods = config.method.names
     if config.method.is_choice:
         for name in config.method.options:
@@ -659,10 +658,10 @@ def _checked_options(method: MethodConfig, checked: dict[str, MethodOptions]) ->
     return checked[method.names[0]].model_dump(exclude_unset=True)
 
 
-def _check_family(options: MethodOptions, family: str | None, prefix: str) -> None:
+def _check_family(options: MethodOptions, family: str, prefix: str) -> None:
     """The method's own checks of its options against the backbone family (targets, block sets)."""
     try:
-        options.check_family(family or "vit")
+        options.check_family(family)
     except ValueError as exc:
         field, sep, message = str(exc).partition(": ")
         if sep and field in type(options).model_fields:
@@ -672,7 +671,7 @@ def _check_family(options: MethodOptions, family: str | None, prefix: str) -> No
 
 def _check_distribution(
     name: str, raw: Any, key: str, method_options: type[BaseModel], fixed: dict[str, Any], config: SearchConfig,
-    family: str | None,
+    family: str,
 ) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a mapping like {type: float, low: 1e-4, high: 1e-2, log: true}")
@@ -709,7 +708,7 @@ def _check_distribution(
             raise ConfigError(f"{key}.{where}", _message(errors[0])) from None
         if isinstance(parsed, MethodOptions):
             try:
-                parsed.check_family(family or "vit")
+                parsed.check_family(family)
             except ValueError as exc:
                 raise ConfigError(f"{key}.{where}", str(exc).partition(": ")[2] or str(exc)) from None
         if name == "batch_size" and isinstance(value, int):
