@@ -168,5 +168,7 @@ def family_of_model(model: "nn.Module") -> BackboneFamily:
     architecture = config.get("architecture") if isinstance(config, Mapping) else None
     family = family_of(architecture) if isinstance(architecture, str) else None
     if family is None:
-        raise ValueError(f"cannot tell the backbone family of a {type(model).__name__} (timm architecture {architecture!r})")
+        raise ValueError(
+            f"cannot tell the backbone family of a {type(model).__name__} (timm architecture {architecture!r})"
+        )
     return family
