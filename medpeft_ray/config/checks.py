@@ -27,7 +27,7 @@ from medpeft_ray.config.space import SearchSpace
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.errors import ConfigError
 from medpeft_ray.methods.registry import MethodOptions, MethodSpec, get_method
-from medpeft_ray.models.backbones import backbone_family
+from medpeft_ray.models.families import require_family
 from medpeft_ray.schema import did_you_mean, error_message, parse_section
 
 
@@ -76,7 +76,7 @@ def checked_model(model: ModelConfig, base_dir: Path | None) -> ModelConfig:
 
 def checked_methods(method: MethodConfig, backbone: str) -> tuple[dict[str, MethodSpec], dict[str, MethodOptions]]:
     """Each named method registered, applying to the backbone's family, with valid fixed options."""
-    family = backbone_family(backbone)
+    family = require_family(backbone).name
     methods = method.names
     if method.is_choice:
         for name in method.options:
@@ -171,10 +171,10 @@ def _options_as_written(method: MethodConfig, checked: dict[str, MethodOptions])
     return checked[method.names[0]].model_dump(exclude_unset=True)
 
 
-def _check_family(options: MethodOptions, family: str | None, prefix: str) -> None:
+def _check_family(options: MethodOptions, family: str, prefix: str) -> None:
     """The method's own checks of its options against the backbone family (targets, block sets)."""
     try:
-        options.check_family(family or "vit")
+        options.check_family(family)
     except ValueError as exc:
         field, sep, message = str(exc).partition(": ")
         if sep and field in type(options).model_fields:
@@ -184,7 +184,7 @@ def _check_family(options: MethodOptions, family: str | None, prefix: str) -> No
 
 def _check_distribution(
     name: str, raw: Any, key: str, method_options: type[BaseModel], fixed: dict[str, Any], config: SearchConfig,
-    family: str | None,
+    family: str,
 ) -> None:
     """One searched parameter's distribution: well-formed, and every bound or choice a valid value."""
     if not isinstance(raw, dict):
@@ -222,7 +222,7 @@ def _check_distribution(
             raise ConfigError(f"{key}.{where}", error_message(errors[0])) from None
         if isinstance(parsed, MethodOptions):
             try:
-                parsed.check_family(family or "vit")
+                parsed.check_family(family)
             except ValueError as exc:
                 raise ConfigError(f"{key}.{where}", str(exc).partition(": ")[2] or str(exc)) from None
         if name == "batch_size" and isinstance(value, int):

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medpeft_ray.models.backbones import backbone_family
+from medpeft_ray.models.families import require_family
 from medpeft_ray.metrics import METRICS, MetricName, metric_mode
 from medpeft_ray.schema import Strict
 
@@ -55,8 +55,7 @@ class ModelConfig(Strict):
     @field_validator("backbone")
     @classmethod
     def _family(cls, name: str) -> str:
-        if backbone_family(name) is None:
-            raise ValueError(f"{name!r} is not a supported timm ViT (vit_*, deit_*) or ResNet (resnet*) name")
+        require_family(name)  # ValueError naming what the families cover
         return name
 
 

@@ -29,7 +29,7 @@ from medpeft_ray.config.distributions import (
 from medpeft_ray.config.sections import METHOD_PARAM, SEARCHABLE_TRAIN_FIELDS, MethodConfig, TrainConfig
 from medpeft_ray.config.trial import TrialConfig
 from medpeft_ray.methods.registry import get_method
-from medpeft_ray.models.backbones import backbone_family
+from medpeft_ray.models.families import require_family
 
 if TYPE_CHECKING:
     from medpeft_ray.config.search_file import SearchConfig
@@ -82,7 +82,7 @@ class SearchSpace:
     def __init__(self, config: "SearchConfig") -> None:
         self.config = config
         self.methods: list[str] = config.method.names
-        self.family: str = backbone_family(config.model.backbone) or "vit"
+        self.family: str = require_family(config.model.backbone).name
 
     @property
     def several_methods(self) -> bool:

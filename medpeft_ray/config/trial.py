@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from medpeft_ray.config.sections import DatasetConfig, MethodConfig, ModelConfig, TrainConfig, check_experiment_name
-from medpeft_ray.models.backbones import backbone_family
+from medpeft_ray.models.families import require_family
 from medpeft_ray.metrics import MetricName, metric_mode
 from medpeft_ray.schema import Strict
 
@@ -37,7 +37,7 @@ class TrialConfig(Strict):
 
     @property
     def family(self) -> str:
-        return backbone_family(self.model.backbone) or "vit"
+        return require_family(self.model.backbone).name
 
     @property
     def mode(self) -> str:

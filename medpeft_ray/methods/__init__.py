@@ -35,7 +35,8 @@ def validate_options(method: str, options: dict[str, Any], family: str) -> Metho
 def prepare_model(model: "nn.Module", method: str, options: dict[str, Any], family: str) -> "nn.Module":
     """Freezes ``model``, applies ``method`` with ``options``, and makes the classifier head trainable.
 
-    The head (and ViT's ``fc_norm``) trains under every method: a new task needs a new head.
+    The head (the family's ``head`` modules: the classifier, and ViT's ``fc_norm``) trains under
+    every method: a new task needs a new head.
     A BatchNorm layer left with no trainable parameter is frozen entirely: it normalises with
     its pre-trained running statistics in training too, and never updates them. Dropout and
     drop-path stay active in training under every method.
@@ -92,14 +93,15 @@ def method_summaries(backbone: str, num_classes: int = 14, image_size: int = 224
     Models are built on the meta device: no memory, no weights, a second or two even for ViT-H.
 
     Raises:
-        ConfigError: timm does not know ``backbone``, or it is neither a ViT nor a ResNet.
+        ConfigError: timm does not know ``backbone``, or no backbone family covers it.
     """
     import torch
 
-    from medpeft_ray.models.backbones import backbone_family, build_backbone, check_backbone_name
+    from medpeft_ray.models.backbones import build_backbone, check_backbone_name
+    from medpeft_ray.models.families import require_family
 
     check_backbone_name(backbone)
-    family = backbone_family(backbone) or "vit"
+    family = require_family(backbone).name
     rows = []
     for name in list_methods(family):
         spec = get_method(name)

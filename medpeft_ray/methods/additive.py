@@ -12,6 +12,7 @@ from pydantic import Field
 
 from medpeft_ray.methods.layers import BlockOptions, chosen_blocks
 from medpeft_ray.methods.registry import LR_PEFT, MethodOptions, register_method
+from medpeft_ray.models.families import get_family
 
 if TYPE_CHECKING:
     from torch import nn
@@ -22,23 +23,14 @@ if TYPE_CHECKING:
 
 
 class SsfOptions(BlockOptions):
-    """SSF follows every op of the chosen blocks, plus the patch embedding and the final norm."""
+    """SSF follows every op of the chosen blocks, plus the stem and what follows the last block
+    (the family's :attr:`BackboneFamily.ops`: on a ViT the patch embedding and the final norm; on
+    a ResNet every convolution + BatchNorm pair)."""
 
 
 def _ssf_hosts(model: "nn.Module", options: SsfOptions, family: str) -> list[tuple["nn.Module", int]]:
     """(layer, channel dim of its output) of every layer SSF follows."""
-    from torch import nn
-
-    if family == "resnet":
-        # after every convolution + BatchNorm pair: the BatchNorm's output, channels first
-        return [(m, 1) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    hosts: list[tuple[nn.Module, int]] = [(model.patch_embed.proj, 1)]  # conv: NCHW
-    for _, block in chosen_blocks(model, options):
-        hosts += [(block.norm1, -1), (block.attn.qkv, -1), (block.attn.proj, -1),
-                  (block.norm2, -1), (block.mlp.fc1, -1), (block.mlp.fc2, -1)]
-    if isinstance(getattr(model, "norm", None), nn.LayerNorm):
-        hosts.append((model.norm, -1))  # the final norm (global-pool models use fc_norm, which trains anyway)
-    return hosts
+    return get_family(family).ops(model, [block for _, block in chosen_blocks(model, options, family)])
 
 
 def merge_ssf(model: "nn.Module") -> "nn.Module":
@@ -78,13 +70,19 @@ class AdaptFormerOptions(AdapterOptions):
 _ADAPTER_SPACE = {"lr": LR_PEFT, "bottleneck": {"type": "categorical", "choices": [8, 16, 32, 64]}}
 
 
-def _add_bottlenecks(model: "nn.Module", options: AdapterOptions, sites: tuple[str, ...], parallel: bool) -> "nn.Module":
+def _add_bottlenecks(model: "nn.Module", options: AdapterOptions, family: str, sites: tuple[str, ...],
+                     parallel: bool) -> "nn.Module":
+    """A bottleneck on each of ``sites`` (``attention``, ``mlp``: the family's parts) of the chosen blocks."""
+    from torch import nn
+
     from medpeft_ray.methods.modules import Bottleneck
 
-    for _, block in chosen_blocks(model, options):
-        dim = block.mlp.fc2.out_features
+    described = get_family(family)
+    for _, block in chosen_blocks(model, options, family):
+        mlp_linears = [m for m in block.get_submodule(described.mlp).modules() if isinstance(m, nn.Linear)]
+        dim = mlp_linears[-1].out_features  # the block's width: what its MLP puts out
         for site in sites:
-            host = getattr(block, site)
+            host = block.get_submodule(getattr(described, site))
             adapter = Bottleneck(dim, options.bottleneck, options.scale, options.activation, parallel)
             adapter.to(next(host.parameters()).device).attach(host)
     return model
@@ -95,7 +93,7 @@ def _add_bottlenecks(model: "nn.Module", options: AdapterOptions, sites: tuple[s
     description="AdaptFormer: x + MLP(LN(x)) + s * up(relu(down(LN(x)))), a bottleneck beside each MLP",
 )
 def apply_adaptformer(model: "nn.Module", options: AdaptFormerOptions, family: str) -> "nn.Module":
-    return _add_bottlenecks(model, options, ("mlp",), parallel=True)
+    return _add_bottlenecks(model, options, family, ("mlp",), parallel=True)
 
 
 @register_method(
@@ -103,7 +101,7 @@ def apply_adaptformer(model: "nn.Module", options: AdaptFormerOptions, family: s
     description="Houlsby adapters: a residual bottleneck after attention and after the MLP of each block",
 )
 def apply_houlsby(model: "nn.Module", options: AdapterOptions, family: str) -> "nn.Module":
-    return _add_bottlenecks(model, options, ("attn", "mlp"), parallel=False)
+    return _add_bottlenecks(model, options, family, ("attention", "mlp"), parallel=False)
 
 
 @register_method(
@@ -111,7 +109,7 @@ def apply_houlsby(model: "nn.Module", options: AdapterOptions, family: str) -> "
     description="Pfeiffer adapters: a residual bottleneck after the MLP of each block",
 )
 def apply_pfeiffer(model: "nn.Module", options: AdapterOptions, family: str) -> "nn.Module":
-    return _add_bottlenecks(model, options, ("mlp",), parallel=False)
+    return _add_bottlenecks(model, options, family, ("mlp",), parallel=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,13 +138,16 @@ def merge_fact(model: "nn.Module") -> "nn.Module":
     description="FacT-TT: updates of qkv, proj, fc1, fc2 as s * V core U, U and V shared by all blocks",
 )
 def apply_fact(model: "nn.Module", options: FactOptions, family: str) -> "nn.Module":
+    from torch import nn
+
     from medpeft_ray.methods.modules import FactCore, FactShared
 
     device = model.pos_embed.device if getattr(model, "pos_embed", None) is not None else None
     shared = FactShared(model.embed_dim, options.rank).to(device)
     model.fact_shared = shared
-    for _, block in chosen_blocks(model, options):
-        for host in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+    for _, block in chosen_blocks(model, options, family):
+        # every Linear layer of the block (a ViT's qkv, proj, fc1, fc2), listed before cores add their own
+        for host in [m for m in block.modules() if isinstance(m, nn.Linear)]:
             FactCore(host, shared, options.scale, options.dropout).to(host.weight.device).attach(host)
     return model
 
@@ -175,7 +176,8 @@ def apply_tsa(model: "nn.Module", options: TsaOptions, family: str) -> "nn.Modul
 
     from medpeft_ray.methods.modules import ParallelConv
 
-    for name, host in list(model.named_modules()):
-        if name.startswith("layer") and isinstance(host, nn.Conv2d) and host.kernel_size == (3, 3):
-            ParallelConv(host).to(host.weight.device).attach(host)
+    for block in get_family(family).blocks(model):
+        for host in list(block.modules()):
+            if isinstance(host, nn.Conv2d) and host.kernel_size == (3, 3):
+                ParallelConv(host).to(host.weight.device).attach(host)
     return model

@@ -14,12 +14,9 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from medpeft_ray.methods.registry import MethodOptions
+from medpeft_ray.models.families import get_family, list_families
 
 _BLOCK_FORM = re.compile(r"^(all|(first|last|every):(\d+)|\d+(\s*,\s*\d+)*)$")
-
-#: the projections of a timm ViT block that adapters can target, and their module paths
-VIT_PROJECTIONS = {"q": "attn.qkv.q", "k": "attn.qkv.k", "v": "attn.qkv.v",
-                   "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
 
 def parse_block_set(value: Any) -> str | list[int]:
@@ -78,7 +75,7 @@ def parse_name_set(value: Any, known: tuple[str, ...] | None = None) -> list[str
 
 
 class BlockOptions(MethodOptions):
-    """Options of methods that act on a chosen set of ViT blocks."""
+    """Options of methods that act on a chosen set of blocks (block sets: families whose blocks have an index)."""
 
     blocks: str | list[int] = Field("all", description="blocks to tune: all, first:K, last:K, every:K or indices")
 
@@ -88,14 +85,12 @@ class BlockOptions(MethodOptions):
         return parse_block_set(value)
 
     def check_family(self, family: str) -> None:
-        if family != "vit" and self.blocks != "all":
-            raise ValueError("blocks: block sets apply to ViT backbones only")
+        if not get_family(family).block_sets and self.blocks != "all":
+            indexed = " and ".join(get_family(name).title for name in list_families() if get_family(name).block_sets)
+            raise ValueError(f"blocks: block sets apply to {indexed} backbones only")
 
 
-def vit_depth(model: Any) -> int:
-    return len(model.blocks)
-
-
-def chosen_blocks(model: Any, options: BlockOptions) -> list[tuple[int, Any]]:
-    """(index, block) of every ViT block the options choose."""
-    return [(i, model.blocks[i]) for i in resolve_blocks(options.blocks, vit_depth(model))]
+def chosen_blocks(model: Any, options: BlockOptions, family: str) -> list[tuple[int, Any]]:
+    """(index, block) of every block of a ``family`` backbone the options choose."""
+    blocks = get_family(family).blocks(model)
+    return [(i, blocks[i]) for i in resolve_blocks(options.blocks, len(blocks))]

@@ -1,11 +1,12 @@
 """The LoRA family through peft: LoRA, DoRA, LoHa, LoKr, IA3, OFT, VeRA (ViT), and LoRA on ResNet convolutions.
 
-timm fuses Q, K and V into one ``attn.qkv`` Linear, and peft on it adapts all three together.
-MED-PEFT adapts Q and V only, each with its own rank-r update, so before peft runs the fused
-layer is split into ``attn.qkv.{q,k,v}`` Linears (:func:`split_qkv`; same outputs, merged back by
-:func:`fuse_qkv`) and targets are chosen among q, k, v, proj, fc1, fc2 over a block set. peft's
-``layers_to_transform`` does not understand timm's root-level ``blocks.N`` names, so blocks are
-selected in the ``target_modules`` regex instead.
+Targets are named by the backbone family (:attr:`BackboneFamily.targets`: q, k, v, proj, fc1, fc2
+in a ViT block; conv1-3 and downsample in a ResNet block) and chosen over a block set where the
+family has them. timm fuses Q, K and V into one ``attn.qkv`` Linear, and peft on it adapts all
+three together. MED-PEFT adapts Q and V only, each with its own rank-r update, so before peft
+runs every fused qkv layer is split into ``attn.qkv.{q,k,v}`` Linears (:func:`split_qkv`; same
+outputs, merged back by :func:`fuse_qkv`). peft's ``layers_to_transform`` does not understand
+timm's root-level ``blocks.N`` names, so blocks are selected in the ``target_modules`` regex instead.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from medpeft_ray.methods.layers import VIT_PROJECTIONS, BlockOptions, chosen_blocks, parse_name_set
+from medpeft_ray.methods.layers import BlockOptions, chosen_blocks, parse_name_set
 from medpeft_ray.methods.registry import LR_PEFT, register_method
+from medpeft_ray.models.families import get_family
 
 if TYPE_CHECKING:
     from torch import nn
 
-#: ResNet convolutions LoRA can adapt, by their timm names inside each residual block
-RESNET_CONVS = ("conv1", "conv2", "conv3", "downsample")
 #: searched when a YAML has no space: the tuned-layer set is first-class, next to lr and rank
 _TARGET_CHOICES = {
     "vit": {"targets": {"type": "categorical", "choices": ["q,v", "q,k,v", "q,k,v,proj,fc1,fc2"]}},
@@ -54,7 +54,7 @@ class PeftOptions(BlockOptions):
 
     def target_names(self, family: str) -> list[str]:
         """The chosen targets, in canonical order; raises ValueError for names the family lacks."""
-        known = tuple(VIT_PROJECTIONS) if family == "vit" else RESNET_CONVS
+        known = tuple(get_family(family).targets)
         return parse_name_set(self.targets or self.default_targets[family], known)
 
 
@@ -99,25 +99,30 @@ class VeraOptions(PeftOptions):
 
 
 def split_qkv(model: "nn.Module") -> "nn.Module":
-    """Replaces every ViT block's fused ``attn.qkv`` Linear by :class:`SplitQKV` (same outputs).
+    """Replaces every fused ``qkv`` Linear (a ViT block's ``attn.qkv``) by :class:`SplitQKV` (same outputs).
 
-    A peft adapter saved by medpeft_ray loads onto ``split_qkv(backbone)``.
+    A model without one (a ResNet) is returned as it is. A peft adapter saved by medpeft_ray loads
+    onto ``split_qkv(backbone)``.
     """
+    from torch import nn
+
     from medpeft_ray.methods.modules import SplitQKV
 
-    for block in getattr(model, "blocks", []):
-        if not isinstance(block.attn.qkv, SplitQKV):
-            block.attn.qkv = SplitQKV.from_fused(block.attn.qkv)
+    for module in list(model.modules()):
+        fused = module._modules.get("qkv")
+        if isinstance(fused, nn.Linear):
+            module.qkv = SplitQKV.from_fused(fused)
     return model
 
 
 def fuse_qkv(model: "nn.Module") -> "nn.Module":
-    """Undoes :func:`split_qkv`: timm's fused ``attn.qkv`` again, with the (merged) weights."""
+    """Undoes :func:`split_qkv`: timm's fused ``qkv`` Linears again, with the (merged) weights."""
     from medpeft_ray.methods.modules import SplitQKV
 
-    for block in getattr(model, "blocks", []):
-        if isinstance(block.attn.qkv, SplitQKV):
-            block.attn.qkv = block.attn.qkv.fused()
+    for module in list(model.modules()):
+        split = module._modules.get("qkv")
+        if isinstance(split, SplitQKV):
+            module.qkv = split.fused()
     return model
 
 
@@ -127,22 +132,18 @@ def fuse_qkv(model: "nn.Module") -> "nn.Module":
 
 
 def target_regex(model: "nn.Module", options: PeftOptions, family: str, names: list[str] | None = None) -> str:
-    """A full-match regex over module names selecting the chosen projections of the chosen blocks."""
+    """A full-match regex over module names selecting the chosen targets of the chosen blocks."""
     names = names if names is not None else options.target_names(family)
-    if family == "resnet":
-        convs = "|".join("downsample\\.0" if n == "downsample" else n for n in names)
-        return rf"layer\d+\.\d+\.(?:{convs})"
-    blocks = "|".join(str(i) for i, _ in chosen_blocks(model, options))
-    paths = "|".join(VIT_PROJECTIONS[n].replace(".", r"\.") for n in names)
-    return rf"blocks\.(?:{blocks})\.(?:{paths})"
+    described = get_family(family)
+    indices = [i for i, _ in chosen_blocks(model, options, family)] if described.block_sets else None
+    return described.targets_regex(names, indices)
 
 
 def inject(model: "nn.Module", config: Any, family: str) -> "nn.Module":
     """Injects a peft adapter into ``model`` in place, keeping timm's module tree and names."""
     from peft import PeftType, inject_adapter_in_model
 
-    if family == "vit":
-        split_qkv(model)
+    split_qkv(model)  # q, k and v become targets of their own
     if config.peft_type == PeftType.VERA:
         # VeRA's frozen random projections are shared state that only its tuner class sets up;
         # the layers keep references to them, so the model works on its own afterwards.

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from medpeft_ray.methods.layers import BlockOptions, chosen_blocks
 from medpeft_ray.methods.registry import MethodOptions, register_method
+from medpeft_ray.models.families import get_family
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,10 +32,10 @@ class VptOptions(MethodOptions):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the prompts")
 
 
-def _apply_vpt(model: "nn.Module", options: VptOptions, deep: bool) -> "nn.Module":
+def _apply_vpt(model: "nn.Module", options: VptOptions, family: str, deep: bool) -> "nn.Module":
     from medpeft_ray.methods.modules import PromptTokens
 
-    blocks = list(model.blocks)  # type: ignore[arg-type]
+    blocks = get_family(family).blocks(model)
     patch = model.patch_embed.patch_size  # type: ignore[union-attr]
     vpt = PromptTokens(
         len(blocks) if deep else 1, options.tokens, model.embed_dim, patch[0] * patch[1],  # type: ignore[arg-type]
@@ -55,7 +56,7 @@ def _apply_vpt(model: "nn.Module", options: VptOptions, deep: bool) -> "nn.Modul
     description="visual prompt tuning, shallow: p learnable tokens enter before the first block",
 )
 def apply_vpt_shallow(model: "nn.Module", options: VptOptions, family: str) -> "nn.Module":
-    return _apply_vpt(model, options, deep=False)
+    return _apply_vpt(model, options, family, deep=False)
 
 
 @register_method(
@@ -63,7 +64,7 @@ def apply_vpt_shallow(model: "nn.Module", options: VptOptions, family: str) -> "
     description="visual prompt tuning, deep: fresh prompt tokens before every block",
 )
 def apply_vpt_deep(model: "nn.Module", options: VptOptions, family: str) -> "nn.Module":
-    return _apply_vpt(model, options, deep=True)
+    return _apply_vpt(model, options, family, deep=True)
 
 
 class PrefixOptions(BlockOptions):
@@ -78,9 +79,11 @@ def apply_prefix(model: "nn.Module", options: PrefixOptions, family: str) -> "nn
     from timm.layers import Attention
 
     from medpeft_ray.methods.modules import Prefix, PrefixAttention
-    for index, block in chosen_blocks(model, options):
-        if type(block.attn) is not Attention:
-            raise ValueError(f"prefix: block {index} uses {type(block.attn).__name__}, not timm's standard Attention")
-        block.attn.__class__ = PrefixAttention  # same state, forward with prefixes
-        block.attn.prefix = Prefix(options.tokens, block.attn.attn_dim).to(block.attn.qkv.weight.device)
+
+    for index, block in chosen_blocks(model, options, family):
+        attention = block.get_submodule(get_family(family).attention)
+        if type(attention) is not Attention:
+            raise ValueError(f"prefix: block {index} uses {type(attention).__name__}, not timm's standard Attention")
+        attention.__class__ = PrefixAttention  # same state, forward with prefixes
+        attention.prefix = Prefix(options.tokens, attention.attn_dim).to(attention.qkv.weight.device)
     return model

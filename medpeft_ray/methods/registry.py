@@ -50,7 +50,9 @@ class MethodSpec:
             makes the method's parameters trainable. The classifier head is made trainable after
             it by :func:`medpeft_ray.methods.prepare_model`, for every method.
         options: pydantic model of the method's options, with defaults.
-        families: backbone families (``vit``, ``resnet``) the method applies to.
+        families: names of the backbone families (``vit``, ``resnet``; see
+            :mod:`medpeft_ray.models.families`) the method applies to; ``apply`` finds the blocks
+            and the layers it attaches to in the family's description.
         default_space: search ranges used when a YAML has no ``space`` section
             (see :meth:`space_for`).
         description: one line for listings.

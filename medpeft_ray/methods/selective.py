@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from medpeft_ray.methods.registry import LR_FULL, LR_LINEAR, LR_PEFT, MethodOptions, register_method
+from medpeft_ray.models.families import get_family
 
 if TYPE_CHECKING:
     from torch import nn
@@ -61,8 +62,9 @@ def apply_layernorm(model: "nn.Module", options: NoOptions, family: str) -> "nn.
 
 @_selective("attention", ("vit",), "attention tuning: every attention parameter and pos_embed train (patch embedding frozen)")
 def apply_attention(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
-    for block in model.blocks:  # type: ignore[attr-defined]
-        block.attn.requires_grad_(True)
+    described = get_family(family)
+    for block in described.blocks(model):
+        block.get_submodule(described.attention).requires_grad_(True)
     if getattr(model, "pos_embed", None) is not None:
         model.pos_embed.requires_grad_(True)  # type: ignore[union-attr]
     return model

@@ -1,32 +1,30 @@
 """timm backbones and the loading of local pre-trained checkpoints (see :mod:`medpeft_ray.models.checkpoints`).
 
-Nothing is downloaded: weights come from a local file named in ``model.checkpoint`` or the model
-starts from random initialisation.
+How a backbone is built and which modules are its head come from its family
+(:mod:`medpeft_ray.models.families`). Nothing is downloaded: weights come from a local file named
+in ``model.checkpoint`` or the model starts from random initialisation.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
+
+from medpeft_ray.models.families import family_of, get_family, require_family, unsupported_backbone
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-_FAMILIES = (("vit", re.compile(r"^(vit|deit3?)_")), ("resnet", re.compile(r"^(resnet|resnetv2_|wide_resnet)")))
-
 
 def backbone_family(name: str) -> str | None:
-    """``vit`` or ``resnet`` from a timm model name, without importing timm; None if neither."""
-    for family, pattern in _FAMILIES:
-        if pattern.match(name):
-            return family
-    return None
+    """The name of the family (``vit``, ``resnet``) of a timm model name, without importing timm; None if none."""
+    family = family_of(name)
+    return None if family is None else family.name
 
 
 def check_backbone_name(name: str) -> None:
-    """Raises :class:`ConfigError` (key ``model.backbone``) unless timm knows ``name`` as a ViT or ResNet."""
+    """Raises :class:`ConfigError` (key ``model.backbone``) unless timm knows ``name`` and a family covers it."""
     import difflib
 
     import timm
@@ -37,8 +35,8 @@ def check_backbone_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError("model.backbone", f"unknown timm model {name!r}{hint}")
-    if backbone_family(name) is None:
-        raise ConfigError("model.backbone", f"{name!r} is not a supported timm ViT (vit_*, deit_*) or ResNet (resnet*) name")
+    if family_of(name) is None:
+        raise ConfigError("model.backbone", unsupported_backbone(name))
 
 
 def build_backbone(
@@ -50,19 +48,17 @@ def build_backbone(
 ) -> "nn.Module":
     """A timm classifier with a fresh ``num_classes`` head, optionally initialised from ``checkpoint``.
 
-    ViTs use global average pooling of patch tokens, then ``fc_norm`` and ``head`` (as in MED-PEFT),
-    and are built for ``image_size`` (position embeddings of a checkpoint are resized to it).
+    The family adds its own ``timm.create_model`` options (``create_options``): ViTs use global
+    average pooling of patch tokens, then ``fc_norm`` and ``head`` (as in MED-PEFT), and are built
+    for ``image_size`` (position embeddings of a checkpoint are resized to it).
+
+    Raises:
+        ValueError: no family covers ``name``.
     """
     import timm
 
-    family = backbone_family(name)
     kwargs: dict = {"num_classes": num_classes, "drop_path_rate": drop_path}
-    if family == "vit":
-        kwargs.update(img_size=image_size, global_pool="avg")
-    else:
-        # timm zeroes each residual branch's last BatchNorm scale; in a frozen backbone without
-        # pre-trained weights that would block every gradient to adapters inside the branches
-        kwargs.update(zero_init_last=False)
+    kwargs.update(require_family(name).create_options(image_size))
     model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint is not None:
         load_checkpoint(model, Path(checkpoint))
@@ -95,9 +91,8 @@ def load_checkpoint(model: "nn.Module", path: Path) -> tuple[list[str], list[str
 
 
 def head_parameters(model: "nn.Module", family: str) -> Iterator["torch.nn.Parameter"]:
-    """The classifier's parameters: ViT ``head`` and ``fc_norm``, ResNet ``fc``."""
-    names = ("head", "fc_norm") if family == "vit" else ("fc",)
-    for name in names:
+    """The parameters of the family's head modules: ViT ``head`` and ``fc_norm``, ResNet ``fc``."""
+    for name in get_family(family).head:
         module = getattr(model, name, None)
         if module is not None:
             yield from module.parameters()

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from medpeft_ray.config import TrainConfig
 from medpeft_ray.metrics import Predictions
+from medpeft_ray.models.families import family_of_model, get_family
 
 log = logging.getLogger(__name__)
 
@@ -96,44 +96,42 @@ def zero_config(train: TrainConfig, use_gpu: bool) -> dict[str, Any]:
     return config
 
 
-_LAYER_PATTERNS = (re.compile(r"(?:^|\.)blocks\.(\d+)\."), re.compile(r"(?:^|\.)layer(\d+)\."))
-#: parameters of the input stem (before the first block): layer 0 in layer-wise lr decay
-_STEM = ("cls_token", "pos_embed", "reg_token", "patch_embed", "conv1", "bn1", "dist_token")
-
-
-def layer_ids(model: torch.nn.Module) -> tuple[dict[str, int], int]:
+def layer_ids(model: torch.nn.Module, family: str | None = None) -> tuple[dict[str, int], int]:
     """Each trainable parameter's depth for layer-wise lr decay, and the number of layers.
 
-    The stem (patch embedding, class token, position embedding; a ResNet's first conv) is layer 0,
+    The backbone's family gives each parameter its depth (:meth:`BackboneFamily.depth_of`): the
+    stem (patch embedding, class token, position embedding; a ResNet's first conv) is layer 0,
     ViT block ``i`` (ResNet stage ``i``) is ``i + 1`` (``i`` for ResNet's 1-based ``layer1..4``),
     and everything after the last block (final norm, ``fc_norm``, head) is the top layer.
+
+    Args:
+        family: the backbone family's name; by default the family of the timm model name the
+            model was built from.
     """
+    described = get_family(family) if family is not None else family_of_model(model)
     depth: dict[str, int | None] = {}
     top = 0
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer = None
-        for offset, pattern in zip((1, 0), _LAYER_PATTERNS):
-            match = pattern.search(name)
-            if match:
-                layer = int(match.group(1)) + offset
-                break
-        if layer is None and name.split(".")[0] in _STEM:
-            layer = 0
+        layer = described.depth_of(name)
         depth[name] = layer
         top = max(top, layer or 0)
     top += 1
     return {name: top if layer is None else layer for name, layer in depth.items()}, top
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, use_gpu: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, train: TrainConfig, use_gpu: bool = False, family: str | None = None
+) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters; no weight decay on biases and norms (1-d).
 
     With ``layer_decay`` < 1, a parameter ``k`` layers below the top trains at ``lr x decay^k``
     (MAE's fine-tuning recipe); each group's lr is its scaled lr, which the schedule then scales.
+    The layers are those of the backbone's ``family`` (see :func:`layer_ids`).
     """
-    ids, top = layer_ids(model)
+    # without decay every parameter trains at the top layer's lr: no depths needed
+    ids, top = layer_ids(model, family) if train.layer_decay < 1 else ({}, 0)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -224,7 +224,7 @@ class TrialRecipe:
         shard_size = len(train_split) // ctx.world_size
         steps_per_epoch = max(1, math.ceil(shard_size / micro_batch) // trial.train.deepspeed.gradient_accumulation_steps)
         marks["model"] = time.time()
-        optimizer = build_optimizer(model, trial.train, self.use_gpu)
+        optimizer = build_optimizer(model, trial.train, self.use_gpu, trial.family)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # DeepSpeed's notes on CPU-only features
