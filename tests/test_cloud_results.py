@@ -1,4 +1,5 @@
-"""Results on cloud storage, as clusters run: `--results s3://bucket/prefix` with a PostgreSQL leaderboard.
+"""Results on cloud storage, as clusters run: `--results s3://bucket/prefix` with a PostgreSQL leaderboard
+(README's URL form, psycopg 3) that also holds the Optuna studies, from a pre-trained checkpoint every row records.
 
 The bucket is served by moto's S3 server on 127.0.0.1, which the test starts. The CLI, Ray Tune,
 Ray Train, the warm executors' checkpoints, the search manifest and the adapter export reach it
@@ -9,6 +10,8 @@ The test reads the bucket back with boto3.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
 import signal
@@ -21,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import PG_ADDRESS, tiny_search
+from conftest import PG_ADDRESS, schema_tables, tiny_search
 
 pytestmark = pytest.mark.ray
 
@@ -121,13 +124,20 @@ def _local_litter(tmp_path: Path) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_a_search_keeps_its_results_in_the_bucket_and_exports_its_best_adapter_from_there(
-        bucket: Bucket, pg_url: str, tmp_path: Path) -> None:
+        bucket: Bucket, pg_url: str, pg_schema: str, tmp_path: Path) -> None:
+    import optuna
+    import torch
     from safetensors.torch import load_file
 
-    from medpeft_ray.leaderboard import LeaderboardStore
+    from medpeft_ray.leaderboard import LeaderboardStore, optuna_storage
+    from medpeft_ray.models import build_backbone
 
     epochs = 3
-    config = tiny_search(train={"epochs": epochs, "checkpoints_to_keep": 1}, search={"num_samples": 2, "seed": 0})
+    weights = tmp_path / "mae.pth"  # an MAE-style file: {"model": ..., "args": Namespace}
+    torch.save({"model": build_backbone("vit_tiny_patch16_224", 1000, 32).state_dict(),
+                "args": argparse.Namespace(model="mae_vit_tiny")}, weights)
+    config = tiny_search(model={"checkpoint": str(weights)}, train={"epochs": epochs, "checkpoints_to_keep": 1},
+                         search={"num_samples": 2, "seed": 0})
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     env = _env(bucket)
 
@@ -140,6 +150,17 @@ def test_a_search_keeps_its_results_in_the_bucket_and_exports_its_best_adapter_f
     rows = _rows(store)
     store.engine.dispose()
     assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs_run"] == epochs for r in rows), rows
+    # every row names the pre-trained weights it started from, by path and content
+    assert {r["checkpoint_file"] for r in rows} == {str(weights)}
+    assert {r["checkpoint_sha256"] for r in rows} == {hashlib.sha256(weights.read_bytes()).hexdigest()}
+    # the study's Optuna history is in the same database, beside the leaderboard
+    storage = optuna_storage(pg_url)
+    names = [name for name in optuna.get_all_study_names(storage) if name.startswith("tiny-ratio1-")]
+    assert len(names) == 1, names
+    finished = [t for t in optuna.load_study(study_name=names[0], storage=storage).trials
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.values[0] for t in finished) == sorted(r["val_auroc"] for r in rows)
+    assert {"medpeft_trials", "medpeft_schema", "studies", "trials"} <= schema_tables(pg_url, pg_schema)
     keys = bucket.keys()
     for row in rows:
         # the row names the best epoch's checkpoint in the bucket, where the trial's executor wrote it

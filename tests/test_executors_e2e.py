@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import leaderboard_rows, tiny_search
+from test_ray_output import RAY_LOG_LINE
 
 pytestmark = pytest.mark.ray
 
@@ -44,9 +47,24 @@ def test_the_fifth_trial_on_a_warm_executor_gives_the_numbers_of_a_cold_trial_an
     config["space"] = {}  # nothing searched: five trials of one configuration
     space = tmp_path / "same.yaml"
     space.write_text(yaml.safe_dump(config))
-    warm = _cli("search", "--space", str(space), "--results", str(tmp_path / "warm"), cwd=tmp_path)
-    assert warm.returncode == 0, warm.stdout[-3000:] + warm.stderr[-3000:]
-    assert "warm_executors is off" not in warm.stdout
+    # a short folder of Ray's own (its socket paths must stay under the OS limit), to find its session log
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rq", dir="/tmp"))
+    try:
+        warm = subprocess.run([*CLI, "search", "--space", str(space), "--results", str(tmp_path / "warm")], cwd=tmp_path,
+                              env={k: v for k, v in _env(RAY_TMPDIR=str(ray_tmp)).items()
+                                   if k not in ("MEDPEFT_WORKER_LOGS", "RAY_AUTH_MODE")},
+                              capture_output=True, text=True, timeout=600)
+        assert warm.returncode == 0, warm.stdout[-3000:] + warm.stderr[-3000:]
+        assert "warm_executors is off" not in warm.stdout
+        # only the search's own lines reach the terminal; Ray's notices went to the session's log
+        output = warm.stdout + warm.stderr
+        assert not RAY_LOG_LINE.search(output), output
+        for ray_text in ("Token authentication", "(raylet)", "PYTHON worker processes", "Deprecat", "RAY_"):
+            assert ray_text not in output, output
+        log = ray_tmp / "ray" / "session_latest" / "logs" / "medpeft-driver.log"
+        assert "Token authentication is enabled" in log.read_text()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     cold_config = {**config, "search": {**config["search"], "num_samples": 1},
                    "resources": {**config["resources"], "warm_executors": False}}
