@@ -1,108 +1,129 @@
-"""The house rules that a test can hold: no import circles between modules, and every registered
-dataset format exercised end to end (see docs/architecture.md)."""
+"""The house rules a test can hold (docs/architecture.md), from a static scan of every import
+statement in medpeft_ray (those inside functions too: a lazy import only postpones a circle to run
+time; ``if TYPE_CHECKING:`` blocks are left out, they never run).
+
+- No two modules import each other, even lazily, and the packages' floors are one way.
+- The ground floor (errors, schema, metrics, label_ratios) imports nothing above it.
+- The leaderboard's store (rows) and views (DataFrames) do not import each other.
+- Every registered dataset format has a tiny published layout exercised end to end.
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "medpeft_ray"
+PACKAGE = Path(__file__).resolve().parent.parent / "medpeft_ray"
+GROUND_FLOOR = {"medpeft_ray.errors", "medpeft_ray.schema", "medpeft_ray.metrics", "medpeft_ray.label_ratios"}
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
 
 
-def _type_checking_lines(tree: ast.AST) -> set[int]:
-    """Lines inside ``if TYPE_CHECKING:`` blocks: annotations only, never run."""
-    lines: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            for child in node.body:
-                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
-    return lines
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the project modules it imports, at module level or inside functions alike.
-
-    An import inside a function still ties the two modules together (it only postpones the
-    circle to run time), so both count. ``from package import module`` names the module.
-    """
-    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {name: set() for name in modules}
+    """Each module's imported medpeft_ray modules; ``from X import Y`` names X, and X.Y if Y is a module."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
     for name, path in modules.items():
-        tree = ast.parse(path.read_text())
-        skip = _type_checking_lines(tree)
-        for node in ast.walk(tree):
-            if getattr(node, "lineno", None) in skip:
-                continue
-            targets: list[str] = []
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+
+        def visit(node: ast.AST) -> None:
+            if isinstance(node, ast.If) and _is_type_checking(node):
+                for child in node.orelse:
+                    visit(child)
+                return
             if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
-                           for alias in node.names]
-            for target in targets:
-                if target in modules and target != name:
-                    graph[name].add(target)
+                found.update(a.name for a in node.names if a.name in modules)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                if base in modules:
+                    found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules)
+            for child in ast.iter_child_nodes(node):
+                visit(child)
+
+        visit(ast.parse(path.read_text()))
+        graph[name] = found - {name}
     return graph
 
 
-def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected groups of more than one module (Tarjan's algorithm)."""
+def import_cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
-    on_stack: set[str] = set()
-    circles: list[list[str]] = []
+    cycles: list[set[str]] = []
 
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        on_stack.add(node)
-        for nxt in graph[node]:
-            if nxt not in index:
-                visit(nxt)
-                low[node] = min(low[node], low[nxt])
-            elif nxt in on_stack:
-                low[node] = min(low[node], index[nxt])
-        if low[node] == index[node]:
-            group = []
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
             while True:
-                top = stack.pop()
-                on_stack.discard(top)
-                group.append(top)
-                if top == node:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
                     break
-            if len(group) > 1:
-                circles.append(sorted(group))
+            if len(component) > 1:
+                cycles.append(component)
 
-    for node in sorted(graph):
-        if node not in index:
-            visit(node)
-    return circles
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return cycles
+
+
+def test_the_ground_floor_imports_only_the_ground_floor() -> None:
+    graph = import_graph()
+    for module in GROUND_FLOOR:
+        assert graph[module] <= GROUND_FLOOR, (module, graph[module] - GROUND_FLOOR)
+
+
+def test_store_and_views_do_not_import_each_other() -> None:
+    graph = import_graph()
+    store, views = "medpeft_ray.leaderboard.store", "medpeft_ray.leaderboard.views"
+    leaderboard = {m for m in graph if m.startswith("medpeft_ray.leaderboard")}
+    # neither reaches the other, the package (which imports both) or the module that joins them
+    assert not graph[store] & (leaderboard - {store}), graph[store]
+    assert not graph[views] & (leaderboard - {views}), graph[views]
+
+
+def test_no_two_modules_import_each_other_even_lazily() -> None:
+    assert import_cycles(import_graph()) == []
 
 
 def _package_of(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-def test_no_two_modules_import_each_other_even_lazily() -> None:
-    assert import_circles(import_graph()) == []
-
-
 def test_the_package_floors_are_one_way() -> None:
     """Packages import downwards only: no circle between them either (config never imports search)."""
-    graph = import_graph()
     packages: dict[str, set[str]] = {}
-    for module, targets in graph.items():
-        packages.setdefault(_package_of(module), set()).update(
-            _package_of(t) for t in targets if _package_of(t) != _package_of(module))
-    for package in packages:
-        packages[package] = {p for p in packages[package] if p in packages}
-    assert import_circles(packages) == []
+    for module, targets in import_graph().items():
+        outside = {_package_of(t) for t in targets} - {_package_of(module), "medpeft_ray"}
+        packages.setdefault(_package_of(module), set()).update(outside)
+    assert import_cycles(packages) == []
 
 
 def test_every_dataset_format_is_exercised_end_to_end() -> None:
