@@ -60,9 +60,9 @@ class SearchConfig(Strict):
         """The search's name in folders, the leaderboard and Optuna's studies."""
         return self.experiment or DEFAULT_EXPERIMENT
 
-    def run_name(self, label_ratio: float) -> str:
-        """The Tune run (and folder) of the study of ``label_ratio``."""
-        return f"{self.experiment_name}-ratio{label_ratio:g}"
+    def run_name(self, label_ratio: float, confirmation: bool = False) -> str:
+        """The Tune run (and folder) of the study of ``label_ratio``, or of its confirmation."""
+        return f"{self.experiment_name}-ratio{label_ratio:g}" + ("-confirm" if confirmation else "")
 
     def study_name(self, label_ratio: float, run_stamp: str) -> str:
         """The Optuna study of ``label_ratio`` in the run started at ``run_stamp``."""

@@ -77,7 +77,7 @@ def confirm_study(
         trainable,
         param_space={"point": tune.grid_search(points)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=f"{config.run_name(label_ratio)}-confirm",
+        run_config=tune.RunConfig(name=config.run_name(label_ratio, confirmation=True),
                                   storage_path=f"{storage}/tune", callbacks=callbacks or [], verbose=0),
     )
     for result in tuner.fit():

@@ -506,17 +506,10 @@ def _run_studies(run: "SearchRun") -> list[Any]:
 def _run_study(run: "SearchRun", index: int, tail: threading.Event) -> list[Any]:
     """The study of one label ratio (restored if it was interrupted); sets ``tail`` once it starts no more trials."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
-    from medpeft_ray.search.budget import BudgetedSearch
-    from medpeft_ray.search.callbacks import LeaderboardCallback, StudyTail
-    from medpeft_ray.search.confirm import choose, confirm_study, describe, record_confirmation
-    from medpeft_ray.search.executors import WAITING_PER_EXECUTOR, ExecutorCallback, ExecutorGate
-    from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
-    from medpeft_ray.search.trial import TrialPlan, confirm_trial, run_trial
-    from medpeft_ray.search.warm_start import warm_start_points
+    from medpeft_ray.search.trial import run_trial
 
-    config, plan, storage, db_url, manifest, dispatcher = run.config, run.plan, run.storage, run.db_url, run.manifest, run.dispatcher
+    config, manifest = run.config, run.manifest
     settings = config.search
     ratios = config.dataset.label_ratios
     label_ratio = ratios[index]
@@ -526,94 +519,136 @@ def _run_study(run: "SearchRun", index: int, tail: threading.Event) -> list[Any]
     if num_samples == 0 or not share.allows_another():
         run.reporter.not_searched(label_ratio, share.spent)
         return []
-    trial_plan = TrialPlan(
-        search=config,
-        label_ratio=label_ratio,
-        num_workers=config.resources.workers_per_trial,
-        use_gpu=plan.use_gpu,
-        resources_per_worker=plan.per_worker,
-        storage_path=f"{storage}/train",
-        dataset_key=run.facts["dataset_key"],
-        max_failures=config.resources.max_failures,
-        worker_start_timeout_s=config.resources.worker_start_timeout_s,
-        dispatcher=dispatcher[0] if dispatcher is not None else None,
-    )
-    metrics, modes = settings.objectives
+    trial_plan = _trial_plan(run, label_ratio)
     study_name = config.study_name(label_ratio, manifest.run_stamp)
-    experiment = config.run_name(label_ratio)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=trial_plan), plan.driver)
-    study_path = f"{storage}/tune/{experiment}"
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=trial_plan), run.plan.driver)
+    study_path = f"{run.storage}/tune/{config.run_name(label_ratio)}"
     if label_ratio in manifest.studies_started and tune.Tuner.can_restore(study_path):
         run.reporter.resuming(label_ratio)
         # finished trials stay finished; trials that were running restart from their last checkpoint;
         # the searcher comes back with its Optuna study, the leaderboard callback with its database
         tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        points = warm_start_points(config, label_ratio, db_url, ratios[:index])
-        run.reporter.trying_first(label_ratio, points)
-        searcher: Any = OptunaSearch(
-            space=SpaceSampler.of(config.search_space),
-            metric=metrics if len(metrics) > 1 else metrics[0],
-            mode=modes if len(modes) > 1 else modes[0],
-            sampler=make_sampler(settings, config.search_space.distributions, conditional=config.search_space.several_methods),
-            points_to_evaluate=points or None,
-            # Optuna's study lives in the leaderboard's database (optuna-dashboard opens it); one
-            # study per run, so a re-run of an experiment starts a fresh history
-            storage=optuna_storage(db_url),
-            study_name=study_name,
-        )
-        if share.deadline is not None or share.trials is not None:
-            searcher = BudgetedSearch(searcher, share)
-        if dispatcher is not None:
-            # a trial starts only when an executor can take it, or take it next (WAITING_PER_EXECUTOR)
-            searcher = ExecutorGate(searcher, dispatcher[1])
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,  # the searcher and the scheduler each know their objectives
-                scheduler=make_scheduler(settings, config.train.epochs),
-                num_samples=num_samples,
-                # with executors, each slot's next trial waits beside it, ready the moment it is free
-                max_concurrent_trials=plan.concurrency * (1 + WAITING_PER_EXECUTOR if dispatcher is not None else 1),
-                # No reuse of trial driver processes: a driver whose trial the scheduler stopped
-                # may still be waiting for its executor when the next trial asks for it, and Tune
-                # then drops that next trial instead of starting a fresh driver.
-                reuse_actors=False,
-            ),
-            run_config=tune.RunConfig(
-                name=experiment,
-                storage_path=f"{storage}/tune",
-                callbacks=[LeaderboardCallback(config, label_ratio, db_url, run.reporter.console, run.timeline),
-                           StudyTail(num_samples, share, tail),
-                           *([ExecutorCallback(dispatcher[1], experiment)] if dispatcher is not None else [])],
-                verbose=0,
-            ),
-        )
+        tuner = _new_tuner(run, index, trainable, study_name, num_samples, share, tail)
         with run.lock:
             manifest.studies_started.append(label_ratio)
-            manifest.save(storage)
+            manifest.save(run.storage)
     tuner.fit()
     tail.set()
-    trials = _recorded_trials(config, label_ratio, db_url, manifest)
+    trials = _recorded_trials(config, label_ratio, run.db_url, manifest)
     if settings.confirm is not None:
-        top = [t.record for t in trials if t.record.status != "failed"][: settings.confirm.top_k]
-        confirm_trainable = tune.with_resources(tune.with_parameters(confirm_trial, plan=trial_plan), plan.driver)
-        callbacks = [ExecutorCallback(dispatcher[1], f"{experiment}-confirm")] if dispatcher is not None else []
-        confirmed = confirm_study(config, label_ratio, top, confirm_trainable, plan.concurrency, storage, callbacks)
-        chosen = choose(confirmed, settings.resolved_mode)
-        with run.lock:
-            manifest.confirmations[f"{label_ratio:g}"] = record_confirmation(study_name, db_url, confirmed, chosen)
-        run.reporter.confirmed(label_ratio, len(top), settings.confirm.seeds, describe(confirmed, chosen, settings.metric))
+        _confirm(run, label_ratio, trials, trial_plan, study_name)
     with run.lock:
-        _finish_study(manifest, storage, label_ratio)
+        _finish_study(manifest, run.storage, label_ratio)
+    metrics, _ = settings.objectives
     if len(metrics) > 1 and run.reporter.listening:
         import optuna
 
-        front = optuna.load_study(study_name=study_name, storage=optuna_storage(db_url)).best_trials
+        front = optuna.load_study(study_name=study_name, storage=optuna_storage(run.db_url)).best_trials
         run.reporter.pareto_front(label_ratio, metrics, front)
     if share.spent:
         run.reporter.budget_spent(label_ratio, share.spent, share.started)
     return trials
+
+
+def _trial_plan(run: "SearchRun", label_ratio: float) -> Any:
+    """What every trial of ``label_ratio``'s study shares."""
+    from medpeft_ray.search.trial import TrialPlan
+
+    config, plan = run.config, run.plan
+    return TrialPlan(
+        search=config,
+        label_ratio=label_ratio,
+        num_workers=config.resources.workers_per_trial,
+        use_gpu=plan.use_gpu,
+        resources_per_worker=plan.per_worker,
+        storage_path=f"{run.storage}/train",
+        dataset_key=run.facts["dataset_key"],
+        max_failures=config.resources.max_failures,
+        worker_start_timeout_s=config.resources.worker_start_timeout_s,
+        dispatcher=run.dispatcher[0] if run.dispatcher is not None else None,
+    )
+
+
+def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, num_samples: int, share: Any,
+               tail: threading.Event) -> Any:
+    """A fresh Tune run of one study: Optuna searcher (warm-started, budgeted, gated on executors) and scheduler."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from medpeft_ray.search.budget import BudgetedSearch
+    from medpeft_ray.search.callbacks import LeaderboardCallback, StudyTail
+    from medpeft_ray.search.executors import WAITING_PER_EXECUTOR, ExecutorCallback, ExecutorGate
+    from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
+    from medpeft_ray.search.warm_start import warm_start_points
+
+    config, dispatcher, settings, space = run.config, run.dispatcher, run.config.search, run.config.search_space
+    ratios = config.dataset.label_ratios
+    label_ratio = ratios[index]
+    metrics, modes = settings.objectives
+    points = warm_start_points(config, label_ratio, run.db_url, ratios[:index])
+    run.reporter.trying_first(label_ratio, points)
+    searcher: Any = OptunaSearch(
+        space=SpaceSampler.of(space),
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0],
+        sampler=make_sampler(settings, space.distributions, conditional=space.several_methods),
+        points_to_evaluate=points or None,
+        # Optuna's study lives in the leaderboard's database (optuna-dashboard opens it); one
+        # study per run, so a re-run of an experiment starts a fresh history
+        storage=optuna_storage(run.db_url),
+        study_name=study_name,
+    )
+    if share.deadline is not None or share.trials is not None:
+        searcher = BudgetedSearch(searcher, share)
+    if dispatcher is not None:
+        # a trial starts only when an executor can take it, or take it next (WAITING_PER_EXECUTOR)
+        searcher = ExecutorGate(searcher, dispatcher[1])
+    experiment = config.run_name(label_ratio)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,  # the searcher and the scheduler each know their objectives
+            scheduler=make_scheduler(settings, config.train.epochs),
+            num_samples=num_samples,
+            # with executors, each slot's next trial waits beside it, ready the moment it is free
+            max_concurrent_trials=run.plan.concurrency * (1 + WAITING_PER_EXECUTOR if dispatcher is not None else 1),
+            # No reuse of trial driver processes: a driver whose trial the scheduler stopped
+            # may still be waiting for its executor when the next trial asks for it, and Tune
+            # then drops that next trial instead of starting a fresh driver.
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=experiment,
+            storage_path=f"{run.storage}/tune",
+            callbacks=[LeaderboardCallback(config, label_ratio, run.db_url, run.reporter.console, run.timeline),
+                       StudyTail(num_samples, share, tail),
+                       *([ExecutorCallback(dispatcher[1], experiment)] if dispatcher is not None else [])],
+            verbose=0,
+        ),
+    )
+
+
+def _confirm(run: "SearchRun", label_ratio: float, trials: list[Any], trial_plan: Any, study_name: str) -> None:
+    """Re-trains the study's best configurations with several seeds and records which one is chosen."""
+    from ray import tune
+
+    from medpeft_ray.search.confirm import choose, confirm_study, describe, record_confirmation
+    from medpeft_ray.search.executors import ExecutorCallback
+    from medpeft_ray.search.trial import confirm_trial
+
+    settings = run.config.search
+    confirm = settings.confirm
+    assert confirm is not None
+    top = [t.record for t in trials if t.record.status != "failed"][: confirm.top_k]
+    trainable = tune.with_resources(tune.with_parameters(confirm_trial, plan=trial_plan), run.plan.driver)
+    name = run.config.run_name(label_ratio, confirmation=True)
+    callbacks = [ExecutorCallback(run.dispatcher[1], name)] if run.dispatcher is not None else []
+    confirmed = confirm_study(run.config, label_ratio, top, trainable, run.plan.concurrency, run.storage, callbacks)
+    chosen = choose(confirmed, settings.resolved_mode)
+    with run.lock:
+        run.manifest.confirmations[f"{label_ratio:g}"] = record_confirmation(study_name, run.db_url, confirmed, chosen)
+    run.reporter.confirmed(label_ratio, len(top), confirm.seeds, describe(confirmed, chosen, settings.metric))
 
 
 def _finish_study(manifest: SearchManifest, storage: str, label_ratio: float) -> None:
