@@ -402,7 +402,7 @@ def test_trial_waits_for_new_nodes_and_restarts_from_checkpoints(monkeypatch: py
     monkeypatch.delenv(WORKER_GROUP_START_TIMEOUT_ENV, raising=False)
     config = validate_search_dict(tiny_search(), "tiny.yaml")
     plan = TrialPlan(
-        search=config.model_dump(mode="json"), label_ratio=1.0, num_workers=2, use_gpu=False,
+        search=config, label_ratio=1.0, num_workers=2, use_gpu=False,
         resources_per_worker={"CPU": 1.0, "fake_gpu": 1.0}, storage_path="s3://bucket/train",
         max_failures=3, worker_start_timeout_s=900,
     )

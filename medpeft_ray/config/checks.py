@@ -116,7 +116,7 @@ def _check_space(
 ) -> None:
     """Every searched name is a method option or a searchable train field, with valid bounds."""
     methods = space.methods
-    space_key = "space" if config.space is not None else f"(default space of {', '.join(methods)})"
+    space_key = _space_key(config)
     for name, raw in space.raw.items():
         key = f"{space_key}.{name}"
         scope, field = space.scope(name)
@@ -155,13 +155,17 @@ def _check_grid(config: SearchConfig, space: SearchSpace) -> None:
         raise ConfigError("search.sampler", "a grid searches one method at a time (its spaces would be conditional)")
     if config.search.points_to_evaluate or config.search.warm_start.from_leaderboard:
         raise ConfigError("search.sampler", "a grid tries every point already; drop points_to_evaluate and warm_start")
-    space_key = "space" if config.space is not None else f"(default space of {', '.join(space.methods)})"
-    size = math.prod(len(values) for values in space.grid(space_key).values())
+    size = math.prod(len(values) for values in space.grid(_space_key(config)).values())
     if config.search.num_samples != size:
         raise ConfigError(
             "search.num_samples",
             f"the grid has {size} point(s) (the product of the searched choices); set num_samples to {size}",
         )
+
+
+def _space_key(config: SearchConfig) -> str:
+    """How errors name the searched parameters: the YAML's ``space``, or the methods' default space."""
+    return "space" if config.space is not None else f"(default space of {', '.join(config.method.names)})"
 
 
 def _options_as_written(method: MethodConfig, checked: dict[str, MethodOptions]) -> dict[str, Any]:

@@ -37,10 +37,6 @@ class TrialPlan:
     worker_start_timeout_s: float = 1800.0  # per start of the workers: covers nodes being added
     dispatcher: Any = None  # the search's warm executors (a TrialDispatcher actor), or None: cold trials
 
-    def __post_init__(self) -> None:
-        if isinstance(self.search, dict):  # a config as JSON (a manifest's): validated here, once
-            object.__setattr__(self, "search", SearchConfig.model_validate(self.search))
-
 
 def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
     """Tune function trainable: trains one sampled configuration through Ray Train.
