@@ -26,6 +26,9 @@ err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isa
 
 RESULTS_HELP = "results folder (default: $MEDPEFT_RESULTS or ./medpeft-results)"
 DB_HELP = "leaderboard database URL (default: $MEDPEFT_DB or SQLite in the results folder)"
+SPLIT_HELP = ("the split whose values the comparison shows, val or test (default: test when every cell's "
+              "configuration has a test value, else val); configurations are always chosen on validation")
+BASELINE_HELP = "the method others are counted against, task by task (`lora beats full in 13 of 18 tasks`)"
 
 
 class OutputFormat(str, Enum):
@@ -85,13 +88,38 @@ def _load_space(space: Path, experiment: Optional[str] = None) -> Any:
     return config
 
 
+def _load_searches(space: Path, experiment: Optional[str] = None) -> Any:
+    """A search file's validated config, or a grid file's validated cells (see :mod:`medpeft_ray.config.grid`)."""
+    from medpeft_ray.config.grid import is_grid, load_grid
+    from medpeft_ray.config.loading import read_yaml
+    from medpeft_ray.errors import ConfigError
+    from medpeft_ray.models.backbones import check_backbone_name
+
+    raw = read_yaml(space) if space.is_file() else None
+    if not is_grid(raw):
+        return _load_space(space, experiment=experiment)
+    if experiment is not None:
+        raise UsageError("--experiment names one search; a grid names each of its cells")
+    cells = load_grid(space, raw)
+    for cell in cells:
+        try:
+            check_backbone_name(cell.config.model.backbone)
+        except ConfigError as exc:
+            raise exc.with_file(f"{space.name} (cell {'/'.join(cell.entries)})") from None
+    return cells
+
+
 @app.command()
 def validate(space: Path = typer.Option(..., "--space", "-s", help="search-space YAML")) -> None:
     """Validate a search-space YAML without running anything."""
     try:
-        config = _load_space(space)
+        config = _load_searches(space)
     except MedpeftError as exc:
         _fail(exc)
+    if isinstance(config, list):
+        console.print(f"{space}: ok, a grid of {len(config)} searches: "
+                      + ", ".join(cell.config.experiment_name for cell in config))
+        return
     dists = ", ".join(config.search_space.distributions)
     console.print(f"{space}: ok ({' | '.join(config.method.names)} on {config.model.backbone}; searching {dists})")
 
@@ -117,22 +145,29 @@ def search(
             raise UsageError("give --space FILE for a new search, or --resume NAME to continue one (not both)")
         if resume is not None and experiment is not None:
             raise UsageError("--experiment names a new search; a resumed one keeps its name")
-        # a new search's YAML is validated before anything imports Ray
-        config = _load_space(space, experiment=experiment) if space is not None else None
-        from medpeft_ray.search.runner import resumable_config, run_search
+        # a new search's YAML (or every cell of a grid) is validated before anything imports Ray
+        config = _load_searches(space, experiment=experiment) if space is not None else None
+        from medpeft_ray.search.runner import resumable_config, run_grid, run_search
 
-        config = config or resumable_config(str(resume), results)
-        result = run_search(config, results=results, address=address, db_url=db, console=console, resume=resume is not None)
+        if isinstance(config, list):
+            grid_results = run_grid(config, results=results, address=address, db_url=db, console=console)
+        else:
+            config = config or resumable_config(str(resume), results)
+            grid_results = [run_search(config, results=results, address=address, db_url=db, console=console,
+                                       resume=resume is not None)]
     except MedpeftError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         err_console.print("interrupted: trials that finished are in the leaderboard; "
                           "`medpeft-ray search --resume NAME` continues the search")
         raise typer.Exit(130)
-    _print_search_summary(result)
+    failed = [result.experiment for result in grid_results if not _print_search_summary(result)]
+    if failed:
+        raise typer.Exit(1)
 
 
-def _print_search_summary(result: Any) -> None:
+def _print_search_summary(result: Any) -> bool:
+    """Prints a finished search's summary; returns whether any of its trials succeeded."""
     records = [s.record for s in result.trials]
     done = [r for r in records if r.status != "failed"]
     failed = len(records) - len(done)
@@ -152,8 +187,7 @@ def _print_search_summary(result: Any) -> None:
         console.print(f"slot utilisation {utilisation:.0%} (training + evaluation over the {result.slots} slot(s)' "
                       "time from the first trial's start to the last one's end)")
     console.print(f"leaderboard: {result.db_url}   (medpeft-ray leaderboard --experiment {result.experiment})")
-    if not done:
-        raise typer.Exit(1)
+    return bool(done)
 
 
 class CompareBy(str, Enum):
@@ -191,6 +225,8 @@ def leaderboard(
     backbone: Optional[str] = typer.Option(None, help="only this backbone"),
     experiment: Optional[str] = typer.Option(None, help="only this experiment"),
     status: Optional[str] = typer.Option(None, help="only trials with this status (completed, stopped, failed)"),
+    role: Optional[str] = typer.Option(None, help="only search trials (search) or confirmation seeds "
+                                       "(confirmation)"),
     since: Optional[str] = typer.Option(None, help="only trials recorded on or after this date (YYYY-MM-DD) or "
                                         "UTC time"),
     until: Optional[str] = typer.Option(None, help="only trials recorded on or before this date (the whole day) or "
@@ -204,6 +240,8 @@ def leaderboard(
                                                 "mean rank"),
     pareto: bool = typer.Option(False, "--pareto", help="only the trials not beaten on both the metric and trainable "
                                                         "parameters, per (dataset, label ratio)"),
+    split: Optional[str] = typer.Option(None, "--split", help=SPLIT_HELP),
+    baseline: str = typer.Option("full", "--baseline", help=BASELINE_HELP),
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", help=_either([f.value for f in OutputFormat])),
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
@@ -213,13 +251,16 @@ def leaderboard(
     from medpeft_ray.leaderboard.store import lower_is_better
 
     filters = dict(experiment=experiment, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
-                   status=status, since=since, until=until)
+                   status=status, role=role, since=since, until=until)
     try:
         if sum((compare is not None, pareto, group_by is not None)) > 1:
             raise UsageError("--compare, --pareto and --group-by are separate views; pick one")
         store = _open_store(results, db)
         if compare is not None:
-            frame = views.compare(store.query(**filters), by=compare.value.removesuffix("s"), metric=sort)
+            rows = store.query(**filters)
+            study = views.study_table(rows, by=compare.value.removesuffix("s"), metric=sort, split=split)
+            won = views.wins(rows, sort, baseline, study.split) if study.means.index.name == "method" else None
+            frame = study.means
         elif pareto:
             frame = views.pareto(store.query(**filters), metric=sort)
         elif group_by is not None:
@@ -232,7 +273,8 @@ def leaderboard(
     except MedpeftError as exc:
         _fail(exc)
     if compare is not None:
-        _print_comparison(frame, output, sort, store_empty)
+        _print_comparison(_top(study, top), output, sort, store_empty)
+        _print_wins(won, output, sort)
     else:
         _print_rows(frame, output, store_empty, sort)
 
@@ -252,10 +294,13 @@ def _print_rows(frame: Any, output: OutputFormat, store_empty: bool, sort: str =
     if frame.empty:
         console.print("No trials recorded yet." if store_empty else "No trials match.")
         return
-    columns = ["experiment", "dataset", "label_ratio", "method", "backbone", "val_auroc", "best_epoch", "epochs_run",
-               "trainable_params", "params", "status", "wall_time_s"]
+    columns = ["experiment", "dataset", "label_ratio", "method", "backbone", *_metric_columns(frame, sort),
+               "best_epoch", "epochs_run", "trainable_params", "params", "status", "wall_time_s"]
     if sort not in columns:
-        columns.insert(columns.index("val_auroc") + 1, sort)  # the column the rows are ordered by is shown
+        columns.insert(columns.index("best_epoch"), sort)  # the column the rows are ordered by is shown
+    if "role" in frame and (frame["role"] == "confirmation").any():  # which rows re-train a configuration
+        frame = frame.assign(role=frame["role"].fillna("search"), seed=frame.get("seed"))
+        columns[columns.index("status"):columns.index("status")] = ["role", "seed"]
     labels = checkpoint_labels(frame)
     if labels.nunique() > 1:  # trials from different pre-trained weights: say which is which
         frame = frame.assign(checkpoint_sha256=labels)
@@ -266,26 +311,52 @@ def _print_rows(frame: Any, output: OutputFormat, store_empty: bool, sort: str =
 
         from medpeft_ray.leaderboard.views import markdown_table
 
-        print(markdown_table(pd.DataFrame(rows, columns=[c.replace("_", " ") for c in columns])))
+        print(markdown_table(pd.DataFrame(rows, columns=[_header(c) for c in columns])))
         return
     table = Table(title="medpeft-ray leaderboard")
     for column in columns:
-        right = column in ("val_auroc", "trainable_params", "wall_time_s")
-        table.add_column(column.replace("_", " "), justify="right" if right else "left")
+        right = column in ("trainable_params", "wall_time_s") or _metric_of(column) is not None
+        table.add_column(_header(column), justify="right" if right else "left")
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))  # a value like "[q, v]" is text, not rich markup
     console.print(table)
 
 
-def _print_comparison(table: Any, output: OutputFormat, metric: str, store_empty: bool) -> None:
-    """Methods as rows, (dataset, label ratio) cells, mean rank; the best value of each column in bold."""
+def _top(study: Any, top: Optional[int]) -> Any:
+    """The study table's best ``top`` rows (all with None)."""
+    import dataclasses
+
+    if top is None:
+        return study
+    return dataclasses.replace(study, means=study.means.head(top), std=study.std.head(top), seeds=study.seeds.head(top))
+
+
+def _comparison_records(study: Any) -> Any:
+    """The table for JSON and CSV: means and mean rank; ``<cell> std`` and ``<cell> seeds`` beside each
+    mean where some configuration ran with several seeds."""
+    table = study.means
+    if not study.several_seeds:
+        return table
+    cells = [c for c in table.columns if c != "mean_rank"]
+    columns = {}
+    for cell in cells:
+        columns.update({cell: table[cell], f"{cell} std": study.std[cell], f"{cell} seeds": study.seeds[cell]})
+    return table[[]].assign(**columns, mean_rank=table["mean_rank"])
+
+
+def _print_comparison(study: Any, output: OutputFormat, metric: str, store_empty: bool) -> None:
+    """Methods as rows, (dataset, label ratio) cells (mean ± std over confirmation seeds), mean rank;
+    the best value of each column in bold."""
+    table = study.means
     by = table.index.name
     if output is OutputFormat.json:
-        records = [{by: name, **{k: _plain(v) for k, v in row.items()}} for name, row in table.iterrows()]
+        # column by column, so that seed counts stay integers beside the float means
+        records = [{k: _plain(v) for k, v in row.items()}
+                   for row in _comparison_records(study).reset_index().to_dict(orient="records")]
         print(json.dumps(records, indent=1))
         return
     if output is OutputFormat.csv:
-        table.to_csv(sys.stdout)
+        _comparison_records(study).to_csv(sys.stdout)
         return
     if table.empty:
         console.print("No trials recorded yet." if store_empty else f"No trial with a {metric} matches.")
@@ -295,14 +366,13 @@ def _print_comparison(table: Any, output: OutputFormat, metric: str, store_empty
     ranking = get_metric(metric)
     cells = [c for c in table.columns if c != "mean_rank"]
     best = table[cells].min() if ranking.ascending else table[cells].max()
-    text = table[cells].map(lambda v: "-" if v != v else ranking.format(v))
-    text["mean rank"] = table["mean_rank"].map(lambda v: f"{v:.2f}")
+    text = study.text().replace("–", "-")
     if output is OutputFormat.markdown:
         for column in cells:
             text.loc[table[column] == best[column], column] = text[column].map(lambda s: f"**{s}**")
         print(markdown_table(text.rename_axis(by), index=True))
         return
-    rich_table = Table(title=f"best {ranking.title} per (dataset, label ratio); bold: best in the column")
+    rich_table = Table(title=f"{study.column} per (dataset, label ratio)")
     rich_table.add_column(by)
     for column in [*cells, "mean rank"]:
         rich_table.add_column(column, justify="right")
@@ -310,6 +380,50 @@ def _print_comparison(table: Any, output: OutputFormat, metric: str, store_empty
         marked = [f"[bold]{row[c]}[/bold]" if table.at[name, c] == best[c] else row[c] for c in cells]
         rich_table.add_row(escape(str(name)), *marked, row["mean rank"])
     console.print(rich_table)
+    console.print(escape(_comparison_note(study)), soft_wrap=True)
+
+
+def _comparison_note(study: Any) -> str:
+    """What the comparison's cells hold, e.g. ``test_auroc of the configuration chosen on val_auroc ...``."""
+    ranking = get_metric(study.metric)
+    spread = " (mean ± std over confirmation seeds)" if study.several_seeds else ""
+    if study.column == study.metric:
+        return f"cells: best {ranking.title}{spread}; bold: best in the column"
+    return f"cells: {study.column}{spread} of the configuration chosen on {ranking.title}; bold: best in the column"
+
+
+def _print_wins(table: Any, output: OutputFormat, metric: str) -> None:
+    """``lora beats full in 13 of 18 tasks`` under the table (not in JSON or CSV, which scripts read)."""
+    from medpeft_ray.leaderboard.views import wins_lines
+
+    if table is None or output in (OutputFormat.json, OutputFormat.csv):
+        return
+    lines = wins_lines(table, metric)
+    if lines and output is OutputFormat.markdown:
+        print("\n" + "\n".join(f"- {line}" for line in lines))
+    for line in lines if output is OutputFormat.table else []:
+        console.print(escape(line), soft_wrap=True)
+
+
+def _metric_of(column: str) -> Any:
+    """The registry's metric of a validation or test column (``test_f1``: val_f1), or None."""
+    name = "val_" + column.removeprefix("test_") if column.startswith("test_") else column
+    return METRICS.get(name)
+
+
+def _header(column: str) -> str:
+    """A column's heading: a metric's label (on its split), else the name with spaces."""
+    metric = _metric_of(column)
+    if metric is not None and column.startswith("test_"):
+        return metric.title.replace("val_", "test_", 1).replace("_", " ")
+    return (metric.title if metric is not None else column).replace("_", " ")
+
+
+def _metric_columns(frame: Any, sort: str) -> list[str]:
+    """val_auroc, each other validation metric some row has, and the sort metric's test column if some row has it."""
+    shown = [name for name in METRICS if name == "val_auroc" or (name in frame and frame[name].notna().any())]
+    test = METRICS[sort].on_split("test") if sort in METRICS else None
+    return shown + ([test] if test in frame and frame[test].notna().any() else [])
 
 
 def _plain(value: Any) -> Any:
@@ -337,8 +451,9 @@ def _cell(column: str, value: Any) -> str:
         return f"{int(value):,}"
     if column == "wall_time_s":
         return f"{value:.0f} s"
+    metric = _metric_of(column)
     if isinstance(value, float):
-        return f"{value:.4f}" if column == "val_auroc" else f"{value:g}"
+        return metric.format(value) if metric is not None else f"{value:g}"
     return str(value)
 
 
@@ -359,6 +474,7 @@ def best(
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
     """The best trial's config as YAML (`medpeft-ray train --config` runs it), and its adapter."""
+    from medpeft_ray.leaderboard import views
     from medpeft_ray.leaderboard.export import best_config_yaml, write_best_yaml
     from medpeft_ray.leaderboard.export import export_adapter as write_adapter
 
@@ -366,6 +482,8 @@ def best(
         store = _open_store(results, db)
         row = store.best(metric=metric, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
                          experiment=experiment).iloc[0].to_dict()
+        confirmed = views.confirmation_summary(store.query(experiment=row["experiment"], role="confirmation"), row,
+                                               metric)
         text = best_config_yaml(row, metric)
         if out is not None:
             write_best_yaml(row, out, metric)
@@ -382,6 +500,8 @@ def best(
         f"(experiment {row['experiment']}, trial {row['trial_id']})" + (f" -> {out}" if out is not None else ""),
         soft_wrap=True,
     )
+    if confirmed is not None:
+        err_console.print(confirmed, soft_wrap=True)
     if exported is not None:
         err_console.print(f"adapter in {exported.directory}: {', '.join(exported.files)}", soft_wrap=True)
         if exported.note:
@@ -394,14 +514,17 @@ def report(
                                             "methods"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for index.html and the PNG figures"),
     metric: str = typer.Option("val_auroc", help=_metric_help()),
+    split: Optional[str] = typer.Option(None, "--split", help=SPLIT_HELP),
+    baseline: str = typer.Option("full", "--baseline", help=BASELINE_HELP),
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
-    """Write an HTML report (comparison table, data-regime, Pareto, progress and importance figures)."""
+    """Write an HTML report (comparison table with wins and worst-group gaps; data-regime, Pareto, progress and
+    importance figures)."""
     from medpeft_ray.leaderboard.report import write_report
 
     try:
-        index = write_report(_open_store(results, db), experiments, out, metric)
+        index = write_report(_open_store(results, db), experiments, out, metric, split, baseline)
     except MedpeftError as exc:
         _fail(exc)
     except OSError as exc:
@@ -452,21 +575,35 @@ def train(
 @app.command("methods")
 def methods_command(
     backbone: str = typer.Option("vit_base_patch16_224", help="timm backbone name (ViT or ResNet)"),
-    num_classes: int = typer.Option(14, "--num-classes", min=1, help="classes of the task (sizes the head)"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="classes of the task (sizes the head) "
+                                              "[14, or with --space the dataset's num_classes option]"),
     image_size: int = typer.Option(224, "--image-size", min=16, help="input side in pixels"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of a table"),
+    space: Optional[Path] = typer.Option(None, "--space", "-s", help="count the methods this search YAML configures, "
+                                         "with its backbone, image size, classes (dataset option num_classes, else "
+                                         "--num-classes) and method options"),
 ) -> None:
     """The PEFT methods for a backbone, with trainable parameters under their default options."""
     from medpeft_ray.methods import method_summaries
 
+    chosen, which = None, "default options"
     try:
-        rows = method_summaries(backbone, num_classes, image_size)
+        if space is not None:
+            from medpeft_ray.config.loading import load_search_config
+
+            config = load_search_config(space)
+            backbone, image_size = config.model.backbone, config.dataset.image_size
+            num_classes = num_classes or int(config.dataset.options.get("num_classes", 14))
+            chosen = {name: config.method.options_for(name) for name in config.method.names}
+            which = f"options of {space.name}"
+        num_classes = num_classes or 14
+        rows = method_summaries(backbone, num_classes, image_size, chosen)
     except MedpeftError as exc:
         _fail(exc)
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    table = Table(title=f"PEFT methods on {backbone} ({num_classes} classes, {image_size} px), default options")
+    table = Table(title=f"PEFT methods on {backbone} ({num_classes} classes, {image_size} px), {which}")
     for column in ("method", "trainable params", "share", "searched by default", "notes", "what it does"):
         table.add_column(column, justify="right" if column in ("trainable params", "share") else "left")
     for row in sorted(rows, key=lambda r: r["trainable_params"]):

@@ -92,6 +92,30 @@ def load_shipped_space(path: Path, tmp_path: Path) -> Any:
     return validate_search_dict(raw, path.name, path.parent)
 
 
+def shipped_presets_in(tmp_path: Path) -> Path:
+    """The shipped ``search_spaces/`` copied to ``tmp_path``, each placeholder ``/data/...`` path made
+    real there (an empty folder, or an empty checkpoint for a weights file), so presets validate."""
+    import re
+
+    import torch
+
+    spaces = Path(__file__).resolve().parent.parent / "search_spaces"
+    target = tmp_path / "search_spaces"
+    target.mkdir()
+    data = tmp_path / "data"
+    for path in spaces.glob("*.yaml"):
+        text = path.read_text()
+        for placeholder in set(re.findall(r"/data/[\w./-]+", text)):
+            real = data / placeholder.removeprefix("/data/")
+            if real.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+                real.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"model": {}}, real)
+            else:
+                real.mkdir(parents=True, exist_ok=True)
+        (target / path.name).write_text(text.replace("/data/", f"{data}/"))
+    return target
+
+
 def leaderboard_row(trial_id: str, method: str, label_ratio: float, val_auroc: float | None, **overrides: Any) -> Any:
     """A leaderboard row for store tests: a completed trial, or a failed one when ``val_auroc`` is None."""
     from medpeft_ray.leaderboard import TrialRecord

@@ -29,7 +29,9 @@ from medpeft_ray.methods.registry import get_method, list_methods
 REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "search_spaces"
 LORA_YAML = SPACES / "lora.yaml"
-ALL_SPACES = sorted(SPACES.glob("*.yaml")) + sorted(SPACES.glob("*.yml"))
+#: the shipped search files (grid files, which name several searches, are tested in test_grid.py)
+ALL_SPACES = [p for p in sorted(SPACES.glob("*.yaml")) + sorted(SPACES.glob("*.yml"))
+              if "grid" not in yaml.safe_load(p.read_text())]
 
 
 def lora_dict() -> dict[str, Any]:
@@ -248,6 +250,12 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
      "space.rank.choices", "choices must be numbers, strings, booleans or null"),
     ("searched-and-fixed", _rank_both,
      "space.rank", "also fixed in method.options.rank; search it or fix it, not both"),
+    ("epochs-per-ratio-missing", _set("train", "epochs", value={0.1: 4}),
+     "train.epochs", "no epochs for label ratio 1 (dataset.label_ratios: 0.1, 1)"),
+    ("epochs-per-ratio-extra", _set("train", "epochs", value={0.1: 4, 1.0: 2, 0.01: 8}),
+     "train.epochs", "label ratio 0.01 is not searched (dataset.label_ratios: 0.1, 1)"),
+    ("epochs-per-ratio-zero", _set("train", "epochs", value={0.1: 4, 1.0: 0}),
+     "train.epochs", "must be at least 1 (ratio 1), got 0"),
     ("label-ratio-zero", _set("dataset", "label_ratios", value=[0.0, 1.0]),
      "dataset.label_ratios", "every label ratio must be in (0, 1], got 0.0"),
     ("label-ratio-above-1", _set("dataset", "label_ratios", value=[0.5, 1.5]),
@@ -262,7 +270,7 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
      "train.batch_size", "30 is not divisible by resources.workers_per_trial x "
      "train.deepspeed.gradient_accumulation_steps (4)"),
     ("epochs-not-int", _set("train", "epochs", value="three"),
-     "train.epochs", "must be an integer (got 'three')"),
+     "train.epochs", "must be an integer, or a mapping of label ratio to epochs (got 'three')"),
     ("min-lr-above-lr", _set("train", "min_lr", value=1.0),
      "train", "min_lr (1.0) must not exceed lr"),
     ("fp16-on-cpu", _fp16_on_cpu, "train.precision", "fp16 needs GPUs"),
@@ -593,3 +601,23 @@ def test_validation_imports_neither_torch_nor_ray() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "clean"
+
+
+def test_epochs_per_label_ratio_make_each_study_its_own_budget(tmp_path: Path) -> None:
+    """MED-PEFT trains 400 / 200 / 100 epochs at 1% / 10% / 100% labels: each trial gets its ratio's,
+    and so does its study's scheduler (its rungs stop at that budget)."""
+    from medpeft_ray.search.space import make_scheduler
+
+    data = lora_dict()
+    data["dataset"]["label_ratios"] = [0.01, 0.1, 1.0]
+    data["train"]["epochs"] = {0.01: 400, 0.1: 200, 1.0: 100}
+    config = load_search_config(write_yaml(tmp_path, data, "budgets.yaml"))
+    space = config.search_space
+    assert [space.trial_config(r, {}).train.epochs for r in (0.01, 0.1, 1.0)] == [400, 200, 100]
+    assert [config.train.epochs_for(r) for r in (0.01, 0.1 + 1e-12, 1.0)] == [400, 200, 100]
+    scheduler = make_scheduler(config.search, config.train.epochs_for(0.01))
+    assert scheduler._max_t == 400
+    # a trial carries one budget; one per ratio is refused there
+    trial = space.trial_config(0.1, {})
+    with pytest.raises(ValueError, match="a trial trains one number of epochs"):
+        type(trial).model_validate({**trial.model_dump(), "train": {**trial.train.model_dump(), "epochs": {0.1: 2}}})

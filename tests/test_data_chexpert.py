@@ -383,3 +383,25 @@ def test_search_config_rejects_unknown_option_and_label(shared: CheXpert) -> Non
         validate_search_dict(search_dict(shared.root, {"labels": ["Edema", "Hernia"]}), "x.yaml")
     assert err.value.key == "dataset.options.labels.1"
     assert "'Hernia'" in str(err.value)
+
+
+def test_sex_and_views_are_subgroup_attributes(chexpert: CheXpert) -> None:
+    first = chexpert.rows["train"][0]
+    chexpert.rows["train"][0] = first.replace(",Female,", ",Unknown,").replace(",Male,", ",Unknown,")
+    write_csvs(chexpert)
+    splits = load_splits("chexpert", chexpert.root, SIZE, {}, 0)
+    assert splits.subgroup_attributes == ("sex", "frontal_lateral", "view")
+    unknown = first.split(",")[0]
+    seen = set()
+    for split in (splits.train, splits.val, splits.test):
+        for i, image in enumerate(split.images):
+            csv_path = chexpert.name_of(int(np.asarray(image).mean().round()))
+            p = int(chexpert.patient[csv_path].removeprefix("patient"))
+            frontal = chexpert.frontal[csv_path]
+            attributes = {name: values[i] for name, values in split.subgroups.items()}
+            assert attributes == {
+                "sex": "" if csv_path == unknown else ("M" if p % 2 else "F"),
+                "frontal_lateral": "Frontal" if frontal else "Lateral", "view": "AP" if frontal else "",
+            }, csv_path
+            seen.add(csv_path)
+    assert len(seen) == len(chexpert.level)

@@ -189,3 +189,16 @@ def test_search_config_accepts_ham10000_and_rejects_unknown_option(ham: Ham) -> 
     with pytest.raises(ConfigError) as err:
         validate_search_dict(raw, "x.yaml")
     assert "dataset.options.group_by" in str(err.value)
+
+
+def test_sex_is_a_subgroup_attribute(ham: Ham) -> None:
+    rows = [list(r) for r in ham.rows]
+    for i, row in enumerate(rows):
+        row[5] = ("male", "female", "unknown")[i % 3]
+    ham.write_csv(rows)
+    expected = {row[1]: ("M", "F", "")[i % 3] for i, row in enumerate(rows)}
+    splits = load_splits("ham10000", ham.root, SIZE, {}, 0)
+    assert splits.subgroup_attributes == ("sex",)
+    for split in (splits.train, splits.val, splits.test):
+        for image, sex in zip(split.images, split.subgroups["sex"]):
+            assert sex == expected[ham.identify(image)]

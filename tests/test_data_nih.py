@@ -355,3 +355,17 @@ def test_search_config_rejects_unknown_option(nih: NIH) -> None:
         validate_search_dict(search_dict(nih.root, {"labels": ["Mass"]}), "x.yaml")
     assert err.value.key == "dataset.options.labels"
     assert "x.yaml" in str(err.value)
+
+
+def test_sex_and_view_are_subgroup_attributes(nih: NIH) -> None:
+    nih.rows = [r.replace(",PA,", ",AP,") if nih.patient[r.split(",")[0]] == "3" else r for r in nih.rows]
+    write_csv(nih)
+    splits = load_splits("nih", nih.root, SIZE, {}, 0)
+    assert splits.subgroup_attributes == ("sex", "view")
+    seen = 0
+    for split in (splits.train, splits.val, splits.test):
+        for image, sex, view in zip(split.images, split.subgroups["sex"], split.subgroups["view"]):
+            patient = int(nih.patient[nih.level[int(np.asarray(image)[0, 0])]])
+            assert (sex, view) == ("MF"[patient % 2], "AP" if patient == 3 else "PA")
+            seen += 1
+    assert seen == len(nih.level)

@@ -1,6 +1,6 @@
 """Every dataset format, in its published layout (tiny), through `data check`, the search's pre-flight
-step, and, for three formats that cover the three ways images are listed and decoded (a label table,
-DICOM, folders), a real Ray search."""
+step, and, for the formats that cover the ways images are listed and decoded (a label table, DICOM,
+folders) and those that record subgroup attributes (skin type, fundus collection), a real Ray search."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from PIL import Image
 from test_data_busi import Busi
 from test_data_chexpert import make_chexpert
 from test_data_csv_splitfile import make_splitfile_dataset
+from test_data_fitzpatrick17k import Fitz
 from test_data_ham10000 import Ham
 from test_data_nih import make_nih
 from test_data_rsna import Rsna
+from test_data_smdg import Smdg
 
 from medpeft_ray.config import validate_search_dict
 from medpeft_ray.data.check import check_dataset
@@ -58,6 +60,8 @@ FORMATS: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
     "rsna": (lambda base: Rsna(base / "rsna").root, {}),
     "ham10000": (lambda base: Ham(base / "ham").root, {}),
     "busi": (lambda base: Busi(base / "busi").root, {}),
+    "fitzpatrick17k": (lambda base: Fitz(base / "fitzpatrick17k").root, {}),
+    "smdg": (lambda base: Smdg(base / "smdg").root, {"suspects": "negative"}),
     "folder": (_folder, {"skip_unreadable": True}),
     "csv": (_csv, {"group_column": "patient"}),
     "splitfile": (
@@ -69,7 +73,9 @@ FORMATS: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
 
 #: formats also run through a real search (the others stop after the pre-flight step, which loads
 #: their splits through the same code a trial uses)
-SEARCHED = ("nih", "rsna", "folder")
+SEARCHED = ("nih", "rsna", "folder", "fitzpatrick17k", "smdg")
+#: the subgroup attributes a searched format's leaderboard row reports values for
+SUBGROUPS = {"fitzpatrick17k": {"skin_type", "source"}, "smdg": {"source", "sex", "eye"}}
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -108,3 +114,5 @@ def test_format_checks_and_searches(name: str, tmp_path: Path, request: pytest.F
     # skipped unreadable files are counted in the row (the folder dataset holds one corrupt file)
     assert row["skipped_images"] == (1 if name == "folder" else 0)
     assert len(report.unreadable) == row["skipped_images"]
+    if name in SUBGROUPS:
+        assert SUBGROUPS[name] <= set((row["details"] or {}).get("subgroups", {})), row["details"]

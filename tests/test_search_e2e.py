@@ -27,11 +27,12 @@ def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_con
     """One real search through the CLI exercising what a search does: LoRA and SSF searched together
     over two label ratios (each method's parameters only when it is chosen), accuracy against
     trainable parameters, asynchronous HyperBand, a trial budget, warm-start points, and the best
-    configuration of each study confirmed with two seeds and scored on the test split."""
+    configuration of each study confirmed with two seeds and scored on the test split. It ranks by
+    macro F1 (thresholds chosen on validation), so a metric other than AUROC drives everything."""
     config = tiny_search(
         dataset={"label_ratios": [0.5, 1.0]},
         method={"name": ["lora", "ssf"], "options": {"lora": {"rank": 2}}},
-        search={"num_samples": 3, "max_trials": 4, "seed": 1, "also_minimize": ["trainable_params"],
+        search={"num_samples": 3, "max_trials": 4, "seed": 1, "also_minimize": ["trainable_params"], "metric": "val_f1",
                 "scheduler": {"type": "hyperband", "grace_period": 1, "reduction_factor": 2, "brackets": 2},
                 # each study tries both methods first, so both run whatever TPE does next
                 "points_to_evaluate": [{"method": "ssf"}, {"method": "lora"}],
@@ -47,12 +48,13 @@ def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_con
     assert search.returncode == 0, out[-3000:] + search.stderr[-3000:]
     assert "[ratio 0.5] trial 1/3 started" in out  # progress is visible while it runs
     assert "tiny: 4 trials" in out
-    assert out.count("Pareto front of val_auroc vs trainable_params") == 2, out[-3000:]
+    assert out.count("Pareto front of val_f1 vs trainable_params") == 2, out[-3000:]
     assert out.count("top 1 confirmed with 2 seeds") == 2 and out.count("(recorded, never used to choose)") == 2, out[-3000:]
 
     board = run_cli("leaderboard", "--results", str(results), "--format", "json", cwd=tmp_path)
     assert board.returncode == 0, board.stderr
-    rows = json.loads(board.stdout)
+    every_row = json.loads(board.stdout)
+    rows = [r for r in every_row if r["role"] == "search"]
     # max_trials 4 over two label ratios: two trials each, though num_samples asks for three
     assert sorted(r["label_ratio"] for r in rows) == [0.5, 0.5, 1.0, 1.0]
     for ratio in (0.5, 1.0):
@@ -66,6 +68,8 @@ def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_con
         assert row["config"]["train"]["lr"] == pytest.approx(row["params"][f"{method}.lr"])
         assert row["config"]["label_ratio"] == row["label_ratio"]
         assert 0.0 <= row["val_auroc"] <= 1.0 and 0 < row["trainable_params"] < row["total_params"]
+        assert 0.0 <= row["val_f1"] <= 1.0 and row["val_accuracy"] is None  # multi-label: no accuracy
+        assert set(row["details"]["thresholds"]) == set(row["details"]["per_class"]["val_f1"])
         assert row["startup_s"] > 0 and row["train_time_s"] > 0 and row["wall_time_s"] >= row["startup_s"]
         # the best epoch's adapter-only checkpoint: exactly the trainable tensors
         weights = load_file(str(Path(row["checkpoint"]) / "trainable.safetensors"))
@@ -86,16 +90,28 @@ def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_con
         assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
         assert 1 <= len(study.best_trials) <= 2
         chosen = study.user_attrs["confirmation"]["chosen"]
-        assert chosen["seeds"] == [0, 1] and len(chosen["val"]) == 2 and len(chosen["test_auroc"]) == 2
+        assert chosen["seeds"] == [0, 1] and len(chosen["val"]) == 2 and len(chosen["test"]) == 2
         assert chosen["val_mean"] == pytest.approx(sum(chosen["val"]) / 2)
-        assert 0.0 <= chosen["test_auroc_mean"] <= 1.0 and chosen["test_auroc_std"] >= 0.0
-        best_trial = max((r for r in rows if r["label_ratio"] == float(summary.study_name.split("ratio")[1].split("-")[0])),
-                         key=lambda r: r["val_auroc"])
+        assert 0.0 <= chosen["test_mean"] <= 1.0 and chosen["test_std"] >= 0.0
+        ratio = float(summary.study_name.split("ratio")[1].split("-")[0])
+        best_trial = max((r for r in rows if r["label_ratio"] == ratio), key=lambda r: r["val_f1"])
         assert chosen["trial_id"] == best_trial["trial_id"]
+        # each confirmation seed is a leaderboard row of its own, with its test-split values
+        seeds = [r for r in every_row if r["role"] == "confirmation" and r["label_ratio"] == ratio]
+        assert sorted(r["seed"] for r in seeds) == [0, 1] and {r["source_trial"] for r in seeds} == {chosen["trial_id"]}
+        assert sorted(r["test_f1"] for r in seeds) == pytest.approx(sorted(chosen["test"]))
+        for r in seeds:
+            assert r["params"] == best_trial["params"] and r["status"] == "completed"
+            assert 0.0 <= r["test_auroc"] <= 1.0 and r["best_epoch"] >= 1
+            # the synthetic data's subgroup attribute: each row's test values per group, and the gap
+            groups = r["details"]["test"]["subgroups"]["sex"]
+            assert set(groups) == {"F", "M"} and sum(g["n"] for g in groups.values()) > 0
+            assert r["details"]["test"]["worst_group_gap"]["sex"]["test_auroc"] >= 0.0
 
-    top = run_cli("leaderboard", "--results", str(results), "--label-ratio", "1.0", "--top", "1", "--format", "json", cwd=tmp_path)
+    top = run_cli("leaderboard", "--results", str(results), "--label-ratio", "1.0", "--top", "1", "--role", "search",
+                  "--sort", "val_f1", "--format", "json", cwd=tmp_path)
     best = json.loads(top.stdout)
-    assert len(best) == 1 and best[0]["val_auroc"] == max(r["val_auroc"] for r in rows if r["label_ratio"] == 1.0)
+    assert len(best) == 1 and best[0]["val_f1"] == max(r["val_f1"] for r in rows if r["label_ratio"] == 1.0)
 
 
 def test_nan_loss_fails_the_trial_once_and_the_search_goes_on(tmp_path: Path) -> None:

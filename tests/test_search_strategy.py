@@ -251,15 +251,15 @@ def test_shipped_methods_comparison_space() -> None:
 def test_confirmation_chooses_by_mean_validation_never_by_test() -> None:
     from medpeft_ray.search.confirm import ConfirmedConfig, choose, describe
 
-    steady = ConfirmedConfig("a", "lora", {"lora.rank": 8}, seeds=[0, 1, 2], val=[0.80, 0.81, 0.82], test_auroc=[0.70, 0.71, 0.72])
-    lucky = ConfirmedConfig("b", "ssf", {"ssf.lr": 0.01}, seeds=[0, 1, 2], val=[0.90, 0.70, 0.71], test_auroc=[0.95, 0.95, 0.95])
+    steady = ConfirmedConfig("a", "lora", {"lora.rank": 8}, seeds=[0, 1, 2], val=[0.80, 0.81, 0.82], test=[0.70, 0.71, 0.72])
+    lucky = ConfirmedConfig("b", "ssf", {"ssf.lr": 0.01}, seeds=[0, 1, 2], val=[0.90, 0.70, 0.71], test=[0.95, 0.95, 0.95])
     broken = ConfirmedConfig("c", "lora", {"lora.rank": 4}, errors=["TrialFailed: training loss is nan"])
     assert choose([steady, lucky, broken], "max") is steady  # 0.81 mean beats 0.77, whatever the test says
     assert choose([steady, lucky], "min") is lucky
     assert choose([broken], "max") is None
     summary = steady.summary()
     assert summary["val_mean"] == pytest.approx(0.81) and summary["val_std"] == pytest.approx(0.01)
-    assert summary["test_auroc_mean"] == pytest.approx(0.71)
+    assert summary["test_mean"] == pytest.approx(0.71)
     lines = describe([steady, lucky, broken], steady, "val_auroc")
     assert lines[0].startswith(" * val_auroc 0.8100 +- 0.0100 over 3 seed(s)")
-    assert "1 failed" in lines[2] and "chosen: trial a; test AUROC 0.7100 +- 0.0100" in lines[-1]
+    assert "1 failed" in lines[2] and "chosen: trial a; test_auroc 0.7100 +- 0.0100" in lines[-1]

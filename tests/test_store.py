@@ -562,18 +562,22 @@ def test_query_several_experiments_and_describe(store: LeaderboardStore) -> None
 
 #: columns version 3 added
 V3_COLUMNS = ("checkpoint_file", "checkpoint_sha256")
+#: columns version 4 added
+V4_COLUMNS = ("val_f1", "val_accuracy", "val_balanced_accuracy", "test_auroc", "test_loss", "test_f1", "test_accuracy",
+              "test_balanced_accuracy", "role", "seed", "source_trial", "details")
 
 
 def create_old_store(url: str, rows: int, version: int = 1) -> None:
-    """A leaderboard exactly as schema ``version`` (1 or 2) laid it out, holding ``rows`` trials."""
+    """A leaderboard exactly as schema ``version`` (1, 2 or 3) laid it out, holding ``rows`` trials."""
     from medpeft_ray.leaderboard.store import trials_table
 
     metadata = sa.MetaData()
+    added_later = V4_COLUMNS + (V3_COLUMNS if version < 3 else ())
     columns = [sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in trials_table.c
-               if c.name not in V3_COLUMNS]
+               if c.name not in added_later]
     name = "trials" if version == 1 else "medpeft_trials"
     table = sa.Table(name, metadata, *columns, sa.UniqueConstraint("experiment", "trial_id", name="uq_trial"))
-    if version == 2:
+    if version >= 2:
         sa.Index("ix_medpeft_trials_created_at", table.c.created_at)
         sa.Index("ix_medpeft_trials_lookup", table.c.dataset, table.c.label_ratio, table.c.method)
     schema = sa.Table("medpeft_schema", metadata, sa.Column("version", sa.Integer, primary_key=True))
@@ -609,9 +613,9 @@ def test_version_1_store_is_upgraded_in_place(db_url: str, open_store: Callable[
 
     create_v1_store(db_url, rows=3)
     store = open_store(db_url, create=False)  # reading an old store upgrades it too
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [3]
+        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [4]
         indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("medpeft_trials")}
     assert {"ix_medpeft_trials_created_at", "ix_medpeft_trials_lookup"} <= indexes
     assert "trials" not in table_names(db_url) and "medpeft_trials" in table_names(db_url)
@@ -658,9 +662,9 @@ def test_version_2_store_gains_the_checkpoint_columns(db_url: str, open_store: C
     create_old_store(db_url, rows=2, version=2)
     store = open_store(db_url, create=False)
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [3]
+        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [4]
         columns = {c["name"] for c in sa.inspect(conn).get_columns("medpeft_trials")}
-    assert set(V3_COLUMNS) <= columns
+    assert set(V3_COLUMNS) | set(V4_COLUMNS) <= columns
     frame = store.query().set_index("trial_id")
     assert list(frame.index) == ["v2-1", "v2-0"]  # old rows kept, best first, checkpoint not known
     assert frame["checkpoint_file"].isna().all() and frame["checkpoint_sha256"].isna().all()
@@ -671,6 +675,25 @@ def test_version_2_store_gains_the_checkpoint_columns(db_url: str, open_store: C
     assert len(frame) == 3 and int(frame.loc["v2-0", "id"]) == ids_before["v2-0"]
     assert frame.loc["v2-0", "checkpoint_sha256"] == "ab" * 32 and frame.loc["new", "checkpoint_file"] == "/w/mae.pth"
     assert frame.loc["v2-1", ["checkpoint_file", "checkpoint_sha256"]].isna().all()
+
+
+def test_version_3_store_gains_the_metric_role_and_details_columns(
+    db_url: str, open_store: Callable[..., LeaderboardStore]
+) -> None:
+    create_old_store(db_url, rows=2, version=3)
+    store = open_store(db_url, create=False)
+    frame = store.query().set_index("trial_id")
+    assert list(frame.index) == ["v3-1", "v3-0"]
+    # the old rows were search trials; their new metrics and details are not known
+    assert list(frame["role"]) == ["search", "search"] and frame["val_f1"].isna().all() and frame["details"].isna().all()
+    store.record(make_record("seed-1", experiment="old", role="confirmation", seed=1, source_trial="v3-1",
+                             val_f1=0.7, test_f1=0.6, details={"test": {"worst_group_gap": {"sex": {"test_f1": 0.1}}}}))
+    frame = open_store(db_url, create=False).query().set_index("trial_id")
+    row = frame.loc["seed-1"]
+    assert row["role"] == "confirmation" and row["seed"] == 1 and row["source_trial"] == "v3-1"
+    assert row["test_f1"] == 0.6 and row["details"]["test"]["worst_group_gap"]["sex"]["test_f1"] == 0.1
+    assert list(store.query(role="search")["trial_id"]) == ["v3-1", "v3-0"]
+    assert list(store.query(role="confirmation")["trial_id"]) == ["seed-1"]
 
 
 def test_failed_upgrade_from_version_2_leaves_it_untouched(

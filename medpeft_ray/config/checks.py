@@ -26,6 +26,7 @@ from medpeft_ray.config.sections import (
 from medpeft_ray.config.space import SearchSpace
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.errors import ConfigError
+from medpeft_ray.label_ratios import same_label_ratio
 from medpeft_ray.methods.registry import MethodOptions, MethodSpec, get_method
 from medpeft_ray.models.families import require_family
 from medpeft_ray.schema import did_you_mean, error_message, parse_section
@@ -41,6 +42,7 @@ def check_search(config: SearchConfig, base_dir: Path | None) -> SearchConfig:
     _check_points(config, space)
     _check_grid(config, space)
     check_training(config.train, config.resources)
+    _check_epochs(config)
     return config.model_copy(update={
         "dataset": dataset, "model": model,
         "method": config.method.model_copy(update={"options": _options_as_written(config.method, options)}),
@@ -161,6 +163,22 @@ def _check_grid(config: SearchConfig, space: SearchSpace) -> None:
             "search.num_samples",
             f"the grid has {size} point(s) (the product of the searched choices); set num_samples to {size}",
         )
+
+
+def _check_epochs(config: SearchConfig) -> None:
+    """Per-ratio epochs give a budget for each of the searched label ratios, and only for those."""
+    epochs = config.train.epochs
+    if not isinstance(epochs, dict):
+        return
+    ratios = config.dataset.label_ratios
+    missing = [r for r in ratios if not any(same_label_ratio(r, k) for k in epochs)]
+    if missing:
+        raise ConfigError("train.epochs", f"no epochs for label ratio {', '.join(f'{r:g}' for r in missing)} "
+                          f"(dataset.label_ratios: {', '.join(f'{r:g}' for r in ratios)})")
+    extra = [k for k in epochs if not any(same_label_ratio(r, k) for r in ratios)]
+    if extra:
+        raise ConfigError("train.epochs", f"label ratio {', '.join(f'{r:g}' for r in extra)} is not searched "
+                          f"(dataset.label_ratios: {', '.join(f'{r:g}' for r in ratios)})")
 
 
 def _space_key(config: SearchConfig) -> str:

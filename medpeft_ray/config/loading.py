@@ -25,7 +25,7 @@ def load_search_config(path: str | Path, experiment: str | None = None) -> Searc
     path = Path(path)
 
     def load() -> SearchConfig:
-        raw = _read_yaml(path)
+        raw = read_yaml(path)
         if experiment is not None and isinstance(raw, dict):
             raw = {**raw, "experiment": experiment}
         return _validate_search(raw, path)
@@ -43,7 +43,7 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     path = Path(path)
 
     def load() -> TrialConfig:
-        raw = _read_yaml(path)
+        raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError("", f"must be a mapping of sections, got {type(raw).__name__}")
         trial = parse_section(TrialConfig, raw, "")
@@ -73,7 +73,7 @@ def _with_file(file: str, fn: Callable[[], T]) -> T:
         raise err.with_file(err.file or file) from None
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError("", "file not found", str(path))
     try:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from medpeft_ray.label_ratios import same_label_ratio
 from medpeft_ray.models.families import require_family
 from medpeft_ray.metrics import METRICS, MetricName, metric_mode
 from medpeft_ray.schema import Strict
@@ -124,7 +125,10 @@ class DeepSpeedConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(3, ge=1, description="epochs per trial (the ASHA budget)")
+    epochs: int | dict[float, int] = Field(
+        3, description="epochs per trial (the scheduler's budget); or per label ratio, e.g. {0.01: 400, 0.1: 200, "
+        "1.0: 100} (MED-PEFT: the fewer the labels, the more epochs)",
+    )
     batch_size: int = Field(32, ge=1, description="global batch size (split across a trial's workers)")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0, description="learning rate (absolute)")
@@ -149,6 +153,37 @@ class TrainConfig(Strict):
     )
     checkpoints_to_keep: int = Field(2, ge=1, description="per trial: the best epochs' checkpoints kept in storage")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs_kind(cls, epochs: Any) -> Any:
+        # one message for both forms, instead of one per member of the union
+        if not isinstance(epochs, (int, dict)) or isinstance(epochs, bool):
+            raise ValueError(f"must be an integer, or a mapping of label ratio to epochs (got {epochs!r})")
+        return epochs
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, epochs: int | dict[float, int]) -> int | dict[float, int]:
+        for ratio, count in (epochs.items() if isinstance(epochs, dict) else [(None, epochs)]):
+            if ratio is not None and not 0.0 < ratio <= 1.0:
+                raise ValueError(f"a label ratio must be in (0, 1], got {ratio:g}")
+            if count < 1:
+                raise ValueError(f"must be at least 1{'' if ratio is None else f' (ratio {ratio:g})'}, got {count}")
+        return epochs
+
+    def epochs_for(self, label_ratio: float) -> int:
+        """The epochs a trial at ``label_ratio`` trains for.
+
+        Raises:
+            KeyError: per-ratio epochs name no such ratio (the search's checks catch it first).
+        """
+        if isinstance(self.epochs, int):
+            return self.epochs
+        for ratio, count in self.epochs.items():
+            if same_label_ratio(ratio, label_ratio):
+                return count
+        raise KeyError(f"train.epochs gives no epochs for label ratio {label_ratio:g}")
 
     @model_validator(mode="after")
     def _lr_floor(self) -> "TrainConfig":

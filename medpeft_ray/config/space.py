@@ -117,7 +117,7 @@ class SearchSpace:
         for method in self.methods:
             fixed = config.method.options_for(method)
             try:
-                default = get_method(method).space_for(self.family)
+                default = get_method(method).space_for(self.family, config.train.optimizer)
             except KeyError:  # an unknown method: reported by validation
                 continue
             space.update({self.param_name(method, name): dist for name, dist in default.items() if name not in fixed})
@@ -190,7 +190,7 @@ class SearchSpace:
         chosen = str(sampled.get(METHOD_PARAM, self.methods[0]))
         method_fields = get_method(chosen).options.model_fields
         method_options = config.method.options_for(chosen)
-        train = config.train.model_dump()
+        train = {**config.train.model_dump(), "epochs": config.train.epochs_for(label_ratio)}
         for name, value in sampled.items():
             if name == METHOD_PARAM:
                 continue

@@ -35,6 +35,13 @@ class TrialConfig(Strict):
             raise ValueError("name: a trial trains one method, not a list")
         return method
 
+    @field_validator("train")
+    @classmethod
+    def _one_budget(cls, train: TrainConfig) -> TrainConfig:
+        if isinstance(train.epochs, dict):  # a search's per-ratio epochs: its trial_config picks the trial's
+            raise ValueError("epochs: a trial trains one number of epochs, not one per label ratio")
+        return train
+
     @property
     def family(self) -> str:
         return require_family(self.model.backbone).name

@@ -20,12 +20,15 @@ class LabeledImages:
     """One split: ``images`` (N, H, W) uint8, ``labels`` (N, K) float32 0/1, ``groups`` (N,) ids.
 
     ``groups`` holds the patient (or lesion) each image belongs to, so that label-ratio subsets
-    never split one patient's images.
+    never split one patient's images. ``subgroups`` holds, per attribute the publisher records
+    (Fitzpatrick skin type, sex, view), each image's value as a string ("" where unknown): the
+    metrics are also computed per value, so that a row shows the worst group's gap.
     """
 
     images: np.ndarray
     labels: np.ndarray
     groups: np.ndarray
+    subgroups: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -35,12 +38,18 @@ class LabeledImages:
             raise ValueError(
                 f"images ({n}), labels ({self.labels.shape[0]}) and groups ({self.groups.shape[0]}) differ in length"
             )
+        for attribute, values in self.subgroups.items():
+            if len(values) != n:
+                raise ValueError(f"subgroup {attribute!r} has {len(values)} values for {n} images")
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, index: np.ndarray) -> "LabeledImages":
-        return LabeledImages(self.images[index], self.labels[index], self.groups[index])
+        return LabeledImages(
+            self.images[index], self.labels[index], self.groups[index],
+            {attribute: values[index] for attribute, values in self.subgroups.items()},
+        )
 
     def positives_per_class(self) -> np.ndarray:
         return (self.labels > 0).sum(axis=0).astype(np.int64)  # NaN (unknown) is not positive
@@ -65,6 +74,11 @@ class DatasetSplits:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def subgroup_attributes(self) -> tuple[str, ...]:
+        """The attributes every split records per image (what subgroup metrics are computed over)."""
+        return tuple(a for a in self.test.subgroups if a in self.val.subgroups)
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per split: ``{"images": N, "positives": {class: count}}``."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: subgroup attributes per image
 
 
 def cache_root() -> Path:
@@ -49,6 +49,8 @@ def cached_splits(key_parts: dict[str, Any], build: Callable[[], DatasetSplits])
             np.save(tmp / f"{name}_images.npy", split.images)
             np.save(tmp / f"{name}_labels.npy", split.labels)
             np.save(tmp / f"{name}_groups.npy", split.groups)
+            for i, values in enumerate(split.subgroups.values()):
+                np.save(tmp / f"{name}_subgroup_{i}.npy", np.asarray(values, dtype=str))
         for i, index in enumerate(splits.ratio_subsets.values()):
             np.save(tmp / f"ratio_{i}.npy", np.asarray(index, dtype=np.int64))
         meta = {
@@ -57,6 +59,7 @@ def cached_splits(key_parts: dict[str, Any], build: Callable[[], DatasetSplits])
             "skipped": list(splits.skipped),
             "missing_summary": splits.missing_summary,
             "ratio_subsets": list(splits.ratio_subsets),
+            "subgroups": {name: list(getattr(splits, name).subgroups) for name in ("train", "val", "test")},
             "key": key_parts,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, default=str))
@@ -78,6 +81,10 @@ def _load(entry: Path) -> DatasetSplits:
             np.load(entry / f"{name}_images.npy", mmap_mode="r"),
             np.load(entry / f"{name}_labels.npy"),
             np.load(entry / f"{name}_groups.npy", allow_pickle=False),
+            {
+                attribute: np.load(entry / f"{name}_subgroup_{i}.npy", allow_pickle=False)
+                for i, attribute in enumerate(meta.get("subgroups", {}).get(name, []))
+            },
         )
 
     ratios = {float(r): np.load(entry / f"ratio_{i}.npy") for i, r in enumerate(meta.get("ratio_subsets", []))}

@@ -22,6 +22,10 @@ not read).
 Splits: ``valid.csv`` is the test split (the official validation set, as the competition's test
 set is hidden); validation is drawn from the ``train.csv`` patients (``val_fraction`` of them,
 seeded by the dataset seed), the patient being the ``patientNNNNN`` component of ``Path``.
+
+Each image records the subgroup attributes ``sex`` (``Sex``: ``M``/``F``; ``Unknown`` is ""),
+``frontal_lateral`` (``Frontal``/``Lateral``) and ``view`` (``AP/PA``: ``AP``, ``PA``, ``LL``,
+``RL``; blank for most laterals), "" where a value is blank or the column is absent.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pydantic import AfterValidator, Field, field_validator
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.layout import MarkerPaths
 from medpeft_ray.data.tables import read_csv
-from medpeft_ray.data.records import ImageRecord, assign_splits, build_splits
+from medpeft_ray.data.records import ImageRecord, assign_splits, build_splits, sex_of
 from medpeft_ray.data.registry import DatasetOptions, register_dataset
 from medpeft_ray.errors import DataError
 
@@ -159,6 +163,7 @@ def read_records(csv: Path, split: str | None, options: CheXpertOptions, resolve
     if options.frontal_only:
         keep = (frame[VIEW_COLUMN].str.strip() == "Frontal").to_numpy()
     paths = frame[PATH_COLUMN].tolist()
+    attributes = _attributes(frame)
     records = []
     for i in np.flatnonzero(keep).tolist():
         value = paths[i].strip()
@@ -166,8 +171,20 @@ def read_records(csv: Path, split: str | None, options: CheXpertOptions, resolve
         patient = next((p for p in parts if PATIENT.match(p)), None)
         if patient is None:
             raise DataError(f"{csv}: line {i + 2}: column {PATH_COLUMN!r}: no patientNNNNN folder in {value!r}")
-        records.append(ImageRecord(resolve(parts), tuple(labels[i]), patient, split))
+        records.append(ImageRecord(resolve(parts), tuple(labels[i]), patient, split, attributes[i]))
     return records
+
+
+def _attributes(frame) -> list[tuple[tuple[str, str], ...]]:  # frame: pandas.DataFrame
+    """Per row: ``sex``, ``frontal_lateral`` and ``view`` (see the module text)."""
+    def column(name: str) -> list[str]:
+        return [v.strip() for v in frame[name]] if name in frame.columns else [""] * len(frame)
+
+    sexes = [sex_of(v) for v in column("Sex")]
+    return [
+        (("sex", sex), ("frontal_lateral", fl), ("view", view.upper()))
+        for sex, fl, view in zip(sexes, column(VIEW_COLUMN), column("AP/PA"))
+    ]
 
 
 @register_dataset(
@@ -185,7 +202,7 @@ def load_chexpert(root: Path, image_size: int, options: CheXpertOptions, seed: i
             " the split would not be patient-disjoint"
         )
     drawn = assign_splits([r.group for r in train], options.val_fraction, 0.0, seed) if train else []
-    train = [ImageRecord(r.path, r.labels, r.group, str(s)) for r, s in zip(train, drawn)]
+    train = [ImageRecord(r.path, r.labels, r.group, str(s), r.attributes) for r, s in zip(train, drawn)]
     return build_splits(
         train + test, options.labels, "multilabel", image_size, seed, root=root, val_fraction=options.val_fraction,
         test_fraction=0.0, skip_unreadable=options.skip_unreadable, source=str(root),

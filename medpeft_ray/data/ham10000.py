@@ -6,7 +6,9 @@ order). Images are ``<image_id>.jpg`` in any sub-folder of the root (the release
 ``HAM10000_images_part_1/`` and ``HAM10000_images_part_2/``; where one file lies in several
 folders, as in the Kaggle copy with lower-case duplicates, the first path in sorted order is used).
 A lesion often has several images, so the split is drawn by ``lesion_id``: one lesion never spans
-two splits, and label-ratio subsets take a lesion's images all or none.
+two splits, and label-ratio subsets take a lesion's images all or none. Each image records the
+subgroup attribute ``sex`` (``M``/``F`` from the ``sex`` column; "" where it is ``unknown``, blank
+or the column is absent).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from pydantic import Field
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.layout import MarkerPaths, is_tool_folder, walk
 from medpeft_ray.data.records import SplitOptions
-from medpeft_ray.data.records import ImageRecord, build_splits, one_hot
+from medpeft_ray.data.records import ImageRecord, build_splits, one_hot, sex_of
 from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.data.tables import csv_rows
 from medpeft_ray.errors import DataError
 
 CLASS_NAMES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
+#: the ``sex`` column's values as subgroup values (anything else, ``unknown`` included, is "")
 
 
 class Ham10000Options(SplitOptions):
@@ -48,9 +51,9 @@ def index_jpegs(root: Path) -> dict[str, Path]:
     return found
 
 
-def read_metadata(csv_path: Path) -> list[tuple[int, str, str, str]]:
-    """``(row, lesion_id, image_id, dx)`` per image; the header is row 1."""
-    rows: list[tuple[int, str, str, str]] = []
+def read_metadata(csv_path: Path) -> list[tuple[int, str, str, str, str]]:
+    """``(row, lesion_id, image_id, dx, sex)`` per image (sex ``M``, ``F`` or ""); the header is row 1."""
+    rows: list[tuple[int, str, str, str, str]] = []
     first_row: dict[str, int] = {}
     for row_number, row in csv_rows(csv_path, REQUIRED_COLUMNS):
         lesion, image, dx = (row[c].strip() for c in REQUIRED_COLUMNS)
@@ -66,7 +69,7 @@ def read_metadata(csv_path: Path) -> list[tuple[int, str, str, str]]:
                 f"{csv_path}: row {row_number}, column 'image_id': {image!r} is listed again (first at row {first_row[image]})"
             )
         first_row[image] = row_number
-        rows.append((row_number, lesion, image, dx.lower()))
+        rows.append((row_number, lesion, image, dx.lower(), sex_of(row.get("sex", ""))))
     return rows
 
 
@@ -80,8 +83,11 @@ def load_ham10000(root: Path, image_size: int, options: Ham10000Options, seed: i
     jpegs = index_jpegs(root)
     records = [
         # an image in no folder is missing: build_splits summarises (or, asked to, skips) all such
-        ImageRecord(jpegs.get(image, root / f"{image}.jpg"), one_hot(CLASS_NAMES.index(dx), len(CLASS_NAMES)), lesion)
-        for _, lesion, image, dx in rows
+        ImageRecord(
+            jpegs.get(image, root / f"{image}.jpg"), one_hot(CLASS_NAMES.index(dx), len(CLASS_NAMES)), lesion,
+            attributes=(("sex", sex),),
+        )
+        for _, lesion, image, dx, sex in rows
     ]
     return build_splits(
         records, CLASS_NAMES, "multiclass", image_size, seed, root=root, val_fraction=options.val_fraction,

@@ -26,6 +26,9 @@ splits are patient-disjoint and about 70/10/20 overall; CSV rows in neither list
 Without the list files (both missing), the test split is drawn by patient too (``test_fraction``
 of all patients), then validation from the remaining patients (``val_fraction`` of them). Only
 one of the two list files present is an error: that would silently change the protocol.
+
+Each image records the subgroup attributes ``sex`` (``Patient Gender``: ``M``/``F``) and ``view``
+(``View Position``: ``PA``/``AP``), "" where a value is blank or the column is absent.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ NO_FINDING = "No Finding"
 #: the dataset folder holds the CSV; the official lists (optional) are a sign of it too
 NIH_MARKER = MarkerPaths((CSV_NAME, TRAIN_VAL_LIST, TEST_LIST))
 IMAGE_COLUMN, FINDINGS_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
+#: subgroup attribute -> the CSV column it is read from (optional columns: "" where absent)
+ATTRIBUTE_COLUMNS = {"sex": "Patient Gender", "view": "View Position"}
 
 
 class NIHOptions(SplitOptions):
@@ -137,6 +142,10 @@ def load_nih(root: Path, image_size: int, options: NIHOptions, seed: int) -> Dat
     images = index_images(root)
 
     names, labels, groups = [], [], []
+    attribute_values = {
+        name: [v.strip().upper() for v in frame[column]] if column in frame.columns else [""] * len(frame)
+        for name, column in ATTRIBUTE_COLUMNS.items()
+    }
     seen: dict[str, int] = {}
     for i, (name, findings, patient) in enumerate(
         zip(frame[IMAGE_COLUMN], frame[FINDINGS_COLUMN], frame[PATIENT_COLUMN])
@@ -173,7 +182,10 @@ def load_nih(root: Path, image_size: int, options: NIHOptions, seed: int) -> Dat
     split[rest] = assign_splits([groups[i] for i in rest], options.val_fraction, 0.0, seed)
 
     records = [
-        ImageRecord(images.get(name, root / "images" / name), labels[i], groups[i], split[i])
+        ImageRecord(
+            images.get(name, root / "images" / name), labels[i], groups[i], split[i],
+            tuple((attribute, values[i]) for attribute, values in attribute_values.items()),
+        )
         for i, name in enumerate(names)
         if split[i]  # rows in neither official list are left out
     ]

@@ -52,12 +52,15 @@ class ImageRecord:
     """One image: its file, its labels (K floats: 1, 0 or NaN), its patient and its split.
 
     ``split`` is ``train``, ``val``, ``test`` or None (the split is then drawn by patient).
+    ``attributes`` holds the image's subgroup values (``{"skin_type": "3", "sex": "F"}``); every
+    record of a dataset names the same attributes ("" where a value is unknown).
     """
 
     path: Path
     labels: tuple[float, ...]
     group: str
     split: str | None = None
+    attributes: tuple[tuple[str, str], ...] = ()
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -283,10 +286,18 @@ def build_splits(
     kept_split = np.asarray(split_names, dtype=object)[decoded.kept]
     kept_labels = labels[decoded.kept]
     kept_groups = np.asarray(groups, dtype=str)[decoded.kept]
+    attribute_names = [name for name, _ in records[0].attributes]
+    kept_attributes = {
+        name: np.asarray([dict(r.attributes).get(name, "") for r in records], dtype=str)[decoded.kept]
+        for name in attribute_names
+    }
 
     def take(name: str) -> LabeledImages:
         index = np.flatnonzero(kept_split == name)
-        return LabeledImages(decoded.images[index], kept_labels[index], kept_groups[index])
+        return LabeledImages(
+            decoded.images[index], kept_labels[index], kept_groups[index],
+            {attribute: values[index] for attribute, values in kept_attributes.items()},
+        )
 
     train_paths = [records[i].path for i in decoded.kept[kept_split == "train"]]
     ratio_subsets = {
@@ -310,6 +321,16 @@ def _progress(source: str, total: int) -> Callable[[Iterable], Iterable] | None:
     from rich.progress import track
 
     return lambda items: track(items, total=total, description=f"decoding {source}", transient=True)
+
+
+#: how the publishers write a patient's sex, as the one spelling subgroup attributes use (M/F);
+#: anything else ("Unknown", blank) is "", an unknown value
+SEXES = {"m": "M", "f": "F", "male": "M", "female": "F"}
+
+
+def sex_of(value: str) -> str:
+    """``M``, ``F`` or "" (unknown) for a CSV's sex cell."""
+    return SEXES.get(value.strip().lower(), "")
 
 
 def one_hot(index: int, num_classes: int) -> tuple[float, ...]:

@@ -120,10 +120,13 @@ def make_synthetic(
     split_of_patient[order[n_val : n_val + n_test]] = 2
     split_of_patient[order[n_val + n_test :]] = 0
     split_of_image = split_of_patient[groups]
+    # a subgroup attribute, so that subgroup metrics run on the default data: read off the
+    # patient's drawn body scale (no extra draw, so the images and labels stay as they were)
+    sex = np.where(anatomy[groups, 0] > 0.5, "M", "F")
 
     def take(split_id: int) -> LabeledImages:
         index = np.flatnonzero(split_of_image == split_id)
-        return LabeledImages(images[index], labels[index], groups[index])
+        return LabeledImages(images[index], labels[index], groups[index], {"sex": sex[index]})
 
     return DatasetSplits(take(0), take(1), take(2), FINDINGS[:num_classes], "multilabel")
 

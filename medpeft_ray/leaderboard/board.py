@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 #: The keyword filters every view takes (those of ``TrialStore.query``).
-FILTERS = ("experiment", "dataset", "label_ratio", "method", "backbone", "status", "since", "until")
+FILTERS = ("experiment", "dataset", "label_ratio", "method", "backbone", "status", "role", "since", "until")
 
 
 def describe_filters(filters: dict[str, Any]) -> str:

@@ -2,7 +2,10 @@
 
 ``write_report(store, ["exp"], "report/")`` writes ``report/index.html`` (figures embedded as
 data URIs, so the file alone opens anywhere; no script, font or stylesheet from the network) and
-the same figures as PNG files beside it:
+the same figures as PNG files beside it. The page's comparison table is the studies' layout
+(methods x (dataset, label ratio), mean ± std over confirmation seeds, mean rank), followed by each
+method's wins against full fine-tuning and, when trials scored subgroups, their worst-group gaps.
+Figures:
 
 - ``metric_vs_ratio.png``: the best metric of each method against the label ratio;
 - ``pareto.png``: metric against trainable parameters, the Pareto front per (dataset, ratio);
@@ -59,10 +62,17 @@ def report_rows(store: "TrialStore", experiments: Sequence[str]) -> "pd.DataFram
 
 
 def write_report(
-    store: "TrialStore", experiments: Sequence[str], directory: str | Path, metric: str = "val_auroc"
+    store: "TrialStore", experiments: Sequence[str], directory: str | Path, metric: str = "val_auroc",
+    split: str | None = None, baseline: str = "full",
 ) -> Path:
-    """Writes the report of ``experiments`` to ``directory``; returns the path of ``index.html``."""
+    """Writes the report of ``experiments`` to ``directory``; returns the path of ``index.html``.
+
+    ``split`` is the split the comparison table shows (default: test where trials have test values);
+    ``baseline`` the method the others are counted against, task by task.
+    """
     get_metric(metric)  # an unknown metric fails before the database is read
+    if split is not None:
+        views.check_split(split)  # so does an unknown split
     frame = report_rows(store, experiments)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +84,7 @@ def write_report(
         else:
             path.unlink(missing_ok=True)  # a figure from an earlier report of this folder would mislead
     index = out / INDEX_FILE
-    index.write_text(render_html(frame, list(experiments), figures, metric, store.label))
+    index.write_text(render_html(frame, list(experiments), figures, metric, store.label, split, baseline))
     return index
 
 
@@ -265,6 +275,7 @@ table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 th, td { border: 1px solid #dde2ea; padding: 4px 8px; text-align: right; }
 th { background: #f3f5f9; } td.name, th.name { text-align: left; }
 td.best { font-weight: 700; background: #eaf5ea; } .rank { color: #7a8494; font-size: 11px; }
+p.wins { font-size: 14px; }
 figure { margin: 12px 0 24px; } figure img { max-width: 100%; border: 1px solid #eef0f4; }
 figcaption { color: #5a6473; font-size: 13px; margin-top: 4px; } .missing { color: #a05a00; }
 code { font-size: 12px; }
@@ -290,10 +301,12 @@ def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
 
 
-def comparison_html(frame: "pd.DataFrame", metric: str) -> str:
-    """The methods-by-(dataset, ratio) table: best value per cell (bold: best in its column), rank, mean rank."""
+def comparison_html(frame: "pd.DataFrame", metric: str, split: str | None = None) -> str:
+    """The methods-by-(dataset, ratio) table: each cell's value (mean ± std over confirmation seeds;
+    bold: best in its column), its rank, and the mean rank."""
     ranking = get_metric(metric)
-    table = views.compare(frame, metric=metric)
+    study = views.study_table(frame, metric=metric, split=split)
+    table = study.means
     if table.empty:
         return f'<p class="missing">No trial has a {html.escape(ranking.title)} yet.</p>'
     cells = [c for c in table.columns if c != "mean_rank"]
@@ -308,11 +321,66 @@ def comparison_html(frame: "pd.DataFrame", metric: str) -> str:
                 tds.append("<td>–</td>")
                 continue
             css = ' class="best"' if rank == ranks[column].min() else ""
-            tds.append(f'<td{css}>{ranking.format(value)} <span class="rank">({rank:g})</span></td>')
+            text = html.escape(study.cell_text(method, column))
+            tds.append(f'<td{css}>{text} <span class="rank">({rank:g})</span></td>')
         lines.append(f'<tr><td class="name">{html.escape(str(method))}</td>{"".join(tds)}'
-                     f"<td>{row['mean_rank']:.2f}</td></tr>")
+                     f"<td>{_fmt(row['mean_rank'], 2)}</td></tr>")
     lines.append("</table>")
     return "\n".join(lines)
+
+
+def comparison_caption(frame: "pd.DataFrame", metric: str, split: str | None = None) -> str:
+    """What the comparison table's cells hold, in words."""
+    ranking = get_metric(metric)
+    column = views.study_table(frame, metric=metric, split=split).column
+    value = "its value" if column == metric else f"its {column}"
+    return (f"Per method and (dataset, label ratio), the configuration chosen on {ranking.title}: the confirmed "
+            "configuration with the best mean over its seeds where the top configurations were confirmed, else the "
+            f"best search trial; {value} (mean ± std over the confirmation seeds where several ran), its rank in "
+            "the column in brackets (1 is best, ties share the mean rank), bold: best in the column; mean rank over "
+            "the columns where the method has a value.")
+
+
+def wins_html(frame: "pd.DataFrame", metric: str, split: str | None = None, baseline: str = "full") -> str:
+    """``lora beats full in 13 of 18 tasks``, one line per method; empty without ``baseline`` trials."""
+    split = views.study_table(frame, metric=metric, split=split).split  # the table's values
+    lines = views.wins_lines(views.wins(frame, metric, baseline, split), metric)
+    if not lines:
+        return ""
+    return ('<p class="wins">' + "<br>".join(html.escape(line) for line in lines) + "</p>\n"
+            f'<p class="meta">A task is one backbone, pre-trained checkpoint, dataset and label ratio where both the '
+            f"method and {html.escape(baseline)} have a value; the values compared are the table's.</p>")
+
+
+def subgroups_html(frame: "pd.DataFrame", metric: str) -> str:
+    """The worst-group gap of each chosen configuration per attribute; empty when no row has subgroups."""
+    gaps = views.subgroup_gaps(frame, metric)
+    if gaps.empty:
+        return ""
+    ranking = get_metric(metric)
+    attributes = sorted(gaps["attribute"].unique())
+    head = "".join(f"<th>{html.escape(str(a))}</th>" for a in attributes)
+    lines = ["<h2>Worst-group gap</h2>",
+             f'<p class="meta">Per configuration of the comparison table: the best subgroup\'s '
+             f"{html.escape(ranking.on_split('test'))} minus the worst subgroup's, per attribute (mean ± std over the "
+             "confirmation seeds where several ran; the group most often worst in brackets). Lower is fairer.</p>",
+             '<table class="subgroups"><tr><th class="name">dataset</th><th>label ratio</th>'
+             f'<th class="name">method</th>{head}</tr>']
+    for (dataset, ratio, method), group in gaps.groupby(["dataset", "label_ratio", "method"], sort=True):
+        by_attribute = {row.attribute: row for row in group.itertuples(index=False)}
+        tds = "".join(f"<td>{html.escape(_gap_text(by_attribute.get(a), ranking))}</td>" for a in attributes)
+        lines.append(f'<tr><td class="name">{html.escape(str(dataset))}</td><td>{ratio:g}</td>'
+                     f'<td class="name">{html.escape(str(method))}</td>{tds}</tr>')
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _gap_text(row: Any, ranking: Any) -> str:
+    """``0.0520 ± 0.0100 (F)``; ``–`` where the configuration has no gap for the attribute."""
+    if row is None:
+        return "–"
+    text = ranking.format(row.gap) + ("" if _missing(row.gap_std) else f" ± {ranking.format(row.gap_std)}")
+    return text + ("" if _missing(row.worst_group) else f" ({row.worst_group})")
 
 
 def best_configs_html(frame: "pd.DataFrame", metric: str) -> str:
@@ -322,8 +390,10 @@ def best_configs_html(frame: "pd.DataFrame", metric: str) -> str:
         return '<p class="missing">No trial to show.</p>'
     ranking = get_metric(metric)
     best = best.sort_values(["dataset", "label_ratio", metric], ascending=[True, True, ranking.ascending])
-    header = ["dataset", "label ratio", "method", "backbone", ranking.title, "trainable params", "epochs", "wall time",
-              "hyperparameters", "trial"]
+    test = ranking.on_split("test")
+    has_test = test in best and bool(best[test].notna().any())
+    header = ["dataset", "label ratio", "method", "backbone", ranking.title, *([test] if has_test else []),
+              "trainable params", "epochs", "wall time", "hyperparameters", "trial"]
     lines = ["<table><tr>" + "".join(f'<th class="name">{h}</th>' if h in ("dataset", "method", "backbone",
              "hyperparameters", "trial") else f"<th>{h}</th>" for h in header) + "</tr>"]
     for row in best.to_dict(orient="records"):
@@ -337,6 +407,7 @@ def best_configs_html(frame: "pd.DataFrame", metric: str) -> str:
         cells = [
             ("name", row["dataset"]), ("", f"{row['label_ratio']:g}"), ("name", row["method"]),
             ("name", row["backbone"]), ("", "–" if _missing(row[metric]) else ranking.format(row[metric])),
+            *([("", "–" if _missing(row[test]) else ranking.format(row[test]))] if has_test else []),
             ("", trainable), ("", epochs), ("", wall),
             ("name", _params_text(row["params"])), ("name", f"{row['experiment']} / {row['trial_id']}"),
         ]
@@ -361,7 +432,8 @@ def failures_html(frame: "pd.DataFrame") -> str:
 
 
 def render_html(
-    frame: "pd.DataFrame", experiments: list[str], figures: list[FigureResult], metric: str, source: str
+    frame: "pd.DataFrame", experiments: list[str], figures: list[FigureResult], metric: str, source: str,
+    split: str | None = None, baseline: str = "full",
 ) -> str:
     """The whole report page; images are embedded, nothing is fetched from the network."""
     statuses = frame["status"].value_counts().to_dict()
@@ -381,10 +453,10 @@ def render_html(
         f"methods: {html.escape(methods)}; metric: {shown}<br>"
         f"leaderboard: <code>{html.escape(source)}</code>; generated {generated}</p>",
         "<h2>Methods compared</h2>",
-        f'<p class="meta">Best {shown} of each method per (dataset, label ratio), its rank in the column '
-        "in brackets (1 is best, ties share the mean rank), bold: best in the column; mean rank over the columns "
-        "where the method has a value.</p>",
-        comparison_html(frame, metric),
+        f'<p class="meta">{html.escape(comparison_caption(frame, metric, split))}</p>',
+        comparison_html(frame, metric, split),
+        wins_html(frame, metric, split, baseline),
+        subgroups_html(frame, metric),
     ]
     for figure in figures:
         parts.append(f"<h2>{html.escape(figure.title)}</h2>")

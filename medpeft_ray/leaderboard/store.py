@@ -30,7 +30,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 
 from medpeft_ray.errors import MedpeftError, UsageError
 from medpeft_ray.label_ratios import LABEL_RATIO_TOLERANCE
-from medpeft_ray.metrics import METRICS
+from medpeft_ray.metrics import METRICS, finite_or_none, names_on_split
 
 if TYPE_CHECKING:
     import optuna
@@ -39,11 +39,14 @@ if TYPE_CHECKING:
 #: Version 2 renamed ``trials`` to ``medpeft_trials`` (Optuna's RDB storage owns a ``trials`` table,
 #: and its studies live in the same database) and added indexes for date and (dataset, ratio, method).
 #: Version 3 added the pre-trained checkpoint each trial started from (``checkpoint_file``, ``checkpoint_sha256``).
-SCHEMA_VERSION = 3
+#: Version 4 added F1 and the accuracies, every metric's test-split value, the row's ``role``
+#: (a search trial or a confirmation seed), its ``seed`` and ``source_trial``, and ``details``.
+SCHEMA_VERSION = 4
 TRIALS_TABLE = "medpeft_trials"
 SCHEMA_TABLE = "medpeft_schema"
 DEFAULT_RESULTS_DIR = "medpeft-results"
 Status = Literal["completed", "stopped", "failed"]
+Role = Literal["search", "confirmation"]
 
 _metadata = sa.MetaData()
 
@@ -58,8 +61,9 @@ trials_table = sa.Table(
     sa.Column("method", sa.String(100), nullable=False),
     sa.Column("backbone", sa.String(200), nullable=False),
     sa.Column("status", sa.String(20), nullable=False),
-    sa.Column("val_auroc", sa.Float),
-    sa.Column("val_loss", sa.Float),
+    # every metric of the registry: its validation value at the best epoch, and (confirmation
+    # rows, `train --config`) that epoch's test-split value
+    *(sa.Column(name, sa.Float) for name in (*METRICS, *names_on_split("test"))),
     sa.Column("best_epoch", sa.Integer),
     sa.Column("epochs_run", sa.Integer),
     sa.Column("trainable_params", sa.BigInteger),
@@ -77,6 +81,13 @@ trials_table = sa.Table(
     # (NULL: random initialisation, or a row written before version 3)
     sa.Column("checkpoint_file", sa.Text),
     sa.Column("checkpoint_sha256", sa.String(64)),
+    # "search": a trial of the search; "confirmation": one seed of re-training a top configuration
+    # (source_trial: the search trial it re-trains), so several seeds give a mean and a spread
+    sa.Column("role", sa.String(20)),
+    sa.Column("seed", sa.Integer),
+    sa.Column("source_trial", sa.String(100)),
+    # per-class values, multi-label thresholds, per-subgroup values and worst-group gaps (JSON)
+    sa.Column("details", sa.Text),
     sa.UniqueConstraint("experiment", "trial_id", name="uq_trial"),
 )
 _indexes = (
@@ -115,6 +126,14 @@ class TrialRecord:
     params: dict[str, Any] = field(default_factory=dict)
     val_auroc: float | None = None
     val_loss: float | None = None
+    val_f1: float | None = None
+    val_accuracy: float | None = None
+    val_balanced_accuracy: float | None = None
+    test_auroc: float | None = None
+    test_loss: float | None = None
+    test_f1: float | None = None
+    test_accuracy: float | None = None
+    test_balanced_accuracy: float | None = None
     best_epoch: int | None = None
     epochs_run: int | None = None
     trainable_params: int | None = None
@@ -127,6 +146,10 @@ class TrialRecord:
     error: str | None = None
     checkpoint_file: str | None = None
     checkpoint_sha256: str | None = None
+    role: Role = "search"
+    seed: int | None = None
+    source_trial: str | None = None
+    details: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
@@ -331,6 +354,7 @@ class TrialStore:
         values = {k: _clean(v) for k, v in asdict(row).items()}
         values["config"] = json.dumps(row.config, sort_keys=True, default=str)
         values["params"] = json.dumps(row.params, sort_keys=True, default=str)
+        values["details"] = None if row.details is None else json.dumps(finite_or_none(row.details), default=str)
         values["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         updates = {k: v for k, v in values.items() if k not in ("experiment", "trial_id")}
         with self.engine.begin() as conn:
@@ -356,6 +380,7 @@ class TrialStore:
         method: str | None = None,
         backbone: str | None = None,
         status: str | None = None,
+        role: str | None = None,
         since: str | date | datetime | None = None,
         until: str | date | datetime | None = None,
         metric: str = "val_auroc",
@@ -366,6 +391,7 @@ class TrialStore:
 
         Args:
             experiment: one experiment name or several.
+            role: ``search`` (the search's trials) or ``confirmation`` (re-trainings with other seeds).
             since, until: recorded on or after / on or before (a date, a time, or ISO text; a
                 bare ``until`` date includes that whole day; times without a zone are UTC).
             metric: any column to sort by; ``ascending`` puts the smallest first.
@@ -384,6 +410,10 @@ class TrialStore:
             query = query.where(t.c.experiment == experiment)
         elif experiment is not None:
             query = query.where(t.c.experiment.in_(list(experiment)))
+        if role == "search":  # rows of version 3 and older, NULL there, were all search trials
+            query = query.where(sa.or_(t.c.role == role, t.c.role.is_(None)))
+        elif role is not None:
+            query = query.where(t.c.role == role)
         if label_ratio is not None:
             query = query.where(sa.func.abs(t.c.label_ratio - label_ratio) < LABEL_RATIO_TOLERANCE)
         if since is not None:
@@ -399,9 +429,11 @@ class TrialStore:
             frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=list(t.c.keys()))
         for column in ("config", "params"):
             frame[column] = frame[column].map(json.loads)
-        for column in ("best_epoch", "epochs_run", "trainable_params", "total_params", "skipped_images"):
+        frame["details"] = frame["details"].map(lambda text: json.loads(text) if isinstance(text, str) else None)
+        frame["role"] = frame["role"].fillna("search")  # rows of version 3 and older were all search trials
+        for column in ("best_epoch", "epochs_run", "trainable_params", "total_params", "skipped_images", "seed"):
             frame[column] = frame[column].astype("Int64")  # nullable: a failed trial has no counts
-        for column in ("label_ratio", *METRICS, "wall_time_s", "startup_s", "train_time_s"):
+        for column in ("label_ratio", *METRICS, *names_on_split("test"), "wall_time_s", "startup_s", "train_time_s"):
             frame[column] = frame[column].astype("float64")  # None (no value) becomes NaN, even in an empty frame
         return frame
 
@@ -462,14 +494,20 @@ def _upgrade_1_to_2(conn: sa.Connection) -> None:
         index.create(conn)
 
 
-def _upgrade_2_to_3(conn: sa.Connection) -> None:
-    """Version 3 records the pre-trained checkpoint of each trial; older rows keep NULL (not known)."""
-    for column in (trials_table.c.checkpoint_file, trials_table.c.checkpoint_sha256):
-        kind = column.type.compile(dialect=conn.dialect)
-        conn.execute(sa.text(f"ALTER TABLE {TRIALS_TABLE} ADD COLUMN {column.name} {kind}"))
+def _add_new_columns(conn: sa.Connection) -> None:
+    """Adds the columns of :data:`trials_table` an older leaderboard lacks; its rows keep NULL there.
+
+    Version 3 added the pre-trained checkpoint of each trial, version 4 the new metrics, the test
+    values, the role, seed, source trial and details (older rows: not known, or search trials).
+    """
+    present = {c["name"] for c in sa.inspect(conn).get_columns(TRIALS_TABLE)}
+    for column in trials_table.c:
+        if column.name not in present:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f'ALTER TABLE {TRIALS_TABLE} ADD COLUMN "{column.name}" {kind}'))
 
 
-_UPGRADES: dict[int, Callable[[sa.Connection], None]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3}
+_UPGRADES: dict[int, Callable[[sa.Connection], None]] = {1: _upgrade_1_to_2, 2: _add_new_columns, 3: _add_new_columns}
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

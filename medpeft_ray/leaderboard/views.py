@@ -3,12 +3,19 @@
 Every function takes the rows of :meth:`TrialStore.query` (any filtered subset) and returns
 a new DataFrame; none touches the database. Trials without the metric (failed ones) take part in
 no ranking; the metric's direction (:mod:`medpeft_ray.metrics`) says which way is best.
+
+Rows of ``role`` ``confirmation`` (a top configuration re-trained with other seeds) stand for their
+configuration in the comparisons (:func:`cells`: mean and std over the seeds); search progress and
+hyperparameter importance read the search's own trials only. Columns an older leaderboard lacks
+(``role``, test metrics, ``details``) read as search trials without those values.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from medpeft_ray.errors import MedpeftError, UsageError
@@ -22,6 +29,10 @@ STUDY_COLUMNS = ["experiment", "method", "dataset", "label_ratio"]
 GROUP_COLUMNS = ("experiment", "dataset", "label_ratio", "method", "backbone", "status", "checkpoint_sha256")
 #: hex digits of a checkpoint's SHA-256 shown to tell checkpoints apart
 SHORT_HASH = 8
+#: a row's ``role``: a trial of the search, or a re-training of a top configuration with another seed
+ROLE_SEARCH, ROLE_CONFIRMATION = "search", "confirmation"
+#: the splits a comparison can show (the configuration is always chosen on validation)
+SPLITS = ("val", "test")
 
 
 def checkpoint_labels(frame: "pd.DataFrame") -> "pd.Series":
@@ -57,12 +68,31 @@ def best(frame: "pd.DataFrame", metric: str = "val_auroc", what: str = "the lead
     Raises:
         MedpeftError: no row has ``metric`` (``what`` names the selection in the message).
     """
-    rows = ranked(frame, metric)
+    rows = ranked(search_rows(frame), metric)  # a confirmation seed re-trains a search trial's config
     if rows.empty:
         failed = int((frame["status"] == "failed").sum()) if len(frame) else 0
         detail = f" ({failed} failed)" if failed else ""
         raise MedpeftError(f"no trial with a {metric} in {what}{detail}")
     return rows.head(1)
+
+
+def confirmation_summary(frame: "pd.DataFrame", trial: dict[str, Any], metric: str = "val_auroc") -> str | None:
+    """``confirmed with 3 seeds: val_f1 0.81 ± 0.01, test_f1 0.79 ± 0.02`` for a search trial whose
+    configuration was re-trained with several seeds; None when it was not."""
+    if "source_trial" not in frame:
+        return None
+    seeds = frame[(roles(frame) == ROLE_CONFIRMATION) & (frame["source_trial"] == trial["trial_id"])
+                  & (frame["experiment"] == trial["experiment"])]
+    if seeds.empty:
+        return None
+    shown = get_metric(metric)
+    parts = []
+    for name in (metric, shown.on_split("test")):
+        values = _column(seeds, name).dropna()
+        if len(values):
+            spread = f" ± {shown.format(values.std(ddof=1))}" if len(values) > 1 else ""
+            parts.append(f"{name} {shown.format(values.mean())}{spread}")
+    return f"confirmed with {len(seeds)} seed(s): {', '.join(parts) or 'no values'}"
 
 
 def best_per_group(frame: "pd.DataFrame", by: Sequence[str], metric: str = "val_auroc") -> "pd.DataFrame":
@@ -75,9 +105,182 @@ def best_per_group(frame: "pd.DataFrame", by: Sequence[str], metric: str = "val_
     return rows.groupby(by, sort=False, dropna=False).head(1).reset_index(drop=True)
 
 
-def compare(frame: "pd.DataFrame", by: str = "method", metric: str = "val_auroc") -> "pd.DataFrame":
+def roles(frame: "pd.DataFrame") -> "pd.Series":
+    """Each row's role: ``search`` or ``confirmation`` (rows written before roles were are search trials)."""
+    import pandas as pd
+
+    if "role" not in frame:
+        return pd.Series(ROLE_SEARCH, index=frame.index, dtype=object)
+    return frame["role"].where(frame["role"].notna(), ROLE_SEARCH)
+
+
+def search_rows(frame: "pd.DataFrame") -> "pd.DataFrame":
+    """The trials of the searches themselves, without the confirmation re-trainings."""
+    return frame[roles(frame) != ROLE_CONFIRMATION]
+
+
+def resolve_split(frame: "pd.DataFrame", metric: str, split: str | None = None, keys: Sequence[str] = ("method",)
+                  ) -> str:
+    """The split whose values the comparison of ``keys`` shows: ``split``, or by default ``test`` when
+    every cell's chosen configuration has the metric's test value (the studies report the test score
+    of the configuration chosen on validation), else ``val`` (a table never mixes the two)."""
+    return _split_of(_choices(frame, list(keys), metric), metric, split)
+
+
+def _split_of(choices: list[tuple[Any, "pd.DataFrame"]], metric: str, split: str | None) -> str:
+    if split is not None:
+        return check_split(split)
+    test = get_metric(metric).on_split("test")
+    every = bool(choices) and all(_column(runs, test).notna().any() for _, runs in choices)
+    return "test" if every else "val"
+
+
+def check_split(split: str) -> str:
+    """``split`` if a comparison can show it; raises UsageError otherwise."""
+    if split not in SPLITS:
+        raise UsageError(f"no split {split!r} to compare on; splits: {', '.join(SPLITS)}")
+    return split
+
+
+def _column(frame: "pd.DataFrame", name: str) -> "pd.Series":
+    """``frame[name]`` as floats; all NaN when an older leaderboard has no such column."""
+    import pandas as pd
+
+    if name not in frame:
+        return pd.Series(math.nan, index=frame.index, dtype="float64")
+    return frame[name].astype("float64")
+
+
+def _chosen_runs(group: "pd.DataFrame", metric: str) -> "pd.DataFrame":
+    """The rows behind one cell: the confirmed configuration with the best mean validation value
+    (all its seeds), else the best search trial."""
+    confirmed = group[roles(group) == ROLE_CONFIRMATION].sort_values("id", kind="stable")
+    if confirmed.empty:
+        return ranked(group, metric).head(1)
+    source = confirmed.get("source_trial", confirmed["trial_id"])
+    config = confirmed["experiment"].astype(str) + "/" + source.where(source.notna(), confirmed["trial_id"]).astype(str)
+    means = confirmed.groupby(config, sort=False)[metric].mean()  # first recorded first: ties keep it
+    chosen = means.idxmin() if get_metric(metric).ascending else means.idxmax()
+    return confirmed[config == chosen]
+
+
+def _cell_values(runs: "pd.DataFrame", column: str) -> dict[str, Any]:
+    """Mean, sample std (NaN for one value) and count of ``column`` over the chosen runs."""
+    values = _column(runs, column).dropna()
+    confirmed = bool((roles(runs) == ROLE_CONFIRMATION).any())
+    source = runs["source_trial"].iloc[0] if confirmed and "source_trial" in runs else runs["trial_id"].iloc[0]
+    return {"mean": values.mean() if len(values) else math.nan,
+            "std": values.std(ddof=1) if len(values) > 1 else math.nan,
+            "seeds": len(values), "confirmed": confirmed, "experiment": runs["experiment"].iloc[0],
+            "trial_id": source, "ids": tuple(int(i) for i in runs["id"])}
+
+
+CELL_COLUMNS = ["split", "mean", "std", "seeds", "confirmed", "experiment", "trial_id", "ids"]
+
+
+def _choices(frame: "pd.DataFrame", keys: list[str], metric: str) -> list[tuple[Any, "pd.DataFrame"]]:
+    """Each (``keys``, dataset, label ratio) group's key and its chosen runs (:func:`_chosen_runs`)."""
+    rows = frame[frame[metric].notna()]
+    groups = rows.groupby([*keys, "dataset", "label_ratio"], sort=True)
+    return [(key, _chosen_runs(group, metric)) for key, group in groups]
+
+
+def cells(frame: "pd.DataFrame", keys: Sequence[str], metric: str = "val_auroc", split: str | None = None
+          ) -> "pd.DataFrame":
+    """The value each group of ``keys`` has at each (dataset, label ratio): one row per cell.
+
+    A cell's configuration is chosen on validation ``metric``: where confirmation rows exist, the
+    confirmed configuration (``source_trial``) with the best mean over its seeds, else the best
+    search trial. ``mean``, ``std`` (NaN for a single run) and ``seeds`` are that configuration's
+    values on ``split`` (default: see :func:`resolve_split`), named in column ``split``; ``trial_id``
+    is the search trial that proposed it and ``ids`` the rows averaged.
+    """
+    import pandas as pd
+
+    by = [*keys, "dataset", "label_ratio"]
+    choices = _choices(frame, list(keys), metric)
+    split = _split_of(choices, metric, split)
+    column = get_metric(metric).on_split(split)
+    records = [{**dict(zip(by, key)), "split": split, **_cell_values(runs, column)} for key, runs in choices]
+    return pd.DataFrame(records, columns=[*by, *CELL_COLUMNS])
+
+
+@dataclass
+class StudyTable:
+    """The studies' comparison table: ``means`` (what :func:`compare` returns: one column per
+    (dataset, label ratio) and ``mean_rank``), with the spread over confirmation seeds beside it."""
+
+    means: "pd.DataFrame"
+    std: "pd.DataFrame"
+    seeds: "pd.DataFrame"
+    metric: str
+    split: str
+
+    @property
+    def column(self) -> str:
+        """The leaderboard column shown, e.g. ``test_auroc``."""
+        return get_metric(self.metric).on_split(self.split)
+
+    @property
+    def several_seeds(self) -> bool:
+        return bool((self.seeds > 1).to_numpy().any())
+
+    def cell_text(self, name: Any, cell: str) -> str:
+        """``0.8120 ± 0.0130`` (several seeds), ``0.8120`` (one) or ``–`` (no value)."""
+        ranking, mean, std = get_metric(self.metric), self.means.at[name, cell], self.std.at[name, cell]
+        if mean != mean:
+            return "–"
+        return ranking.format(mean) + ("" if std != std else f" ± {ranking.format(std)}")
+
+    def text(self) -> "pd.DataFrame":
+        """The display form: every cell as :meth:`cell_text`, and ``mean rank`` with two decimals."""
+        cells_ = [c for c in self.means.columns if c != "mean_rank"]
+        text = self.means[cells_].astype(object)
+        for name in text.index:
+            for cell in cells_:
+                text.at[name, cell] = self.cell_text(name, cell)
+        text["mean rank"] = self.means["mean_rank"].map(lambda v: "–" if v != v else f"{v:.2f}")
+        return text
+
+
+def _wide(long: "pd.DataFrame", by: str, value: str) -> "pd.DataFrame":
+    wide = long.set_index([by, "dataset", "label_ratio"])[value].unstack(["dataset", "label_ratio"]).sort_index(axis=1)
+    wide.columns = [cell_label(dataset, ratio) for dataset, ratio in wide.columns]
+    return wide.rename_axis(by)
+
+
+def study_table(frame: "pd.DataFrame", by: str = "method", metric: str = "val_auroc", split: str | None = None
+                ) -> StudyTable:
+    """:func:`compare`'s table with its standard deviations and seed counts (see :func:`cells`)."""
+    import pandas as pd
+
+    if by not in ("method", "backbone", "experiment"):
+        raise UsageError(f"cannot compare by {by!r}; compare methods, backbones or experiments")
+    ranking = get_metric(metric)
+    rows = frame[frame[metric].notna()]
+    if rows.empty:
+        empty = pd.DataFrame({"mean_rank": pd.Series(dtype="float64")}, index=pd.Index([], name=by))
+        split = check_split(split) if split is not None else "val"
+        return StudyTable(empty, empty.drop(columns="mean_rank"), empty.drop(columns="mean_rank"), metric, split)
+    if several_checkpoints(rows):
+        rows = rows.assign(**{by: rows[by].astype(str) + " [" + checkpoint_labels(rows) + "]"})
+    long = cells(rows, [by], metric, split)
+    split = long["split"].iloc[0]
+    means = _wide(long, by, "mean").astype("float64")
+    ranks = means.rank(axis=0, ascending=ranking.ascending, method="average")
+    means["mean_rank"] = ranks.mean(axis=1)
+    order = means.sort_values(["mean_rank"], kind="stable").index
+    std, seeds = _wide(long, by, "std").astype("float64"), _wide(long, by, "seeds").fillna(0).astype("int64")
+    return StudyTable(means.loc[order], std.loc[order], seeds.loc[order], metric, split)
+
+
+def compare(frame: "pd.DataFrame", by: str = "method", metric: str = "val_auroc", split: str | None = None
+            ) -> "pd.DataFrame":
     """The studies' comparison table: one row per ``by`` value (method or backbone), one column per
-    (dataset, label ratio) holding the best ``metric`` there, and ``mean_rank``.
+    (dataset, label ratio) holding the value of the configuration chosen there on validation
+    ``metric`` (see :func:`cells`: the mean over its confirmation seeds where it was confirmed, else
+    the best search trial's value), on ``split`` (default: test when every cell has a test value,
+    else validation), and ``mean_rank``. :func:`study_table` adds the standard deviations.
 
     When some dataset has trials from more than one pre-trained checkpoint, each row is a ``by``
     value and a checkpoint, labelled ``lora [1a2b3c4d]`` (the hash's first digits; ``-``: none
@@ -86,24 +289,130 @@ def compare(frame: "pd.DataFrame", by: str = "method", metric: str = "val_auroc"
     A method's rank in a column is 1 for the best value (ties share the mean of their ranks); its
     mean rank averages the columns it has a value in. Rows are sorted by mean rank.
     """
+    return study_table(frame, by, metric, split).means
+
+
+#: what identifies one transfer task when methods are counted against a baseline (as MED-PEFT
+#: counts them: pre-trained model x dataset x label ratio)
+TASK_COLUMNS = ["backbone", "checkpoint", "dataset", "label_ratio"]
+
+
+def task_values(frame: "pd.DataFrame", metric: str = "val_auroc", split: str | None = None) -> "pd.DataFrame":
+    """One row per task (:data:`TASK_COLUMNS`), one column per method: the value :func:`cells` chose."""
+    keyed = frame.assign(checkpoint=checkpoint_labels(frame))
+    long = cells(keyed, ["method", "backbone", "checkpoint"], metric, split)
+    return long.set_index([*TASK_COLUMNS, "method"])["mean"].astype("float64").unstack("method")
+
+
+WINS_COLUMNS = ["method", "baseline", "wins", "ties", "losses", "tasks", "best_margin"]
+
+
+def wins(frame: "pd.DataFrame", metric: str = "val_auroc", baseline: str = "full", split: str | None = None
+         ) -> "pd.DataFrame":
+    """Per method, in how many tasks (backbone, checkpoint, dataset, label ratio, where both ran) it
+    beats ``baseline``: ``wins``, ``ties``, ``losses``, ``tasks`` and ``best_margin`` (its largest
+    lead, in the metric's units). Most wins first; empty when ``baseline`` has no value anywhere."""
     import pandas as pd
 
-    if by not in ("method", "backbone", "experiment"):
-        raise UsageError(f"cannot compare by {by!r}; compare methods, backbones or experiments")
     ranking = get_metric(metric)
-    rows = frame[frame[metric].notna()]
-    if rows.empty:
-        return pd.DataFrame({"mean_rank": pd.Series(dtype="float64")}, index=pd.Index([], name=by))
-    if several_checkpoints(rows):
-        rows = rows.assign(**{by: rows[by].astype(str) + " [" + checkpoint_labels(rows) + "]"})
-    cells = rows.groupby([by, "dataset", "label_ratio"])[metric].agg(ranking.direction)  # "max" or "min"
-    wide = cells.unstack(["dataset", "label_ratio"]).sort_index(axis=1)
-    ranks = wide.rank(axis=0, ascending=ranking.ascending, method="average")
-    table = wide.copy()
-    table.columns = [cell_label(dataset, ratio) for dataset, ratio in wide.columns]
-    table["mean_rank"] = ranks.mean(axis=1).to_numpy()
-    table.index.name = by
-    return table.sort_values(["mean_rank"], kind="stable").rename_axis(by)
+    values = task_values(frame[frame[metric].notna()], metric, split) if len(frame) else pd.DataFrame()
+    if baseline not in values:
+        return pd.DataFrame(columns=WINS_COLUMNS)
+    records = [_wins_of(method, values[method], values[baseline], baseline, ranking.ascending)
+               for method in values.columns if method != baseline]
+    table = pd.DataFrame([r for r in records if r[5]], columns=WINS_COLUMNS)
+    return table.sort_values(["wins", "method"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def _wins_of(method: str, mine: "pd.Series", theirs: "pd.Series", baseline: str, ascending: bool) -> tuple:
+    both = mine.notna() & theirs.notna()
+    lead = (theirs - mine if ascending else mine - theirs)[both]
+    best_margin = float(lead.max()) if bool((lead > 0).any()) else math.nan
+    return (method, baseline, int((lead > 0).sum()), int((lead == 0).sum()), int((lead < 0).sum()), int(both.sum()),
+            best_margin)
+
+
+def wins_lines(table: "pd.DataFrame", metric: str = "val_auroc") -> list[str]:
+    """:func:`wins` in words: ``lora beats full in 13 of 18 tasks (by up to 0.0290)``."""
+    ranking, lines = get_metric(metric), []
+    for row in table.itertuples(index=False):
+        line = f"{row.method} beats {row.baseline} in {row.wins} of {row.tasks} tasks"
+        if row.ties:
+            line += f" (ties {row.ties})"
+        if row.best_margin == row.best_margin:
+            line += f" (by up to {ranking.format(row.best_margin)})"
+        lines.append(line)
+    return lines
+
+
+def details_of(value: Any) -> dict[str, Any]:
+    """A row's ``details`` as a dict: parsed JSON text, the dict itself, or ``{}`` when absent."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _row_gaps(details: dict[str, Any], name: str) -> dict[str, tuple[float, str | None]]:
+    """Per attribute: the worst-group gap of ``name`` (as stored, else from the subgroups) and the worst group."""
+    stored, subgroups = details.get("worst_group_gap") or {}, details.get("subgroups") or {}
+    gaps = {}
+    for attribute in sorted({*stored, *subgroups}):
+        scores = {group: float(s[name]) for group, s in (subgroups.get(attribute) or {}).items()
+                  if _is_number(s.get(name)) and math.isfinite(s[name])}
+        gap = (stored.get(attribute) or {}).get(name)
+        if gap is None and len(scores) >= 2:
+            gap = max(scores.values()) - min(scores.values())
+        if _is_number(gap) and math.isfinite(gap):
+            gaps[attribute] = (float(gap), _worst(scores, name))
+    return gaps
+
+
+def _worst(scores: dict[str, float], name: str) -> str | None:
+    """The group with the worst value of ``name`` (None: no group scores)."""
+    if not scores:
+        return None
+    pick = max if get_metric(_validation_name(name)).ascending else min
+    return pick(scores, key=scores.__getitem__)
+
+
+def _validation_name(name: str) -> str:
+    return "val_" + name.split("_", 1)[1]
+
+
+GAP_COLUMNS = ["method", "dataset", "label_ratio", "attribute", "gap", "gap_std", "seeds", "worst_group", "trial_id"]
+
+
+def subgroup_gaps(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.DataFrame":
+    """Per method, (dataset, label ratio) and attribute: the worst-group gap of the configuration
+    chosen there (see :func:`cells`; mean and std over its seeds), on the test split: the best
+    group's test value minus the worst group's. ``worst_group`` is the group most often worst.
+    Empty when no row has subgroup results (``details``)."""
+    import pandas as pd
+
+    name = get_metric(metric).on_split("test")
+    if "details" not in frame or frame.empty:
+        return pd.DataFrame(columns=GAP_COLUMNS)
+    per_row = {int(i): _row_gaps(details_of(d), name) for i, d in zip(frame["id"], frame["details"])}
+    records = []
+    for cell in cells(frame, ["method"], metric, "val").itertuples(index=False):
+        records += _cell_gaps(cell, [per_row.get(i, {}) for i in cell.ids])
+    return pd.DataFrame(records, columns=GAP_COLUMNS)
+
+
+def _cell_gaps(cell: Any, runs: list[dict[str, tuple[float, str]]]) -> list[tuple]:
+    import pandas as pd
+
+    records = []
+    for attribute in sorted({a for run in runs for a in run}):
+        gaps = pd.Series([run[attribute][0] for run in runs if attribute in run], dtype="float64")
+        named = pd.Series([run[attribute][1] for run in runs if attribute in run]).dropna()
+        worst = named.mode().iloc[0] if len(named) else None
+        records.append((cell.method, cell.dataset, cell.label_ratio, attribute, gaps.mean(),
+                        gaps.std(ddof=1) if len(gaps) > 1 else math.nan, len(gaps), worst, cell.trial_id))
+    return records
 
 
 def pareto_mask(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.Series":
@@ -143,7 +452,7 @@ def progress(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.DataFrame"
     ascending = get_metric(metric).ascending
     columns = [*STUDY_COLUMNS, "trial", "trial_id", "compute_s", "epochs", metric, "best_so_far"]
     parts = []
-    for _, group in frame.sort_values("id").groupby(STUDY_COLUMNS, sort=True):
+    for _, group in search_rows(frame).sort_values("id").groupby(STUDY_COLUMNS, sort=True):
         values = group[metric].astype("float64")
         running = values.cummin() if ascending else values.cummax()
         parts.append(group[[*STUDY_COLUMNS, "trial_id", metric]].assign(
@@ -175,7 +484,8 @@ def importance(frame: "pd.DataFrame", metric: str = "val_auroc", min_trials: int
 
     ascending = get_metric(metric).ascending
     columns = ["method", "parameter", "kind", "association", "spearman", "trials"]
-    rows = frame[frame[metric].notna()].copy()
+    rows = search_rows(frame)
+    rows = rows[rows[metric].notna()].copy()
     if rows.empty:
         return pd.DataFrame(columns=columns)
     rows["score"] = rows.groupby(["method", "dataset", "label_ratio"])[metric].rank(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medpeft_ray.methods import additive, peft_family, prompts, selective  # noqa: F401  (registers the methods)
+from medpeft_ray.methods import additive, peft_family, prompts, reparam, selective  # noqa: F401  (registers the methods)
 from medpeft_ray.methods.registry import MethodOptions, MethodSpec, get_method, list_methods, register_method
 
 if TYPE_CHECKING:
@@ -87,8 +87,10 @@ def count_parameters(model: "nn.Module") -> tuple[int, int]:
     return trainable, total
 
 
-def method_summaries(backbone: str, num_classes: int = 14, image_size: int = 224) -> list[dict[str, Any]]:
-    """Every method that applies to ``backbone``, with its trainable parameters under default options.
+def method_summaries(backbone: str, num_classes: int = 14, image_size: int = 224,
+                     methods: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every method that applies to ``backbone`` (or those of ``methods``, name -> options), with its
+    trainable parameters under default options (or under those options).
 
     Models are built on the meta device: no memory, no weights, a second or two even for ViT-H.
 
@@ -103,15 +105,16 @@ def method_summaries(backbone: str, num_classes: int = 14, image_size: int = 224
     check_backbone_name(backbone)
     family = require_family(backbone).name
     rows = []
-    for name in list_methods(family):
+    chosen = methods if methods is not None else {name: {} for name in list_methods(family)}
+    for name, options in chosen.items():
         spec = get_method(name)
         with torch.device("meta"):
-            model = prepare_model(build_backbone(backbone, num_classes, image_size), name, {}, family)
+            model = prepare_model(build_backbone(backbone, num_classes, image_size), name, dict(options), family)
         trainable, total = count_parameters(model)
         rows.append({
             "method": name, "backbone": backbone, "family": family,
             "trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total,
             "identity_at_init": spec.identity_at_init, "mergeable": spec.merge is not None, "peft_native": spec.peft_native,
-            "searched": sorted(spec.space_for(family)), "description": spec.description,
+            "options": dict(options), "searched": sorted(spec.space_for(family)), "description": spec.description,
         })
     return rows

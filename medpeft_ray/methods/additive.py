@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from medpeft_ray.methods.layers import BlockOptions, chosen_blocks
-from medpeft_ray.methods.registry import LR_PEFT, MethodOptions, register_method
+from medpeft_ray.methods.registry import MethodOptions, register_method
 from medpeft_ray.models.families import get_family
 
 if TYPE_CHECKING:
@@ -27,27 +27,47 @@ class SsfOptions(BlockOptions):
     (the family's :attr:`BackboneFamily.ops`: on a ViT the patch embedding and the final norm; on
     a ResNet every convolution + BatchNorm pair)."""
 
+    final: bool = Field(True, description="ViT: scale-shift the tokens after the final norm, where the reference "
+                                          "does, also when average pooling makes that norm the identity")
+
 
 def _ssf_hosts(model: "nn.Module", options: SsfOptions, family: str) -> list[tuple["nn.Module", int]]:
     """(layer, channel dim of its output) of every layer SSF follows."""
-    return get_family(family).ops(model, [block for _, block in chosen_blocks(model, options, family)])
+    from torch import nn
+
+    hosts = get_family(family).ops(model, [block for _, block in chosen_blocks(model, options, family)])
+    final = getattr(model, "norm", None)
+    # Under average pooling timm's final ``norm`` is the identity (fc_norm, part of the head,
+    # normalises the pooled tokens); the reference (dongzelian/SSF) still scale-shifts the tokens
+    # there, before pooling. The family lists only a final norm with parameters among its ops.
+    if isinstance(final, nn.Identity) and options.final:
+        hosts.append((final, -1))
+    elif not options.final:
+        hosts = [(host, dim) for host, dim in hosts if host is not final]
+    return hosts
 
 
 def merge_ssf(model: "nn.Module") -> "nn.Module":
     from medpeft_ray.methods.modules import ScaleShift, merge_attached
 
+    final = getattr(model, "norm", None)
+    if final is not None and isinstance(getattr(final, ScaleShift.slot, None), ScaleShift) and not list(final.parameters(recurse=False)):
+        raise ValueError("SSF's final scale-shift follows the final norm that average pooling makes the identity: "
+                         "no weight of timm's model can hold it (train with final: false to merge SSF)")
     return merge_attached(model, ScaleShift)
 
 
 @register_method(
-    "ssf", options=SsfOptions, families=("vit", "resnet"), default_space={"lr": LR_PEFT},
+    "ssf", options=SsfOptions, families=("vit", "resnet"),
     description="SSF: a trained per-channel scale and shift after every op", merge=merge_ssf,
 )
 def apply_ssf(model: "nn.Module", options: SsfOptions, family: str) -> "nn.Module":
     from medpeft_ray.methods.modules import ScaleShift, output_channels
 
+    device = next(model.parameters()).device
     for host, channel_dim in _ssf_hosts(model, options, family):
-        ScaleShift(output_channels(host), channel_dim).to(next(host.parameters()).device).attach(host)
+        channels = model.num_features if host is getattr(model, "norm", None) else output_channels(host)
+        ScaleShift(channels, channel_dim).to(device).attach(host)
     return model
 
 
@@ -60,14 +80,27 @@ class AdapterOptions(BlockOptions):
     bottleneck: int = Field(64, ge=1, le=4096, description="hidden width d of the adapter")
     scale: float = Field(1.0, gt=0, description="scale s of the adapter's output")
     activation: Literal["relu", "gelu"] = Field("gelu", description="non-linearity between down and up projection")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the non-linearity")
 
 
 class AdaptFormerOptions(AdapterOptions):
+    """The official AdaptFormer's image set-up: the un-normalised tokens in, ReLU, dropout 0.1, s = 0.1,
+    and the branch added outside drop-path. The bottleneck of 6 gives Dutt et al.'s counts (Table 6:
+    0.1M trainable on ViT-B, 0.3M on ViT-L, with the head); the official code's default is 64."""
+
+    bottleneck: int = Field(6, ge=1, le=4096, description="hidden width d of the adapter")
     scale: float = Field(0.1, gt=0, description="scale s of the adapter's output")
     activation: Literal["relu", "gelu"] = Field("relu", description="non-linearity between down and up projection")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout after the non-linearity")
+    input: Literal["raw", "normed"] = Field(
+        "raw", description="what the adapter reads: the block's tokens before the MLP's LayerNorm (raw, the "
+                           "official code's adapter_layernorm_option none) or after it (normed, the paper's figure)")
 
 
-_ADAPTER_SPACE = {"lr": LR_PEFT, "bottleneck": {"type": "categorical", "choices": [8, 16, 32, 64]}}
+_ADAPTER_SPACE = {"bottleneck": {"type": "categorical", "choices": [8, 16, 32, 64]}}
+_ADAPTFORMER_SPACE = {"bottleneck": {"type": "categorical", "choices": [2, 4, 6, 8, 16, 64]}}
+#: where a timm ViT block's MLP branch reads its input and joins the residual stream
+_MLP_NORM, _MLP_RESIDUAL = "norm2", "drop_path2"
 
 
 def _add_bottlenecks(model: "nn.Module", options: AdapterOptions, family: str, sites: tuple[str, ...],
@@ -83,17 +116,27 @@ def _add_bottlenecks(model: "nn.Module", options: AdapterOptions, family: str, s
         dim = mlp_linears[-1].out_features  # the block's width: what its MLP puts out
         for site in sites:
             host = block.get_submodule(getattr(described, site))
-            adapter = Bottleneck(dim, options.bottleneck, options.scale, options.activation, parallel)
+            adapter = Bottleneck(dim, options.bottleneck, options.scale, options.activation, parallel, options.dropout)
             adapter.to(next(host.parameters()).device).attach(host)
     return model
 
 
 @register_method(
-    "adaptformer", options=AdaptFormerOptions, families=("vit",), default_space=_ADAPTER_SPACE, identity_at_init=True,
-    description="AdaptFormer: x + MLP(LN(x)) + s * up(relu(down(LN(x)))), a bottleneck beside each MLP",
+    "adaptformer", options=AdaptFormerOptions, families=("vit",), default_space=_ADAPTFORMER_SPACE,
+    identity_at_init=True,
+    description="AdaptFormer: x + DropPath(MLP(LN(x))) + s * up(dropout(relu(down(x)))), a bottleneck beside each MLP",
 )
 def apply_adaptformer(model: "nn.Module", options: AdaptFormerOptions, family: str) -> "nn.Module":
-    return _add_bottlenecks(model, options, family, ("mlp",), parallel=True)
+    from medpeft_ray.methods.modules import Bottleneck
+
+    described = get_family(family)
+    for _, block in chosen_blocks(model, options, family):
+        mlp = block.get_submodule(described.mlp)
+        adapter = Bottleneck(block.get_submodule(_MLP_NORM).normalized_shape[0], options.bottleneck, options.scale,
+                             options.activation, parallel=True, dropout=options.dropout)
+        adapter.to(next(mlp.parameters()).device).attach_beside(
+            mlp, block.get_submodule(_MLP_NORM), block.get_submodule(_MLP_RESIDUAL), normed=options.input == "normed")
+    return model
 
 
 @register_method(
@@ -133,8 +176,9 @@ def merge_fact(model: "nn.Module") -> "nn.Module":
 
 @register_method(
     "fact_tt", options=FactOptions, families=("vit",), identity_at_init=True, merge=merge_fact,
-    default_space={"lr": LR_PEFT, "rank": {"type": "categorical", "choices": [4, 8, 16, 32]},
-                   "scale": {"type": "float", "low": 0.01, "high": 10.0, "log": True}},
+    # the reference's VTAB configs choose scales from 0.01 to 100
+    default_space={"rank": {"type": "categorical", "choices": [4, 8, 16, 32]},
+                   "scale": {"type": "float", "low": 0.01, "high": 100.0, "log": True}},
     description="FacT-TT: updates of qkv, proj, fc1, fc2 as s * V core U, U and V shared by all blocks",
 )
 def apply_fact(model: "nn.Module", options: FactOptions, family: str) -> "nn.Module":
@@ -169,7 +213,7 @@ def merge_tsa(model: "nn.Module") -> "nn.Module":
 
 @register_method(
     "tsa", options=TsaOptions, families=("resnet",), identity_at_init=True, merge=merge_tsa,
-    default_space={"lr": LR_PEFT}, description="TSA: a 1x1 residual adapter beside every 3x3 convolution of layer1-4",
+    description="TSA: a 1x1 residual adapter beside every 3x3 convolution of layer1-4",
 )
 def apply_tsa(model: "nn.Module", options: TsaOptions, family: str) -> "nn.Module":
     from torch import nn

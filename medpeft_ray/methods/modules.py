@@ -92,29 +92,53 @@ class ScaleShift(Attached):
 
 
 class Bottleneck(Attached):
-    """A bottleneck adapter ``s * up(act(down(z)))`` added to its host's output.
+    """A bottleneck adapter ``s * up(dropout(act(down(z))))`` added to its host's output.
 
-    ``z`` is the host's output (``sequential``: Houlsby, Pfeiffer) or its input (``parallel``:
-    AdaptFormer, beside the MLP). ``up`` starts at zero, so the host is unchanged at initialisation.
+    ``z`` is the host's output (``sequential``: Houlsby, Pfeiffer) or its input (``parallel``).
+    AdaptFormer's adapter is attached with :meth:`attach_beside` instead. ``up`` starts at zero,
+    so the host is unchanged at initialisation.
     """
 
     slot = "adapter"
 
-    def __init__(self, dim: int, bottleneck: int, scale: float, activation: str, parallel: bool) -> None:
+    def __init__(self, dim: int, bottleneck: int, scale: float, activation: str, parallel: bool,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         self.act = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.dropout = nn.Dropout(dropout)
         self.scale = scale
         self.parallel = parallel
+        self._pending: list[torch.Tensor] = []
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    def branch(self, z: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(self.dropout(self.act(self.down(z))))
+
     def hook(self, host: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        z = inputs[0] if self.parallel else output
-        return output + self.scale * self.up(self.act(self.down(z)))
+        return output + self.branch(inputs[0] if self.parallel else output)
+
+    def attach_beside(self, host: nn.Module, norm: nn.Module, residual: nn.Module, normed: bool) -> "Bottleneck":
+        """AdaptFormer: lives on ``host`` (the MLP), reads what enters (or, ``normed``, leaves) the MLP's
+        ``norm`` and is added to what ``residual`` (drop-path) adds to the stream, outside drop-path."""
+        host.add_module(self.slot, self)
+        norm.register_forward_hook(self.read_output if normed else self.read_input)
+        residual.register_forward_hook(self.add_branch)
+        return self
+
+    def read_input(self, norm: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self._pending[:] = [self.branch(inputs[0])]
+
+    def read_output(self, norm: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self._pending[:] = [self.branch(output)]
+
+    def add_branch(self, residual: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        branch = self._pending.pop()  # computed by this forward's norm hook; not kept past it
+        return output + branch.to(output.dtype)
 
 
 class ParallelConv(Attached):
@@ -154,8 +178,9 @@ class FactCore(Attached):
         if host.in_features % dim or host.out_features % dim:
             raise ValueError(f"FacT: a {host.in_features}->{host.out_features} layer is not a multiple of {dim}")
         self.ins, self.outs = host.in_features // dim, host.out_features // dim
+        # nn.Linear's own initialisation (kaiming-uniform, a = sqrt(5)), as the reference's cores:
+        # the reference's scales s then mean the same here
         self.core = nn.Linear(self.ins * rank, self.outs * rank, bias=False)
-        nn.init.xavier_uniform_(self.core.weight)
         self.dropout = nn.Dropout(dropout)
         self.scale = scale
         # a plain tuple, not a child: U and V are registered once, on the model root
@@ -179,14 +204,14 @@ class FactCore(Attached):
 
 
 class FactShared(nn.Module):
-    """FacT's U (d -> r) and V (r -> d), shared by every adapted layer; V starts at zero."""
+    """FacT's U (d -> r) and V (r -> d), shared by every adapted layer; U keeps nn.Linear's own
+    initialisation (as the reference's), V starts at zero."""
 
     def __init__(self, dim: int, rank: int) -> None:
         super().__init__()
         self.dim, self.rank = dim, rank
         self.u = nn.Linear(dim, rank, bias=False)
         self.v = nn.Linear(rank, dim, bias=False)
-        nn.init.xavier_uniform_(self.u.weight)
         nn.init.zeros_(self.v.weight)
 
 
@@ -307,3 +332,91 @@ class PrefixAttention(_timm_attention()):  # type: ignore[misc]
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))
+
+
+def output_layer(module: nn.Module) -> nn.Module:
+    """The last Linear or convolution of ``module`` (``module`` itself if it is one): what produces its output."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not layers:
+        raise ValueError(f"{type(module).__name__} has no Linear or convolution to produce its output")
+    return layers[-1]
+
+
+class BranchScale(Attached):
+    """DiffFit's gamma: ``y = gamma * y`` per output channel of a residual branch, gamma starting at 1.
+
+    Args:
+        channels: output channels of the host (the branch).
+        channel_dim: where channels sit in the host's output (-1 for tokens, 1 for NCHW maps).
+    """
+
+    slot = "difffit"
+
+    def __init__(self, channels: int, channel_dim: int = -1) -> None:
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.gamma = nn.Parameter(torch.ones(channels))
+
+    def hook(self, host: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        shape = [1] * output.ndim
+        shape[self.channel_dim] = -1
+        return output * self.gamma.view(shape).to(output.dtype)
+
+    @torch.no_grad()
+    def merge_into(self, host: nn.Module) -> None:
+        """Scales the weight and bias of the host's output layer (only dropout may follow it)."""
+        layer = output_layer(host)
+        gamma = self.gamma.to(layer.weight.dtype)
+        layer.weight.mul_(gamma.view(-1, *([1] * (layer.weight.ndim - 1))))
+        if layer.bias is not None:
+            layer.bias.mul_(gamma)
+
+
+class SingularShift(Attached):
+    """SVDiff: a layer's weight ``W = U diag(s) V^T`` becomes ``U diag(relu(s + delta)) V^T``, delta starting at 0.
+
+    U, s and V^T are taken from the host's weight when attached (not saved: they are the frozen
+    weight's, recomputed from it); the hook adds ``x -> layer(x; U diag(relu(s + delta) - s) V^T)``
+    to the host's output, which is exactly zero while delta is. A convolution's kernel is
+    factorised as a (out, in * kh * kw) matrix, as in the reference (mkshing/svdiff-pytorch).
+    """
+
+    slot = "svdiff"
+
+    def __init__(self, host: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(host, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise TypeError(f"SVDiff shifts the singular values of a Linear or convolution, not a {type(host).__name__}")
+        matrix = host.weight.detach().reshape(host.weight.shape[0], -1).float()
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        self.register_buffer("u", u, persistent=False)
+        self.register_buffer("s", s, persistent=False)
+        self.register_buffer("vh", vh, persistent=False)
+        self.delta = nn.Parameter(torch.zeros_like(s))
+        self._shape = tuple(host.weight.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        shifted = F.relu(self.s + self.delta) - self.s
+        return ((self.u * shifted) @ self.vh).reshape(self._shape)
+
+    def hook(self, host: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        weight = self.delta_weight().to(output.dtype)
+        if isinstance(host, nn.Linear):
+            return output + F.linear(inputs[0], weight)
+        return output + host._conv_forward(inputs[0], weight, None)
+
+    @torch.no_grad()
+    def merge_into(self, host: nn.Module) -> None:
+        host.weight += self.delta_weight().to(host.weight.dtype)
+
+
+def scale_branch(branch: nn.Module, channel_dim: int = -1) -> BranchScale:
+    """Attaches DiffFit's per-channel gamma (1 at first) to the output of ``branch`` (a block's
+    attention or MLP, a U-Net's attention or ResNet branch) and returns it."""
+    channels = output_channels(output_layer(branch))
+    return BranchScale(channels, channel_dim).to(output_layer(branch).weight.device).attach(branch)  # type: ignore[return-value]
+
+
+def shift_singular_values(layer: nn.Module) -> SingularShift:
+    """Attaches SVDiff's singular-value shifts (0 at first) to a Linear or convolution and returns them."""
+    return SingularShift(layer).to(layer.weight.device).attach(layer)  # type: ignore[return-value]

@@ -1,4 +1,4 @@
-"""The LoRA family through peft: LoRA, DoRA, LoHa, LoKr, IA3, OFT, VeRA (ViT), and LoRA on ResNet convolutions.
+"""The LoRA family through peft: LoRA, DoRA, LoHa, LoKr, IA3, OFT, BOFT, VeRA (ViT), and LoRA on ResNet convolutions.
 
 Targets are named by the backbone family (:attr:`BackboneFamily.targets`: q, k, v, proj, fc1, fc2
 in a ViT block; conv1-3 and downsample in a ResNet block) and chosen over a block set where the
@@ -12,12 +12,12 @@ timm's root-level ``blocks.N`` names, so blocks are selected in the ``target_mod
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from medpeft_ray.methods.layers import BlockOptions, chosen_blocks, parse_name_set
-from medpeft_ray.methods.registry import LR_PEFT, register_method
+from medpeft_ray.methods.registry import register_method
 from medpeft_ray.models.families import get_family
 
 if TYPE_CHECKING:
@@ -85,6 +85,26 @@ class Ia3Options(PeftOptions):
 class OftOptions(PeftOptions):
     block_size: int = Field(32, ge=2, le=1024, description="size of the orthogonal blocks (divides the layer width)")
     dropout: float = Field(0.0, ge=0, lt=1, description="module dropout")
+    # OFT's rotations are the exact Cayley transform (I - Q)(I + Q)^-1 of a skew matrix Q, as in
+    # the OFT paper; peft defaults to a truncated Neumann series of the inverse, which is faster
+    # but only approximately orthogonal once Q has grown
+    cayley: Literal["exact", "neumann"] = Field("exact", description="exact Cayley transform or peft's Neumann approximation")
+    neumann_terms: int = Field(5, ge=1, le=32, description="terms of the Neumann series (cayley: neumann)")
+
+
+class BoftOptions(PeftOptions):
+    """BOFT: OFT's block-diagonal rotation composed with ``butterfly_factor - 1`` butterfly permutations."""
+
+    block_size: int = Field(4, ge=0, le=1024, description="size of each orthogonal block (0: set by block_num)")
+    block_num: int = Field(0, ge=0, le=4096, description="blocks per layer (0: set by block_size); give one of the two")
+    butterfly_factor: int = Field(1, ge=1, le=12, description="butterfly factors (1: plain block-diagonal OFT)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="multiplicative dropout: whole blocks set to identity")
+
+    @model_validator(mode="after")
+    def _one_of_size_and_num(self) -> "BoftOptions":
+        if (self.block_size == 0) == (self.block_num == 0):
+            raise ValueError("give exactly one of block_size and block_num (the other 0): size x num is the layer width")
+        return self
 
 
 class VeraOptions(PeftOptions):
@@ -174,9 +194,9 @@ def merge_peft(model: "nn.Module") -> "nn.Module":
 
 
 def _peft(name: str, options: type[PeftOptions], description: str, space: dict[str, dict], families=("vit",),  # noqa: ANN001, ANN202
-          layer_choices: bool = True):
+          layer_choices: bool = True, lr: str = "peft"):
     return register_method(
-        name, options=options, families=families, default_space={"lr": LR_PEFT, **space}, description=description,
+        name, options=options, families=families, default_space=space, description=description, lr=lr,
         identity_at_init=True, merge=merge_peft, peft_native=True, family_space=_TARGET_CHOICES if layer_choices else None,
     )
 
@@ -219,7 +239,7 @@ def apply_lokr(model: "nn.Module", options: LokrOptions, family: str) -> "nn.Mod
 
 
 @_peft("ia3", Ia3Options, "IA3: learned scaling of keys, values and the MLP's hidden activations",
-       {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}}, layer_choices=False)
+       {}, layer_choices=False, lr="scaling")
 def apply_ia3(model: "nn.Module", options: Ia3Options, family: str) -> "nn.Module":
     from peft import IA3Config
 
@@ -236,11 +256,28 @@ def apply_oft(model: "nn.Module", options: OftOptions, family: str) -> "nn.Modul
     from peft import OFTConfig
 
     return inject(model, OFTConfig(r=0, oft_block_size=options.block_size, module_dropout=options.dropout,
+                                   use_cayley_neumann=options.cayley == "neumann",
+                                   num_cayley_neumann_terms=options.neumann_terms,
                                    target_modules=target_regex(model, options, family)), family)
 
 
+@_peft("boft", BoftOptions, "BOFT: OFT's orthogonal blocks composed with butterfly permutations (dense rotations, few parameters)",
+       {"block_size": {"type": "categorical", "choices": [4, 8, 16]},
+        "butterfly_factor": {"type": "categorical", "choices": [1, 2, 4]}}, layer_choices=False)
+def apply_boft(model: "nn.Module", options: BoftOptions, family: str) -> "nn.Module":
+    from peft import BOFTConfig
+
+    from medpeft_ray.methods.butterfly import use_torch_block_diagonal
+
+    use_torch_block_diagonal()
+    config = BOFTConfig(boft_block_size=options.block_size, boft_block_num=options.block_num,
+                        boft_n_butterfly_factor=options.butterfly_factor, boft_dropout=options.dropout,
+                        target_modules=target_regex(model, options, family))
+    return inject(model, config, family)
+
+
 @_peft("vera", VeraOptions, "VeRA: shared frozen random projections with trained scaling vectors",
-       {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}, "rank": {"type": "categorical", "choices": [64, 128, 256]}}, layer_choices=False)
+       {"rank": {"type": "categorical", "choices": [64, 128, 256]}}, layer_choices=False, lr="scaling")
 def apply_vera(model: "nn.Module", options: VeraOptions, family: str) -> "nn.Module":
     from peft import VeraConfig
 

@@ -21,10 +21,7 @@ from medpeft_ray.models.families import get_family
 if TYPE_CHECKING:
     from torch import nn
 
-_PROMPT_SPACE = {
-    "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
-    "tokens": {"type": "categorical", "choices": [5, 10, 20, 50]},
-}
+_PROMPT_SPACE = {"tokens": {"type": "categorical", "choices": [5, 10, 20, 50]}}
 
 
 class VptOptions(MethodOptions):
@@ -52,7 +49,7 @@ def _apply_vpt(model: "nn.Module", options: VptOptions, family: str, deep: bool)
 
 
 @register_method(
-    "vpt_shallow", options=VptOptions, families=("vit",), default_space=_PROMPT_SPACE,
+    "vpt_shallow", options=VptOptions, families=("vit",), default_space=_PROMPT_SPACE, lr="scaling",
     description="visual prompt tuning, shallow: p learnable tokens enter before the first block",
 )
 def apply_vpt_shallow(model: "nn.Module", options: VptOptions, family: str) -> "nn.Module":
@@ -60,7 +57,7 @@ def apply_vpt_shallow(model: "nn.Module", options: VptOptions, family: str) -> "
 
 
 @register_method(
-    "vpt_deep", options=VptOptions, families=("vit",), default_space=_PROMPT_SPACE,
+    "vpt_deep", options=VptOptions, families=("vit",), default_space=_PROMPT_SPACE, lr="scaling",
     description="visual prompt tuning, deep: fresh prompt tokens before every block",
 )
 def apply_vpt_deep(model: "nn.Module", options: VptOptions, family: str) -> "nn.Module":
@@ -72,7 +69,7 @@ class PrefixOptions(BlockOptions):
 
 
 @register_method(
-    "prefix", options=PrefixOptions, families=("vit",), default_space=_PROMPT_SPACE,
+    "prefix", options=PrefixOptions, families=("vit",), default_space=_PROMPT_SPACE, lr="scaling",
     description="prefix tuning: learnable key/value prefixes in every attention layer",
 )
 def apply_prefix(model: "nn.Module", options: PrefixOptions, family: str) -> "nn.Module":

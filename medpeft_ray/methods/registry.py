@@ -33,11 +33,34 @@ class MethodOptions(BaseModel):
 ApplyFn = Callable[["nn.Module", Any, str], "nn.Module"]
 MergeFn = Callable[["nn.Module"], "nn.Module"]
 
-#: Learning-rate ranges: PEFT methods prefer ~10x higher learning rates than full fine-tuning
-#: (Dutt et al.); linear probing higher still.
-LR_FULL = {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}
-LR_PEFT = {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}
-LR_LINEAR = {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}
+#: Default learning-rate ranges, by optimizer and by the kind of parameters a method trains.
+#: With AdamW, PEFT methods prefer ~10x higher learning rates than full fine-tuning (Dutt et al.),
+#: linear probing higher still; a method that trains a large share of the backbone (attention
+#: tuning: a third of ViT-B) behaves like full fine-tuning. Scaling vectors and prompts (IA3,
+#: VeRA, VPT, prefixes) get a range of their own that reaches down to 1e-4 and stops at 3e-2,
+#: where AdamW's normalised steps already move a unit-scale vector by several percent per step.
+#: SGD's steps are not normalised by the gradient's size, so its useful rates sit 10-100x above
+#: AdamW's: MED-PEFT's MRM recipe (SGD, momentum 0.9) trains LoRA at 0.05-0.2.
+LR_RANGES: dict[str, dict[str, dict[str, Any]]] = {
+    "adamw": {
+        "full": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+        "peft": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "linear": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+        "scaling": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
+    },
+    "sgd": {
+        "full": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        "peft": {"type": "float", "low": 1e-3, "high": 5e-1, "log": True},
+        "linear": {"type": "float", "low": 1e-2, "high": 1.0, "log": True},
+        "scaling": {"type": "float", "low": 3e-3, "high": 1.0, "log": True},
+    },
+}
+LR_KINDS = tuple(LR_RANGES["adamw"])
+
+
+def lr_range(kind: str, optimizer: str = "adamw") -> dict[str, Any]:
+    """The default ``lr`` distribution of a method whose parameters are of ``kind``, under ``optimizer``."""
+    return dict(LR_RANGES[optimizer][kind])
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,8 @@ class MethodSpec:
         peft_native: applied through peft; checkpoints also hold peft's adapter format.
         family_space: ranges added to ``default_space`` for one family (the tuned-layer choices
             of a ViT differ from a ResNet's).
+        lr: the kind of the default ``lr`` range (:data:`LR_RANGES`: ``full``, ``peft``, ``linear``,
+            ``scaling``); its values depend on the optimizer (:meth:`space_for`).
     """
 
     name: str
@@ -75,10 +100,11 @@ class MethodSpec:
     merge: MergeFn | None = None
     peft_native: bool = False
     family_space: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    lr: str = "peft"
 
-    def space_for(self, family: str) -> dict[str, dict[str, Any]]:
-        """The default search ranges on a ``family`` backbone."""
-        return {**self.default_space, **self.family_space.get(family, {})}
+    def space_for(self, family: str, optimizer: str = "adamw") -> dict[str, dict[str, Any]]:
+        """The default search ranges on a ``family`` backbone trained with ``optimizer`` (``adamw``, ``sgd``)."""
+        return {"lr": lr_range(self.lr, optimizer), **self.default_space, **self.family_space.get(family, {})}
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -95,15 +121,18 @@ def register_method(
     merge: MergeFn | None = None,
     peft_native: bool = False,
     family_space: dict[str, dict[str, dict[str, Any]]] | None = None,
+    lr: str = "peft",
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator that registers ``apply`` under ``name`` (see :class:`MethodSpec` for the arguments)."""
 
     def decorate(apply: ApplyFn) -> ApplyFn:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
+        if lr not in LR_KINDS or "lr" in (default_space or {}):
+            raise ValueError(f"method {name!r}: give its lr range as lr= one of {', '.join(LR_KINDS)}")
         _METHODS[name] = MethodSpec(
             name, apply, options, frozenset(families), dict(default_space or {}), description,
-            identity_at_init, merge, peft_native, dict(family_space or {}),
+            identity_at_init, merge, peft_native, dict(family_space or {}), lr,
         )
         return apply
 

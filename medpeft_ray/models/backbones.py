@@ -24,7 +24,11 @@ def backbone_family(name: str) -> str | None:
 
 
 def check_backbone_name(name: str) -> None:
-    """Raises :class:`ConfigError` (key ``model.backbone``) unless timm knows ``name`` and a family covers it."""
+    """Raises :class:`ConfigError` (key ``model.backbone``) unless timm knows ``name`` and a family covers it.
+
+    A name may carry timm's pretrained tag (``vit_huge_patch14_224.orig_in21k``); it must be one timm
+    lists. The tag only names the weights: they still come from ``model.checkpoint``, never a hub.
+    """
     import difflib
 
     import timm
@@ -35,6 +39,12 @@ def check_backbone_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError("model.backbone", f"unknown timm model {name!r}{hint}")
+    architecture, _, tag = name.partition(".")
+    # timm.is_model ignores the tag (``vit_huge_patch14_224.orig_in21k``), create_model does not
+    if tag and name not in timm.list_pretrained(f"{architecture}.*"):
+        known = [n.partition(".")[2] for n in timm.list_pretrained(f"{architecture}.*")]
+        raise ConfigError("model.backbone", f"timm has no weights tagged {tag!r} for {architecture} "
+                                            f"(known tags: {', '.join(known) or 'none'})")
     if family_of(name) is None:
         raise ConfigError("model.backbone", unsupported_backbone(name))
 

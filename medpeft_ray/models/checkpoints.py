@@ -9,13 +9,15 @@ Layouts recognised: MAE/MRM ``{"model": ...}`` (with its pickled ``argparse.Name
 ``{"state_dict": ...}`` and timm's training checkpoints, raw state dicts, ``.safetensors``, keys
 under ``module.`` / ``_orig_mod.`` / ``model.`` / ``encoder.`` / ``backbone.`` prefixes (stripped
 only when that makes keys match), and whatever the model's own timm filter converts (OpenAI CLIP and
-OpenCLIP visual towers, DINOv2, ...). Files are read with ``weights_only=True``: a file that needs
-any other object unpickled is refused.
+OpenCLIP visual towers, DINOv2, ...), and OpenAI CLIP's TorchScript archives (``ViT-B-16.pt``),
+whose tensors are read without loading the TorchScript program. Files are read with
+``weights_only=True``: a file that needs any other object unpickled is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import warnings
@@ -91,6 +93,8 @@ def read_checkpoint(path: str | Path) -> Any:
 
     ``torch.load(weights_only=True)`` with ``argparse.Namespace`` allowed (MAE/MRM and timm files
     pickle their arguments); zip-format files are memory-mapped, so nothing is read until used.
+    A TorchScript archive (OpenAI CLIP) gives its tensors by module path
+    (:func:`read_torchscript_tensors`).
 
     Raises:
         CheckpointError: the file is missing, empty, not a checkpoint, or needs unsafe unpickling.
@@ -115,6 +119,8 @@ def read_checkpoint(path: str | Path) -> Any:
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     if _looks_like_text(head):
         raise CheckpointError(f"{path}: a text file, not a checkpoint")
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        return read_torchscript_tensors(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             # bytes that are no pickle can look like an unusual pickle protocol; the error says enough
@@ -129,6 +135,113 @@ def read_checkpoint(path: str | Path) -> Any:
                 "the file, e.g. torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')"
             ) from None
         raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint ({_first_line(exc)})") from None
+
+
+# A TorchScript archive (OpenAI CLIP's ``ViT-B-16.pt``) is a zip like ``torch.save``'s, plus the
+# program (``code/``, ``constants.pkl``). Its ``data.pkl`` pickles the modules as objects of
+# ``__torch__.*`` classes whose state is a dict of attributes; ``torch.load(weights_only=True)``
+# refuses such archives and ``torch.jit.load`` would load the program. The reader below unpickles
+# only tensors, containers and those attribute dicts, so no code of the file runs.
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16", "DoubleStorage": "float64",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool",
+}
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):  # a damaged zip: torch.load's error names the problem
+        return False
+
+
+class _ScriptObject:
+    """A TorchScript module or object, as the attributes its archive pickles (none of its code)."""
+
+    def __init__(self) -> None:
+        self.attributes: dict = {}
+
+    def __setstate__(self, state: Any) -> None:
+        self.attributes = state if isinstance(state, dict) else {}
+
+
+def read_torchscript_tensors(path: str | Path) -> dict[str, "torch.Tensor"]:
+    """The tensors of a TorchScript archive by their module paths (``visual.conv1.weight``, ...).
+
+    What ``torch.jit.load(path).state_dict()`` holds, read without loading TorchScript: only
+    tensors, containers and the modules' attribute dicts are unpickled.
+
+    Raises:
+        CheckpointError: the archive pickles anything else, or is damaged.
+    """
+    import collections
+    import pickle
+
+    import torch
+
+    path = Path(path)
+
+    def rebuild(storage: "torch.Tensor", offset: int, size: tuple, stride: tuple, *_: Any) -> "torch.Tensor":
+        return storage.as_strided(size, stride, offset)
+
+    def passthrough(value: Any, *_: Any) -> Any:
+        return value
+
+    allowed: dict[tuple[str, str], Any] = {
+        ("torch._utils", "_rebuild_tensor_v2"): rebuild,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch.jit._pickle", "restore_type_tag"): passthrough,
+        **{("torch.jit._pickle", f"build_{kind}list"): list for kind in ("int", "double", "bool", "tensor")},
+        **{("torch", name): getattr(torch, dtype) for name, dtype in _STORAGE_DTYPES.items()},
+    }
+
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        data_pkl = next((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), None)
+        if data_pkl is None:
+            raise CheckpointError(f"{path}: a TorchScript archive without data.pkl, not a checkpoint")
+        root = data_pkl[: -len("data.pkl")]
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                if module == "__torch__" or module.startswith("__torch__."):
+                    return _ScriptObject
+                if (module, name) in allowed:
+                    return allowed[(module, name)]
+                raise CheckpointError(
+                    f"{path}: refused: the TorchScript archive pickles {module}.{name}, which only loading its "
+                    "program (torch.jit.load, arbitrary code) could read; re-save its state dict where you trust "
+                    "the file, e.g. torch.save(torch.jit.load(f).state_dict(), 'weights.pth')"
+                )
+
+            def persistent_load(self, pid: Any) -> "torch.Tensor":
+                # ("storage", dtype, key, location, numel): a flat tensor over data/<key>
+                dtype, key = pid[1], pid[2]
+                raw = bytearray(archive.read(f"{root}data/{key}"))
+                return torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+
+        try:
+            content = Unpickler(io.BytesIO(archive.read(data_pkl))).load()
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001  a damaged archive fails in many ways
+            raise CheckpointError(f"{path}: not a readable TorchScript archive ({_first_line(exc)})") from None
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def collect(obj: Any, prefix: str) -> None:
+        attributes = obj.attributes if isinstance(obj, _ScriptObject) else obj if isinstance(obj, dict) else {}
+        for name, value in attributes.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}{name}"] = value
+            elif isinstance(value, (_ScriptObject, dict)):
+                collect(value, f"{prefix}{name}.")
+
+    collect(content, "")
+    return tensors
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ as soon as the trial ends (a driver killed later loses no finished trial).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -108,17 +109,24 @@ class StudyTail(Callback):
 
 
 class LeaderboardCallback(Callback):
-    """Records each trial's best epoch, cost and config when the trial completes, stops or fails."""
+    """Records each trial's best epoch, cost and config when the trial completes, stops or fails.
+
+    ``role="confirmation"``: the trials re-train a search trial's configuration with another seed
+    (:func:`medpeft_ray.search.confirm.confirm_study`); each reports once, at its end, its best
+    validation epoch's values (``best_<metric>``) and that epoch's test-split values.
+    """
 
     def __init__(self, config: SearchConfig, label_ratio: float, db_url: str, console: Any = None,
-                 timeline: SearchTimeline | None = None) -> None:
+                 timeline: SearchTimeline | None = None, role: str = "search") -> None:
         self.config = config
+        self.role = role
         self.timeline = timeline
         self.label_ratio = label_ratio
         self.db_url = db_url
         self.console = console
         self._store: LeaderboardStore | None = None
         self.metric = config.search.metric
+        self.epochs = config.train.epochs_for(label_ratio)  # this study's budget
         self.progress: dict[str, _TrialProgress] = {}
 
     # -- Tune hooks ---------------------------------------------------------------------------
@@ -133,11 +141,11 @@ class LeaderboardCallback(Callback):
         best = None if p.best is None else p.best.get(self.metric)
         if value is not None and better(value, best, self.config.search.resolved_mode):
             p.best = result
-        self._say(trial, f"epoch {p.epochs_run}/{self.config.train.epochs}  {self.metric}={format_value(value)}")
+        self._say(trial, f"epoch {p.epochs_run}/{self.epochs}  {self.metric}={format_value(value)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         p = self._state(trial)
-        status = "completed" if p.epochs_run >= self.config.train.epochs else "stopped"
+        status = "completed" if p.epochs_run >= self.epochs else "stopped"
         self._finish(trial, status, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -185,11 +193,31 @@ class LeaderboardCallback(Callback):
             sha256 = None
         return {"checkpoint_file": str(path), "checkpoint_sha256": sha256}
 
+    def _sampled(self, trial: Any) -> tuple[dict[str, Any], int | None, str | None]:
+        """The trial's sampled point, its seed when it overrides the config's, and the search trial it re-trains."""
+        if self.role == "confirmation":
+            point = trial.config["point"]
+            return dict(point["params"]), int(point["seed"]), str(point["trial_id"])
+        return dict(trial.config), None, None
+
+    def _scores(self, best: dict[str, Any]) -> dict[str, Any]:
+        """The row's metric columns and details from the result of its best epoch."""
+        from medpeft_ray.metrics import names_on_split
+
+        prefix = "best_" if self.role == "confirmation" else ""  # a confirmation reports its best epoch's as best_*
+        details = best.get(f"{prefix}details")
+        return {
+            **{name: best.get(f"{prefix}{name}") for name in METRICS},
+            **{name: best.get(name) for name in names_on_split("test")},
+            "best_epoch": best.get("test_epoch" if self.role == "confirmation" else "epoch"),
+            "details": json.loads(details) if isinstance(details, str) else None,
+        }
+
     def _finish(self, trial: Any, status: str, error: str | None) -> None:
         p = self._state(trial)
         ended = time.time()
         best, last = p.best or {}, p.last or {}
-        sampled = dict(trial.config)
+        sampled, seed, source_trial = self._sampled(trial)
         first_step = last.get("first_step_at")
         trial_config = self.config.search_space.trial_config(self.label_ratio, sampled)
         record = TrialRecord(
@@ -202,8 +230,7 @@ class LeaderboardCallback(Callback):
             status=status,  # type: ignore[arg-type]
             config=trial_config.model_dump(mode="json"),
             params=sampled,
-            **{name: best.get(name) for name in METRICS},  # the best epoch's value of every metric
-            best_epoch=best.get("epoch"),
+            **self._scores(best),  # the best epoch's value of every metric
             epochs_run=p.epochs_run,
             trainable_params=last.get("trainable_params"),
             total_params=last.get("total_params"),
@@ -214,6 +241,9 @@ class LeaderboardCallback(Callback):
             skipped_images=last.get("skipped_images"),
             checkpoint=best.get("checkpoint_path"),
             error=error,
+            role=self.role,  # type: ignore[arg-type]
+            seed=trial_config.train.seed if seed is None else seed,
+            source_trial=source_trial,
             **self._pretrained(),
         )
         self.store.record(record)

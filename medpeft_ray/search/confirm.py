@@ -32,7 +32,7 @@ class ConfirmedConfig:
     params: dict[str, Any]
     seeds: list[int] = field(default_factory=list)
     val: list[float] = field(default_factory=list)  # search.metric at each seed's best validation epoch
-    test_auroc: list[float] = field(default_factory=list)  # that epoch on the test split
+    test: list[float] = field(default_factory=list)  # search.metric at that epoch on the test split
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -44,10 +44,10 @@ class ConfirmedConfig:
         return statistics.stdev(self.val) if len(self.val) > 1 else 0.0
 
     def summary(self) -> dict[str, Any]:
-        test = self.test_auroc
+        test = self.test
         return {**asdict(self), "val_mean": self.val_mean, "val_std": self.val_std,
-                "test_auroc_mean": statistics.fmean(test) if test else None,
-                "test_auroc_std": statistics.stdev(test) if len(test) > 1 else (0.0 if test else None)}
+                "test_mean": statistics.fmean(test) if test else None,
+                "test_std": statistics.stdev(test) if len(test) > 1 else (0.0 if test else None)}
 
 
 def choose(confirmed: list[ConfirmedConfig], mode: str) -> ConfirmedConfig | None:
@@ -90,8 +90,9 @@ def confirm_study(
             continue
         entry.seeds.append(point["seed"])
         entry.val.append(float(value))
-        if metrics.get("test_auroc") is not None:
-            entry.test_auroc.append(float(metrics["test_auroc"]))
+        test = metrics.get(get_metric(config.search.metric).on_split("test"))
+        if test is not None and math.isfinite(test):
+            entry.test.append(float(test))
     return list(confirmed.values())
 
 
@@ -122,7 +123,7 @@ def describe(confirmed: list[ConfirmedConfig], chosen: ConfirmedConfig | None, m
                      f"({c.method}: {params})")
     if chosen is not None:
         s = chosen.summary()
-        test = (f"test AUROC {s['test_auroc_mean']:.4f} +- {s['test_auroc_std']:.4f}"
-                if s["test_auroc_mean"] is not None else "no test split")
+        test = (f"{shown.on_split('test')} {shown.format(s['test_mean'])} +- {shown.format(s['test_std'])}"
+                if s["test_mean"] is not None else "no test split")
         lines.append(f"   chosen: trial {chosen.trial_id}; {test} (recorded, never used to choose)")
     return lines

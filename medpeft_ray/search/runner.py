@@ -89,6 +89,7 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
 
     from medpeft_ray.data import dataset_key, load_splits, train_subset_index
     from medpeft_ray.methods import count_parameters, prepare_model
+    from medpeft_ray.metrics import METRICS, require_defined
     from medpeft_ray.models import build_backbone
     from medpeft_ray.models.backbones import check_backbone_name
     from medpeft_ray.models.checkpoints import checkpoint_identity, match_checkpoint
@@ -113,6 +114,9 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
     for name in ("train", "val"):
         if len(getattr(splits, name)) == 0:
             raise MedpeftError(f"{ds.root or ds.name}: the {name} split has no images")
+    for metric in config.search.objectives[0]:  # accuracy has no meaning on multi-label data, say
+        if metric in METRICS:  # also_minimize may name a cost column
+            require_defined(metric, splits.task, ds.name)
     images_per_ratio = {r: len(train_subset_index(splits, r, ds.seed)) for r in ds.label_ratios}
 
     # Each method is applied with the first value of each searched option, to catch options that
@@ -327,6 +331,8 @@ def run_search(
     db_url: str | None = None,
     console: Any = None,
     resume: bool = False,
+    facts: dict[str, Any] | None = None,
+    shared_executors: "SharedExecutors | None" = None,
 ) -> SearchResult:
     """Runs the whole search: every label ratio of ``config`` is its own Optuna study.
 
@@ -341,6 +347,9 @@ def run_search(
         console: a ``rich.console.Console`` for progress lines, or None for silence.
         resume: continue the last search named ``config.experiment`` in these results (see
             :func:`resumable_config`) instead of starting a new one.
+        facts: :func:`preflight`'s result when the caller ran it already (a grid checks every cell first).
+        shared_executors: warm executors that outlive this search (a grid's): used if started,
+            else started and left running for the next search.
     """
     started = time.time()
     storage, results_path = results_location(results)
@@ -354,7 +363,7 @@ def run_search(
         )
     db_url = db_url or default_db_url(results_path)
     LeaderboardStore(db_url)  # fails now, not after the first trial, if the database is unusable
-    facts = preflight(config)
+    facts = facts or preflight(config)
     reporter = SearchReporter(console)
     reporter.search_starts(config, facts)
 
@@ -376,18 +385,58 @@ def run_search(
     run = SearchRun(config, plan, storage, facts, db_url, reporter, manifest, timeline=SearchTimeline())
     executor_stats = None
     try:
-        if config.resources.warm_executors:
+        if shared_executors is not None and shared_executors.dispatcher is not None:
+            run.dispatcher = shared_executors.dispatcher
+        elif config.resources.warm_executors:
             run.dispatcher = _start_executors(run)
+            if shared_executors is not None:
+                shared_executors.dispatcher = run.dispatcher
         else:
             reporter.cold_trials()
         summaries = _run_studies(run)
     finally:
-        if run.dispatcher is not None:
+        if run.dispatcher is not None and shared_executors is None:
             executor_stats = _stop_executors(run.dispatcher)
         if capacity.autoscaling:
             release_resource_requests()
     return SearchResult(config.experiment_name, time.time() - started, summaries, results_path or storage, db_url,
                         slots=plan.concurrency, executors=executor_stats, timeline=run.timeline)
+
+
+@dataclass
+class SharedExecutors:
+    """Warm executors shared by the searches of a grid: started by the first, stopped after the last."""
+
+    dispatcher: tuple[Any, str] | None = None
+
+
+def run_grid(cells: list[Any], *, console: Any = None, **options: Any) -> list[SearchResult]:
+    """Runs a grid's searches one after another on one set of warm executors and one leaderboard.
+
+    Every cell is pre-flighted (data, checkpoint, methods on the backbone) before the first one
+    starts. Cells share the executors, so they must ask for the same ``resources``. ``options``
+    are :func:`run_search`'s (results, address, db_url).
+
+    Raises:
+        MedpeftError: a cell fails its pre-flight, or its resources differ from the first cell's.
+    """
+    first = cells[0].config.resources
+    for cell in cells[1:]:
+        if cell.config.resources != first:
+            raise MedpeftError(f"grid cell {'/'.join(cell.entries)}: its resources differ from the first cell's; "
+                               "the cells of a grid share their trial executors (set resources in the base file)")
+    all_facts = [preflight(cell.config) for cell in cells]
+    shared = SharedExecutors()
+    results = []
+    try:
+        for cell, facts in zip(cells, all_facts):
+            if console is not None:
+                console.print(f"\n[bold]grid cell {'/'.join(cell.entries)}[/bold] ({len(results) + 1} of {len(cells)})")
+            results.append(run_search(cell.config, console=console, facts=facts, shared_executors=shared, **options))
+    finally:
+        if shared.dispatcher is not None:
+            _stop_executors(shared.dispatcher)
+    return results
 
 
 def _start_executors(run: "SearchRun") -> tuple[Any, str]:
@@ -609,7 +658,7 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,  # the searcher and the scheduler each know their objectives
-            scheduler=make_scheduler(settings, config.train.epochs),
+            scheduler=make_scheduler(settings, config.train.epochs_for(label_ratio)),
             num_samples=num_samples,
             # with executors, each slot's next trial waits beside it, ready the moment it is free
             max_concurrent_trials=run.plan.concurrency * (1 + WAITING_PER_EXECUTOR if dispatcher is not None else 1),
@@ -633,6 +682,7 @@ def _confirm(run: "SearchRun", label_ratio: float, trials: list[Any], trial_plan
     """Re-trains the study's best configurations with several seeds and records which one is chosen."""
     from ray import tune
 
+    from medpeft_ray.search.callbacks import LeaderboardCallback
     from medpeft_ray.search.confirm import choose, confirm_study, describe, record_confirmation
     from medpeft_ray.search.executors import ExecutorCallback
     from medpeft_ray.search.trial import confirm_trial
@@ -643,7 +693,9 @@ def _confirm(run: "SearchRun", label_ratio: float, trials: list[Any], trial_plan
     top = [t.record for t in trials if t.record.status != "failed"][: confirm.top_k]
     trainable = tune.with_resources(tune.with_parameters(confirm_trial, plan=trial_plan), run.plan.driver)
     name = run.config.run_name(label_ratio, confirmation=True)
-    callbacks = [ExecutorCallback(run.dispatcher[1], name)] if run.dispatcher is not None else []
+    # each seed is a leaderboard row of its own (role "confirmation"): views show mean and spread
+    callbacks = [LeaderboardCallback(run.config, label_ratio, run.db_url, role="confirmation"),
+                 *([ExecutorCallback(run.dispatcher[1], name)] if run.dispatcher is not None else [])]
     confirmed = confirm_study(run.config, label_ratio, top, trainable, run.plan.concurrency, run.storage, callbacks)
     chosen = choose(confirmed, settings.resolved_mode)
     with run.lock:
@@ -666,7 +718,7 @@ def _recorded_trials(config: SearchConfig, label_ratio: float, db_url: str, mani
 
     since = datetime.fromtimestamp(int(manifest.started_at), timezone.utc)
     rows = LeaderboardStore(db_url).query(
-        experiment=config.experiment_name, label_ratio=label_ratio, since=since, metric=config.search.metric,
-        ascending=get_metric(config.search.metric).ascending,
+        experiment=config.experiment_name, label_ratio=label_ratio, since=since, role="search",
+        metric=config.search.metric, ascending=get_metric(config.search.metric).ascending,
     )
     return [TrialSummary(TrialRecord.from_row(row), row["params"]) for row in rows.to_dict(orient="records")]

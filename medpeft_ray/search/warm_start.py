@@ -43,8 +43,8 @@ def _best_known(
     from medpeft_ray.leaderboard import LeaderboardStore
 
     metric = config.search.metric
-    rows = LeaderboardStore(db_url).query(dataset=config.dataset.name, backbone=config.model.backbone, metric=metric,
-                                          ascending=get_metric(metric).ascending)
+    rows = LeaderboardStore(db_url).query(dataset=config.dataset.name, backbone=config.model.backbone, role="search",
+                                          metric=metric, ascending=get_metric(metric).ascending)
     if rows.empty:
         return []
     rows = rows[(rows["status"] != "failed") & rows[metric].notna() & rows["method"].isin(config.method.names)]

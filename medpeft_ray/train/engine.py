@@ -343,11 +343,15 @@ def evaluate(
     multilabel: bool,
     ctx: WorkerContext,
     batch_size: int,
+    subgroups: dict[str, np.ndarray] | None = None,
+    thresholds: np.ndarray | None = None,
 ) -> Predictions:
     """The split's predictions and summed loss, gathered from every rank, for the metrics to score.
 
     Each rank predicts its stride of the split; rank-local scores are gathered so that each metric
     is computed on the whole split (an average of per-rank AUROCs would be a different number).
+    ``subgroups`` (the split's per-image attribute values) and ``thresholds`` (multi-label decision
+    thresholds chosen on validation, for the test split) go with the predictions to the metrics.
     """
     engine.eval()
     index = torch.arange(len(batches))[ctx.rank :: ctx.world_size]
@@ -368,4 +372,5 @@ def evaluate(
         gathered = [local]
     all_index = np.concatenate([g[0] for g in gathered])
     all_scores = np.concatenate([g[1] for g in gathered])[np.argsort(all_index)]
-    return Predictions(batches.labels.numpy(), all_scores, sum(g[2] for g in gathered))
+    return Predictions(batches.labels.numpy(), all_scores, sum(g[2] for g in gathered), multilabel, thresholds,
+                       dict(subgroups or {}))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from medpeft_ray.config import TrialConfig
 from medpeft_ray.errors import TrialFailed
-from medpeft_ray.metrics import Predictions, better, metric_values
+from medpeft_ray.metrics import Predictions, better, finite_or_none, metric_values, prediction_details
 from medpeft_ray.train.engine import (
     Batches,
     ReportFn,
@@ -280,10 +280,15 @@ class TrialRecipe:
             steps += 1
         return mean_over_ranks(loss_sum, steps, ctx.world_size)  # one sync per epoch, not per step
 
-    def evaluate(self, trial: TrialConfig, state: _TrialState, batches: Batches) -> Predictions:
-        """A split's predictions over every rank, for :func:`~medpeft_ray.metrics.metric_values` to score."""
+    def evaluate(self, trial: TrialConfig, state: _TrialState, batches: Batches, split: Any,
+                 thresholds: np.ndarray | None = None) -> Predictions:
+        """A split's predictions over every rank, for :func:`~medpeft_ray.metrics.metric_values` to score.
+
+        ``split`` is the split's :class:`LabeledImages` (its subgroup attributes go with the predictions).
+        """
         multilabel = state.data.task == "multilabel"
-        return evaluate(state.engine, batches, state.dtype, state.loss_fn, multilabel, self.ctx, trial.train.eval_batch_size)
+        return evaluate(state.engine, batches, state.dtype, state.loss_fn, multilabel, self.ctx,
+                        trial.train.eval_batch_size, split.subgroups, thresholds)
 
     def save(self, trial: TrialConfig, state: _TrialState, directory: Path, metrics: dict[str, Any],
              per_class: list[float]) -> Path:
@@ -371,7 +376,7 @@ class TrialRecipe:
                 train_loss = self.train_epoch(trial, state, epoch, first_step)
                 if not math.isfinite(train_loss):
                     raise TrialFailed(f"training loss is {train_loss} in epoch {epoch + 1} (lr {trial.train.lr:g}); trial stopped")
-                predictions = self.evaluate(trial, state, state.val_batches)
+                predictions = self.evaluate(trial, state, state.val_batches, state.data.val)
                 scores = metric_values(predictions)
                 epoch_time = time.time() - epoch_start
                 train_time += epoch_time
@@ -380,6 +385,8 @@ class TrialRecipe:
                     "trainable_params": state.trainable_params, "total_params": state.total_params,
                     "train_images": len(state.train_split), "skipped_images": len(state.data.skipped),
                     "epoch_time_s": epoch_time, "train_time_s": train_time, "worker_started_at": started_at,
+                    # per class and per subgroup, as JSON text: one result value, not hundreds of columns
+                    "details": json.dumps(finite_or_none(prediction_details(predictions, state.data.class_names))),
                     "first_step_at": first_step[0] if first_step else None, "resumed_from_epoch": state.start_epoch,
                     **self.memory(),
                 }
@@ -392,14 +399,18 @@ class TrialRecipe:
                 value = metrics[trial.metric]
                 if evaluate_test and better(value, None if best is None else best["value"], trial.mode):
                     best = {"value": value, "epoch": epoch + 1, "weights": trainable_state(state.engine.module),
-                            "scores": scores}
+                            "scores": scores, "details": metrics["details"],
+                            "thresholds": predictions.decision_thresholds if predictions.multilabel else None}
             if evaluate_test and best is not None and len(state.data.test):
                 load_trainable_state(state.engine.module, best["weights"])
                 test_batches = Batches(*Batches.tensors(state.data.test.images, state.data.test.labels), self.ctx.device,
                                        trial.model.mean, trial.model.std, shared=True)
-                test = self.evaluate(trial, state, test_batches)
+                # the validation epoch's thresholds, unchanged: the test split chooses nothing
+                test = self.evaluate(trial, state, test_batches, state.data.test, best["thresholds"])
+                details = {**json.loads(best["details"]), "test": prediction_details(test, state.data.class_names, "test")}
                 metrics = {**metrics, **metric_values(test, "test"), "test_epoch": best["epoch"],
                            **{f"best_{name}": value for name, value in best["scores"].items()},
+                           "best_details": json.dumps(finite_or_none(details)),
                            "test_auroc_per_class": dict(zip(state.data.class_names, test.per_class_auroc))}
             return metrics
         finally:
