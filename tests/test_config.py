@@ -255,7 +255,7 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
     ("epochs-per-ratio-extra", _set("train", "epochs", value={0.1: 4, 1.0: 2, 0.01: 8}),
      "train.epochs", "label ratio 0.01 is not searched (dataset.label_ratios: 0.1, 1)"),
     ("epochs-per-ratio-zero", _set("train", "epochs", value={0.1: 4, 1.0: 0}),
-     "train.epochs", "must be at least 1 (ratio 1), got 0"),
+     "train.epochs", "must be >= 1 (got 0 for label ratio 1)"),
     ("label-ratio-zero", _set("dataset", "label_ratios", value=[0.0, 1.0]),
      "dataset.label_ratios", "every label ratio must be in (0, 1], got 0.0"),
     ("label-ratio-above-1", _set("dataset", "label_ratios", value=[0.5, 1.5]),

@@ -12,9 +12,11 @@ import pytest
 from test_data_busi import Busi
 from test_data_chexpert import make_chexpert
 from test_data_csv_splitfile import make_csv, make_splitfile_dataset, write_image
+from test_data_fitzpatrick17k import Fitz
 from test_data_ham10000 import Ham
 from test_data_nih import make_nih, names_of
 from test_data_rsna import Rsna
+from test_data_smdg import Smdg
 from typer.testing import CliRunner
 
 from medpeft_ray.cli import app
@@ -145,6 +147,8 @@ def _splitfile(base: Path) -> tuple[Path, dict[str, Any]]:
 BUILDERS: dict[str, Callable[[Path], tuple[Path, dict[str, Any]]]] = {
     "nih": _nih, "chexpert": _chexpert, "rsna": _rsna, "ham10000": _ham, "busi": _busi, "folder": _folder,
     "csv": _csv, "splitfile": _splitfile,
+    "fitzpatrick17k": lambda base: (Fitz(base / "fitzpatrick17k").root, {}),
+    "smdg": lambda base: (Smdg(base / "SMDG-19").root, {"suspects": "negative"}),
 }
 
 

@@ -136,6 +136,7 @@ def test_search_verbose_asks_for_worker_logs(
     fake_runner = types.ModuleType("medpeft_ray.search.runner")
     fake_runner.run_search = run_search  # type: ignore[attr-defined]
     fake_runner.resumable_config = None  # type: ignore[attr-defined]
+    fake_runner.run_grid = None  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "medpeft_ray.search.runner", fake_runner)
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(tiny_search()))

@@ -169,7 +169,7 @@ class TrainConfig(Strict):
             if ratio is not None and not 0.0 < ratio <= 1.0:
                 raise ValueError(f"a label ratio must be in (0, 1], got {ratio:g}")
             if count < 1:
-                raise ValueError(f"must be at least 1{'' if ratio is None else f' (ratio {ratio:g})'}, got {count}")
+                raise ValueError(f"must be >= 1 (got {count}{'' if ratio is None else f' for label ratio {ratio:g}'})")
         return epochs
 
     def epochs_for(self, label_ratio: float) -> int:

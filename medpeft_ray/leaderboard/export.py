@@ -173,10 +173,12 @@ def _export_from(row: Mapping[str, Any], config: Any, source: Path, out: Path, m
     result.class_names = list(state.get("val_auroc_per_class") or {})
     result.num_classes = _num_classes(source, config.family, state)
     spec = get_method(config.method.name)
-    if spec.merge is not None:
-        _write_merged(config, source, out / MERGED_FILE, result.num_classes)
+    refused = _write_merged(config, source, out / MERGED_FILE, result.num_classes) if spec.merge is not None else None
+    if spec.merge is not None and refused is None:
         result.files.append(MERGED_FILE)
         result.merged = True
+    elif refused is not None:
+        result.note = f"no merged model: {refused}"  # these options add what no timm weight can absorb
     else:
         result.note = f"{config.method.name} adds computation that cannot be folded into the backbone: no merged model"
     manifest = {
@@ -191,8 +193,12 @@ def _export_from(row: Mapping[str, Any], config: Any, source: Path, out: Path, m
     return result
 
 
-def _write_merged(config: Any, source: Path, target: Path, num_classes: int) -> None:
-    """Rebuilds the tuned model from the pre-trained weights and the checkpoint, merges, saves."""
+def _write_merged(config: Any, source: Path, target: Path, num_classes: int) -> str | None:
+    """Rebuilds the tuned model from the pre-trained weights and the checkpoint, merges, saves.
+
+    Returns why the trial's options cannot be merged (SSF's final scale-shift before a pooled
+    LayerNorm, say) instead of writing anything, or None once written.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -216,8 +222,12 @@ def _write_merged(config: Any, source: Path, target: Path, num_classes: int) -> 
         raise MedpeftError(f"{source}: does not fit the trial's model ({exc})") from None
     model.eval()
     with torch.no_grad():
-        merged = merge_method(model, config.method.name)
+        try:
+            merged = merge_method(model, config.method.name)
+        except ValueError as exc:
+            return str(exc)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in merged.state_dict().items()}
     metadata = {"backbone": config.model.backbone, "num_classes": str(num_classes),
                 "image_size": str(config.dataset.image_size)}
     save_file(state, str(target), metadata=metadata)
+    return None

@@ -269,11 +269,16 @@ def apply_boft(model: "nn.Module", options: BoftOptions, family: str) -> "nn.Mod
 
     from medpeft_ray.methods.butterfly import use_torch_block_diagonal
 
+    import torch
+
     use_torch_block_diagonal()
     config = BOFTConfig(boft_block_size=options.block_size, boft_block_num=options.block_num,
                         boft_n_butterfly_factor=options.butterfly_factor, boft_dropout=options.dropout,
                         target_modules=target_regex(model, options, family))
-    return inject(model, config, family)
+    # peft fills BOFT's permutation matrices element by element, which the meta device (parameter
+    # counts) cannot do; they are made on the CPU and follow the input's device in forward
+    with torch.device("cpu"):
+        return inject(model, config, family)
 
 
 @_peft("vera", VeraOptions, "VeRA: shared frozen random projections with trained scaling vectors",
