@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import shlex
 import sys
 import time
 from enum import Enum
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -136,6 +138,9 @@ def search(
     experiment: Optional[str] = typer.Option(None, help="experiment name (default: from the YAML)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's own messages and the trials' output in "
                                  "the terminal (default: in Ray's session logs; same as MEDPEFT_WORKER_LOGS=1)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="pre-flight, time a few training and evaluation steps of "
+                                 "each method here, and forecast trials, epochs, device-hours and wall time; "
+                                 "starts no Ray and no trial"),
 ) -> None:
     """Run a hyperparameter search: one Optuna study per label ratio, trials on Ray Train."""
     if verbose:
@@ -147,6 +152,20 @@ def search(
             raise UsageError("--experiment names a new search; a resumed one keeps its name")
         # a new search's YAML (or every cell of a grid) is validated before anything imports Ray
         config = _load_searches(space, experiment=experiment) if space is not None else None
+        if dry_run:
+            if config is None:
+                raise UsageError("--dry-run forecasts a new search: give --space FILE, not --resume")
+            from medpeft_ray.search.forecast import dry_run as forecast_search
+            from medpeft_ray.search.runner import preflight
+
+            for cell in config if isinstance(config, list) else [config]:
+                cell_config = getattr(cell, "config", cell)  # a grid's cell, or the search itself
+                console.print(f"[bold]{cell_config.experiment_name}[/bold]: forecast (dry run: no Ray, no trial)",
+                              highlight=False)
+                facts = preflight(cell_config)  # exactly what the search would check before Ray
+                for line in forecast_search(cell_config, facts, results=results, db_url=db).lines():
+                    console.print(line, highlight=False, markup=False, soft_wrap=True)
+            return
         from medpeft_ray.search.runner import resumable_config, run_grid, run_search
 
         if isinstance(config, list):
@@ -157,9 +176,17 @@ def search(
                                        resume=resume is not None)]
     except MedpeftError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: trials that finished are in the leaderboard; "
-                          "`medpeft-ray search --resume NAME` continues the search")
+    except KeyboardInterrupt as exc:
+        # run_search names the experiment it was running (a grid's current cell); without that
+        # name the search had not started its studies, and a new search has nothing to resume
+        name = getattr(exc, "experiment", None) or resume
+        if name is None:
+            err_console.print("interrupted before the search started its studies: nothing to resume")
+        else:
+            command = ["medpeft-ray", "search", "--resume", name, *(["--results", str(results)] if results else []),
+                       *(["--db", db] if db else [])]
+            err_console.print(f"interrupted: `{shlex.join(command)}` continues the search", markup=False,
+                              soft_wrap=True)
         raise typer.Exit(130)
     failed = [result.experiment for result in grid_results if not _print_search_summary(result)]
     if failed:
@@ -243,6 +270,8 @@ def leaderboard(
     split: Optional[str] = typer.Option(None, "--split", help=SPLIT_HELP),
     baseline: str = typer.Option("full", "--baseline", help=BASELINE_HELP),
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", help=_either([f.value for f in OutputFormat])),
+    columns: Optional[str] = typer.Option(None, "--columns", help="the columns to show, comma-separated (e.g. "
+                                          "method,val_auroc,params); default: those that fit the terminal"),
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
@@ -255,6 +284,9 @@ def leaderboard(
     try:
         if sum((compare is not None, pareto, group_by is not None)) > 1:
             raise UsageError("--compare, --pareto and --group-by are separate views; pick one")
+        if compare is not None and columns is not None:
+            raise UsageError("--columns chooses the trials' columns; --compare's columns are its "
+                             "(dataset, label ratio) cells")
         store = _open_store(results, db)
         if compare is not None:
             rows = store.query(**filters)
@@ -276,20 +308,29 @@ def leaderboard(
         _print_comparison(_top(study, top), output, sort, store_empty)
         _print_wins(won, output, sort)
     else:
-        _print_rows(frame, output, store_empty, sort)
+        chosen = None if columns is None else [c.strip() for c in columns.split(",") if c.strip()]
+        _print_rows(frame, output, store_empty, sort, chosen)
 
 
-def _print_rows(frame: Any, output: OutputFormat, store_empty: bool, sort: str = "val_auroc") -> None:
+def _print_rows(frame: Any, output: OutputFormat, store_empty: bool, sort: str = "val_auroc",
+                chosen: Optional[list[str]] = None) -> None:
+    from medpeft_ray.leaderboard.tables import fit_table
     from medpeft_ray.leaderboard.views import checkpoint_labels
 
+    if chosen is not None:
+        try:
+            _check_columns(chosen, frame)
+        except MedpeftError as exc:
+            _fail(exc)
     if output is OutputFormat.json:
         # missing metrics are NaN in the DataFrame and null in JSON (NaN is not valid JSON)
-        records = [{k: _plain(v) for k, v in r.items()} for r in frame.to_dict(orient="records")]
+        picked = frame if chosen is None else frame[chosen]
+        records = [{k: _plain(v) for k, v in r.items()} for r in picked.to_dict(orient="records")]
         print(json.dumps(records, indent=1, default=str))
         return
     if output is OutputFormat.csv:
         flat = frame.assign(config=frame["config"].map(json.dumps), params=frame["params"].map(json.dumps))
-        flat.to_csv(sys.stdout, index=False)
+        (flat if chosen is None else flat[chosen]).to_csv(sys.stdout, index=False)
         return
     if frame.empty:
         console.print("No trials recorded yet." if store_empty else "No trials match.")
@@ -302,24 +343,63 @@ def _print_rows(frame: Any, output: OutputFormat, store_empty: bool, sort: str =
         frame = frame.assign(role=frame["role"].fillna("search"), seed=frame.get("seed"))
         columns[columns.index("status"):columns.index("status")] = ["role", "seed"]
     labels = checkpoint_labels(frame)
-    if labels.nunique() > 1:  # trials from different pre-trained weights: say which is which
+    if labels.nunique() > 1 or (chosen is not None and "checkpoint_sha256" in chosen):
+        # trials from different pre-trained weights: say which is which
         frame = frame.assign(checkpoint_sha256=labels)
-        columns.insert(columns.index("backbone") + 1, "checkpoint_sha256")
+        if labels.nunique() > 1:
+            columns.insert(columns.index("backbone") + 1, "checkpoint_sha256")
+    columns = columns if chosen is None else chosen
     rows = [[_cell(column, row[column]) for column in columns] for row in frame.to_dict(orient="records")]
-    if output is OutputFormat.markdown:
-        import pandas as pd
+    import pandas as pd
 
+    if output is OutputFormat.markdown:
         from medpeft_ray.leaderboard.views import markdown_table
 
         print(markdown_table(pd.DataFrame(rows, columns=[_header(c) for c in columns])))
         return
-    table = Table(title="medpeft-ray leaderboard")
-    for column in columns:
-        right = column in ("trainable_params", "wall_time_s") or _metric_of(column) is not None
-        table.add_column(_header(column), justify="right" if right else "left")
-    for row in rows:
-        table.add_row(*(escape(cell) for cell in row))  # a value like "[q, v]" is text, not rich markup
-    console.print(table)
+    text = pd.DataFrame(rows, columns=columns)
+    console.print(fit_table(text, [_row_column(c, sort) for c in columns], console.width,
+                            title="medpeft-ray leaderboard", explicit=chosen is not None))
+
+
+#: Always shown, at full width: what rows are compared on.
+_COMPARED = ("label_ratio", "method", "trainable_params", "status", "wall_time_s")
+#: Which rows are which when they differ (shown in the title when every row has one value), then the
+#: hyperparameters; then the rest, the first of them kept longest on a narrow terminal.
+_PRIORITY = {"dataset": 1.0, "backbone": 1.1, "experiment": 1.2, "checkpoint_sha256": 1.3, "params": 2.0,
+             "role": 4.0, "seed": 4.1, "best_epoch": 6.0, "epochs_run": 6.1}
+
+
+def _row_column(name: str, sort: str) -> Any:
+    """How the leaderboard's table shows column ``name`` (see ``leaderboard/tables.py``)."""
+    from medpeft_ray.leaderboard.tables import Column
+
+    metric = _metric_of(name)
+    right = name in ("trainable_params", "wall_time_s", "seed") or metric is not None
+    if name == sort or name in _COMPARED:
+        priority = 0.0
+    elif metric is not None:
+        # the sort metric's test value, then the other metrics in the registry's order
+        test = METRICS[sort].on_split("test") if sort in METRICS else None
+        priority = 3.0 if name == test else 5.0 + list(METRICS).index(metric.name) / 100
+    else:
+        priority = _PRIORITY.get(name, 7.0)
+    fold = name in ("experiment", "dataset", "backbone", "params", "config", "error", "checkpoint")
+    return Column(name, _header(name), right=right, fold=fold, priority=priority,
+                  lift=name in ("experiment", "dataset", "backbone"))
+
+
+def _check_columns(chosen: list[str], frame: Any) -> None:
+    known = list(frame.columns)
+    unknown = [c for c in chosen if c not in known]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"--columns: unknown column {unknown[0]!r}{hint}; known: {', '.join(known)}")
+    if not chosen:
+        raise UsageError("--columns: give at least one column, e.g. --columns method,val_auroc")
 
 
 def _top(study: Any, top: Optional[int]) -> Any:
@@ -372,10 +452,13 @@ def _print_comparison(study: Any, output: OutputFormat, metric: str, store_empty
             text.loc[table[column] == best[column], column] = text[column].map(lambda s: f"**{s}**")
         print(markdown_table(text.rename_axis(by), index=True))
         return
-    rich_table = Table(title=f"{study.column} per (dataset, label ratio)")
-    rich_table.add_column(by)
+    # no vertical rules (as the leaderboard's rows): ten more characters for the cells at 80 columns
+    rich_table = Table(title=f"{study.column} per (dataset, label ratio)", box=box.SIMPLE_HEAD, show_edge=False,
+                       pad_edge=False, padding=(0, 1, 0, 0))
+    # a squeezed cell wraps (rich would otherwise cut it to "0.…")
+    rich_table.add_column(by, overflow="fold")
     for column in [*cells, "mean rank"]:
-        rich_table.add_column(column, justify="right")
+        rich_table.add_column(column, justify="right", overflow="fold")
     for name, row in text.iterrows():
         marked = [f"[bold]{row[c]}[/bold]" if table.at[name, c] == best[c] else row[c] for c in cells]
         rich_table.add_row(escape(str(name)), *marked, row["mean rank"])
@@ -508,6 +591,23 @@ def best(
             err_console.print(exported.note, soft_wrap=True)
 
 
+def _manifests(results: Optional[Path], experiments: list[str]) -> list[dict[str, Any]]:
+    """The search manifests of ``experiments`` found in the results storage (a search run elsewhere has none here)."""
+    from dataclasses import asdict
+
+    from medpeft_ray.search.manifest import SearchManifest
+    from medpeft_ray.search.runner import results_location
+
+    storage, _ = results_location(results)
+    found = []
+    for name in experiments:
+        try:
+            found.append(asdict(SearchManifest.load(storage, name)))
+        except MedpeftError:
+            continue
+    return found
+
+
 @app.command()
 def report(
     experiments: list[str] = typer.Argument(..., help="experiment(s) to report on; name several to compare their "
@@ -524,12 +624,42 @@ def report(
     from medpeft_ray.leaderboard.report import write_report
 
     try:
-        index = write_report(_open_store(results, db), experiments, out, metric, split, baseline)
+        index = write_report(_open_store(results, db), experiments, out, metric, split, baseline,
+                             costs=_manifests(results, experiments))
     except MedpeftError as exc:
         _fail(exc)
     except OSError as exc:
         _fail(_os_error(exc))
     console.print(f"report: {index}")
+
+
+@app.command()
+def dashboard(
+    results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: "
+                             "every interface)"),
+    port: int = typer.Option(8080, min=1, max=65535, help="port to listen on"),
+) -> None:
+    """Show the searches' Optuna studies (history, learning curves, Pareto fronts) in optuna-dashboard."""
+    try:
+        import optuna_dashboard
+    except ImportError:
+        _fail(UsageError("optuna-dashboard is not installed: pip install 'medpeft-ray[dashboard]'"))
+    from medpeft_ray.leaderboard import optuna_storage
+
+    try:
+        storage = optuna_storage(_open_store(results, db).url)  # refuses a missing leaderboard, as `leaderboard` does
+    except MedpeftError as exc:
+        _fail(exc)
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    console.print(f"optuna-dashboard on http://{shown}:{port}/ (Ctrl-C to stop)", soft_wrap=True)
+    try:
+        optuna_dashboard.run_server(storage, host=host, port=port)
+    except KeyboardInterrupt:  # the way to stop it: no "aborted", exit code 0
+        pass
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        _fail(UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})"))
 
 
 @app.command()

@@ -110,6 +110,21 @@ def test_stopped_trials_free_their_executors_and_two_workers_train_under_zero3_o
     statuses = sorted(s.record.status for s in result.trials)
     assert len(statuses) == 5 and "stopped" in statuses and "failed" not in statuses, statuses
     assert all(s.record.epochs_run < 3 for s in result.trials if s.record.status == "stopped")
+    # Optuna's study says the same: stopped trials PRUNED, completed ones their best epoch's value,
+    # every epoch an intermediate value
+    import optuna
+
+    from medpeft_ray.leaderboard import optuna_storage
+
+    storage = optuna_storage(result.db_url)
+    (study_name,) = optuna.get_all_study_names(storage)
+    told = {t.params["lr"]: t for t in optuna.load_study(study_name=study_name, storage=storage).trials}
+    for summary in result.trials:
+        trial = told[summary.record.params["lr"]]
+        assert trial.state.name == {"stopped": "PRUNED", "completed": "COMPLETE"}[summary.record.status]
+        assert sorted(trial.intermediate_values) == list(range(1, summary.record.epochs_run + 1))
+        if summary.record.status == "completed":
+            assert trial.value == pytest.approx(summary.record.val_auroc)
     stats = result.executors
     # the two executors started with the search ran every trial: none was lost or replaced
     assert stats["executors_started"] == 2, stats

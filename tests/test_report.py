@@ -4,6 +4,7 @@ and a report (plus best config and adapter export) from a real two-method, two-r
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import multiprocessing
 import re
@@ -20,9 +21,9 @@ from conftest import leaderboard_row, tiny_search
 from PIL import Image
 
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
-from medpeft_ray.leaderboard.report import write_report
+from medpeft_ray.leaderboard.report import make_figures, render_html, write_report
 
-FIGURES = ("metric_vs_ratio", "pareto", "progress", "importance")
+FIGURES = ("metric_vs_ratio", "pareto", "progress", "learning_curves", "importance")
 #: matplotlib's first two default colours (tab10 blue and orange): the first two methods' colour
 TAB_BLUE, TAB_ORANGE = (31, 119, 180), (255, 127, 14)
 
@@ -32,7 +33,11 @@ def trial(
 ) -> TrialRecord:
     values = dict(config={}, params={"lr": lr}, val_loss=None, best_epoch=2, epochs_run=3,
                   trainable_params={"lora": 20_000, "bitfit": 5_000}[method], total_params=5_500_000, wall_time_s=30.0)
-    return leaderboard_row(trial_id, method, label_ratio, val_auroc, **{**values, **overrides})
+    values = {**values, **overrides}
+    if val_auroc is not None:  # a learning curve that peaks at the row's value, as long as the trial ran
+        shape = [val_auroc - 0.06, val_auroc, val_auroc - 0.02][: values["epochs_run"]]
+        values["details"] = {"curve": {"epoch": list(range(1, len(shape) + 1)), "val_auroc": shape}}
+    return leaderboard_row(trial_id, method, label_ratio, val_auroc, **values)
 
 
 @pytest.fixture
@@ -86,7 +91,7 @@ def test_report_of_failed_trials_only_says_why_figures_are_missing(tmp_path: Pat
     store.record(trial("x", "lora", 0.1, None, 1e-3, error="out of memory"))
     page = write_report(store, ["lora-search"], tmp_path / "report").read_text()
     assert "No trial has a val_auroc yet." in page
-    assert page.count('<p class="missing">No figure:') == 4
+    assert page.count('<p class="missing">No figure:') == len(FIGURES)
     assert "No figure: no trial has a val_auroc." in page
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["index.html"]
     store.engine.dispose()
@@ -159,6 +164,21 @@ def test_report_screenshot_in_headless_chromium(store: LeaderboardStore, tmp_pat
     check_screenshot(screenshot(index, tmp_path / "report.png"))
 
 
+def test_learning_curves_drawn_in_headless_chromium(store: LeaderboardStore, tmp_path: Path) -> None:
+    """The learning curves alone on the page: the methods' colours on screen come from that figure
+    (the page's tables use neither), and the same page without it has neither colour."""
+    frame = store.query()
+    (curves,) = [f for f in make_figures(frame, "val_auroc") if f.name == "learning_curves"]
+    assert curves.png is not None
+    pages = {}
+    for name, figure in (("curves", curves), ("without", dataclasses.replace(curves, png=None))):
+        pages[name] = tmp_path / f"{name}.html"
+        pages[name].write_text(render_html(frame, ["lora-search", "bitfit-search"], [figure], "val_auroc", store.label))
+    check_screenshot(screenshot(pages["curves"], tmp_path / "curves.png"))
+    without = screenshot(pages["without"], tmp_path / "without.png")
+    assert max(colour_share(without, c) for c in (TAB_BLUE, TAB_ORANGE)) <= 1e-4
+
+
 def test_blank_page_fails_the_screenshot_check(tmp_path: Path) -> None:
     page = tmp_path / "blank.html"
     page.write_text("<!DOCTYPE html><html><body></body></html>")
@@ -228,8 +248,27 @@ def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: 
             ranks.append(1.0 if mine > theirs else 2.0 if mine < theirs else 1.5)
         assert table.loc[method, "mean_rank"] == sum(ranks) / 2
 
-    index = write_report(store, ["tiny-lora", "tiny-bitfit"], tmp_path / "report")
-    assert all((tmp_path / "report" / f"{name}.png").is_file() for name in ("metric_vs_ratio", "pareto", "progress"))
+    # each search's manifest holds what it cost, in the forecast's terms, and the report shows both
+    from dataclasses import asdict
+
+    from medpeft_ray.search.manifest import SearchManifest
+
+    manifests = [asdict(SearchManifest.load(str(results), name)) for name in ("tiny-lora", "tiny-bitfit")]
+    for manifest in manifests:
+        mine = rows[rows["experiment"] == manifest["experiment"]]
+        assert manifest["actual"]["trials"] == len(mine) == 2
+        assert manifest["actual"]["epochs"] == int(mine["epochs_run"].sum())
+        assert 0 < manifest["actual"]["device_hours"] * 3600 <= manifest["actual"]["wall_s"] * 2
+    index = write_report(store, ["tiny-lora", "tiny-bitfit"], tmp_path / "report", costs=manifests)
+    page = index.read_text()
+    assert "Forecast and actual cost" in page and page.count("<td>tiny-") >= 2
+    assert all((tmp_path / "report" / f"{name}.png").is_file()
+               for name in ("metric_vs_ratio", "pareto", "progress", "learning_curves"))
+    # each row's curve holds every epoch it ran, with the value its column keeps at the best epoch
+    for row in rows.to_dict(orient="records"):
+        curve = row["details"]["curve"]
+        assert curve["epoch"] == list(range(1, row["epochs_run"] + 1)), curve
+        assert curve["val_auroc"][row["best_epoch"] - 1] == pytest.approx(row["val_auroc"])
     if chromium() is not None:  # without a browser the rest of this test still runs
         check_screenshot(screenshot(index, tmp_path / "report.png"))
 

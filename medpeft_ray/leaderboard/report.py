@@ -10,6 +10,7 @@ Figures:
 - ``metric_vs_ratio.png``: the best metric of each method against the label ratio;
 - ``pareto.png``: metric against trainable parameters, the Pareto front per (dataset, ratio);
 - ``progress.png``: best-so-far metric against cumulative trial time, per study;
+- ``learning_curves.png``: each search trial's metric per epoch (the row's ``details["curve"]``);
 - ``importance.png``: how strongly each searched hyperparameter goes with the metric.
 """
 
@@ -63,12 +64,14 @@ def report_rows(store: "TrialStore", experiments: Sequence[str]) -> "pd.DataFram
 
 def write_report(
     store: "TrialStore", experiments: Sequence[str], directory: str | Path, metric: str = "val_auroc",
-    split: str | None = None, baseline: str = "full",
+    split: str | None = None, baseline: str = "full", costs: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Writes the report of ``experiments`` to ``directory``; returns the path of ``index.html``.
 
     ``split`` is the split the comparison table shows (default: test where trials have test values);
-    ``baseline`` the method the others are counted against, task by task.
+    ``baseline`` the method the others are counted against, task by task. ``costs`` are the
+    searches' manifests (``experiment``, ``forecast``, ``actual``): their forecast and what they
+    took are shown side by side.
     """
     get_metric(metric)  # an unknown metric fails before the database is read
     if split is not None:
@@ -84,7 +87,7 @@ def write_report(
         else:
             path.unlink(missing_ok=True)  # a figure from an earlier report of this folder would mislead
     index = out / INDEX_FILE
-    index.write_text(render_html(frame, list(experiments), figures, metric, store.label, split, baseline))
+    index.write_text(render_html(frame, list(experiments), figures, metric, store.label, split, baseline, costs))
     return index
 
 
@@ -212,6 +215,71 @@ def figure_progress(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]) 
     return _png(fig)
 
 
+#: how a learning curve ends when the trial did not run all its epochs
+_CURVE_ENDS = {"stopped": ("x", "stopped early"), "failed": ("v", "failed")}
+
+
+def learning_curves(frame: "pd.DataFrame", metric: str) -> "pd.DataFrame":
+    """One row per search trial with a recorded curve of ``metric``: its study keys, status, and
+    the ``epoch`` and ``value`` lists (epochs without a value left out). Rows written before
+    curves were kept, and confirmation rows (which report once), have none."""
+    import pandas as pd
+
+    columns = ["dataset", "label_ratio", "method", "status", "trial_id", "epoch", "value"]
+    if "details" not in frame:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for row in views.search_rows(frame).to_dict(orient="records"):
+        curve = views.details_of(row["details"]).get("curve") or {}
+        points = [(int(e), float(v)) for e, v in zip(curve.get("epoch") or [], curve.get(metric) or [])
+                  if v is not None and math.isfinite(v)]
+        if points:
+            epochs, values = zip(*sorted(points))
+            rows.append({**{k: row[k] for k in columns[:5]}, "epoch": list(epochs), "value": list(values)})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def learning_curves_figure(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]) -> "Figure | None":
+    """Each search trial's ``metric`` per epoch, a line per trial coloured by method, one panel per
+    (dataset, label ratio); a trial that ended before its last epoch ends in a marker where it ended."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    curves = learning_curves(frame, metric)
+    if curves.empty:
+        return None
+    groups = sorted(curves.groupby(["dataset", "label_ratio"]).groups)
+    fig, axes = _grid(len(groups))
+    for ax, (dataset, ratio) in zip(axes, groups):
+        group = curves[(curves["dataset"] == dataset) & (curves["label_ratio"] == ratio)]
+        ends = set()
+        for row in group.sort_values(["method", "trial_id"]).itertuples(index=False):
+            # full colour, as in the other figures: the method's colour is how a reader tells the lines apart
+            ax.plot(row.epoch, row.value, color=colors[row.method], linewidth=1.2,
+                    marker="o" if len(row.epoch) == 1 else None, markersize=3)  # one epoch: a point, not nothing
+            if row.status in _CURVE_ENDS:
+                ends.add(row.status)
+                ax.plot(row.epoch[-1:], row.value[-1:], linestyle="none", marker=_CURVE_ENDS[row.status][0],
+                        markersize=7, markeredgewidth=1.5, color=colors[row.method])
+        # a legend entry per method and per kind of end, not one per trial
+        handles = [Line2D([], [], color=colors[m], label=m) for m in sorted(group["method"].unique())]
+        handles += [Line2D([], [], color="black", linestyle="none", marker=_CURVE_ENDS[s][0], label=_CURVE_ENDS[s][1])
+                    for s in _CURVE_ENDS if s in ends]
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.set_title(f"{dataset} @ {ratio:g}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(get_metric(metric).title)
+        ax.grid(alpha=0.3)
+        ax.legend(handles=handles, fontsize="small")
+    return fig
+
+
+def figure_learning_curves(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]) -> bytes | None:
+    """The learning curves' figure as PNG; None when no row recorded a curve (older leaderboards)."""
+    fig = learning_curves_figure(frame, metric, colors)
+    return None if fig is None else _png(fig)
+
+
 def figure_importance(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]) -> bytes | None:
     """Association of each searched hyperparameter with the metric, one panel per method."""
     table = views.importance(frame, metric)
@@ -242,6 +310,10 @@ _FIGURES: list[tuple[str, str, str, Callable[..., bytes | None], str]] = [
     ("progress", "Search progress",
      "Best {metric} so far against the summed wall time of the study's finished trials "
      "(line style: label ratio).", figure_progress, "no trial has a {metric}"),
+    ("learning_curves", "Learning curves",
+     "Every search trial's {metric} at each epoch, a line per trial coloured by method, per "
+     "(dataset, label ratio); a trial stopped early by the scheduler ends in ×, a failed one in ▼.",
+     figure_learning_curves, "no trial recorded its {metric} per epoch (rows written before curves were kept)"),
     ("importance", "Hyperparameter importance",
      "Per method: |Spearman correlation| (numeric; sign in brackets: + means larger did better) or "
      "correlation ratio (categorical) between a hyperparameter and the trial's {metric} rank within "
@@ -431,9 +503,36 @@ def failures_html(frame: "pd.DataFrame") -> str:
     return "\n".join(lines)
 
 
+def costs_html(costs: Sequence[dict[str, Any]]) -> str:
+    """Each search's forecast beside what it took (trials, epochs, device-hours, wall time), so
+    users learn how far to trust a forecast; "" when no manifest is given."""
+    if not costs:
+        return ""
+    rows = []
+    for entry in costs:
+        forecast = (entry.get("forecast") or {}).get("total") or {}
+        actual = entry.get("actual") or {}
+
+        def pair(key: str, fmt: str) -> str:
+            made = format(forecast[key], fmt) if key in forecast else "–"
+            took = format(actual[key], fmt) if key in actual else "–"
+            return f"<td>{made}</td><td>{took}</td>"
+
+        wall = (f"{forecast['wall_s']:.0f} ({forecast['wall_low_s']:.0f}..{forecast['wall_high_s']:.0f})"
+                if "wall_s" in forecast else "–")
+        took_wall = f"{actual['wall_s']:.0f}" if "wall_s" in actual else "–"
+        rows.append(f"<tr><td>{html.escape(str(entry.get('experiment', '')))}</td>{pair('trials', 'd')}"
+                    f"{pair('epochs', '.0f')}{pair('device_hours', '.3f')}<td>{wall}</td><td>{took_wall}</td></tr>")
+    head = ("<tr><th>search</th><th>trials forecast</th><th>trials</th><th>epochs forecast</th><th>epochs</th>"
+            "<th>device-hours forecast</th><th>device-hours</th><th>wall s forecast (range)</th><th>wall s</th></tr>")
+    note = ('<p class="meta">The forecast a search stored when it started (from the leaderboard\'s epoch times of '
+            "the same dataset, backbone and methods; – where it had none) and what it took.</p>")
+    return f"<h2>Forecast and actual cost</h2>{note}<table>{head}{''.join(rows)}</table>"
+
+
 def render_html(
     frame: "pd.DataFrame", experiments: list[str], figures: list[FigureResult], metric: str, source: str,
-    split: str | None = None, baseline: str = "full",
+    split: str | None = None, baseline: str = "full", costs: Sequence[dict[str, Any]] = (),
 ) -> str:
     """The whole report page; images are embedded, nothing is fetched from the network."""
     statuses = frame["status"].value_counts().to_dict()
@@ -467,5 +566,5 @@ def render_html(
         parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure.title)}">'
                      f"<figcaption>{html.escape(figure.caption)} ({figure.name}.png)</figcaption></figure>")
     parts += ["<h2>Best configuration per study</h2>", best_configs_html(frame, metric), failures_html(frame),
-              "</body></html>"]
+              costs_html(costs), "</body></html>"]
     return "\n".join(p for p in parts if p)

@@ -28,6 +28,13 @@ class _TrialProgress:
     last: dict[str, Any] | None = None
     epochs_run: int = 0
     number: int = 0
+    #: every validation metric per epoch ({"epoch": [...], "<metric>": [...]}): the row keeps only
+    #: the best epoch's values in its columns, the report draws the learning curves from this
+    curve: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a search started before curves were kept, resumed now, unpickles progress without one
+        self.__dict__.update({"curve": {}, **state})
 
 
 @dataclass
@@ -123,7 +130,7 @@ class LeaderboardCallback(Callback):
         self.timeline = timeline
         self.label_ratio = label_ratio
         self.db_url = db_url
-        self.console = console
+        self.console = console  # the search's SearchReporter: the trials' lines and its live view
         self._store: LeaderboardStore | None = None
         self.metric = config.search.metric
         self.epochs = config.train.epochs_for(label_ratio)  # this study's budget
@@ -132,16 +139,23 @@ class LeaderboardCallback(Callback):
     # -- Tune hooks ---------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.progress[trial.trial_id] = _TrialProgress(started_at=time.time(), number=len(self.progress) + 1)
-        self._say(trial, f"started  {self._params(trial)}")
+        self._say(trial, f"started  {self._params(trial)}", params=dict(sorted(trial.config.items())))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         p = self._state(trial)
         p.last, p.epochs_run = result, int(result.get("epoch", p.epochs_run + 1))
+        if self.role != "confirmation":  # a confirmation reports once, at its end: no curve to draw
+            # a trial restored from its checkpoint reports again from there: its values replace the lost run's
+            keep = sum(1 for epoch in p.curve.get("epoch", []) if epoch < p.epochs_run)
+            for name in ("epoch", *METRICS):
+                values = p.curve.setdefault(name, [])
+                del values[keep:]
+                values.append(p.epochs_run if name == "epoch" else result.get(name))
         value = result.get(self.metric)
         best = None if p.best is None else p.best.get(self.metric)
         if value is not None and better(value, best, self.config.search.resolved_mode):
             p.best = result
-        self._say(trial, f"epoch {p.epochs_run}/{self.epochs}  {self.metric}={format_value(value)}")
+        self._say(trial, f"epoch {p.epochs_run}/{self.epochs}  {self.metric}={format_value(value)}", value=value)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         p = self._state(trial)
@@ -169,13 +183,11 @@ class LeaderboardCallback(Callback):
     def _params(self, trial: Any) -> str:
         return format_params(dict(sorted(trial.config.items())))
 
-    def _say(self, trial: Any, message: str) -> None:
+    def _say(self, trial: Any, message: str, **event: Any) -> None:
+        """The trial's line, and its ``status`` / ``value`` / ``params`` for the reporter's live view."""
         if self.console is not None:
-            n = self._state(trial).number
-            self.console.print(
-                f"[dim]\\[ratio {self.label_ratio:g}][/dim] trial {n}/{self.config.search.num_samples} {message}",
-                highlight=False,
-            )
+            self.console.trial(self.label_ratio, trial.trial_id, self._state(trial).number,
+                               self.config.search.num_samples, message, **event)
 
     def _pretrained(self) -> dict[str, str | None]:
         """The row's ``checkpoint_file`` and ``checkpoint_sha256``: the pre-trained weights the trial started from.
@@ -200,17 +212,21 @@ class LeaderboardCallback(Callback):
             return dict(point["params"]), int(point["seed"]), str(point["trial_id"])
         return dict(trial.config), None, None
 
-    def _scores(self, best: dict[str, Any]) -> dict[str, Any]:
-        """The row's metric columns and details from the result of its best epoch."""
+    def _scores(self, best: dict[str, Any], curve: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+        """The row's metric columns and details from the result of its best epoch, with the
+        per-epoch ``curve`` added to the details when there is one."""
         from medpeft_ray.metrics import names_on_split
 
         prefix = "best_" if self.role == "confirmation" else ""  # a confirmation reports its best epoch's as best_*
         details = best.get(f"{prefix}details")
+        details = json.loads(details) if isinstance(details, str) else None
+        if curve:
+            details = {**(details or {}), "curve": curve}
         return {
             **{name: best.get(f"{prefix}{name}") for name in METRICS},
             **{name: best.get(name) for name in names_on_split("test")},
             "best_epoch": best.get("test_epoch" if self.role == "confirmation" else "epoch"),
-            "details": json.loads(details) if isinstance(details, str) else None,
+            "details": details,
         }
 
     def _finish(self, trial: Any, status: str, error: str | None) -> None:
@@ -230,7 +246,7 @@ class LeaderboardCallback(Callback):
             status=status,  # type: ignore[arg-type]
             config=trial_config.model_dump(mode="json"),
             params=sampled,
-            **self._scores(best),  # the best epoch's value of every metric
+            **self._scores(best, p.curve),  # the best epoch's value of every metric
             epochs_run=p.epochs_run,
             trainable_params=last.get("trainable_params"),
             total_params=last.get("total_params"),
@@ -250,11 +266,12 @@ class LeaderboardCallback(Callback):
         if self.timeline is not None:
             self.timeline.note(p.started_at, ended, record.train_time_s)
         if status == "failed":
-            self._say(trial, f"[red]failed[/red]: {error}")
+            self._say(trial, f"[red]failed[/red]: {error}", status="failed")
         else:
             startup = f", start-up {record.startup_s:.0f} s" if record.startup_s is not None else ""
             self._say(
                 trial,
                 f"{status}: best {self.metric}={format_value(best.get(self.metric))} at epoch {record.best_epoch} "
                 f"({record.wall_time_s:.0f} s{startup})",
+                status=status, value=best.get(self.metric),
             )

@@ -31,6 +31,11 @@ class SearchManifest:
     studies_done: list[float] = field(default_factory=list)
     #: per label ratio (as text): the confirmation of its best configurations (search.confirm)
     confirmations: dict[str, Any] = field(default_factory=dict)
+    #: what the search was expected to cost when it started (forecast.recorded_forecast), or None
+    #: when the leaderboard held no epoch times to forecast from
+    forecast: dict[str, Any] | None = None
+    #: what it did cost, in the forecast's terms (forecast.actual_costs), once it has finished
+    actual: dict[str, Any] | None = None
     finished: bool = False
 
     def save(self, storage: str) -> None:

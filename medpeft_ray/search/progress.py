@@ -2,12 +2,24 @@
 
 The CLI hands a :class:`SearchReporter` its ``rich`` console; a library caller or a test gets a
 silent one. Trials' own lines (started, epoch, finished) come from the leaderboard callback,
-which speaks through the same reporter.
+which speaks through the same reporter (:meth:`SearchReporter.trial`).
+
+On an interactive terminal the reporter also keeps a live panel below the scrolling lines: per
+study a bar of its trials (done, running, stopped, failed), the best value of the search metric so
+far with its parameters, elapsed and estimated time left, and the slots' utilisation. Anywhere else
+(a log file, CI, ``ray job logs``) it prints the same lines and nothing else, since cursor movements
+would only garble a file.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from medpeft_ray.metrics import better
 
 if TYPE_CHECKING:
     from medpeft_ray.config import SearchConfig
@@ -24,11 +36,67 @@ def format_params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={format_value(v)}" for k, v in params.items())
 
 
+def format_duration(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour on."""
+    minutes, secs = divmod(round(max(0.0, seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+@dataclass
+class _LiveTrial:
+    number: int
+    started_at: float
+    params: dict[str, Any] = field(default_factory=dict)
+    status: str = "running"  # then completed, stopped or failed
+    ended_at: float | None = None
+
+
+@dataclass
+class _LiveStudy:
+    label_ratio: float
+    num_samples: int
+    started_at: float
+    ended_at: float | None = None
+    trials: dict[str, _LiveTrial] = field(default_factory=dict)
+    best: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        return sum(1 for t in self.trials.values() if t.status == status)
+
+    def time_left(self, now: float, slots: int) -> float | None:
+        """Seconds until the study's last trial ends, if its trials keep taking as long as the finished
+        ones took: the work of the trials not started and the rest of the running ones, over the slots.
+        None before any trial has finished (nothing to go by)."""
+        finished = [t.ended_at - t.started_at for t in self.trials.values() if t.ended_at is not None]
+        if not finished:
+            return None
+        mean = sum(finished) / len(finished)
+        waiting = max(0, self.num_samples - len(self.trials))
+        running = sum(max(0.0, mean - (now - t.started_at)) for t in self.trials.values() if t.ended_at is None)
+        return (waiting * mean + running) / max(1, slots)
+
+
 class SearchReporter:
     """Progress lines of one search; silent without a console."""
 
-    def __init__(self, console: Any = None) -> None:
+    def __init__(self, console: Any = None, clock: Callable[[], float] = time.time) -> None:
         self.console = console
+        self.clock = clock  # the live view's times (a test gives a clock of its own)
+        #: whether the live panel is drawn: a terminal that can move its cursor (rich's
+        #: ``is_terminal`` also honours FORCE_COLOR and TTY_COMPATIBLE)
+        self.live_view = bool(console is not None and console.is_terminal and not console.is_dumb_terminal)
+        self.metric, self.mode, self.slots, self.timeline = None, "max", 1, None
+        self.storage: str | None = None
+        self._studies: dict[float, _LiveStudy] = {}
+        # study threads report trials while rich's refresh thread draws the panel; the live display
+        # has a lock of its own, never taken under this one (drawing takes the console's lock, then
+        # this one)
+        self._lock = threading.Lock()
+        self._live_lock = threading.Lock()
+        self._live: Any = None
+        self._quiet = False  # after an interruption: the leaving process's last trial events are not shown
 
     def say(self, text: str, **options: Any) -> None:
         if self.console is not None:
@@ -55,6 +123,7 @@ class SearchReporter:
             )
 
     def cluster(self, config: "SearchConfig", plan: "ResourcePlan", capacity: "ClusterCapacity", storage: str) -> None:
+        self.storage = storage
         self.say(
             f"Ray cluster {_describe_capacity(capacity)}; {plan.concurrency} trial(s) at a time, "
             f"{config.resources.workers_per_trial} worker(s) each on {_describe_worker(plan)}; results in {storage}",
@@ -102,6 +171,145 @@ class SearchReporter:
     def listening(self) -> bool:
         """Whether anything is shown (work done only to be shown can be skipped otherwise)."""
         return self.console is not None
+
+    # -- trials and the live view -------------------------------------------------------------
+
+    def watch(self, metric: str, mode: str, slots: int, timeline: Any = None) -> None:
+        """What the live view ranks by (the search metric and its direction), the trial slots, and the
+        search's ``SearchTimeline`` (its slot utilisation)."""
+        self.metric, self.mode, self.slots, self.timeline = metric, mode, max(1, slots), timeline
+
+    def study_starts(self, label_ratio: float, num_samples: int) -> None:
+        """The study of ``label_ratio`` starts (or resumes) with ``num_samples`` trials: a bar of its own."""
+        with self._lock:
+            study = self._studies.get(label_ratio)
+            if study is None:
+                self._studies[label_ratio] = _LiveStudy(label_ratio, num_samples, self.clock())
+            else:  # resumed, or its trials reported before: the budget's number holds
+                study.num_samples, study.ended_at = num_samples, None
+        self._start_live()
+
+    def study_ends(self, label_ratio: float) -> None:
+        with self._lock:
+            study = self._studies.get(label_ratio)
+            if study is not None:
+                study.ended_at = self.clock()
+
+    def trial(self, label_ratio: float, trial_id: str, number: int, total: int, message: str, *,
+              status: str = "running", value: float | None = None, params: dict[str, Any] | None = None) -> None:
+        """One event of a trial: its line (``[ratio r] trial n/N message``) and its state in the live view.
+
+        ``status`` is ``running`` until it ends ``completed``, ``stopped`` or ``failed``; ``value`` is
+        a value of the search metric it reached; ``params`` its sampled point (given when it starts).
+        """
+        with self._lock:
+            now = self.clock()
+            study = self._studies.get(label_ratio)
+            if study is None:  # a study the driver did not announce (a library caller's own Tuner)
+                study = self._studies[label_ratio] = _LiveStudy(label_ratio, total, now)
+            state = study.trials.get(trial_id)
+            if state is None:
+                state = study.trials[trial_id] = _LiveTrial(number, now)
+            if params is not None:
+                state.params = params
+            state.status = status
+            if status != "running" and state.ended_at is None:
+                state.ended_at = now
+            if value is not None and better(value, study.best, self.mode):
+                study.best, study.best_params = value, state.params
+            if self._quiet:
+                return
+        self._start_live()
+        self.say(f"[dim]\\[ratio {label_ratio:g}][/dim] trial {number}/{total} {message}", highlight=False)
+
+    def interrupted(self) -> None:
+        """Ctrl-C: the live view stops, and what the search saved is said; then it stays silent."""
+        with self._lock:
+            self._quiet = True
+        self.close()
+        with self._lock:
+            studies = list(self._studies.values())
+        finished = sum(len(s.trials) - s.count("running") for s in studies)
+        running = sum(s.count("running") for s in studies)
+        per_study = "; ".join(f"ratio {s.label_ratio:g}: {_counts(s, with_running=False)}" for s in studies
+                              if len(s.trials) > s.count("running"))
+        text = f"saved: {finished} finished trial(s) in the leaderboard" + (f" ({per_study})" if per_study else "")
+        if running:
+            text += f"; {running} running trial(s) start again from their last checkpoint when resumed"
+        if self.storage:
+            text += f"; the studies' state (Tune, Optuna) in {self.storage}"
+        self.say(f"[yellow]{text}[/yellow]", highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        """Stops the live view, leaving its last frame on the screen."""
+        with self._live_lock:
+            live, self._live = self._live, None
+            if live is not None:
+                live.stop()
+
+    def _start_live(self) -> None:
+        if not self.live_view or self._live is not None or self._quiet:
+            return
+        from rich.live import Live
+
+        with self._live_lock:
+            if self._live is None and not self._quiet:
+                # console.print while it runs prints above the panel (so do stray writes to stdout)
+                # and draws the panel again below the line: drawn from the state of that moment,
+                # not the last refresh's, so a line and the panel under it agree
+                self._live = Live(_Drawn(self.panel), console=self.console, refresh_per_second=2)
+                self._live.start()
+
+    def panel(self) -> Any:
+        """The live view as it looks now (a rich renderable)."""
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        with self._lock:
+            now = self.clock()
+            grid = Table.grid(padding=(0, 1))
+            for study in self._studies.values():
+                ended = len(study.trials) - study.count("running")
+                end = study.ended_at if study.ended_at is not None else now
+                times = f"{format_duration(end - study.started_at)} elapsed"
+                if study.ended_at is not None:
+                    times += ", finished"
+                else:
+                    left = study.time_left(now, self.slots)
+                    times += ", left: " + ("estimated after the first trial" if left is None else f"~{format_duration(left)}")
+                best = (f"best {self.metric or 'metric'} {format_value(study.best)}"
+                        + (f" ({format_params(study.best_params)})" if study.best_params else "")
+                        if study.best is not None else "best: none yet")
+                grid.add_row(Text(f"ratio {study.label_ratio:g}", style="bold"),
+                             ProgressBar(total=max(1, study.num_samples), completed=ended, width=20),
+                             Text(f"{_counts(study)} · {times}\n{best}"))
+            running = sum(s.count("running") for s in self._studies.values())
+            slots = f"{self.slots} slot(s), {running} trial(s) running"
+            utilisation = self.timeline.utilisation(self.slots) if self.timeline is not None else None
+            if utilisation is not None:
+                slots += f", utilisation {utilisation:.0%} (training time over slot-seconds so far)"
+            grid.add_row("", "", Text(slots, style="dim"))
+            return grid
+
+
+class _Drawn:
+    """A renderable made anew each time it is drawn."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
+
+    def __rich__(self) -> Any:
+        return self.make()
+
+
+def _counts(study: _LiveStudy, with_running: bool = True) -> str:
+    """``2/4 done, 1 running, 1 stopped, 0 failed``: done is completed (every epoch run)."""
+    parts = [f"{study.count('completed')}/{study.num_samples} done"]
+    if with_running:
+        parts.append(f"{study.count('running')} running")
+    parts += [f"{study.count('stopped')} stopped", f"{study.count('failed')} failed"]
+    return ", ".join(parts)
 
 
 def _describe_trainable(facts: dict[str, Any]) -> str:

@@ -378,11 +378,15 @@ def run_search(
     if resume:
         manifest = SearchManifest.load(storage, config.experiment_name)
     else:
-        manifest = SearchManifest(config.experiment_name, config.model_dump(mode="json"))
+        from medpeft_ray.search.forecast import recorded_forecast
+
+        manifest = SearchManifest(config.experiment_name, config.model_dump(mode="json"),
+                                  forecast=recorded_forecast(config, facts, plan, db_url))
     manifest.save(storage)
     from medpeft_ray.search.callbacks import SearchTimeline
 
     run = SearchRun(config, plan, storage, facts, db_url, reporter, manifest, timeline=SearchTimeline())
+    reporter.watch(config.search.metric, config.search.resolved_mode, plan.concurrency, run.timeline)
     executor_stats = None
     try:
         if shared_executors is not None and shared_executors.dispatcher is not None:
@@ -394,13 +398,27 @@ def run_search(
         else:
             reporter.cold_trials()
         summaries = _run_studies(run)
+        _record_actual_costs(run, [s.record for s in summaries], time.time() - started)
+    except KeyboardInterrupt as exc:
+        reporter.interrupted()
+        exc.experiment = config.experiment_name  # type: ignore[attr-defined]  # the CLI's resume command names it
+        raise
     finally:
+        reporter.close()
         if run.dispatcher is not None and shared_executors is None:
             executor_stats = _stop_executors(run.dispatcher)
         if capacity.autoscaling:
             release_resource_requests()
     return SearchResult(config.experiment_name, time.time() - started, summaries, results_path or storage, db_url,
                         slots=plan.concurrency, executors=executor_stats, timeline=run.timeline)
+
+
+def _record_actual_costs(run: "SearchRun", records: list[Any], wall_s: float) -> None:
+    """What the search cost, beside its forecast in the manifest (the report shows the two side by side)."""
+    from medpeft_ray.search.forecast import actual_costs, devices_per_trial
+
+    run.manifest.actual = actual_costs(records, wall_s, devices_per_trial(run.config, run.plan))
+    run.manifest.save(run.storage)
 
 
 @dataclass
@@ -582,8 +600,10 @@ def _run_study(run: "SearchRun", index: int, tail: threading.Event) -> list[Any]
         with run.lock:
             manifest.studies_started.append(label_ratio)
             manifest.save(run.storage)
+    run.reporter.study_starts(label_ratio, num_samples)
     tuner.fit()
     tail.set()
+    run.reporter.study_ends(label_ratio)
     trials = _recorded_trials(config, label_ratio, run.db_url, manifest)
     if settings.confirm is not None:
         _confirm(run, label_ratio, trials, trial_plan, study_name)
@@ -623,11 +643,11 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
                tail: threading.Event) -> Any:
     """A fresh Tune run of one study: Optuna searcher (warm-started, budgeted, gated on executors) and scheduler."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from medpeft_ray.search.budget import BudgetedSearch
     from medpeft_ray.search.callbacks import LeaderboardCallback, StudyTail
     from medpeft_ray.search.executors import WAITING_PER_EXECUTOR, ExecutorCallback, ExecutorGate
+    from medpeft_ray.search.optuna_states import EpochStatesSearch
     from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
     from medpeft_ray.search.warm_start import warm_start_points
 
@@ -637,7 +657,8 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
     metrics, modes = settings.objectives
     points = warm_start_points(config, label_ratio, run.db_url, ratios[:index])
     run.reporter.trying_first(label_ratio, points)
-    searcher: Any = OptunaSearch(
+    # stopped trials PRUNED, completed ones told their best epoch, as the leaderboard rows have them
+    searcher: Any = EpochStatesSearch(
         space=SpaceSampler.of(space),
         metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0],
@@ -647,6 +668,7 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
         # study per run, so a re-run of an experiment starts a fresh history
         storage=optuna_storage(run.db_url),
         study_name=study_name,
+        epochs=config.train.epochs_for(label_ratio),
     )
     if share.deadline is not None or share.trials is not None:
         searcher = BudgetedSearch(searcher, share)
@@ -670,7 +692,7 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
         run_config=tune.RunConfig(
             name=experiment,
             storage_path=f"{run.storage}/tune",
-            callbacks=[LeaderboardCallback(config, label_ratio, run.db_url, run.reporter.console, run.timeline),
+            callbacks=[LeaderboardCallback(config, label_ratio, run.db_url, run.reporter, run.timeline),
                        StudyTail(num_samples, share, tail),
                        *([ExecutorCallback(dispatcher[1], experiment)] if dispatcher is not None else [])],
             verbose=0,

@@ -1,0 +1,221 @@
+"""The search forecast: the scheduler's expected epochs, its arithmetic, and ``search --dry-run``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_search
+from typer.testing import CliRunner
+
+from medpeft_ray.config import validate_search_dict
+from medpeft_ray.config.sections import SchedulerConfig
+from medpeft_ray.search.forecast import (
+    HIGH_FACTOR,
+    LOW_FACTOR,
+    MethodTiming,
+    StartupFigures,
+    expected_epochs,
+    forecast,
+    halving_epochs_per_trial,
+    halving_milestones,
+    recorded_forecast,
+    startup_figures,
+    study_trials,
+)
+
+
+def test_asha_expected_epochs_by_hand() -> None:
+    # grace 1, rf 2, max_t 4: all 8 trials train epoch 1, 4 go on to epoch 2, 2 train epochs 3-4
+    scheduler = SchedulerConfig(type="asha", grace_period=1, reduction_factor=2)
+    assert halving_milestones(1, 2, 4) == [1, 2, 4]
+    assert expected_epochs(scheduler, 8, 4) == (8 * 1 + 4 * 1 + 2 * 2, "expected")
+
+
+def test_asha_rungs_that_miss_max_t() -> None:
+    # rf 3 on 4 epochs: rungs 1 and 3; a third go on to 3, a ninth to 4
+    assert halving_milestones(1, 3, 4) == [1, 3]
+    assert halving_epochs_per_trial(1, 3, 4) == pytest.approx(1 + 2 / 3 + 1 / 9)
+    # a grace period past max_t is max_t (as make_scheduler clips it): one rung, at the end
+    assert halving_epochs_per_trial(6, 2, 4) == 4
+
+
+@pytest.mark.parametrize("grace, rf, max_t, brackets", [(1, 2, 4, 1), (1, 3, 10, 1), (2, 2, 20, 3), (1, 2.5, 7, 2)])
+def test_milestones_are_rays(grace: int, rf: float, max_t: int, brackets: int) -> None:
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    ray_scheduler = AsyncHyperBandScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
+                                            reduction_factor=rf, brackets=brackets, metric="m", mode="max")
+    for s, bracket in enumerate(ray_scheduler._brackets):
+        assert halving_milestones(grace, rf, max_t, s) == sorted(math.ceil(m - 1e-9) for m, _ in bracket._rungs)
+
+
+def test_other_schedulers_expected_epochs() -> None:
+    assert expected_epochs(SchedulerConfig(type="none"), 8, 4) == (32.0, "expected")
+    assert expected_epochs(SchedulerConfig(type="median", grace_period=1), 8, 4) == (32.0, "at most")
+    # hyperband, 2 brackets: bracket 0 rungs 1, 2, 4 (2 epochs a trial), bracket 1 rungs 2, 4 (3 epochs),
+    # trials placed in proportion to e^3 and e^2
+    epochs, reading = expected_epochs(SchedulerConfig(type="hyperband", grace_period=1, reduction_factor=2, brackets=2), 8, 4)
+    w0, w1 = math.exp(0), math.exp(-1)
+    assert epochs == pytest.approx(8 * (2 * w0 + 3 * w1) / (w0 + w1)) and reading == "expected"
+
+
+def test_max_trials_caps_the_studies() -> None:
+    config = validate_search_dict(tiny_search(dataset={"label_ratios": [0.1, 0.5, 1.0]},
+                                              search={"num_samples": 4, "max_trials": 5}), "tiny.yaml")
+    assert study_trials(config) == [2, 2, 1]  # ceil(5/3), ceil(3/2), the one left
+    assert study_trials(validate_search_dict(tiny_search(), "tiny.yaml")) == [2]
+
+
+def _facts(train_images: dict[float, int], val: int) -> dict:
+    return {"train_images_per_ratio": train_images, "images": {"train": max(train_images.values()), "val": val, "test": 0}}
+
+
+def test_forecast_arithmetic() -> None:
+    config = validate_search_dict(tiny_search(), "tiny.yaml")  # 2 trials of 2 epochs, batch 8, no stopping
+    timing = MethodTiming("lora", train_step_s=[0.09, 0.1, 0.11], eval_batch_s=[0.05], micro_batch=8, eval_batch=128)
+    result = forecast(config, _facts({1.0: 40}, val=20), [timing], StartupFigures(1.0, 45.0), concurrency=2)
+    (study,) = result.studies
+    assert (study.trials, study.max_epochs, study.epochs) == (2, 2, 4.0)
+    assert (study.train_steps_per_epoch, study.eval_batches_per_epoch) == (5, 1)  # 40 / 8, 20 / 128
+    assert study.epoch_s == pytest.approx(5 * 0.1 + 0.05)
+    trial_seconds = 4 * 0.55 + 2 * 1.0
+    assert study.trial_seconds == pytest.approx(trial_seconds)
+    assert study.wall_s == pytest.approx(trial_seconds / 2)
+    # the steps' spread (0.9x..1.1x) is narrower than the fixed factors
+    assert (study.wall_low_s, study.wall_high_s) == pytest.approx((trial_seconds / 2 * LOW_FACTOR, trial_seconds / 2 * HIGH_FACTOR))
+    assert result.device_hours == pytest.approx((trial_seconds + 45.0 * 2) / 3600)
+    assert result.wall_s[0] == pytest.approx(45.0 + trial_seconds / 2)
+    assert result.to_dict()["total"]["trials"] == 2
+
+
+def test_forecast_with_two_workers_and_two_methods() -> None:
+    config = validate_search_dict(tiny_search(method={"name": ["lora", "bitfit"], "options": {"lora": {"rank": 2}}},
+                                              resources={"workers_per_trial": 2},
+                                              search={"scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                                                      "num_samples": 8}, train={"epochs": 4}), "tiny.yaml")
+    slow = MethodTiming("lora", train_step_s=[0.2, 0.4], eval_batch_s=[0.1], micro_batch=4, eval_batch=128)
+    fast = MethodTiming("bitfit", train_step_s=[0.1], eval_batch_s=[0.1], micro_batch=4, eval_batch=128)
+    result = forecast(config, _facts({1.0: 41}, val=300), [slow, fast], StartupFigures(0.5, 10.0), concurrency=4,
+                      devices_per_trial=2)
+    (study,) = result.studies
+    # each worker: 20 images at micro-batch 4 -> 5 steps; 150 validation images -> 2 batches of 128
+    assert (study.train_steps_per_epoch, study.eval_batches_per_epoch) == (5, 2)
+    epoch_s = ((5 * 0.3 + 0.2) + (5 * 0.1 + 0.2)) / 2  # the methods share the trials
+    assert study.epochs == 16.0
+    assert study.trial_seconds == pytest.approx(16 * epoch_s + 8 * 0.5)
+    assert study.device_hours == pytest.approx(study.trial_seconds * 2 / 3600)
+    # lora's steps spread 0.67x..1.33x of their median: the fixed factors are still wider
+    assert study.wall_high_s == pytest.approx(study.wall_s * HIGH_FACTOR)
+
+
+def test_startup_figures_default_without_a_leaderboard(tmp_path: Path) -> None:
+    config = validate_search_dict(tiny_search(), "tiny.yaml")
+    figures = startup_figures(config, f"sqlite:///{tmp_path / 'none' / 'leaderboard.db'}")
+    assert figures == StartupFigures()
+    assert not (tmp_path / "none").exists()  # reading creates no leaderboard
+
+
+def test_startup_figures_from_the_leaderboard(tmp_path: Path) -> None:
+    from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
+
+    config = validate_search_dict(tiny_search(), "tiny.yaml")
+    url = f"sqlite:///{tmp_path / 'leaderboard.db'}"
+    store = LeaderboardStore(url)
+    for i, startup in enumerate([30.0, 0.5, 0.7, 0.6]):
+        store.record(TrialRecord("old", f"t{i}", "synthetic", 1.0, "lora", "vit_tiny_patch16_224", "completed", {},
+                                 startup_s=startup))
+    store.record(TrialRecord("old", "other", "synthetic", 1.0, "lora", "resnet18", "completed", {}, startup_s=99.0))
+    figures = startup_figures(config, url)
+    assert figures.per_trial_s == pytest.approx(0.65)  # the median of the backbone's four
+    assert figures.executor_setup_s == pytest.approx(30.0 - 0.65)
+    assert "4 earlier" in figures.source
+
+
+def test_cli_dry_run_starts_no_ray(tmp_path: Path) -> None:
+    import ray
+
+    from medpeft_ray.cli import app
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(tiny_search(dataset={"label_ratios": [0.5, 1.0]})))
+    results = tmp_path / "results"
+    out = CliRunner().invoke(app, ["search", "--space", str(space), "--dry-run", "--results", str(results)])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert any(line.startswith("label ratio 0.5: 2 trials") for line in lines), out.output
+    assert any(line.startswith("label ratio 1: 2 trials") for line in lines), out.output
+    assert any(line.startswith("total: 4 trials, 8.0 epochs") for line in lines), out.output
+    assert any("ms per training step" in line for line in lines), out.output
+    assert not ray.is_initialized()
+    assert not results.exists()
+
+
+def test_cli_dry_run_refuses_resume(tmp_path: Path) -> None:
+    from medpeft_ray.cli import app
+
+    out = CliRunner().invoke(app, ["search", "--resume", "tiny", "--dry-run", "--results", str(tmp_path)])
+    assert out.exit_code == 2 and "--dry-run forecasts a new search" in out.output
+
+
+def _record_trials(url: str, rows: list[tuple[float, str, int, float, int]], prefix: str = "t") -> None:
+    """Leaderboard rows of earlier tiny trials: (label ratio, method, epochs run, training seconds, batch size)."""
+    from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
+
+    store = LeaderboardStore(url)
+    for i, (ratio, method, epochs, seconds, batch) in enumerate(rows):
+        config = {"dataset": {"image_size": 32}, "train": {"batch_size": batch}}
+        store.record(TrialRecord("old", f"{prefix}{i}", "synthetic", ratio, method, "vit_tiny_patch16_224", "completed", config,
+                                 epochs_run=epochs, train_time_s=seconds, startup_s=1.0))
+
+
+def test_recorded_forecast_from_the_leaderboard(tmp_path: Path) -> None:
+    from medpeft_ray.search.cluster import ResourcePlan
+
+    config = validate_search_dict(tiny_search(dataset={"label_ratios": [0.5, 1.0]}), "tiny.yaml")
+    facts = _facts({0.5: 20, 1.0: 40}, val=20)
+    plan = ResourcePlan({"CPU": 0.01}, {"CPU": 1.0}, False, 2)
+    url = f"sqlite:///{tmp_path / 'leaderboard.db'}"
+    _record_trials(url, [(1.0, "lora", 2, 6.0, 8), (1.0, "lora", 1, 5.0, 8), (1.0, "lora", 4, 40.0, 8),
+                         (1.0, "bitfit", 1, 99.0, 8),  # another method
+                         (1.0, "lora", 1, 99.0, 16)])  # another batch size
+    assert recorded_forecast(config, facts, plan, url) is None  # nothing recorded at label ratio 0.5
+    _record_trials(url, [(0.5, "lora", 2, 2.0, 8)], prefix="later")
+    stored = recorded_forecast(config, facts, plan, url)
+    assert stored is not None and stored["source"] == "leaderboard"
+    by_ratio = {s["label_ratio"]: s for s in stored["studies"]}
+    assert by_ratio[1.0]["epoch_s"] == pytest.approx(5.0)  # median of 3, 5 and 10 s per epoch
+    assert by_ratio[0.5]["epoch_s"] == pytest.approx(1.0)
+    assert stored["total"]["trials"] == 4
+
+
+def test_manifest_keeps_the_forecast(tmp_path: Path) -> None:
+    from medpeft_ray.search.manifest import SearchManifest
+
+    SearchManifest("tiny", {}, forecast={"total": {"trials": 4}}).save(str(tmp_path))
+    assert SearchManifest.load(str(tmp_path), "tiny").forecast == {"total": {"trials": 4}}
+    SearchManifest("older", {}).save(str(tmp_path))
+    assert SearchManifest.load(str(tmp_path), "older").forecast is None
+
+
+
+def test_actual_costs_are_in_the_forecasts_terms() -> None:
+    from types import SimpleNamespace
+
+    from medpeft_ray.leaderboard.report import costs_html
+    from medpeft_ray.search.forecast import actual_costs
+
+    records = [SimpleNamespace(wall_time_s=1800.0, epochs_run=4), SimpleNamespace(wall_time_s=900.0, epochs_run=1),
+               SimpleNamespace(wall_time_s=None, epochs_run=None)]  # a trial that failed before it ran
+    actual = actual_costs(records, wall_s=2000.0, devices_per_trial=2.0)
+    assert actual == {"trials": 3, "epochs": 5, "device_hours": 1.5, "wall_s": 2000.0}
+    page = costs_html([{"experiment": "s", "actual": actual,
+                        "forecast": {"total": {"trials": 3, "epochs": 6.0, "device_hours": 1.25, "wall_s": 1800.0,
+                                               "wall_low_s": 1260.0, "wall_high_s": 2700.0}}},
+                       {"experiment": "new", "actual": actual, "forecast": None}])
+    assert "<td>s</td><td>3</td><td>3</td><td>6</td><td>5</td><td>1.250</td><td>1.500</td>" in page
+    assert "<td>1800 (1260..2700)</td><td>2000</td>" in page
+    assert "<td>new</td><td>–</td><td>3</td>" in page  # no forecast: the leaderboard had no epoch times
+    assert costs_html([]) == ""
