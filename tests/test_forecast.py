@@ -207,8 +207,9 @@ def test_actual_costs_are_in_the_forecasts_terms() -> None:
     from medpeft_ray.leaderboard.report import costs_html
     from medpeft_ray.search.forecast import actual_costs
 
-    records = [SimpleNamespace(wall_time_s=1800.0, epochs_run=4), SimpleNamespace(wall_time_s=900.0, epochs_run=1),
-               SimpleNamespace(wall_time_s=None, epochs_run=None)]  # a trial that failed before it ran
+    records = [SimpleNamespace(train_time_s=1790.0, startup_s=10.0, epochs_run=4),
+               SimpleNamespace(train_time_s=899.0, startup_s=1.0, epochs_run=1),
+               SimpleNamespace(train_time_s=None, startup_s=None, epochs_run=None)]  # failed before it ran
     actual = actual_costs(records, wall_s=2000.0, devices_per_trial=2.0)
     assert actual == {"trials": 3, "epochs": 5, "device_hours": 1.5, "wall_s": 2000.0}
     page = costs_html([{"experiment": "s", "actual": actual,

@@ -505,9 +505,10 @@ def devices_per_trial(config: SearchConfig, plan: ResourcePlan) -> float:
 def actual_costs(records: list[Any], wall_s: float, devices_per_trial: float) -> dict[str, Any]:
     """A finished search's trials, epochs, device-hours and wall time, in the forecast's ``total`` terms.
 
-    Device-hours count each trial's wall time (start-up included) on its devices, as the forecast
-    does; the executors' set-up is in the wall time but not in any trial's.
+    Device-hours count each trial's training, evaluation and start-up on its devices, as the
+    forecast's trial-seconds do (a trial's wall time would also count its waits for Tune and for
+    a free executor); the executors' one-off set-up is in the wall time only.
     """
-    trial_seconds = sum(r.wall_time_s or 0.0 for r in records)
+    trial_seconds = sum((r.train_time_s or 0.0) + (r.startup_s or 0.0) for r in records)
     return {"trials": len(records), "epochs": sum(r.epochs_run or 0 for r in records),
             "device_hours": trial_seconds * devices_per_trial / 3600, "wall_s": wall_s}
