@@ -89,6 +89,12 @@ def test_forecast_arithmetic() -> None:
     assert result.device_hours == pytest.approx((trial_seconds + 45.0 * 2) / 3600)
     assert result.wall_s[0] == pytest.approx(45.0 + trial_seconds / 2)
     assert result.to_dict()["total"]["trials"] == 2
+    assert result.to_dict()["total"]["cost"] is None and "cost" not in result.lines()[-1]
+    # a device-hour price in the YAML turns the device-hours into money
+    priced = validate_search_dict(tiny_search(resources={"device_hour_price": 2.5}), "tiny.yaml")
+    result = forecast(priced, _facts({1.0: 40}, val=20), [timing], StartupFigures(1.0, 45.0), concurrency=2)
+    assert result.to_dict()["total"]["cost"] == pytest.approx(2.5 * result.device_hours)
+    assert result.lines()[-1].endswith(f"; cost {2.5 * result.device_hours:,.2f} at 2.5 per device-hour")
 
 
 def test_forecast_with_two_workers_and_two_methods() -> None:
@@ -150,7 +156,12 @@ def test_cli_dry_run_starts_no_ray(tmp_path: Path) -> None:
     assert any(line.startswith("total: 4 trials, 8.0 epochs") for line in lines), out.output
     assert any("ms per training step" in line for line in lines), out.output
     assert not ray.is_initialized()
-    assert not results.exists()
+    # nothing but the forecast, where the search of this experiment finds it
+    assert [p.relative_to(results) for p in results.rglob("*") if p.is_file()] == [Path("searches/tiny.forecast.json")]
+    from medpeft_ray.search.manifest import load_dry_run_forecast
+
+    kept = load_dry_run_forecast(str(results), "tiny")
+    assert kept["total"]["trials"] == 4 and kept["source"] == "timed" and "forecast kept in" in out.output
 
 
 def test_cli_dry_run_refuses_resume(tmp_path: Path) -> None:

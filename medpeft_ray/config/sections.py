@@ -292,6 +292,10 @@ BUILTIN_RESOURCES = {
 
 class ResourcesConfig(Strict):
     workers_per_trial: int = Field(1, ge=1, description="data-parallel workers of one trial")
+    device_hour_price: float | None = Field(
+        None, gt=0, description="what one device-hour (a GPU, or a CPU worker) costs, in any currency: "
+        "`search --dry-run` then turns its device-hours into money",
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float | Literal["auto"] = Field(
         "auto", description="GPUs per worker; fractions share a GPU; auto: 1 if the cluster has or can add GPUs, else 0"

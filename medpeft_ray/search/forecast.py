@@ -192,6 +192,8 @@ class SearchForecast:
     #: where the step times come from: "timed" on this machine, or the "leaderboard"'s epoch times
     source: str = "timed"
     studies: list[StudyForecast] = field(default_factory=list)
+    #: resources.device_hour_price: what a device-hour costs (None: not given)
+    price: float | None = None
     created_at: float = field(default_factory=time.time)
 
     @property
@@ -217,8 +219,9 @@ class SearchForecast:
 
     def to_dict(self) -> dict[str, Any]:
         point, low, high = self.wall_s
+        cost = None if self.price is None else self.price * self.device_hours
         return {**asdict(self), "total": {"trials": self.trials, "epochs": self.epochs, "device_hours": self.device_hours,
-                                          "wall_s": point, "wall_low_s": low, "wall_high_s": high}}
+                                          "wall_s": point, "wall_low_s": low, "wall_high_s": high, "cost": cost}}
 
     def lines(self) -> list[str]:
         """The forecast as text: the step times, one line per study, one total line."""
@@ -242,6 +245,8 @@ class SearchForecast:
             f"{self.startup.executor_setup_s:.0f} s once; {self.device_hours:.3f} device-hours "
             f"({self.devices_per_trial:g} {self.device} per trial), wall {_duration(point)} "
             f"({_duration(low)}..{_duration(high)}) at {self.concurrency} concurrent trial(s)"
+            + ("" if self.price is None else
+               f"; cost {self.price * self.device_hours:,.2f} at {self.price:g} per device-hour")
         )
         return out
 
@@ -274,7 +279,8 @@ def forecast(config: SearchConfig, facts: dict[str, Any], timings: list[MethodTi
     val_shard = math.ceil(facts["images"]["val"] / world)
     eval_batches = math.ceil(val_shard / train.eval_batch_size)
     device = device or timings[0].device
-    result = SearchForecast(config.experiment_name, concurrency, devices_per_trial, device, startup, timings)
+    result = SearchForecast(config.experiment_name, concurrency, devices_per_trial, device, startup, timings,
+                            price=res.device_hour_price)
     # how steady the timed steps were (recorded epoch times come with no spread of their own)
     fast = min((t.spread()[0] for t in timings), default=1.0)
     slow = max((t.spread()[1] for t in timings), default=1.0)

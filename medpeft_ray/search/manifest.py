@@ -57,6 +57,22 @@ class SearchManifest:
             raise MedpeftError(f"{_location(storage, experiment)}: not a search manifest ({exc})") from None
 
 
+def save_dry_run_forecast(storage: str, experiment: str, forecast: dict[str, Any]) -> str:
+    """Keeps a dry run's forecast where the search of ``experiment`` finds it; returns its location."""
+    location = f"{storage}/{MANIFEST_DIR}/{experiment}.forecast.json"
+    _write_text(location, json.dumps(forecast, indent=1))
+    return location
+
+
+def load_dry_run_forecast(storage: str, experiment: str) -> dict[str, Any] | None:
+    """The last dry run's forecast of ``experiment`` in ``storage``, or None."""
+    text = _read_text(f"{storage}/{MANIFEST_DIR}/{experiment}.forecast.json")
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:  # a damaged file is no forecast; the search goes on without one
+        return None
+
+
 def _location(storage: str, experiment: str) -> str:
     return f"{storage}/{MANIFEST_DIR}/{experiment}.json"
 

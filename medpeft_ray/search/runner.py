@@ -379,9 +379,11 @@ def run_search(
         manifest = SearchManifest.load(storage, config.experiment_name)
     else:
         from medpeft_ray.search.forecast import recorded_forecast
+        from medpeft_ray.search.manifest import load_dry_run_forecast
 
-        manifest = SearchManifest(config.experiment_name, config.model_dump(mode="json"),
-                                  forecast=recorded_forecast(config, facts, plan, db_url))
+        # the leaderboard's epoch times of the same setting, else the last `search --dry-run`'s timing
+        forecast = recorded_forecast(config, facts, plan, db_url) or load_dry_run_forecast(storage, config.experiment_name)
+        manifest = SearchManifest(config.experiment_name, config.model_dump(mode="json"), forecast=forecast)
     manifest.save(storage)
     from medpeft_ray.search.callbacks import SearchTimeline
 
