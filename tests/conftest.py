@@ -92,6 +92,17 @@ def load_shipped_space(path: Path, tmp_path: Path) -> Any:
     return validate_search_dict(raw, path.name, path.parent)
 
 
+@pytest.fixture
+def no_results_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No leaderboard or results location from the environment, and a fresh working folder, so a
+    CLI command without ``--results`` cannot reach a real ``./medpeft-results``."""
+    monkeypatch.delenv("MEDPEFT_DB", raising=False)
+    monkeypatch.delenv("MEDPEFT_RESULTS", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+
 def shipped_presets_in(tmp_path: Path) -> Path:
     """The shipped ``search_spaces/`` copied to ``tmp_path``, each placeholder ``/data/...`` path made
     real there (an empty folder, or an empty checkpoint for a weights file), so presets validate."""

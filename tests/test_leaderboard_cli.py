@@ -21,12 +21,8 @@ from medpeft_ray.leaderboard import SCHEMA_VERSION, LeaderboardStore, TrialRecor
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("MEDPEFT_DB", raising=False)
-    monkeypatch.delenv("MEDPEFT_RESULTS", raising=False)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
+def _clean_env(no_results_env: None) -> None:
+    """Every test here reads and writes only its own results folder."""
 
 
 def trial_config(method: str, label_ratio: float, lr: float) -> dict[str, Any]:

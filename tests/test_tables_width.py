@@ -25,12 +25,8 @@ PARAMS = {"lr": 0.000312, "weight_decay": 0.0123, "rank": 16, "alpha": 32, "drop
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("MEDPEFT_DB", raising=False)
-    monkeypatch.delenv("MEDPEFT_RESULTS", raising=False)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
+def _clean_env(no_results_env: None) -> None:
+    """Every test here reads and writes only its own results folder."""
 
 
 def row(trial_id: str, method: str, label_ratio: float, val_auroc: float, trainable: int, **overrides: Any) -> Any:
