@@ -188,7 +188,7 @@ def test_a_killed_search_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path: P
 
     rows = leaderboard_rows(results)
     assert sorted(r["label_ratio"] for r in rows) == [0.5, 1.0]  # as many rows as without the kill
-    assert all(r["status"] == "completed" and r["epochs_run"] == epochs for r in rows), rows
+    assert all(r["status"] == "completed" and r["epochs_run"] == epochs for r in rows), [(r["status"], r["epochs_run"], r["error"]) for r in rows]
     # the trial that had finished was not run again
     assert all(r["created_at"] == before[r["trial_id"]] for r in rows if r["trial_id"] in before)
     # the interrupted trial resumed after its checkpointed epochs instead of starting over
