@@ -50,7 +50,7 @@ def _sort_help() -> str:
     highest = [m.name for m in METRICS.values() if not m.ascending]
     lowest = [m.name for m in METRICS.values() if m.ascending] + ["times and parameter counts"]
     return (f"column to sort by, best first ({_either(highest)} highest first; {', '.join(lowest)} lowest first); "
-            "the metric of the views below")
+            "the metric of the views below; default: val_auroc, or val_fid for generation searches")
 
 
 def _metric_help(wins: bool = False) -> str:
@@ -265,7 +265,7 @@ def leaderboard(
                                         "UTC time"),
     until: Optional[str] = typer.Option(None, help="only trials recorded on or before this date (the whole day) or "
                                         "UTC time"),
-    sort: str = typer.Option("val_auroc", help=_sort_help()),
+    sort: Optional[str] = typer.Option(None, help=_sort_help()),
     top: Optional[int] = typer.Option(None, min=1, help="show the best N rows"),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="the best trial of each group: comma-separated "
                                            "columns among method, backbone, dataset, label_ratio, experiment, status"),
@@ -295,6 +295,7 @@ def leaderboard(
             raise UsageError("--columns chooses the trials' columns; --compare's columns are its "
                              "(dataset, label ratio) cells")
         store = _open_store(results, db)
+        sort = sort or store.default_metric(**filters)
         if compare is not None:
             rows = store.query(**filters)
             study = views.study_table(rows, by=compare.value.removesuffix("s"), metric=sort, split=split)
@@ -510,8 +511,8 @@ def _header(column: str) -> str:
 
 
 def _metric_columns(frame: Any, sort: str) -> list[str]:
-    """val_auroc, each other validation metric some row has, and the sort metric's test column if some row has it."""
-    shown = [name for name in METRICS if name == "val_auroc" or (name in frame and frame[name].notna().any())]
+    """The sort metric, each other validation metric some row has, and the sort metric's test column if some row has it."""
+    shown = [name for name in METRICS if name == sort or (name in frame and frame[name].notna().any())]
     test = METRICS[sort].on_split("test") if sort in METRICS else None
     return shown + ([test] if test in frame and frame[test].notna().any() else [])
 
@@ -554,7 +555,7 @@ def best(
     method: Optional[str] = typer.Option(None, help="only this method (default: the best of any method)"),
     backbone: Optional[str] = typer.Option(None, help="only this backbone"),
     experiment: Optional[str] = typer.Option(None, help="only this experiment"),
-    metric: str = typer.Option("val_auroc", help=_metric_help(wins=True)),
+    metric: Optional[str] = typer.Option(None, help=_metric_help(wins=True)),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the trial config YAML here "
                                        "(default: print it)"),
     export_adapter: Optional[Path] = typer.Option(
@@ -570,6 +571,8 @@ def best(
 
     try:
         store = _open_store(results, db)
+        metric = metric or store.default_metric(dataset=dataset, label_ratio=label_ratio, method=method,
+                                                backbone=backbone, experiment=experiment)
         row = store.best(metric=metric, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
                          experiment=experiment).iloc[0].to_dict()
         confirmed = views.confirmation_summary(store.query(experiment=row["experiment"], role="confirmation"), row,
@@ -620,7 +623,7 @@ def report(
     experiments: list[str] = typer.Argument(..., help="experiment(s) to report on; name several to compare their "
                                             "methods"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for index.html and the PNG figures"),
-    metric: str = typer.Option("val_auroc", help=_metric_help()),
+    metric: Optional[str] = typer.Option(None, help=_metric_help()),
     split: Optional[str] = typer.Option(None, "--split", help=SPLIT_HELP),
     baseline: str = typer.Option("full", "--baseline", help=BASELINE_HELP),
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
@@ -631,7 +634,9 @@ def report(
     from medpeft_ray.leaderboard.report import write_report
 
     try:
-        index = write_report(_open_store(results, db), experiments, out, metric, split, baseline,
+        store = _open_store(results, db)
+        index = write_report(store, experiments, out, metric or store.default_metric(experiment=experiments), split,
+                             baseline,
                              costs=_manifests(results, experiments))
     except MedpeftError as exc:
         _fail(exc)

@@ -236,8 +236,8 @@ class Metric:
     #: the validation metric's name: ``search.metric``, the leaderboard column, ``--sort``
     name: str
     direction: Direction
-    #: its value on a split's predictions
-    compute: Callable[[Predictions], float]
+    #: its value on a split's predictions (None: the generation recipe computes it, from samples)
+    compute: Callable[[Predictions], float] | None
     #: what it measures, in words (help texts and docs)
     description: str
     #: how tables, figures and the report title it; None: its name, as users type it
@@ -248,6 +248,9 @@ class Metric:
     tasks: frozenset[str] = frozenset({"multilabel", "multiclass"})
     #: whether it is also computed per subgroup (the loss is summed over the split, not kept per image)
     per_subgroup: bool = True
+    #: whether every epoch has it; a metric that does not (FID, which costs a sampling run) leaves
+    #: early stopping to ``val_loss``
+    every_epoch: bool = True
 
     @property
     def title(self) -> str:
@@ -275,8 +278,9 @@ METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in (
         Metric("val_auroc", "max", _auroc, "mean ROC AUC over the classes that have both labels"),
-        Metric("val_loss", "min", _loss, "mean loss (the training loss function) over the images",
-               per_subgroup=False),
+        Metric("val_loss", "min", _loss, "mean loss (the training loss function) over the images; generation: the "
+               "noise-prediction loss at fixed noise and timesteps, comparable across trials",
+               per_subgroup=False, tasks=frozenset({"multilabel", "multiclass", "generation"})),
         Metric("val_f1", "max", _f1, "macro F1 over the classes (multi-label: per-class thresholds chosen "
                "on validation, applied unchanged to test; multi-class: the argmax class)"),
         Metric("val_accuracy", "max", _accuracy, "share of images whose argmax class is right (multi-class)",
@@ -284,6 +288,9 @@ METRICS: dict[str, Metric] = {
         Metric("val_balanced_accuracy", "max", _balanced_accuracy,
                "mean per-class recall of the argmax class (multi-class)", label="val_bal_acc",
                tasks=frozenset({"multiclass"})),
+        Metric("val_fid", "min", None, "Frechet Inception Distance of samples for fixed validation prompts to the "
+               "validation images (generation; computed at the scheduler's rungs and the last epoch)", label="FID",
+               digits=2, tasks=frozenset({"generation"}), per_subgroup=False, every_epoch=False),
     )
 }
 
@@ -309,7 +316,8 @@ def metric_mode(name: str) -> Direction:
 
 def metric_values(predictions: Predictions, split: str = VALIDATION_SPLIT) -> dict[str, float]:
     """Every metric on one split's predictions, by its name on that split (``val_auroc``, ``test_loss``)."""
-    return {metric.on_split(split): metric.compute(predictions) for metric in METRICS.values()}
+    return {metric.on_split(split): metric.compute(predictions) for metric in METRICS.values()
+            if metric.compute is not None}
 
 
 def require_defined(name: str, task: str, dataset: str) -> None:

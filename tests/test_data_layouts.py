@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_captions import make_captions, make_mimic
 from test_data_busi import Busi
 from test_data_chexpert import make_chexpert
 from test_data_csv_splitfile import make_csv, make_splitfile_dataset, write_image
@@ -149,6 +150,8 @@ BUILDERS: dict[str, Callable[[Path], tuple[Path, dict[str, Any]]]] = {
     "csv": _csv, "splitfile": _splitfile,
     "fitzpatrick17k": lambda base: (Fitz(base / "fitzpatrick17k").root, {}),
     "smdg": lambda base: (Smdg(base / "SMDG-19").root, {"suspects": "negative"}),
+    "mimic_cxr": lambda base: (make_mimic(base).root, {}),
+    "captions": lambda base: (make_captions(base), {"patient_column": "patient"}),
 }
 
 

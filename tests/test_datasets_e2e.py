@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_search
 from PIL import Image
+from test_captions import make_captions, make_mimic
 from test_data_busi import Busi
 from test_data_chexpert import make_chexpert
 from test_data_csv_splitfile import make_splitfile_dataset
@@ -64,6 +65,9 @@ FORMATS: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
     "smdg": (lambda base: Smdg(base / "smdg").root, {"suspects": "negative"}),
     "folder": (_folder, {"skip_unreadable": True}),
     "csv": (_csv, {"group_column": "patient"}),
+    "mimic_cxr": (lambda base: make_mimic(base).root, {}),
+    # image-text pairs without label columns: zero classes
+    "captions": (make_captions, {"patient_column": "patient"}),
     "splitfile": (
         _splitfile,
         {"images_dir": "images", "ratio_files": {0.5: "train_50.txt"}, "group_pattern": r"(\d+)_\d+\.png$"},

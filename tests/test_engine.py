@@ -16,7 +16,7 @@ from medpeft_ray.errors import TrialFailed
 from medpeft_ray.train import engine
 from medpeft_ray.train.checkpoint import STATE_FILE, WEIGHTS_FILE
 from medpeft_ray.train.engine import WorkerContext, augment, deepspeed_config, ensure_process_group, warmup_cosine
-from medpeft_ray.train.recipe import run_training
+from medpeft_ray.train.recipes import run_training
 
 
 def test_deepspeed_config_from_train_section() -> None:

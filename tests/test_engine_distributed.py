@@ -63,7 +63,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cache: str) -> No
     import torch.distributed as dist
 
     from medpeft_ray.train.engine import WorkerContext
-    from medpeft_ray.train.recipe import run_training
+    from medpeft_ray.train.recipes import run_training
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -133,7 +133,7 @@ def test_options_that_change_the_arithmetic_change_the_result(two_ranks: Any) ->
 
 def test_two_workers_match_one_worker_on_the_same_global_batch(two_ranks: Any) -> None:
     from medpeft_ray.train.engine import WorkerContext, ensure_process_group
-    from medpeft_ray.train.recipe import run_training
+    from medpeft_ray.train.recipes import run_training
 
     rank0, _, _ = two_ranks
     torch.set_num_threads(1)

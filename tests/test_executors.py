@@ -15,7 +15,8 @@ from conftest import tiny_search
 from medpeft_ray.config import validate_search_dict
 from medpeft_ray.search.executors import EXIT, ExecutorSpec, TrialCheckpoints, TrialDispatcher
 from medpeft_ray.train.engine import WorkerContext, ensure_process_group
-from medpeft_ray.train.recipe import TrialRecipe, better, run_training
+from medpeft_ray.train.recipe import TrialRecipe, better
+from medpeft_ray.train.recipes import run_training
 
 
 def _trial(method: str = "lora", **train: Any) -> Any:

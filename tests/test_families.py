@@ -32,6 +32,8 @@ from medpeft_ray.models.families import (
 from medpeft_ray.train import engine
 
 FAMILIES = list_families()
+#: the families timm builds: their descriptions are also checked against timm's own grouping and heads
+TIMM_FAMILIES = [name for name in FAMILIES if get_family(name).timm]
 
 
 def example(family: BackboneFamily) -> nn.Module:
@@ -92,22 +94,22 @@ def check_blocks_and_targets(family: BackboneFamily, model: nn.Module) -> None:
     paths = module_paths(model)
     for index, block in enumerate(blocks):
         assert re.fullmatch(family.block_regex.replace(INDEX, str(index)), paths[id(block)])
-        for part in (family.attention, family.mlp):
-            if part is not None:
-                block.get_submodule(part)
+        for part in ("attention", "mlp"):
+            assert len(family.part_modules(block, part)) == len(family.part_paths(part))
     model_modules = {id(m) for m in model.modules()}
-    ops = family.ops(model, blocks)
-    assert ops
-    for op, channel_dim in ops:
-        assert id(op) in model_modules and channel_dim in (1, -1)
-        assert output_channels(op) > 0
+    if family.timm:  # per-channel feature methods (SSF) follow the ops of timm families only
+        ops = family.ops(model, blocks)
+        assert ops
+        for op, channel_dim in ops:
+            assert id(op) in model_modules and channel_dim in (1, -1)
+            assert output_channels(op) > 0
     split_qkv(model)  # q, k and v targets exist once the fused qkv is split, as peft methods do
     chosen = [0, len(blocks) - 1] if family.block_sets else None
     chosen_blocks = [blocks[i] for i in chosen] if chosen is not None else blocks
     resolved = []
-    for target, path in family.targets.items():
+    for target in family.targets:
         # a target may be missing from some models (a ResNet-18's basic blocks have no conv3)
-        found = {f"{paths[id(b)]}.{path}" for b in chosen_blocks if _has(b, path)}
+        found = {f"{paths[id(b)]}.{path}" for b in chosen_blocks for path in family.target_paths(target) if _has(b, path)}
         resolved += found
         regex = family.targets_regex([target], chosen)
         assert {name for name, _ in model.named_modules() if re.fullmatch(regex, name)} == found, target
@@ -127,7 +129,7 @@ def _has(module: nn.Module, path: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", TIMM_FAMILIES)
 def test_family_owns_its_names(name: str) -> None:
     import timm
 
@@ -139,12 +141,12 @@ def test_family_owns_its_names(name: str) -> None:
     assert family.label in unsupported_backbone("efficientnet_b0")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", TIMM_FAMILIES)
 def test_layer_groups(name: str) -> None:
     check_layer_groups(get_family(name), example(get_family(name)))
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", TIMM_FAMILIES)
 def test_head_is_the_classifier(name: str) -> None:
     check_head(get_family(name), example(get_family(name)))
 
@@ -154,7 +156,7 @@ def test_blocks_targets_and_ops_resolve(name: str) -> None:
     check_blocks_and_targets(get_family(name), example(get_family(name)))
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", TIMM_FAMILIES)
 def test_the_model_tells_its_family(name: str) -> None:
     family = get_family(name)
     model = example(family)
@@ -175,6 +177,16 @@ def test_every_method_of_the_family_applies(name: str) -> None:
         assert head <= trainable, method
         ids, top = engine.layer_ids(model, name)
         assert set(ids) == trainable and max(ids.values()) == top, method
+
+
+def test_the_unet_family_owns_only_its_built_in_names() -> None:
+    import timm
+
+    unet = get_family("unet")
+    assert not unet.timm and unet.task == "generation"
+    assert [n for n in timm.list_models() if unet.owns(n)] == []
+    assert all(unet.owns(name) for name in ("unet_tiny", "unet_sd15")) and not unet.owns("unet_tiny2")
+    assert "nor a diffusion U-Net (unet_tiny, unet_sd15)" in unsupported_backbone("efficientnet_b0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +229,7 @@ def test_a_new_family_is_one_registration(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(families, "_FAMILIES", dict(families._FAMILIES))
     convnext = register_family(_convnext())
     assert family_of("convnext_tiny") is convnext and list_families() == [*FAMILIES, "convnext"]
-    assert unsupported_backbone("x").endswith("or ResNet (resnet*) or ConvNeXt (convnext_*) name")
+    assert "or ResNet (resnet*) or ConvNeXt (convnext_*) name, nor a diffusion U-Net" in unsupported_backbone("x")
     model = example(convnext)
     assert family_of_model(model) is convnext
     check_layer_groups(convnext, model)

@@ -18,8 +18,9 @@ from medpeft_ray.methods import count_parameters, get_method, list_methods, merg
 from medpeft_ray.models import build_backbone
 from medpeft_ray.train.checkpoint import PEFT_DIR, load_checkpoint_into, save_checkpoint
 
-BACKBONES = {"vit": "vit_tiny_patch16_224", "resnet": "resnet18"}
-_HEAD = {"vit": r"^(head|fc_norm)\.", "resnet": r"^fc\."}
+BACKBONES = {"vit": "vit_tiny_patch16_224", "resnet": "resnet18", "unet": "unet_tiny"}
+_HEAD = {"vit": r"^(head|fc_norm)\.", "resnet": r"^fc\.", "unet": r"^$"}  # a U-Net has no head
+_UNET_ATTN = r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]"
 _QV = r"blocks\.\d+\.attn\.qkv\.[qv]"
 
 #: (family, method) -> (regex every trainable name matches besides the head, regex some trainable name matches)
@@ -58,6 +59,14 @@ EXPECTED_TRAINABLE: dict[tuple[str, str], tuple[str, str]] = {
     ("resnet", "ssf"): (r"(bn\d|downsample\.1)\.ssf\.(scale|shift)$", r"^layer4\.1\.bn2\.ssf\.scale$"),
     ("resnet", "tsa"): (r"^layer\d\.\d\.conv[12]\.tsa\.conv\.weight$", r"^layer3\.1\.conv2\.tsa\.conv\.weight$"),
     ("resnet", "lora"): (r"^layer\d\.\d\.conv[123]\.lora_[AB]\.default\.weight$", r"^layer1\.0\.conv1\.lora_B\.default\.weight$"),
+    ("unet", "full"): (r".*", r"^conv_in\.weight$"),
+    ("unet", "bitfit"): (r"\.bias$", r"^down_blocks\.0\.resnets\.0\.conv1\.bias$"),
+    ("unet", "norm"): (r"norm\w*\.(weight|bias)$", r"^up_blocks\.1\.resnets\.0\.norm1\.weight$"),
+    ("unet", "attention"): (rf"^{_UNET_ATTN}\.", r"^up_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.weight$"),
+    ("unet", "selective"): (rf"\.bias$|norm\w*\.weight$|^{_UNET_ATTN}\.", r"attn1\.to_q\.weight$"),
+    ("unet", "lora"): (rf"^{_UNET_ATTN}\.(to_[qkv]|to_out\.0)\.lora_[AB]\.default\.weight$", r"attn2\.to_v\.lora_B"),
+    ("unet", "difffit"): (r"\.bias$|norm\w*\.weight$|\.(attn[12]|ff)\.difffit\.gamma$", r"\.attn2\.difffit\.gamma$"),
+    ("unet", "sv_diff"): (r"\.(attn[12]\.(to_[qkv]|to_out\.0)|ff\.net\.(0\.proj|2))\.svdiff\.delta$", r"attn2\.to_k\.svdiff"),
 }
 CASES = sorted(EXPECTED_TRAINABLE)
 #: options the merge test uses instead of the defaults: SSF's default final scale-shift on a
@@ -72,6 +81,15 @@ def backbone(family: str) -> torch.nn.Module:
 
 def adapted(family: str, method: str, **options: object) -> torch.nn.Module:
     return prepare_model(backbone(family), method, dict(options), family)
+
+
+def run(family: str, model: torch.nn.Module) -> torch.Tensor:
+    """The model's output on fixed inputs: images, or a U-Net's noisy latents, timesteps and text states."""
+    if family == "unet":
+        gen = torch.Generator().manual_seed(1)
+        latents, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 7, 32, generator=gen)
+        return model(latents, torch.tensor([10, 700]), encoder_hidden_states=text, return_dict=False)[0]
+    return model(inputs())
 
 
 def trainable_names(model: torch.nn.Module) -> list[str]:
@@ -105,8 +123,8 @@ def test_exactly_intended_parameters_train(family: str, method: str) -> None:
     outside = [n for n in names if not re.search(_HEAD[family], n) and not re.search(every, n)]
     assert not outside, outside[:5]
     assert any(re.search(some, n) for n in names), names[:10]
-    # the head always trains
-    head = {"head.weight", "head.bias"} if family == "vit" else {"fc.weight", "fc.bias"}
+    # the head always trains (a U-Net has none)
+    head = {"vit": {"head.weight", "head.bias"}, "resnet": {"fc.weight", "fc.bias"}, "unet": set()}[family]
     assert head <= set(names)
     trainable, total = count_parameters(model)
     assert 0 < trainable <= total
@@ -117,7 +135,7 @@ def test_exactly_intended_parameters_train(family: str, method: str) -> None:
 @pytest.mark.parametrize("family,method", CASES)
 def test_forward_backward_reaches_only_trainable(family: str, method: str) -> None:
     model = adapted(family, method).train()
-    loss = model(inputs()).sum()
+    loss = run(family, model).sum()
     loss.backward()
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -130,8 +148,8 @@ def test_forward_backward_reaches_only_trainable(family: str, method: str) -> No
 def test_output_at_initialisation(family: str, method: str) -> None:
     base = backbone(family).eval()
     with torch.no_grad():
-        before = base(inputs())
-        after = prepare_model(base, method, {}, family).eval()(inputs())
+        before = run(family, base)
+        after = run(family, prepare_model(base, method, {}, family).eval())
     if get_method(method).identity_at_init:
         torch.testing.assert_close(after, before)
     else:  # a method that does not promise it really changes the output (prompts, SSF's random init)
@@ -144,14 +162,14 @@ def test_merge_gives_same_outputs_as_plain_timm_model(family: str, method: str) 
     perturb_trainable(model)
     model.eval()
     with torch.no_grad():
-        expected = model(inputs())
+        expected = run(family, model)
         merged = merge_method(model, method).eval()
-        torch.testing.assert_close(merged(inputs()), expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(run(family, merged), expected, atol=2e-5, rtol=1e-4)
     # the merged weights are a plain timm checkpoint: strict load into a fresh backbone
     fresh = build_backbone(BACKBONES[family], num_classes=3, image_size=32)
     fresh.load_state_dict(merged.state_dict(), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.eval()(inputs()), expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(run(family, fresh.eval()), expected, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["adaptformer", "adapter_houlsby", "vpt_deep", "prefix"])
@@ -166,12 +184,12 @@ def test_trainable_state_round_trips(family: str, method: str, tmp_path: Path) -
     perturb_trainable(model)
     model.eval()
     with torch.no_grad():
-        expected = model(inputs())
+        expected = run(family, model)
     save_checkpoint(tmp_path, model, {"epoch": 1})
     restored = adapted(family, method).eval()
     assert load_checkpoint_into(tmp_path, restored)["epoch"] == 1
     with torch.no_grad():
-        torch.testing.assert_close(restored(inputs()), expected)
+        torch.testing.assert_close(run(family, restored), expected)
     assert (tmp_path / PEFT_DIR).is_dir() == get_method(method).peft_native
 
 
@@ -185,12 +203,12 @@ def test_peft_native_adapter_loads_with_peft(family: str, method: str, tmp_path:
     perturb_trainable(model)
     model.eval()
     with torch.no_grad():
-        expected = model(inputs())
+        expected = run(family, model)
     save_checkpoint(tmp_path, model, {"epoch": 1})
     base = backbone(family)  # the same backbone: same name, classes, size and (here: seeded) weights
     loaded = PeftModel.from_pretrained(split_qkv(base) if family == "vit" else base, str(tmp_path / PEFT_DIR)).eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(inputs()), expected)
+        torch.testing.assert_close(run(family, loaded), expected)
 
 
 def test_lora_defaults_follow_med_peft_q_and_v_only() -> None:

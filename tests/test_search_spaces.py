@@ -11,6 +11,7 @@ from conftest import load_shipped_space
 
 from medpeft_ray.config import load_search_config, validate_search_dict
 from medpeft_ray.methods import get_method, list_methods
+from medpeft_ray.models.families import require_family
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -21,7 +22,7 @@ def test_every_method_has_a_ready_space_on_the_synthetic_default(method: str) ->
     assert config.method.name == method
     assert config.dataset.name == "synthetic" and config.model.checkpoint is None
     # the file's space is the method's own default space, written out for editing
-    family = "resnet" if config.model.backbone.startswith("resnet") else "vit"
+    family = require_family(config.model.backbone).name
     if method != "lora":  # the default search fixes lora's targets and narrows its ranges
         assert set(config.distributions()) == set(get_method(method).space_for(family))
 

@@ -27,6 +27,7 @@ from medpeft_ray.config.space import SearchSpace
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.errors import ConfigError
 from medpeft_ray.label_ratios import same_label_ratio
+from medpeft_ray.metrics import METRICS
 from medpeft_ray.methods.registry import MethodOptions, MethodSpec, get_method
 from medpeft_ray.models.families import require_family
 from medpeft_ray.schema import did_you_mean, error_message, parse_section
@@ -36,6 +37,13 @@ def check_search(config: SearchConfig, base_dir: Path | None) -> SearchConfig:
     """The search with every cross-section check passed, its paths resolved and its options parsed."""
     dataset = checked_dataset(config.dataset, base_dir)
     model = checked_model(config.model, base_dir)
+    _check_task(config)
+    search = config.search
+    if search.fid_weights is not None:
+        weights = _resolve(search.fid_weights, base_dir)
+        if not weights.is_file():
+            raise ConfigError("search.fid_weights", f"file not found: {weights}")
+        search = search.model_copy(update={"fid_weights": weights})
     space = config.search_space
     specs, options = checked_methods(config.method, config.model.backbone)
     _check_space(config, space, specs, options)
@@ -44,7 +52,7 @@ def check_search(config: SearchConfig, base_dir: Path | None) -> SearchConfig:
     check_training(config.train, config.resources)
     _check_epochs(config)
     return config.model_copy(update={
-        "dataset": dataset, "model": model,
+        "dataset": dataset, "model": model, "search": search,
         "method": config.method.model_copy(update={"options": _options_as_written(config.method, options)}),
     })
 
@@ -71,9 +79,43 @@ def checked_model(model: ModelConfig, base_dir: Path | None) -> ModelConfig:
     checkpoint = model.checkpoint
     if checkpoint is not None:
         checkpoint = _resolve(checkpoint, base_dir)
-        if not checkpoint.is_file():
+        if require_family(model.backbone).task == "generation":  # a diffusers pipeline folder
+            if not checkpoint.is_dir():
+                raise ConfigError("model.checkpoint", f"pipeline folder not found: {checkpoint} (a diffusion U-Net "
+                                  "is read from a folder in the diffusers layout)")
+        elif not checkpoint.is_file():
             raise ConfigError("model.checkpoint", f"file not found: {checkpoint}")
     return model.model_copy(update={"checkpoint": checkpoint})
+
+
+#: train settings a generation trial does not use, with the value it needs
+_GENERATION_TRAIN = {"augment": "none", "layer_decay": 1.0, "drop_path": 0.0}
+
+
+def _check_task(config: SearchConfig) -> None:
+    """The backbone is of the search's task, and what a generation search does not use is left at rest."""
+    family = require_family(config.model.backbone)
+    if family.task != config.task:
+        backbones = "a diffusion U-Net (unet_tiny, unet_sd15)" if config.task == "generation" else "a timm classifier"
+        raise ConfigError("model.backbone", f"{config.model.backbone!r} is a {family.task} backbone; task "
+                          f"{config.task} needs {backbones}" + ("" if config.task == "generation" else
+                                                               " (or set task: generation)"))
+    def fits(metric: Any) -> bool:
+        return ("generation" in metric.tasks) if config.task == "generation" else bool(metric.tasks - {"generation"})
+
+    if not fits(METRICS[config.search.metric]):
+        raise ConfigError("search.metric", f"{config.search.metric} is not a {config.task} metric (these are: "
+                          f"{', '.join(m.name for m in METRICS.values() if fits(m))})")
+    if config.task != "generation":
+        return
+    for name, needed in _GENERATION_TRAIN.items():
+        if getattr(config.train, name) != needed:
+            raise ConfigError(f"train.{name}", f"a generation search trains on the images as they are: set {needed} "
+                              f"(got {getattr(config.train, name)!r})")
+    for name in ("layer_decay", "drop_path"):
+        if name in (config.space or {}):
+            raise ConfigError(f"space.{name}", "not used by a generation search (a diffusion U-Net has no layer decay "
+                              "or drop path here)")
 
 
 def checked_methods(method: MethodConfig, backbone: str) -> tuple[dict[str, MethodSpec], dict[str, MethodOptions]]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+
+from pydantic import Field, field_validator, model_validator
 
 from medpeft_ray.config.distributions import Distribution
 from medpeft_ray.config.sections import (
@@ -29,6 +30,10 @@ class SearchConfig(Strict):
     """The whole search-space YAML."""
 
     experiment: str | None = Field(None, description="name of the search (default: the YAML file's stem)")
+    task: Literal["classification", "generation"] = Field(
+        "classification", description="classification (a timm backbone and labels), or generation: text-to-image "
+        "fine-tuning of a diffusion U-Net (model.backbone unet_tiny, unet_sd15) on images with captions, scored by FID",
+    )
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -43,6 +48,13 @@ class SearchConfig(Strict):
     @classmethod
     def _experiment(cls, name: str | None) -> str | None:
         return check_experiment_name(name)
+
+    @model_validator(mode="after")
+    def _generation_metric(self) -> "SearchConfig":
+        # a generation search ranks by FID unless it says otherwise (classification's default means nothing there)
+        if self.task == "generation" and "metric" not in self.search.model_fields_set:
+            self.search = self.search.model_copy(update={"metric": "val_fid"})
+        return self
 
     @cached_property
     def search_space(self) -> SearchSpace:

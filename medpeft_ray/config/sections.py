@@ -6,6 +6,7 @@ checks that span sections live in :mod:`medpeft_ray.config.checks`.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -226,13 +227,34 @@ class WarmStartConfig(Strict):
     top_k: int = Field(2, ge=1, description="configurations taken from each source")
 
 
+class FidSettings(Strict):
+    """How a generation trial's samples are drawn and scored (FID) at its rungs and last epoch."""
+
+    images: int = Field(16, ge=2, le=10000, description="fixed validation prompts sampled (one image each), and the "
+                        "validation images they are compared with; small sets bias FID upwards, alike for every trial")
+    steps: int = Field(20, ge=1, le=1000, description="denoising steps per sample (DDIM)")
+    guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance (1: none)")
+    at: Literal["rungs", "every_epoch"] = Field(
+        "rungs", description="rungs: at the epochs where the scheduler may stop a trial, and the last one (a stopped "
+        "trial keeps the FID it was stopped with); every_epoch",
+    )
+
+
+def metric_name(value: Any) -> Any:
+    """``search.metric`` may leave out the validation prefix: ``fid`` is ``val_fid``, ``auroc`` ``val_auroc``."""
+    if isinstance(value, str) and value not in METRICS and f"val_{value}" in METRICS:
+        return f"val_{value}"
+    return value
+
+
 class SearchSettings(Strict):
     num_samples: int = Field(8, ge=1, description="trials per label ratio")
     sampler: Literal["tpe", "random", "cmaes", "gp", "grid"] = Field(
         "tpe", description="tpe (multivariate), random, cmaes, gp (Gaussian process), grid (every combination)"
     )
     seed: int = 0
-    metric: MetricName = "val_auroc"
+    metric: MetricName = Field("val_auroc", description="the validation metric trials are ranked by (val_ may be left "
+                               "out: fid); the default of a generation search is val_fid")
     mode: Literal["max", "min"] | None = Field(
         None, description="the metric's direction ("
         + ", ".join(f"{m.direction} for {m.name}" for m in METRICS.values()) + "); may be given, not changed"
@@ -255,6 +277,40 @@ class SearchSettings(Strict):
     confirm: ConfirmConfig | None = Field(
         None, description="re-train the top_k configurations with several seeds and choose by their mean; test-score the choice"
     )
+    fid_weights: Path | None = Field(
+        None, description="generation: the FID Inception-v3 weights (pt_inception-2015-12-05, a local file); without "
+        "it FID uses a stand-in feature extractor, fit for tests only",
+    )
+    fid: FidSettings = Field(default_factory=FidSettings)
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _short_metric(cls, value: Any) -> Any:
+        return metric_name(value)
+
+    def fid_epochs(self, epochs: int) -> list[int]:
+        """The epochs (1-based) a generation trial of ``epochs`` scores its samples at.
+
+        ``at: rungs``: where the scheduler can stop a trial (ASHA's and HyperBand's rungs,
+        grace_period x reduction_factor^k; the median rule's every epoch from the grace period on)
+        and the last epoch, so that a stopped trial's row has the FID it was stopped with.
+        """
+        scheduler = self.scheduler
+        if self.fid.at == "every_epoch" or scheduler.type == "median":
+            first = 1 if self.fid.at == "every_epoch" else min(scheduler.grace_period, epochs)
+            return list(range(first, epochs + 1))
+        chosen = {epochs}
+        if scheduler.type in ("asha", "hyperband"):
+            rung = float(min(scheduler.grace_period, epochs))
+            while rung < epochs:
+                chosen.add(math.ceil(rung - 1e-9))  # a rung is decided at the first epoch that reaches it
+                rung *= scheduler.reduction_factor
+        return sorted(chosen)
+
+    @property
+    def stopping_metric(self) -> str:
+        """What the scheduler stops trials on: the metric, or ``val_loss`` where the metric is not on every epoch."""
+        return self.metric if METRICS[self.metric].every_epoch else "val_loss"
 
     @property
     def resolved_mode(self) -> str:

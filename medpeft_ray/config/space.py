@@ -27,7 +27,7 @@ from medpeft_ray.config.distributions import (
     grid_points,
 )
 from medpeft_ray.config.sections import METHOD_PARAM, SEARCHABLE_TRAIN_FIELDS, MethodConfig, TrainConfig
-from medpeft_ray.config.trial import TrialConfig
+from medpeft_ray.config.trial import TrialConfig, TrialFid
 from medpeft_ray.methods.registry import get_method
 from medpeft_ray.models.families import require_family
 
@@ -203,6 +203,11 @@ class SearchSpace:
                 train[field] = value
             else:
                 raise KeyError(f"sampled parameter {name!r} is neither a method option nor a train field")
+        epochs = config.train.epochs_for(label_ratio)
+        search = config.search
+        fid = None
+        if require_family(config.model.backbone).task == "generation":
+            fid = TrialFid(**search.fid.model_dump(), weights=search.fid_weights, epochs=search.fid_epochs(epochs))
         return TrialConfig(
             experiment=config.experiment_name,
             label_ratio=label_ratio,
@@ -211,4 +216,5 @@ class SearchSpace:
             method=MethodConfig(name=chosen, options=method_options),
             train=TrainConfig.model_validate(train),
             metric=config.search.metric,
+            fid=fid,
         )

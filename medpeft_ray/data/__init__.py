@@ -94,3 +94,4 @@ def _fingerprint(root: Path) -> str:
 from medpeft_ray.data import busi, ham10000, rsna  # noqa: F401,E402
 from medpeft_ray.data import chexpert, nih  # noqa: F401,E402
 from medpeft_ray.data import fitzpatrick17k, smdg  # noqa: F401,E402
+from medpeft_ray.data import captions, mimic_cxr  # noqa: F401,E402  (image-text data)

@@ -23,12 +23,17 @@ class LabeledImages:
     never split one patient's images. ``subgroups`` holds, per attribute the publisher records
     (Fitzpatrick skin type, sex, view), each image's value as a string ("" where unknown): the
     metrics are also computed per value, so that a row shows the worst group's gap.
+
+    ``captions`` holds, for image-text data (a text-to-image model trained on radiographs and their
+    report text), one str per image (an object or unicode array); None when the dataset has none.
+    Such data may have no classes at all: ``labels`` is then (N, 0).
     """
 
     images: np.ndarray
     labels: np.ndarray
     groups: np.ndarray
     subgroups: dict[str, np.ndarray] = field(default_factory=dict)
+    captions: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -41,6 +46,16 @@ class LabeledImages:
         for attribute, values in self.subgroups.items():
             if len(values) != n:
                 raise ValueError(f"subgroup {attribute!r} has {len(values)} values for {n} images")
+        if self.captions is not None:
+            captions = self.captions
+            if not isinstance(captions, np.ndarray) or captions.ndim != 1 or (
+                captions.dtype.kind not in "OU" and len(captions)  # np.asarray([]) is float: no caption to check
+            ):
+                raise ValueError("captions must be a 1-D object or unicode array of str")
+            if len(captions) != n:
+                raise ValueError(f"captions has {len(captions)} values for {n} images")
+            if captions.dtype.kind == "O" and not all(isinstance(c, str) for c in captions):
+                raise ValueError("captions must hold one str per image")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -49,15 +64,22 @@ class LabeledImages:
         return LabeledImages(
             self.images[index], self.labels[index], self.groups[index],
             {attribute: values[index] for attribute, values in self.subgroups.items()},
+            None if self.captions is None else self.captions[index],
         )
 
     def positives_per_class(self) -> np.ndarray:
+        """Positives per class, shape (K,): (0,) for caption-only data without classes."""
         return (self.labels > 0).sum(axis=0).astype(np.int64)  # NaN (unknown) is not positive
 
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """Train, validation and test splits of one dataset, with its class names and task type."""
+    """Train, validation and test splits of one dataset, with its class names and task type.
+
+    Caption data (image-text pairs) may have no classes: ``class_names`` is then () and every
+    split's labels are (N, 0). Its ``task`` stays "multilabel": zero independent binary labels
+    is a (degenerate) multi-label task, and no classification metric is computed on it.
+    """
 
     train: LabeledImages
     val: LabeledImages
@@ -74,6 +96,11 @@ class DatasetSplits:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def has_captions(self) -> bool:
+        """Whether every split (train, val and test) carries a caption per image."""
+        return all(getattr(self, name).captions is not None for name in ("train", "val", "test"))
 
     @property
     def subgroup_attributes(self) -> tuple[str, ...]:

@@ -18,7 +18,9 @@ import numpy as np
 
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
 
-_FORMAT_VERSION = 2  # 2: subgroup attributes per image
+# 2: subgroup attributes per image; 3: captions per image (image-text data), so an entry written
+# before captions existed is not read back as a dataset without them
+_FORMAT_VERSION = 3
 
 
 def cache_root() -> Path:
@@ -51,6 +53,9 @@ def cached_splits(key_parts: dict[str, Any], build: Callable[[], DatasetSplits])
             np.save(tmp / f"{name}_groups.npy", split.groups)
             for i, values in enumerate(split.subgroups.values()):
                 np.save(tmp / f"{name}_subgroup_{i}.npy", np.asarray(values, dtype=str))
+            if split.captions is not None:
+                # JSON, not a unicode .npy: that pads every caption to the longest (reports run long)
+                (tmp / f"{name}_captions.json").write_text(json.dumps([str(c) for c in split.captions]))
         for i, index in enumerate(splits.ratio_subsets.values()):
             np.save(tmp / f"ratio_{i}.npy", np.asarray(index, dtype=np.int64))
         meta = {
@@ -60,6 +65,7 @@ def cached_splits(key_parts: dict[str, Any], build: Callable[[], DatasetSplits])
             "missing_summary": splits.missing_summary,
             "ratio_subsets": list(splits.ratio_subsets),
             "subgroups": {name: list(getattr(splits, name).subgroups) for name in ("train", "val", "test")},
+            "captions": [name for name in ("train", "val", "test") if getattr(splits, name).captions is not None],
             "key": key_parts,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, default=str))
@@ -76,6 +82,14 @@ def cached_splits(key_parts: dict[str, Any], build: Callable[[], DatasetSplits])
 def _load(entry: Path) -> DatasetSplits:
     meta = json.loads((entry / "meta.json").read_text())
 
+    def captions(name: str) -> np.ndarray | None:
+        if name not in meta.get("captions", []):
+            return None
+        values = json.loads((entry / f"{name}_captions.json").read_text())
+        out = np.empty(len(values), dtype=object)  # np.asarray would make a padded unicode array
+        out[:] = values
+        return out
+
     def split(name: str) -> LabeledImages:
         return LabeledImages(
             np.load(entry / f"{name}_images.npy", mmap_mode="r"),
@@ -85,6 +99,7 @@ def _load(entry: Path) -> DatasetSplits:
                 attribute: np.load(entry / f"{name}_subgroup_{i}.npy", allow_pickle=False)
                 for i, attribute in enumerate(meta.get("subgroups", {}).get(name, []))
             },
+            captions(name),
         )
 
     ratios = {float(r): np.load(entry / f"ratio_{i}.npy") for i, r in enumerate(meta.get("ratio_subsets", []))}

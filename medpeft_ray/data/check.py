@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from medpeft_ray.data.records import is_missing
+from medpeft_ray.data.records import is_missing, is_missing_report, is_uncaptioned
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.data.splits import train_subset_index
 from medpeft_ray.schema import parse_section
@@ -17,7 +17,10 @@ class DatasetReport:
     """Images per split, positives per class (per split and per label ratio), files that failed.
 
     ``unreadable`` lists every file left out (missing or undecodable, as "path: reason");
-    ``missing`` summarises the missing ones in one block ("" when none is).
+    ``missing`` summarises the missing ones in one block ("" when none is). For image-text data
+    (``has_captions``) ``unreadable`` also lists the records left out for want of a caption (a
+    report without the section), counted in ``uncaptioned``: always left out, never a problem.
+    Caption data may have no classes (``class_names`` empty, ``positives`` empty per split).
     """
 
     name: str
@@ -31,6 +34,8 @@ class DatasetReport:
     unreadable: list[str] = field(default_factory=list)
     missing: str = ""
     problems: list[str] = field(default_factory=list)
+    has_captions: bool = False
+    uncaptioned: int = 0
 
     @property
     def usable(self) -> bool:
@@ -84,6 +89,8 @@ def check_dataset(
         ratio_positives={},
         unreadable=list(splits.skipped),
         missing=splits.missing_summary,
+        has_captions=splits.has_captions,
+        uncaptioned=sum(map(is_uncaptioned, splits.skipped)),
     )
     for ratio in label_ratios:
         index = train_subset_index(splits, ratio, seed)
@@ -96,8 +103,14 @@ def check_dataset(
     for split_name, count in report.images.items():
         if count == 0:
             report.problems.append(f"the {split_name} split has no images")
-    missing = sum(map(is_missing, report.unreadable))
-    undecodable = len(report.unreadable) - missing
+    missing_reports = sum(map(is_missing_report, report.unreadable))
+    missing = sum(map(is_missing, report.unreadable)) - missing_reports
+    undecodable = len(report.unreadable) - missing - missing_reports - report.uncaptioned
+    if missing_reports and not skip_asked:
+        report.problems.append(
+            f"{missing_reports} report file(s) missing: a search stops before its first trial; unpack them or set "
+            "dataset.options.skip_unreadable: true"
+        )
     if missing and not skip_asked:
         report.problems.append(
             f"{missing} listed image file(s) missing: a search stops before its first trial; unpack them or set "

@@ -73,10 +73,15 @@ def _policy(value: str, label: str | None = None) -> str:
     return policy
 
 
-class CheXpertOptions(DatasetOptions):
-    """Options of the ``chexpert`` format."""
+#: one of the 14 observation names (an unknown one is an option error listing them)
+Observation = Annotated[str, AfterValidator(_observation)]
 
-    labels: list[Annotated[str, AfterValidator(_observation)]] = Field(
+
+class ObservationOptions(DatasetOptions):
+    """Which CheXpert-labeller observations to predict and how uncertain values map: the options
+    of every format labelled by the CheXpert labeller (``chexpert``, ``mimic_cxr``)."""
+
+    labels: list[Observation] = Field(
         default_factory=lambda: list(COMPETITION_LABELS), min_length=1,
         description="observations to predict, in this order (default: the 5 competition labels; any of the 14 "
         "observation columns)",
@@ -87,9 +92,6 @@ class CheXpertOptions(DatasetOptions):
         "and AUROC); one policy for every label, or a mapping label -> policy where unnamed labels follow the "
         "common mix (u-ones for Atelectasis, Edema, Pleural Effusion; u-zeros for the others)",
     )
-    frontal_only: bool = Field(False, description="keep only frontal views (Frontal/Lateral == Frontal)")
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of train.csv patients drawn for validation")
-    skip_unreadable: bool = Field(False, description="skip (and count) missing or unreadable images instead of failing")
 
     @field_validator("labels")
     @classmethod
@@ -112,7 +114,15 @@ class CheXpertOptions(DatasetOptions):
         return self.uncertainty.get(label, "u-ones" if label in U_ONES_IN_MIX else "u-zeros")
 
 
-def label_matrix(frame, csv: Path, options: CheXpertOptions) -> np.ndarray:  # frame: pandas.DataFrame
+class CheXpertOptions(ObservationOptions):
+    """Options of the ``chexpert`` format."""
+
+    frontal_only: bool = Field(False, description="keep only frontal views (Frontal/Lateral == Frontal)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of train.csv patients drawn for validation")
+    skip_unreadable: bool = Field(False, description="skip (and count) missing or unreadable images instead of failing")
+
+
+def label_matrix(frame, csv: Path, options: ObservationOptions) -> np.ndarray:  # frame: pandas.DataFrame
     """(rows, labels) float32: 1, 0, or the uncertainty policy's value for -1; blank is 0."""
     import pandas as pd
 

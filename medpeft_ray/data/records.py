@@ -6,6 +6,9 @@ once: a partial download misses thousands), decodes the images (PNG/JPEG/16-bit/
 patient-disjoint splits where the publisher gives none, and counts unreadable files when asked to
 skip them.
 
+Image-text formats give each record a ``caption`` (report text); records without one are left out
+before decoding and counted (``left_out``, entries ending ``: no caption (why)``), never an error.
+
 Labels are floats: 1 positive, 0 negative, NaN unknown (CheXpert's "ignore" policy); unknown
 labels are left out of the loss and of that class's AUROC.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +33,10 @@ from medpeft_ray.errors import DataError
 
 SPLITS = ("train", "val", "test")
 NOT_FOUND = "image file not found"
+#: a missing file a caption is read from (a radiology report)
+REPORT_NOT_FOUND = "report file not found"
+#: an image-text record left out for want of a caption, as "path: no caption (why)"
+NO_CAPTION = "no caption"
 #: how many missing file names, and folders per kind, a missing-files summary shows
 SHOWN = 3
 
@@ -53,7 +61,8 @@ class ImageRecord:
 
     ``split`` is ``train``, ``val``, ``test`` or None (the split is then drawn by patient).
     ``attributes`` holds the image's subgroup values (``{"skin_type": "3", "sex": "F"}``); every
-    record of a dataset names the same attributes ("" where a value is unknown).
+    record of a dataset names the same attributes ("" where a value is unknown). ``caption`` is
+    the image's text for image-text data: every record of such a dataset has one, else none has.
     """
 
     path: Path
@@ -61,6 +70,7 @@ class ImageRecord:
     group: str
     split: str | None = None
     attributes: tuple[tuple[str, str], ...] = ()
+    caption: str | None = None
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -174,8 +184,30 @@ def assign_splits(groups: Sequence[str], val_fraction: float, test_fraction: flo
 
 
 def is_missing(skipped: str) -> bool:
-    """Whether a ``DatasetSplits.skipped`` entry is a missing file (not an undecodable one)."""
-    return skipped.endswith(f": {NOT_FOUND}")
+    """Whether a ``DatasetSplits.skipped`` entry is a missing file (not an undecodable one).
+
+    Missing image files and missing report files both count: the dataset's missing-files
+    summary (``DatasetSplits.missing_summary``) names them.
+    """
+    return skipped.endswith((f": {NOT_FOUND}", f": {REPORT_NOT_FOUND}"))
+
+
+def is_missing_report(skipped: str) -> bool:
+    """Whether a ``DatasetSplits.skipped`` entry is a missing report file (image-text data)."""
+    return skipped.endswith(f": {REPORT_NOT_FOUND}")
+
+
+def no_caption(path: Path | str, why: str) -> str:
+    """The ``DatasetSplits.skipped`` entry of a record left out for want of a caption."""
+    return f"{path}: {NO_CAPTION} ({why})"
+
+
+def is_uncaptioned(skipped: str) -> bool:
+    """Whether a ``DatasetSplits.skipped`` entry is a record without a caption (:func:`no_caption`).
+
+    Such records are always left out (with or without ``skip_unreadable``): not a problem.
+    """
+    return re.search(rf": {NO_CAPTION} \([^()]*\)$", skipped) is not None
 
 
 def missing_files_summary(
@@ -253,6 +285,7 @@ def build_splits(
     source: str = "dataset",
     found_by_name: bool = False,
     ratio_members: dict[float, set[Path]] | None = None,
+    left_out: Sequence[str] = (),
 ) -> DatasetSplits:
     """Decodes ``records`` into train/val/test :class:`LabeledImages`.
 
@@ -262,7 +295,9 @@ def build_splits(
     (:func:`missing_files_summary`, ``found_by_name`` as there). ``skip_unreadable`` drops missing
     and undecodable files and counts them in ``DatasetSplits.skipped``; otherwise the first
     undecodable one raises :class:`DataError` naming it. ``ratio_members`` maps a label ratio to
-    the training files the publisher lists for it.
+    the training files the publisher lists for it. ``left_out`` are the "path: reason" entries of
+    records the format dropped before (a study without a report section): they lead ``skipped``.
+    Records with a ``caption`` give each split its ``captions``.
     """
     if not records:
         raise DataError(f"{source}: no images listed")
@@ -281,6 +316,9 @@ def build_splits(
     for r, name in zip(records, split_names):
         if name not in SPLITS:
             raise DataError(f"{r.path}: unknown split {name!r}")
+    captioned = {r.caption is not None for r in records}
+    if len(captioned) > 1:
+        raise ValueError(f"{source}: some records have a caption and some have none")
     labels = np.asarray([r.labels for r in records], dtype=np.float32).reshape(len(records), len(class_names))
     decoded = decode_all([r.path for r in records], image_size, skip_unreadable, progress=_progress(source, len(records)))
     kept_split = np.asarray(split_names, dtype=object)[decoded.kept]
@@ -291,12 +329,18 @@ def build_splits(
         name: np.asarray([dict(r.attributes).get(name, "") for r in records], dtype=str)[decoded.kept]
         for name in attribute_names
     }
+    kept_captions = None
+    if captioned == {True}:
+        kept_captions = np.empty(len(records), dtype=object)  # object: reports differ much in length
+        kept_captions[:] = [r.caption for r in records]
+        kept_captions = kept_captions[decoded.kept]
 
     def take(name: str) -> LabeledImages:
         index = np.flatnonzero(kept_split == name)
         return LabeledImages(
             decoded.images[index], kept_labels[index], kept_groups[index],
             {attribute: values[index] for attribute, values in kept_attributes.items()},
+            None if kept_captions is None else kept_captions[index],
         )
 
     train_paths = [records[i].path for i in decoded.kept[kept_split == "train"]]
@@ -306,7 +350,8 @@ def build_splits(
     }
     return DatasetSplits(
         take("train"), take("val"), take("test"), tuple(class_names), task,
-        skipped=tuple(error for _, error in decoded.unreadable),  # each error starts with its file's path
+        # each entry starts with its file's path
+        skipped=tuple(left_out) + tuple(error for _, error in decoded.unreadable),
         ratio_subsets=ratio_subsets,
         missing_summary=summary,
     )

@@ -20,7 +20,8 @@ def label_ratio_index(split: LabeledImages, ratio: float, seed: int) -> np.ndarr
 
     Every class with a positive in ``split`` keeps at least one positive: where the prefix has
     none, the first-ranked patient with one is added. That patient also lies in any larger
-    ratio's prefix or is added there too, so nesting holds.
+    ratio's prefix or is added there too, so nesting holds. Data without classes (captions
+    only, labels (N, 0)) takes the prefix alone: patients drawn at random, fixed by ``seed``.
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"label ratio must be in (0, 1], got {ratio}")
@@ -34,6 +35,7 @@ def label_ratio_index(split: LabeledImages, ratio: float, seed: int) -> np.ndarr
     keep_group = rank_of_group < n_keep
 
     # positives of each class per group, to find the best-ranked group holding each class
+    # (no columns for data without classes: nothing is added to the prefix)
     group_positives = np.zeros((len(groups), split.labels.shape[1]), dtype=np.int64)
     np.add.at(group_positives, group_of_image, (split.labels > 0).astype(np.int64))
     for c in np.flatnonzero(group_positives.sum(axis=0) > 0):

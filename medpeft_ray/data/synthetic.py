@@ -4,6 +4,9 @@ Every image shows a body silhouette, two dark lung fields, a spine, ribs and a h
 per-patient anatomy (size, position, exposure) and noise. Each finding class draws its own
 label-dependent structure, loosely after the radiographic sign it is named for, so a small ViT
 can learn the labels from pixels in a few CPU minutes while the task stays multi-label and noisy.
+
+Every image also has a caption (:func:`caption_of`), an impression-style line written from its
+labels alone, so the same data serves text-to-image fine-tuning.
 """
 
 from __future__ import annotations
@@ -18,6 +21,17 @@ from medpeft_ray.data.registry import DatasetOptions, register_dataset
 
 #: Finding classes in the order they are labelled; ``num_classes`` takes a prefix of this list.
 FINDINGS = ("Cardiomegaly", "Effusion", "Nodule", "Pneumothorax", "Consolidation", "Mass")
+#: The impression sentence of each finding, after the sign :func:`render_image` draws for it.
+IMPRESSIONS = {
+    "Cardiomegaly": "Enlarged cardiac silhouette.",
+    "Effusion": "Pleural effusion.",
+    "Nodule": "Multiple small pulmonary nodules.",
+    "Pneumothorax": "Apical pneumothorax.",
+    "Consolidation": "Focal consolidation.",
+    "Mass": "Pulmonary mass.",
+}
+#: The caption of an image without any finding.
+NO_FINDING_CAPTION = "No acute cardiopulmonary process."
 
 
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, soft: float = 0.04) -> np.ndarray:
@@ -84,6 +98,21 @@ def render_image(size: int, anatomy: np.ndarray, findings: np.ndarray, rng: np.r
     return (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
+def caption_of(findings_row: np.ndarray, class_names: tuple[str, ...] | list[str]) -> str:
+    """The caption of one image: one sentence per positive finding, in ``class_names`` order.
+
+    Sentences come from :data:`IMPRESSIONS` (a class not named there gives ``"<name>."``) and are
+    joined with spaces; an image without a positive (0 or NaN everywhere) gives
+    :data:`NO_FINDING_CAPTION`. E.g. Cardiomegaly and Nodule positive:
+    ``"Enlarged cardiac silhouette. Multiple small pulmonary nodules."``
+    """
+    row = np.asarray(findings_row, dtype=np.float64).reshape(-1)
+    if len(row) != len(class_names):
+        raise ValueError(f"{len(row)} findings for {len(class_names)} class names")
+    sentences = [IMPRESSIONS.get(name, f"{name}.") for name, value in zip(class_names, row) if value > 0]
+    return " ".join(sentences) if sentences else NO_FINDING_CAPTION
+
+
 def make_synthetic(
     image_size: int = 64,
     num_classes: int = 5,
@@ -96,7 +125,9 @@ def make_synthetic(
 ) -> DatasetSplits:
     """Builds the synthetic dataset; the same arguments give the same bytes on every machine.
 
-    Splits are patient-disjoint: every image of a patient lands in one split.
+    Splits are patient-disjoint: every image of a patient lands in one split. Each image has a
+    caption written from its labels (:func:`caption_of`; no random draw, so images and labels are
+    what they were before captions existed).
     """
     if not 1 <= num_classes <= len(FINDINGS):
         raise ValueError(f"num_classes must be in 1..{len(FINDINGS)}, got {num_classes}")
@@ -123,12 +154,15 @@ def make_synthetic(
     # a subgroup attribute, so that subgroup metrics run on the default data: read off the
     # patient's drawn body scale (no extra draw, so the images and labels stay as they were)
     sex = np.where(anatomy[groups, 0] > 0.5, "M", "F")
+    class_names = FINDINGS[:num_classes]
+    captions = np.empty(n, dtype=object)
+    captions[:] = [caption_of(row, class_names) for row in labels]
 
     def take(split_id: int) -> LabeledImages:
         index = np.flatnonzero(split_of_image == split_id)
-        return LabeledImages(images[index], labels[index], groups[index], {"sex": sex[index]})
+        return LabeledImages(images[index], labels[index], groups[index], {"sex": sex[index]}, captions[index])
 
-    return DatasetSplits(take(0), take(1), take(2), FINDINGS[:num_classes], "multilabel")
+    return DatasetSplits(take(0), take(1), take(2), class_names, "multilabel")
 
 
 class SyntheticOptions(DatasetOptions):

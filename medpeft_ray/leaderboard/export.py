@@ -110,7 +110,7 @@ def _checkpoint_folder(row: Mapping[str, Any], scratch: Path) -> Path:
         # Only the files the export uses: DeepSpeed's folder (the whole module and optimizer
         # state, for resuming) can be many times their size.
         try:
-            copied = download(str(checkpoint), scratch, [WEIGHTS_FILE, STATE_FILE, PEFT_DIR])
+            copied = download(str(checkpoint), scratch, [WEIGHTS_FILE, STATE_FILE, PEFT_DIR, "samples.npy"])
         except OSError as exc:  # pyarrow's errors from the storage: credentials, network, permissions
             raise MedpeftError(f"{checkpoint}: cannot read the trial's checkpoint ({exc})") from None
         if WEIGHTS_FILE not in copied:
@@ -170,9 +170,11 @@ def _export_from(row: Mapping[str, Any], config: Any, source: Path, out: Path, m
     result.files.append(CONFIG_FILE)
 
     state = json.loads((source / STATE_FILE).read_text()) if (source / STATE_FILE).is_file() else {}
+    spec = get_method(config.method.name)
+    if config.generation:
+        return _export_generation(row, config, source, out, metric, result)
     result.class_names = list(state.get("val_auroc_per_class") or {})
     result.num_classes = _num_classes(source, config.family, state)
-    spec = get_method(config.method.name)
     refused = _write_merged(config, source, out / MERGED_FILE, result.num_classes) if spec.merge is not None else None
     if spec.merge is not None and refused is None:
         result.files.append(MERGED_FILE)
@@ -187,6 +189,82 @@ def _export_from(row: Mapping[str, Any], config: Any, source: Path, out: Path, m
         "num_classes": result.num_classes, "class_names": result.class_names, "metric": metric,
         "value": row.get(metric), "files": result.files, "merged": result.merged, "peft": result.peft,
         "source": str(row["checkpoint"]),  # the folder or URI the leaderboard names
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str))
+    result.files.append(MANIFEST_FILE)
+    return result
+
+
+#: an exported LoRA of a U-Net, in diffusers' format: ``pipeline.load_lora_weights(<export>/lora)`` loads it
+DIFFUSERS_LORA_DIR = "lora"
+#: a merged U-Net, in diffusers' format: ``UNet2DConditionModel.from_pretrained(<export>, subfolder="unet")``
+MERGED_UNET_DIR = "unet"
+
+
+def _tuned_unet(config: Any, source: Path) -> Any:
+    """The trial's U-Net rebuilt: its pipeline's pre-trained U-Net, the method applied, the checkpoint loaded."""
+    from medpeft_ray.methods import prepare_model
+    from medpeft_ray.models import build_backbone
+    from medpeft_ray.train.checkpoint import load_checkpoint_into
+
+    pretrained = config.model.checkpoint
+    if pretrained is not None and not Path(pretrained).is_dir():
+        raise MedpeftError(f"{pretrained}: the trial's pipeline folder (model.checkpoint) is not on this machine; the "
+                           "exported U-Net is built from it")
+    model = build_backbone(config.model.backbone, 0, config.dataset.image_size, checkpoint=pretrained)
+    model = prepare_model(model, config.method.name, config.method.options, config.family)
+    try:
+        load_checkpoint_into(source, model)
+    except ValueError as exc:
+        raise MedpeftError(f"{source}: does not fit the trial's U-Net ({exc})") from None
+    return model.eval()
+
+
+def _export_generation(row: Mapping[str, Any], config: Any, source: Path, out: Path, metric: str,
+                       result: AdapterExport) -> AdapterExport:
+    """A generation trial's export: a LoRA in diffusers' format, and the merged U-Net of a mergeable method.
+
+    ``export.json`` names the pipeline folder they belong to (``model.checkpoint``, or the built-in
+    pipeline's folder), the prompts and seeds of the trial's samples, and ``samples.npy`` holds them.
+    """
+    import torch
+
+    from medpeft_ray.methods import get_method, merge_method
+    from medpeft_ray.models.unet import pipeline_folder
+    from medpeft_ray.train.generation import SAMPLE_SEED, SAMPLES_FILE
+
+    spec = get_method(config.method.name)
+    model = _tuned_unet(config, source)
+    if config.method.name == "lora":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        StableDiffusionPipeline.save_lora_weights(out / DIFFUSERS_LORA_DIR, unet_lora_layers=layers,
+                                                  safe_serialization=True)
+        result.files.append(DIFFUSERS_LORA_DIR + "/")
+    if spec.merge is not None:
+        with torch.no_grad():
+            merged = merge_method(model, config.method.name)
+        merged.save_pretrained(out / MERGED_UNET_DIR, safe_serialization=True)
+        result.files.append(MERGED_UNET_DIR + "/")
+        result.merged = True
+    else:
+        result.note = f"{config.method.name} adds computation that cannot be folded into the U-Net: no merged U-Net"
+    if (source / SAMPLES_FILE).is_file():
+        shutil.copy2(source / SAMPLES_FILE, out / SAMPLES_FILE)
+        result.files.append(SAMPLES_FILE)
+    state = json.loads((source / STATE_FILE).read_text()) if (source / STATE_FILE).is_file() else {}
+    details = json.loads((state.get("metrics") or {}).get("details") or "{}")
+    manifest = {
+        "experiment": row["experiment"], "trial_id": row["trial_id"], "method": config.method.name,
+        "backbone": config.model.backbone, "image_size": config.dataset.image_size, "metric": metric,
+        "value": row.get(metric), "files": result.files, "merged": result.merged, "peft": result.peft,
+        "pipeline": str(pipeline_folder(config.model.backbone, config.model.checkpoint, config.dataset.image_size)),
+        "prompts": details.get("prompts", []), "sample_seed": SAMPLE_SEED,
+        "sampling": config.fid.model_dump(mode="json", exclude={"weights", "epochs"}) if config.fid else None,
+        "source": str(row["checkpoint"]),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str))
     result.files.append(MANIFEST_FILE)

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 #: Version 3 added the pre-trained checkpoint each trial started from (``checkpoint_file``, ``checkpoint_sha256``).
 #: Version 4 added F1 and the accuracies, every metric's test-split value, the row's ``role``
 #: (a search trial or a confirmation seed), its ``seed`` and ``source_trial``, and ``details``.
-SCHEMA_VERSION = 4
+#: Version 5 added FID (``val_fid``, ``test_fid``) of generation searches.
+SCHEMA_VERSION = 5
 TRIALS_TABLE = "medpeft_trials"
 SCHEMA_TABLE = "medpeft_schema"
 DEFAULT_RESULTS_DIR = "medpeft-results"
@@ -129,11 +130,13 @@ class TrialRecord:
     val_f1: float | None = None
     val_accuracy: float | None = None
     val_balanced_accuracy: float | None = None
+    val_fid: float | None = None
     test_auroc: float | None = None
     test_loss: float | None = None
     test_f1: float | None = None
     test_accuracy: float | None = None
     test_balanced_accuracy: float | None = None
+    test_fid: float | None = None
     best_epoch: int | None = None
     epochs_run: int | None = None
     trainable_params: int | None = None
@@ -371,6 +374,15 @@ class TrialStore:
                 conn.execute(trials_table.update().where(key).values(**updates))
 
     # -- reading ---------------------------------------------------------------------------------
+    def default_metric(self, **filters: Any) -> str:
+        """What the selected rows are ranked by when no metric is named: the registry's first metric
+        they have, the loss aside (every task has one): val_auroc for classifiers, val_fid for generation."""
+        frame = self.query(**filters)
+        for name in METRICS:
+            if name != "val_loss" and name in frame and frame[name].notna().any():
+                return name
+        return next(iter(METRICS))
+
     def query(
         self,
         *,
@@ -498,7 +510,8 @@ def _add_new_columns(conn: sa.Connection) -> None:
     """Adds the columns of :data:`trials_table` an older leaderboard lacks; its rows keep NULL there.
 
     Version 3 added the pre-trained checkpoint of each trial, version 4 the new metrics, the test
-    values, the role, seed, source trial and details (older rows: not known, or search trials).
+    values, the role, seed, source trial and details (older rows: not known, or search trials),
+    version 5 FID (older rows: classification trials, which have none).
     """
     present = {c["name"] for c in sa.inspect(conn).get_columns(TRIALS_TABLE)}
     for column in trials_table.c:
@@ -507,7 +520,9 @@ def _add_new_columns(conn: sa.Connection) -> None:
             conn.execute(sa.text(f'ALTER TABLE {TRIALS_TABLE} ADD COLUMN "{column.name}" {kind}'))
 
 
-_UPGRADES: dict[int, Callable[[sa.Connection], None]] = {1: _upgrade_1_to_2, 2: _add_new_columns, 3: _add_new_columns}
+_UPGRADES: dict[int, Callable[[sa.Connection], None]] = {
+    1: _upgrade_1_to_2, 2: _add_new_columns, 3: _add_new_columns, 4: _add_new_columns,
+}
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

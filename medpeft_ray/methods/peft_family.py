@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 _TARGET_CHOICES = {
     "vit": {"targets": {"type": "categorical", "choices": ["q,v", "q,k,v", "q,k,v,proj,fc1,fc2"]}},
     "resnet": {"targets": {"type": "categorical", "choices": ["conv2", "conv1,conv2,conv3"]}},
+    "unet": {"targets": {"type": "categorical", "choices": ["to_k,to_v", "to_q,to_k,to_v,to_out"]}},
 }
 
 
@@ -34,10 +35,13 @@ class PeftOptions(BlockOptions):
     """Options every peft method shares: which projections of which blocks it adapts."""
 
     #: the targets when the YAML names none, per backbone family
-    default_targets: ClassVar[dict[str, list[str]]] = {"vit": ["q", "v"], "resnet": ["conv1", "conv2", "conv3"]}
+    #: (a U-Net's: diffusers' own text-to-image LoRA recipe, both attentions' projections)
+    default_targets: ClassVar[dict[str, list[str]]] = {"vit": ["q", "v"], "resnet": ["conv1", "conv2", "conv3"],
+                                                       "unet": ["to_q", "to_k", "to_v", "to_out"]}
 
     targets: list[str] | None = Field(
-        None, description="ViT: among q, k, v, proj, fc1, fc2 [q, v]; ResNet: among conv1, conv2, conv3, downsample [conv1-3]"
+        None, description="ViT: among q, k, v, proj, fc1, fc2 [q, v]; ResNet: among conv1, conv2, conv3, downsample "
+                          "[conv1-3]; diffusion U-Net: among to_q, to_k, to_v, to_out, ff [to_q, to_k, to_v, to_out]"
     )
 
     @field_validator("targets", mode="before")
@@ -205,7 +209,7 @@ _RANKS = {"type": "categorical", "choices": [2, 4, 8, 16, 32]}
 
 
 @_peft("lora", LoraOptions, "LoRA: low-rank updates (MED-PEFT: Q and V of every block, rank r, alpha 32)",
-       {"rank": _RANKS}, families=("vit", "resnet"))
+       {"rank": _RANKS}, families=("vit", "resnet", "unet"))
 def apply_lora(model: "nn.Module", options: LoraOptions, family: str) -> "nn.Module":
     from peft import LoraConfig
 

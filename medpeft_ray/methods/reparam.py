@@ -1,4 +1,4 @@
-"""DiffFit and SVDiff: the scale and spectral methods of Dutt et al.'s generation setting, on ViTs.
+"""DiffFit and SVDiff: the scale and spectral methods of Dutt et al.'s generation setting, on ViTs and U-Nets.
 
 Both are built on functions of one module each (:func:`~medpeft_ray.methods.modules.scale_branch`,
 :func:`~medpeft_ray.methods.modules.shift_singular_values`), so they apply to a diffusion
@@ -35,7 +35,7 @@ def merge_difffit(model: "nn.Module") -> "nn.Module":
 
 
 @register_method(
-    "difffit", options=DiffFitOptions, families=("vit",), identity_at_init=True, merge=merge_difffit,
+    "difffit", options=DiffFitOptions, families=("vit", "unet"), identity_at_init=True, merge=merge_difffit,
     description="DiffFit: bias + norm tuning and a gamma (1 at first) scaling each block's attention and MLP output",
 )
 def apply_difffit(model: "nn.Module", options: DiffFitOptions, family: str) -> "nn.Module":
@@ -45,13 +45,15 @@ def apply_difffit(model: "nn.Module", options: DiffFitOptions, family: str) -> "
     train_groups(model, ["bias", "norm"], family)
     for _, block in chosen_blocks(model, options, family):
         for part in _PARTS:
-            scale_branch(block.get_submodule(getattr(described, part)))
+            for branch in described.part_modules(block, part):
+                scale_branch(branch)
     return model
 
 
 class SvDiffOptions(BlockOptions):
     targets: list[str] = Field(["attention", "mlp"], description="whose Linear layers are shifted: attention, mlp "
-                                                                 "(a ViT: qkv and proj; fc1 and fc2)")
+                                                                 "(a ViT: qkv and proj; fc1 and fc2; a U-Net: "
+                                                                 "both attentions' projections; the feed-forward)")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -66,7 +68,7 @@ def merge_sv_diff(model: "nn.Module") -> "nn.Module":
 
 
 @register_method(
-    "sv_diff", options=SvDiffOptions, families=("vit",), identity_at_init=True, merge=merge_sv_diff,
+    "sv_diff", options=SvDiffOptions, families=("vit", "unet"), identity_at_init=True, merge=merge_sv_diff,
     description="SVDiff: learned shifts of the singular values of every Linear of each block, W = U relu(S + delta) V^T",
 )
 def apply_sv_diff(model: "nn.Module", options: SvDiffOptions, family: str) -> "nn.Module":
@@ -78,6 +80,7 @@ def apply_sv_diff(model: "nn.Module", options: SvDiffOptions, family: str) -> "n
     for _, block in chosen_blocks(model, options, family):
         for part in options.targets:
             # listed before attaching: the shifts are modules of their own
-            for layer in [m for m in block.get_submodule(getattr(described, part)).modules() if isinstance(m, nn.Linear)]:
-                shift_singular_values(layer)
+            for branch in described.part_modules(block, part):
+                for layer in [m for m in branch.modules() if isinstance(m, nn.Linear)]:
+                    shift_singular_values(layer)
     return model

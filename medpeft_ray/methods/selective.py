@@ -34,9 +34,9 @@ def groups_of(family: str) -> tuple[str, ...]:
     """The parameter groups selective tuning offers on ``family`` backbones, in canonical order."""
     described = get_family(family)
     names = ["bias", "norm"]
-    names += [part for part in ("attention", "mlp") if getattr(described, part) is not None]
+    names += [part for part in ("attention", "mlp") if described.part_paths(part)]
     names += [name for name in _STEM_GROUPS if name in described.stem]
-    if described.attention is None:  # a CNN: its convolution kernels are the rest of its weights
+    if not described.part_paths("attention"):  # a CNN: its convolution kernels are the rest of its weights
         names.append("conv")
     return tuple(names)
 
@@ -48,9 +48,9 @@ def _norm_types() -> tuple[type, ...]:
 
 
 def _block_parts(model: "nn.Module", described: BackboneFamily, part: str) -> Iterator["nn.Parameter"]:
-    path = getattr(described, part)
     for block in described.blocks(model):
-        yield from block.get_submodule(path).parameters()
+        for module in described.part_modules(block, part):
+            yield from module.parameters()
 
 
 def group_parameters(model: "nn.Module", group: str, family: str) -> Iterator["nn.Parameter"]:
@@ -80,11 +80,13 @@ class SelectiveOptions(MethodOptions):
     """Which parameter groups train: a list or a comma string, searchable as categorical strings."""
 
     #: the groups when the YAML names none: Dutt et al.'s bias + norm + attention (bias + norm on a CNN)
-    default_groups: ClassVar[dict[str, str]] = {"vit": "bias,norm,attention", "resnet": "bias,norm"}
+    default_groups: ClassVar[dict[str, str]] = {"vit": "bias,norm,attention", "resnet": "bias,norm",
+                                                 "unet": "bias,norm,attention"}
 
     groups: list[str] | None = Field(
         None, description="ViT: among bias, norm, attention, mlp, pos_embed, patch_embed, cls_token "
-                          "[bias,norm,attention]; ResNet: among bias, norm, conv [bias,norm]"
+                          "[bias,norm,attention]; ResNet: among bias, norm, conv [bias,norm]; diffusion U-Net: "
+                          "among bias, norm, attention, mlp [bias,norm,attention]"
     )
 
     @field_validator("groups", mode="before")
@@ -122,7 +124,7 @@ def _selective(name: str, families: tuple[str, ...], description: str, lr: str =
     )
 
 
-@_selective("full", ("vit", "resnet"), "full fine-tuning: every parameter trains", "full")
+@_selective("full", ("vit", "resnet", "unet"), "full fine-tuning: every parameter trains", "full")
 def apply_full(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
     model.requires_grad_(True)
     return model
@@ -134,13 +136,14 @@ def apply_linear(model: "nn.Module", options: NoOptions, family: str) -> "nn.Mod
 
 
 # with attention among its default groups it trains about a third of a ViT: full fine-tuning's lr range
-@_selective("selective", ("vit", "resnet"), "selective tuning of parameter groups (groups: bias, norm, attention, ...)",
+@_selective("selective", ("vit", "resnet", "unet"), "selective tuning of parameter groups (groups: bias, norm, attention, ...)",
             "full", SelectiveOptions)
 def apply_selective(model: "nn.Module", options: SelectiveOptions, family: str) -> "nn.Module":
     return train_groups(model, options.group_names(family), family)
 
 
-@_selective("bitfit", ("vit", "resnet"), "bias tuning (BitFit; TinyTL on ResNet): every bias trains (groups: bias)")
+@_selective("bitfit", ("vit", "resnet", "unet"), "bias tuning (BitFit; TinyTL on ResNet): every bias trains "
+            "(groups: bias)")
 def apply_bitfit(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
     return train_groups(model, ["bias"], family)
 
@@ -151,10 +154,17 @@ def apply_layernorm(model: "nn.Module", options: NoOptions, family: str) -> "nn.
 
 
 # a third of ViT-B's parameters train: full fine-tuning's lr range, not PEFT's
-@_selective("attention", ("vit",), "attention tuning: every attention parameter and pos_embed train, patch embedding "
-            "frozen (groups: attention, pos_embed)", "full")
+@_selective("attention", ("vit", "unet"), "attention tuning: every attention parameter trains (a ViT's pos_embed "
+            "too, its patch embedding frozen; a U-Net's self- and cross-attention) (groups: attention[, pos_embed])",
+            "full")
 def apply_attention(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
-    return train_groups(model, ["attention", "pos_embed"], family)
+    return train_groups(model, [g for g in ("attention", "pos_embed") if g in groups_of(family)], family)
+
+
+@_selective("norm", ("unet",), "norm tuning: every normalisation layer's scale and shift train (a U-Net's GroupNorms "
+            "and LayerNorms) (groups: norm)")
+def apply_norm(model: "nn.Module", options: NoOptions, family: str) -> "nn.Module":
+    return train_groups(model, ["norm"], family)
 
 
 @_selective("batchnorm", ("resnet",), "BatchNorm tuning: every BatchNorm's scale and bias train (groups: norm)")

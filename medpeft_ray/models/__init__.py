@@ -3,6 +3,7 @@
 # Each family's module registers it; ViT first, as messages list the families in that order.
 from medpeft_ray.models import vit  # noqa: F401  isort: skip
 from medpeft_ray.models import resnet  # noqa: F401  isort: skip
+from medpeft_ray.models import unet  # noqa: F401  isort: skip
 from medpeft_ray.models.backbones import backbone_family, build_backbone, head_parameters, load_checkpoint
 from medpeft_ray.models.families import BackboneFamily, family_of, get_family, list_families, register_family
 

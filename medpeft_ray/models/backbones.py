@@ -31,9 +31,12 @@ def check_backbone_name(name: str) -> None:
     """
     import difflib
 
-    import timm
-
     from medpeft_ray.errors import ConfigError
+
+    family = family_of(name)
+    if family is not None and not family.timm:
+        return  # the family's own names (its regex matched the whole name)
+    import timm
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=1)
@@ -65,10 +68,13 @@ def build_backbone(
     Raises:
         ValueError: no family covers ``name``.
     """
+    family = require_family(name)
+    if family.build is not None:
+        return family.build(name, num_classes, image_size, None if checkpoint is None else Path(checkpoint), drop_path)
     import timm
 
     kwargs: dict = {"num_classes": num_classes, "drop_path_rate": drop_path}
-    kwargs.update(require_family(name).create_options(image_size))
+    kwargs.update(family.create_options(image_size))
     model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint is not None:
         load_checkpoint(model, Path(checkpoint))

@@ -49,12 +49,18 @@ class BackboneFamily:
         block_regex: full-match regex of the blocks' module paths, where ``{index}`` stands for
             a block's index if block sets can choose blocks; peft target regexes start with it.
         targets: what peft methods can target inside a block, by the option's name (in the order
-            options list them), with the module path under the block.
+            options list them), with the module path under the block (or the paths, for a target
+            found in several places of a block).
         ops: ``ops(model, blocks)``: the layers whose outputs carry the features, in forward order,
             with the dimension of their channels (-1 for tokens, 1 for NCHW maps): the stem, the
             ops of ``blocks`` and what follows the last block. Per-channel methods (SSF) follow each.
-        attention: path of a block's attention module under the block (None: the family has none).
+        attention: path of a block's attention module under the block, or the paths of its
+            attention modules (a U-Net block's self- and cross-attention); None: the family has none.
         mlp: path of a block's MLP under the block (None: the family has none).
+        task: what its models do: ``classification`` (timm classifiers) or ``generation``
+            (a diffusion pipeline's denoiser); a search's ``task`` must match its backbone's.
+        build: ``build(name, num_classes, image_size, checkpoint, drop_path) -> nn.Module`` for a
+            family that timm does not build (None: ``timm.create_model`` with ``create_options``).
     """
 
     name: str
@@ -67,10 +73,12 @@ class BackboneFamily:
     stem: tuple[str, ...]
     depths: tuple[tuple[str, int], ...]
     block_regex: str
-    targets: Mapping[str, str]
+    targets: Mapping[str, str | tuple[str, ...]]
     ops: OpsFn
-    attention: str | None = None
+    attention: str | tuple[str, ...] | None = None
     mlp: str | None = None
+    task: str = "classification"
+    build: Callable[..., "nn.Module"] | None = None
 
     @property
     def label(self) -> str:
@@ -81,6 +89,20 @@ class BackboneFamily:
     def block_sets(self) -> bool:
         """Whether block sets (``blocks`` options) choose among the blocks: where blocks have an index."""
         return INDEX in self.block_regex
+
+    @property
+    def timm(self) -> bool:
+        """Whether timm builds the family's models (a diffusion U-Net is built by diffusers)."""
+        return self.build is None
+
+    def part_paths(self, part: str) -> tuple[str, ...]:
+        """The paths under a block of its ``attention`` or ``mlp`` modules (none where the family has none)."""
+        paths = getattr(self, part)
+        return () if paths is None else (paths,) if isinstance(paths, str) else tuple(paths)
+
+    def part_modules(self, block: "nn.Module", part: str) -> list["nn.Module"]:
+        """A block's ``attention`` or ``mlp`` modules."""
+        return [block.get_submodule(path) for path in self.part_paths(part)]
 
     def owns(self, backbone: str) -> bool:
         """Whether the timm model name ``backbone`` belongs to this family."""
@@ -108,8 +130,13 @@ class BackboneFamily:
         """
         chosen = r"\d+" if indices is None else "(?:" + "|".join(str(i) for i in indices) + ")"
         blocks = self.block_regex.replace(INDEX, chosen)
-        paths = "|".join(self.targets[name].replace(".", r"\.") for name in targets)
+        paths = "|".join(path.replace(".", r"\.") for name in targets for path in self.target_paths(name))
         return rf"{blocks}\.(?:{paths})"
+
+    def target_paths(self, target: str) -> tuple[str, ...]:
+        """The module paths under a block of one target (a U-Net's ``to_q`` is in both its attentions)."""
+        paths = self.targets[target]
+        return (paths,) if isinstance(paths, str) else tuple(paths)
 
 
 _FAMILIES: dict[str, BackboneFamily] = {}
@@ -151,7 +178,10 @@ def family_of(backbone: str) -> BackboneFamily | None:
 
 def unsupported_backbone(backbone: str) -> str:
     """The message for a timm name no family covers, listing what every family covers."""
-    return f"{backbone!r} is not a supported timm {' or '.join(f.label for f in _FAMILIES.values())} name"
+    timm_labels = [f.label for f in _FAMILIES.values() if f.timm]
+    others = [f.label for f in _FAMILIES.values() if not f.timm]
+    return (f"{backbone!r} is not a supported timm {' or '.join(timm_labels)} name"
+            + (f", nor a {' or '.join(others)}" if others else ""))
 
 
 def require_family(backbone: str) -> BackboneFamily:

@@ -4,7 +4,7 @@ A cold trial starts a whole Ray Train run: a controller, worker processes, impor
 the backbone read from disk, a process group. Most of a short PEFT trial goes there. An
 *executor* is one long-lived ``TorchTrainer`` run, holding one trial slot's resources (its GPUs or
 CPUs), whose workers set up once (imports, process group, the decode-once dataset, the pristine
-pre-trained backbone) and then run :class:`medpeft_ray.train.recipe.TrialRecipe` for each trial
+pre-trained backbone) and then run :class:`medpeft_ray.train.recipe.TrialRecipe` (or its generation kind) for each trial
 handed to them. Tune trials stay Tune trials: each is still a small function trainable that
 Optuna samples and ASHA stops, but it hands its configuration to the :class:`TrialDispatcher`
 (one per search) instead of starting its own Ray Train run, and relays the epochs the executor
@@ -515,7 +515,7 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from medpeft_ray.train.engine import WorkerContext
-    from medpeft_ray.train.recipe import TrialRecipe
+    from medpeft_ray.train.recipes import make_recipe
 
     executor_id, dispatcher = loop_config["executor_id"], loop_config["dispatcher"]
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
@@ -525,7 +525,8 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
     # control messages never wait for the GPU.
     control = dist.new_group(backend="gloo") if world_size > 1 else None
     ctx = WorkerContext(rank=rank, world_size=world_size, device=ray.train.torch.get_device())
-    recipe = TrialRecipe(ctx, control)
+    # the recipe of the search's trials (classification or generation), from the trial it warms up with
+    recipe = make_recipe(loop_config["warm_up"], ctx, control) if loop_config.get("warm_up") is not None else None
     setup_marks = {"executor_start": started_at, "executor_setup": time.time()}
     if loop_config.get("warm_up") is not None:
         try:
@@ -548,6 +549,8 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
             return
         # each trial its own stop signal: a finished trial's watcher may still answer late
         stop = threading.Event()
+        if recipe is None:
+            recipe = make_recipe(assignment["trial"], ctx, control)
         recipe.ctx = dataclasses.replace(ctx, should_stop=stop.is_set)
         _run_assignment(recipe, assignment, dispatcher, executor_id, stop, control, setup_marks)
         setup_marks = {}  # only the executor's first trial paid for its set-up

@@ -24,6 +24,7 @@ still PRUNED. A completed one is told its best epoch's metric and the row's cost
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +104,7 @@ class EpochStatesSearch(OptunaSearch):
         seen.epochs_run = epoch
         seen.last = [result.get(name) for name in self._objectives]
         value = seen.last[0]
-        if value is None:
+        if value is None or not math.isfinite(value):  # FID is NaN on epochs it was not computed at
             return
         if better(value, seen.best, self._first_mode):
             seen.best = value

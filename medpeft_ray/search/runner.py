@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medpeft_ray.config import SearchConfig
-from medpeft_ray.errors import ConfigError, MedpeftError, UsageError
+from medpeft_ray.errors import ConfigError, DataError, MedpeftError, UsageError
 from medpeft_ray.leaderboard import LeaderboardStore, default_db_url, optuna_storage, results_dir
 from medpeft_ray.search.manifest import SearchManifest
 from medpeft_ray.search.progress import SearchReporter
@@ -100,13 +100,23 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
     except ConfigError as exc:
         raise exc.with_file(config.experiment or "") from None
     checkpoint = None
-    if config.model.checkpoint is not None:
+    generation = config.task == "generation"
+    if config.model.checkpoint is not None and generation:
+        from medpeft_ray.models.unet import check_pipeline_folder, pipeline_weights
+
+        check_pipeline_folder(config.model.checkpoint)  # every part there, before any worker reads one
+        checkpoint = checkpoint_identity(pipeline_weights(config.model.checkpoint))
+    elif config.model.checkpoint is not None:
         # the workers' own check, on a meta model: a file of another model stops here, not in a trial
         # (the head does not take part, so its size does not matter yet)
         with torch.device("meta"):
             bare = build_backbone(backbone, 1, config.dataset.image_size)
         match_checkpoint(bare, config.model.checkpoint)
         checkpoint = checkpoint_identity(config.model.checkpoint)
+    if config.search.fid_weights is not None:
+        from medpeft_ray.train.fid import check_fid_weights
+
+        check_fid_weights(config.search.fid_weights)
 
     ds = config.dataset
     key = dataset_key(ds.name, ds.root, ds.image_size, ds.options, ds.seed)
@@ -114,9 +124,12 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
     for name in ("train", "val"):
         if len(getattr(splits, name)) == 0:
             raise MedpeftError(f"{ds.root or ds.name}: the {name} split has no images")
+    if generation and not splits.has_captions:
+        raise DataError(f"{ds.root or ds.name}: dataset {ds.name!r} has no captions; a generation search needs images "
+                        "with their report text (mimic_cxr, captions, synthetic)")
     for metric in config.search.objectives[0]:  # accuracy has no meaning on multi-label data, say
         if metric in METRICS:  # also_minimize may name a cost column
-            require_defined(metric, splits.task, ds.name)
+            require_defined(metric, "generation" if generation else splits.task, ds.name)
     images_per_ratio = {r: len(train_subset_index(splits, r, ds.seed)) for r in ds.label_ratios}
 
     # Each method is applied with the first value of each searched option, to catch options that

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from medpeft_ray.config import Distribution, SearchSettings, SearchSpace, grid_points
 from medpeft_ray.config.space import suggest
+from medpeft_ray.metrics import metric_mode
 
 if TYPE_CHECKING:
     import optuna
@@ -84,8 +85,9 @@ def make_scheduler(settings: SearchSettings, epochs: int) -> Any:
 
     scheduler = settings.scheduler
     grace = min(scheduler.grace_period, epochs)
-    # schedulers stop trials on the search's metric alone, even when Optuna also minimises costs
-    metric = {"metric": settings.metric, "mode": settings.resolved_mode}
+    # schedulers stop trials on the search's metric alone, even when Optuna also minimises costs;
+    # on val_loss where the metric is not there every epoch (FID)
+    metric = {"metric": settings.stopping_metric, "mode": metric_mode(settings.stopping_metric)}
     if scheduler.type in ("asha", "hyperband"):
         # ASHA is asynchronous HyperBand with one bracket; more brackets hedge against a grace
         # period that stops good slow starters too early

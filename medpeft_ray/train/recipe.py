@@ -445,13 +445,3 @@ def make_loss(data: Any, train_split: Any) -> Callable[[torch.Tensor, torch.Tens
         return F.cross_entropy(logits, target.argmax(dim=1))
 
     return loss_fn
-
-
-def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evaluate_test: bool = False) -> dict[str, Any]:
-    """Trains one trial on a fresh recipe (a cold trial, a test, ``train --config``); see :meth:`TrialRecipe.run`."""
-    started = {**(ctx.started or {})}
-    started.setdefault("recipe_setup", time.time())
-    recipe = TrialRecipe(ctx)
-    started["deepspeed_import"] = time.time()
-    return recipe.run(trial, report, evaluate_test=evaluate_test, resume_from=ctx.resume_from,
-                      dataset_key=ctx.dataset_key, started=started)

@@ -28,7 +28,7 @@ def train_single(trial: TrialConfig, out_dir: Path, on_epoch: EpochFn | None = N
 
     from medpeft_ray.metrics import METRICS, better
     from medpeft_ray.train.engine import WorkerContext, ensure_process_group
-    from medpeft_ray.train.recipe import run_training
+    from medpeft_ray.train.recipes import run_training
 
     out_dir.mkdir(parents=True, exist_ok=True)
     use_gpu = torch.cuda.is_available()

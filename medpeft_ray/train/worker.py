@@ -32,7 +32,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from medpeft_ray.errors import TrialFailed
     from medpeft_ray.metrics import nan_metrics
     from medpeft_ray.train.engine import WorkerContext
-    from medpeft_ray.train.recipe import run_training
+    from medpeft_ray.train.recipes import run_training
 
     started["worker_process"] = psutil.Process().create_time()
     started["imports"] = time.time()
