@@ -700,15 +700,20 @@ def train(
 
         def on_epoch(metrics: dict[str, Any]) -> None:
             progress.update(task, completed=metrics["epoch"])
+            # the trial's metric where this epoch has it (FID only at its epochs), after the losses
+            value = metrics.get(trial.metric)
+            shown = f"  {trial.metric}={value:.4f}" if trial.metric != "val_loss" and value == value else ""
             progress.console.print(f"epoch {metrics['epoch']}/{trial.train.epochs}  train_loss={metrics['train_loss']:.4f}  "
-                                   f"val_loss={metrics['val_loss']:.4f}  val_auroc={metrics['val_auroc']:.4f}")
+                                   f"val_loss={metrics['val_loss']:.4f}{shown}")
 
         try:
             result = train_single(trial, out_dir, on_epoch)
         except MedpeftError as exc:
             _fail(exc)
-    test = f"test_auroc={result['test_auroc']:.4f} (epoch {result['test_epoch']})" if "test_auroc" in result else "no test split"
     metric = result["metric"]
+    test_name = METRICS[metric].on_split("test") if metric in METRICS else "test_auroc"
+    test = (f"{test_name}={result[test_name]:.4f} (epoch {result['test_epoch']})" if result.get(test_name) is not None
+            else "no test split")
     console.print(f"best {metric}={result[f'best_{metric}']:.4f} (epoch {result['best_epoch']}); {test}; "
                   f"{result['wall_time_s']:.0f} s")
     console.print(f"checkpoint and result.json in {out_dir}")
@@ -716,7 +721,8 @@ def train(
 
 @app.command("methods")
 def methods_command(
-    backbone: str = typer.Option("vit_base_patch16_224", help="timm backbone name (ViT or ResNet)"),
+    backbone: str = typer.Option("vit_base_patch16_224", help="timm backbone name (ViT or ResNet), or a diffusion "
+                                 "U-Net (unet_tiny, unet_sd15)"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="classes of the task (sizes the head) "
                                               "[14, or with --space the dataset's num_classes option]"),
     image_size: int = typer.Option(224, "--image-size", min=16, help="input side in pixels"),
@@ -745,7 +751,10 @@ def methods_command(
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    table = Table(title=f"PEFT methods on {backbone} ({num_classes} classes, {image_size} px), {which}")
+    # a U-Net has no classes: only a classifier's count depends on them
+    task = rows[0]["task"] if rows else "classification"
+    shape = f"{image_size} px" if task == "generation" else f"{num_classes} classes, {image_size} px"
+    table = Table(title=f"PEFT methods on {backbone} ({shape}), {which}")
     for column in ("method", "trainable params", "share", "searched by default", "notes", "what it does"):
         table.add_column(column, justify="right" if column in ("trainable params", "share") else "left")
     for row in sorted(rows, key=lambda r: r["trainable_params"]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,121 @@ def test_actual_costs_are_in_the_forecasts_terms() -> None:
     assert "<td>1800 (1260..2700)</td><td>2000</td>" in page
     assert "<td>new</td><td>–</td><td>3</td>" in page  # no forecast: the leaderboard had no epoch times
     assert costs_html([]) == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation searches: noise-prediction steps, the fixed validation loss, FID samplings at the rungs
+# ----------------------------------------------------------------------------------------------
+
+
+def _generation_search(**sections: dict) -> dict:
+    """A tiny generation search: the tiny pipeline at 32 px, few patients, two methods, 2 epochs."""
+    config: dict = {
+        "experiment": "gen",
+        "task": "generation",
+        "dataset": {"name": "synthetic", "label_ratios": [1.0], "image_size": 32,
+                    "options": {"num_patients": 20, "num_classes": 3}},
+        "model": {"backbone": "unet_tiny"},
+        "method": {"name": ["lora", "bitfit"], "options": {"lora": {"rank": 2, "dropout": 0.0}}},
+        "train": {"epochs": 2, "batch_size": 8, "augment": "none", "lr": 1e-3},
+        "search": {"num_samples": 2, "seed": 0, "scheduler": {"type": "none"}, "fid": {"images": 4, "steps": 2}},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+    }
+    for name, value in sections.items():
+        config[name] = {**config[name], **value}
+    return config
+
+
+@pytest.mark.parametrize("grace, rf, max_t, bracket", [(1, 2, 4, 0), (1, 3, 10, 0), (2, 2, 20, 1), (1, 1.5, 4, 0), (1, 1.2, 5, 0)])
+def test_epoch_shares_add_up_to_the_expected_epochs(grace: int, rf: float, max_t: int, bracket: int) -> None:
+    from medpeft_ray.search.forecast import halving_epoch_shares
+
+    shares = halving_epoch_shares(grace, rf, max_t, bracket)
+    assert len(shares) == max_t and shares[0] == 1.0
+    assert sum(shares) == pytest.approx(halving_epochs_per_trial(grace, rf, max_t, bracket))
+
+
+def test_expected_fid_runs_by_hand() -> None:
+    from medpeft_ray.search.forecast import expected_fid_runs
+
+    asha = SchedulerConfig(type="asha", grace_period=1, reduction_factor=2)
+    # rungs 1, 2, 4: all 8 trials sample at epoch 1, 4 of them at epoch 2, 2 at epoch 4 (a stopped trial pays its rung's)
+    assert expected_fid_runs(asha, 8, 4, [1, 2, 4]) == pytest.approx(8 + 4 + 2)
+    assert expected_fid_runs(asha, 8, 4, [4]) == pytest.approx(2)
+    assert expected_fid_runs(SchedulerConfig(type="none"), 8, 4, [1, 2, 3, 4]) == 32
+    assert expected_fid_runs(SchedulerConfig(type="median", grace_period=2), 8, 4, [2, 3, 4]) == 24
+    # hyperband, 2 brackets: bracket 0 reaches epoch 4 with 1/4 of its trials, bracket 1 (rungs 2, 4) with 1/2
+    hyperband = SchedulerConfig(type="hyperband", grace_period=1, reduction_factor=2, brackets=2)
+    w0, w1 = math.exp(0), math.exp(-1)
+    assert expected_fid_runs(hyperband, 8, 4, [4]) == pytest.approx(8 * (0.25 * w0 + 0.5 * w1) / (w0 + w1))
+
+
+def test_sampling_seconds_fit_a_fixed_and_a_per_image_part() -> None:
+    timing = MethodTiming("lora", [0.1], [0.05], 8, 128, sample_s=[0.3, 0.32, 0.6, 0.6], sample_prompts=[2, 2, 8, 8])
+    # medians 0.31 s (2 prompts) and 0.6 s (8): 0.29/6 s per image, the rest fixed per sampling call
+    per_image = 0.29 / 6
+    fixed = 0.31 - 2 * per_image
+    assert timing.sampling_s(16, 128) == pytest.approx(fixed + 16 * per_image)
+    assert timing.sampling_s(16, 8) == pytest.approx(2 * fixed + 16 * per_image)  # two calls of 8 prompts
+    assert MethodTiming("lora", [0.1], [0.05], 8, 128, sample_s=[0.3], sample_prompts=[2]).sampling_s(16, 128) == pytest.approx(2.4)
+    assert MethodTiming("lora", [0.1], [0.05], 8, 128).sampling_s(16, 128) == 0.0  # a classifier's: none
+
+
+def test_generation_forecast_adds_fid_samplings_at_their_epochs() -> None:
+    timing = MethodTiming("lora", [0.1], [0.05], 8, 128, sample_s=[2.0], sample_prompts=[4])  # 2 s for the 4 images
+    facts = _facts({1.0: 40}, val=20)
+    by_epochs = {}
+    for at in ("rungs", "every_epoch"):
+        config = validate_search_dict(_generation_search(search={"fid": {"images": 4, "steps": 2, "at": at}}), "gen.yaml")
+        result = forecast(config, facts, [timing], StartupFigures(1.0, 45.0), concurrency=1)
+        (study,) = result.studies
+        assert study.epoch_s == pytest.approx(5 * 0.1 + 0.05)  # training and the validation loss, as a classifier's
+        assert study.fid_s == pytest.approx(2.0) and study.fid_runs == 2 * len(study.fid_epochs)
+        assert study.trial_seconds == pytest.approx(4 * study.epoch_s + study.fid_runs * 2.0 + 2 * 1.0)
+        by_epochs[tuple(study.fid_epochs)] = study.trial_seconds
+        lines = result.lines()
+        assert "2.00 s per FID sampling (4 images, 2 steps)" in lines[0], lines
+        assert f"({study.fid_runs:.1f} samplings expected, 2.0 s each)" in lines[1], lines
+    # no scheduler: FID at the last epoch only, or at every epoch (two more samplings)
+    assert by_epochs[(1, 2)] == pytest.approx(by_epochs[(2,)] + 2 * 2.0)
+    # a classification search's forecast has no FID in it
+    plain = forecast(validate_search_dict(tiny_search(), "tiny.yaml"), facts, [timing], StartupFigures(), concurrency=1)
+    assert plain.studies[0].fid_runs == 0 and not any("FID" in line for line in plain.lines())
+
+
+@pytest.mark.slow
+def test_cli_dry_run_of_a_generation_search(tmp_path: Path) -> None:
+    from medpeft_ray.cli import app
+    from medpeft_ray.search.manifest import load_dry_run_forecast
+
+    raw = _generation_search()
+    space = tmp_path / "gen.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    results = tmp_path / "results"
+    out = CliRunner().invoke(app, ["search", "--space", str(space), "--dry-run", "--results", str(results)])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    for method in ("lora", "bitfit"):
+        assert any(line.startswith(f"  {method}: ") and "per FID sampling (4 images, 2 steps)" in line
+                   for line in lines), out.output
+    assert any(line.startswith("label ratio 1: 2 trials") and "FID at epoch 2 (2.0 samplings" in line
+               for line in lines), out.output
+    kept = load_dry_run_forecast(str(results), "gen")
+    timings = [MethodTiming(**t) for t in kept["timings"]]
+    assert [t.method for t in timings] == ["lora", "bitfit"]
+    for t in timings:
+        assert t.train_median_s > 0 and t.eval_median_s > 0 and t.sampling_s(4, 128) > 0, t
+        assert sorted(set(t.sample_prompts)) == [2, 4]  # SAMPLE_PROMPTS, at most the 4 FID images
+    study = kept["studies"][0]
+    assert study["fid_epochs"] == [2] and study["fid_s"] > 0
+    # the same timings with FID at every epoch, and over more epochs: each further FID epoch costs more
+    facts = {"train_images_per_ratio": {1.0: study["train_steps_per_epoch"] * 8}, "images": {"val": 8}}
+    trial_seconds = []
+    for epochs, at in ((2, "rungs"), (2, "every_epoch"), (4, "every_epoch")):
+        config = validate_search_dict(_generation_search(train={"epochs": epochs},
+                                                         search={"fid": {"images": 4, "steps": 2, "at": at}}), "gen.yaml")
+        (made,) = forecast(config, facts, timings, StartupFigures(), concurrency=1).studies
+        assert len(made.fid_epochs) == (epochs if at == "every_epoch" else 1)
+        trial_seconds.append(made.trial_seconds / made.trials)
+    assert trial_seconds[0] < trial_seconds[1] < trial_seconds[2]
+    assert trial_seconds[1] - trial_seconds[0] == pytest.approx(statistics.mean(t.sampling_s(4, 128) for t in timings))

@@ -293,3 +293,138 @@ def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: 
         scores = model.eval()(x).numpy()
     assert mean_auroc(y.numpy(), scores)[0] == pytest.approx(best["val_auroc"], abs=1e-4)
     store.engine.dispose()
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation searches: FID, and each method's samples under the same prompts
+# ----------------------------------------------------------------------------------------------
+
+PROMPTS = [f"Finding number {i} of the report text." for i in range(10)]  # 10: the figure shows the first 8
+
+
+def generation_trial(
+    trial_id: str, method: str, val_fid: float, checkpoint: Path | str | None, samples: bool = True,
+    stand_in: bool = True, prompts: list[str] = PROMPTS, **overrides: Any
+) -> TrialRecord:
+    """A completed generation trial; ``samples``: its checkpoint folder holds a random samples.npy."""
+    from medpeft_ray.train.generation import SAMPLES_FILE
+
+    if samples and checkpoint is not None:
+        Path(checkpoint).mkdir(parents=True, exist_ok=True)
+        images = np.random.default_rng(len(trial_id) + int(val_fid)).integers(0, 256, (len(prompts), 16, 16))
+        np.save(Path(checkpoint) / SAMPLES_FILE, images.astype(np.uint8))
+    features = "stand-in random-conv 64" if stand_in else "inception-v3 pool3"
+    values: dict[str, Any] = dict(
+        experiment="generation-search", backbone="unet_tiny", status="completed", val_fid=val_fid, val_loss=0.5,
+        params={"lr": 1e-4}, trainable_params={"lora": 20_000, "bitfit": 5_000, "full": 800_000}[method],
+        total_params=800_000, checkpoint=None if checkpoint is None else str(checkpoint),
+        details={"prompts": prompts, "fid_features": features, "fid_stand_in": stand_in},
+    )
+    return leaderboard_row(trial_id, method, 1.0, None, **{**values, **overrides})
+
+
+def generation_store(tmp_path: Path, *rows: TrialRecord) -> LeaderboardStore:
+    store = LeaderboardStore(f"sqlite:///{tmp_path / 'leaderboard.db'}")
+    for row in rows:
+        store.record(row)
+    return store
+
+
+def section(page: str, title: str) -> str:
+    """The page from the heading ``title`` to the next heading."""
+    start = page.index(f"<h2>{title}</h2>")
+    end = page.find("<h2>", start + 1)
+    return page[start : end if end >= 0 else None]
+
+
+def test_generation_report_shows_each_methods_samples_under_the_prompts(tmp_path: Path) -> None:
+    from medpeft_ray.train.generation import SAMPLE_SEED
+
+    runs = tmp_path / "runs"
+    store = generation_store(
+        tmp_path,
+        generation_trial("g-lora-1", "lora", 31.5, runs / "l1"),
+        generation_trial("g-lora-2", "lora", 40.0, runs / "l2"),  # lora's worse trial: not shown
+        generation_trial("g-full", "full", 28.25, runs / "f"),
+        generation_trial("g-bitfit", "bitfit", 35.0, runs / "b", samples=False),  # its samples.npy is missing
+    )
+    index = write_report(store, ["generation-search"], tmp_path / "report", metric="val_fid")
+    page = index.read_text()
+    png = (tmp_path / "report" / "samples.png").read_bytes()
+    with Image.open(io.BytesIO(png)) as image:
+        # 8 columns of prompts and 2 rows of methods: wider than high
+        assert image.format == "PNG" and image.width >= 800 and 250 <= image.height < image.width
+        grey = np.asarray(image.convert("L"))
+    assert grey.std() > 20  # the random samples were drawn, not a blank page
+    samples = section(page, "Samples per method")
+    assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in samples
+    # rows: each method with samples, best first, with its FID in the metric's digits
+    assert "full (FID 28.25, trial generation-search / g-full), lora (FID 31.50, trial generation-search / g-lora-1)" \
+        in samples
+    assert "g-lora-2" not in samples
+    # columns: the first 8 prompts, each with its seed; the seeds and the stand-in extractor in the caption
+    for i, prompt in enumerate(PROMPTS[:8]):
+        assert f"seed {SAMPLE_SEED + i}: “{prompt}”" in samples
+    assert PROMPTS[8] not in page
+    assert "the first 8 of the 10 fixed validation prompts" in samples
+    assert f"(seeds {SAMPLE_SEED}–{SAMPLE_SEED + 7})" in samples
+    assert "stand-in feature extractor (stand-in random-conv 64), not Inception" in samples
+    # the method without samples: one line, and the report is written anyway
+    notes = re.findall(r'<p class="missing">([^<]*)</p>', samples)
+    assert notes == [f"bitfit (synthetic @ 1, trial generation-search / g-bitfit): no samples shown: "
+                     f"{runs / 'b' / 'samples.npy'} is missing."]
+    # FID everywhere with its label and digits; the stand-in said beside the tables too
+    assert "metric: FID (stand-in feature extractor, not Inception)" in page
+    for title in ("Methods compared", "Best configuration per study"):
+        assert '<p class="warn">FID was computed with a stand-in feature extractor' in section(page, title)
+    assert "<th>FID</th>" in page and ">28.25 <" in page and "<td>35.00</td>" in page
+    # nothing of classification: no AUROC, no per-class values, no subgroups
+    assert "auroc" not in page.lower() and "Worst-group gap" not in page
+    store.engine.dispose()
+
+
+def test_generation_report_with_inception_fid_and_unreadable_samples(tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "samples.png").write_bytes(b"an earlier report's figure")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "samples.npy").write_bytes(b"not a numpy file")
+    store = generation_store(
+        tmp_path,
+        generation_trial("g-lora", "lora", 30.0, broken, samples=False, stand_in=False),
+        generation_trial("g-full", "full", 20.0, "s3://bucket/results/g-full/checkpoint_000002", samples=False,
+                         stand_in=False),
+        generation_trial("g-bitfit", "bitfit", 25.0, None, stand_in=False),
+    )
+    page = write_report(store, ["generation-search"], report, metric="val_fid").read_text()
+    samples = section(page, "Samples per method")
+    assert "No figure: no method&#x27;s best trial has readable samples." in samples
+    notes = re.findall(r'<p class="missing">([^<]*)</p>', samples)[1:]
+    assert len(notes) == 3
+    assert notes[0].startswith("full (synthetic @ 1, trial generation-search / g-full): no samples shown: its "
+                               "checkpoint is in cloud storage (s3://bucket/results/g-full/checkpoint_000002)")
+    assert notes[1] == ("bitfit (synthetic @ 1, trial generation-search / g-bitfit): no samples shown: "
+                        "no checkpoint recorded.")
+    assert notes[2] == (f"lora (synthetic @ 1, trial generation-search / g-lora): no samples shown: "
+                        f"cannot read {broken / 'samples.npy'} (not a .npy file).")
+    assert not (report / "samples.png").exists()  # the earlier report's figure is gone
+    assert "stand-in" not in page and 'class="warn"' not in page  # Inception features: no stand-in warning
+    # a better bitfit trial with samples: bitfit's row is drawn, the others' notes stay
+    store.record(generation_trial("g-bitfit-2", "bitfit", 24.0, tmp_path / "b2", stand_in=False))
+    page = write_report(store, ["generation-search"], report, metric="val_fid").read_text()
+    samples = section(page, "Samples per method")
+    assert (report / "samples.png").is_file() and "rows bitfit (FID 24.00, trial generation-search / g-bitfit-2)." \
+        in samples
+    assert len(re.findall(r'<p class="missing">', samples)) == 2
+    assert "FID features: inception-v3 pool3." in samples and "stand-in" not in page
+    store.engine.dispose()
+
+
+def test_classification_report_has_no_samples_section(store: LeaderboardStore, tmp_path: Path) -> None:
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "samples.png").write_bytes(b"stale")
+    page = write_report(store, ["lora-search", "bitfit-search"], tmp_path / "report").read_text()
+    text = re.sub(r"base64,[^\"]*", "", page)
+    assert "Samples per method" not in text and "FID" not in text and 'class="warn"' not in text
+    assert not (tmp_path / "report" / "samples.png").exists()

@@ -11,7 +11,12 @@ Figures:
 - ``pareto.png``: metric against trainable parameters, the Pareto front per (dataset, ratio);
 - ``progress.png``: best-so-far metric against cumulative trial time, per study;
 - ``learning_curves.png``: each search trial's metric per epoch (the row's ``details["curve"]``);
-- ``importance.png``: how strongly each searched hyperparameter goes with the metric.
+- ``importance.png``: how strongly each searched hyperparameter goes with the metric;
+- ``samples.png`` (generation searches only): per (dataset, label ratio), a row of images per
+  method (its best trial's ``samples.npy``) under the same fixed validation prompts.
+
+Generation rows are ranked by FID; where their FID came from a stand-in feature extractor rather
+than Inception (``details["fid_stand_in"]``), the page says so beside every FID it shows.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import base64
 import html
 import io
 import math
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -30,12 +36,19 @@ from medpeft_ray.leaderboard import views
 from medpeft_ray.metrics import get_metric
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
     from matplotlib.figure import Figure
 
     from medpeft_ray.leaderboard.store import TrialStore
 
 INDEX_FILE = "index.html"
+#: the generated samples' figure (``samples.png``), drawn for generation rows only
+SAMPLES_FIGURE = "samples"
+#: the prompts (columns) the samples' figure shows at most: the first of the fixed validation prompts
+SAMPLE_COLUMNS = 8
+#: the metric of generation rows, shown beside each method's samples whatever the report ranks by
+FID = "val_fid"
 _LINESTYLES = ("-", "--", ":", "-.")
 
 
@@ -48,6 +61,10 @@ class FigureResult:
     caption: str
     png: bytes | None
     missing: str = ""
+    #: lines shown under the figure (what it holds, in words: each grid's rows and prompts)
+    legend: list[str] = field(default_factory=list)
+    #: one line each about what the figure could not show (a trial whose samples are unreadable)
+    notes: list[str] = field(default_factory=list)
 
 
 def report_rows(store: "TrialStore", experiments: Sequence[str]) -> "pd.DataFrame":
@@ -86,6 +103,8 @@ def write_report(
             path.write_bytes(figure.png)
         else:
             path.unlink(missing_ok=True)  # a figure from an earlier report of this folder would mislead
+    if all(figure.name != SAMPLES_FIGURE for figure in figures):  # drawn for generation rows only
+        (out / f"{SAMPLES_FIGURE}.png").unlink(missing_ok=True)
     index = out / INDEX_FILE
     index.write_text(render_html(frame, list(experiments), figures, metric, store.label, split, baseline, costs))
     return index
@@ -248,6 +267,7 @@ def learning_curves_figure(frame: "pd.DataFrame", metric: str, colors: dict[str,
     curves = learning_curves(frame, metric)
     if curves.empty:
         return None
+    sparse = not get_metric(metric).every_epoch  # FID: mark the epochs that have a value
     groups = sorted(curves.groupby(["dataset", "label_ratio"]).groups)
     fig, axes = _grid(len(groups))
     for ax, (dataset, ratio) in zip(axes, groups):
@@ -256,7 +276,7 @@ def learning_curves_figure(frame: "pd.DataFrame", metric: str, colors: dict[str,
         for row in group.sort_values(["method", "trial_id"]).itertuples(index=False):
             # full colour, as in the other figures: the method's colour is how a reader tells the lines apart
             ax.plot(row.epoch, row.value, color=colors[row.method], linewidth=1.2,
-                    marker="o" if len(row.epoch) == 1 else None, markersize=3)  # one epoch: a point, not nothing
+                    marker="o" if sparse or len(row.epoch) == 1 else None, markersize=3)  # one epoch: a point
             if row.status in _CURVE_ENDS:
                 ends.add(row.status)
                 ax.plot(row.epoch[-1:], row.value[-1:], linestyle="none", marker=_CURVE_ENDS[row.status][0],
@@ -299,6 +319,235 @@ def figure_importance(frame: "pd.DataFrame", metric: str, colors: dict[str, Any]
     return _png(fig)
 
 
+# ------------------------------------------------------------------------------------------------
+# Generation: FID's feature extractor, and each method's samples
+# ------------------------------------------------------------------------------------------------
+
+
+def generation_rows(frame: "pd.DataFrame") -> "pd.DataFrame":
+    """The rows of generation trials: those with an FID, or with the prompts of their samples in ``details``."""
+    import pandas as pd
+
+    if not len(frame):
+        return frame
+    fid = frame[FID].notna() if FID in frame else pd.Series(False, index=frame.index)
+    prompts = (frame["details"].map(lambda d: bool(views.details_of(d).get("prompts"))).astype(bool)
+               if "details" in frame else pd.Series(False, index=frame.index))
+    return frame[fid | prompts]
+
+
+def fid_extractors(frame: "pd.DataFrame") -> tuple[dict[str, bool], int, int]:
+    """The FID feature extractors the generation rows with an FID name (each: whether it is a stand-in
+    for Inception), how many of those rows used a stand-in (``details["fid_stand_in"]``), and how many
+    rows have an FID."""
+    import pandas as pd
+
+    rows = generation_rows(frame)
+    has_fid = pd.Series(False, index=rows.index)
+    for column in (FID, get_metric(FID).on_split("test")):
+        if column in rows:
+            has_fid |= rows[column].notna()
+    names: dict[str, bool] = {}
+    stand_ins = 0
+    for value in rows.loc[has_fid, "details"] if "details" in rows else ():
+        details = views.details_of(value)
+        stand_in = bool(details.get("fid_stand_in"))
+        if details.get("fid_features"):
+            names[str(details["fid_features"])] = stand_in
+        stand_ins += stand_in
+    return dict(sorted(names.items())), stand_ins, int(has_fid.sum())
+
+
+def stand_in_note(frame: "pd.DataFrame") -> str:
+    """A sentence saying that FID came from a stand-in feature extractor, not Inception; "" when no
+    row with an FID used one."""
+    names, stand_ins, with_fid = fid_extractors(frame)
+    if not stand_ins:
+        return ""
+    title = get_metric(FID).title
+    which = title if stand_ins == with_fid else f"{title} of {stand_ins} of the {with_fid} trials with one"
+    stand_in_names = [name for name, stand_in in names.items() if stand_in]
+    named = f" ({'; '.join(stand_in_names)})" if stand_in_names else ""
+    return (f"{which} was computed with a stand-in feature extractor{named}, not Inception: its values rank "
+            f"these trials against each other but are not comparable with published {title} values.")
+
+
+def _fid_words(frame: "pd.DataFrame") -> str:
+    """Which features FID used, in words, for the samples' caption."""
+    note = stand_in_note(frame)
+    if note:
+        return note
+    names, _, with_fid = fid_extractors(frame)
+    return f"{get_metric(FID).title} features: {'; '.join(names)}." if names and with_fid else ""
+
+
+@dataclass
+class SampleRow:
+    """One method's row of the samples' figure: its best trial and that trial's first images."""
+
+    method: str
+    trial: str
+    fid: float | None
+    value: float | None  # the report's metric
+    images: "np.ndarray"  # (columns, H, W) grey or (columns, H, W, 3) colour, uint8
+
+
+@dataclass
+class SampleGrid:
+    """The samples' figure of one (dataset, label ratio): the prompts (columns) and a row per method."""
+
+    dataset: str
+    label_ratio: float
+    prompts: list[str]
+    rows: list[SampleRow]
+    #: how many fixed validation prompts the trials sampled (the columns are the first of them)
+    total: int = 0
+
+
+def _trial_words(row: dict[str, Any]) -> str:
+    return f"{row['method']} ({row['dataset']} @ {row['label_ratio']:g}, trial {row['experiment']} / {row['trial_id']})"
+
+
+def read_samples(checkpoint: Any, samples_file: str, count: int = SAMPLE_COLUMNS) -> tuple["np.ndarray | None", str]:
+    """The first ``count`` images of a checkpoint folder's samples (uint8, (n, H, W) or (n, H, W, 3)),
+    or None and why not, in a few words (no checkpoint, cloud storage, missing, unreadable, not images)."""
+    import numpy as np
+
+    from medpeft_ray.storage import is_uri
+
+    if _missing(checkpoint) or not str(checkpoint):
+        return None, "no checkpoint recorded"
+    if is_uri(checkpoint):
+        return None, f"its checkpoint is in cloud storage ({checkpoint}); the report reads local folders only"
+    path = Path(str(checkpoint)) / samples_file
+    if not path.is_file():
+        return None, f"{path} is missing"
+    try:
+        with path.open("rb") as file:
+            if file.read(6) != b"\x93NUMPY":  # numpy's advice for other files is to unpickle them: not here
+                return None, f"cannot read {path} (not a .npy file)"
+        samples = np.load(path, mmap_mode="r", allow_pickle=False)  # a few images of a large file are read
+        images = np.array(samples[:count])
+    except (OSError, ValueError, EOFError, TypeError, IndexError) as exc:
+        return None, f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+        return None, f"{path} holds {samples.dtype} of shape {samples.shape}, not uint8 (N, H, W) images"
+    if not len(images) or not images.shape[1] or not images.shape[2]:
+        return None, f"{path} holds no images"
+    return images, ""
+
+
+def sample_grids(frame: "pd.DataFrame", metric: str, samples_file: str) -> tuple[list[SampleGrid], list[str]]:
+    """Per (dataset, label ratio) of the generation rows: each method's best trial by ``metric`` whose
+    samples are readable, best first; and one line for each best trial whose samples could not be shown."""
+    rows = generation_rows(frame)
+    rows = rows[rows[metric].notna()] if metric in rows else rows.iloc[0:0]
+    if rows.empty:
+        return [], []
+    best = views.best_per_group(rows, ["dataset", "label_ratio", "method"], metric)  # best first
+    grids, notes = [], []
+    for (dataset, ratio), cell in best.groupby(["dataset", "label_ratio"], sort=True):
+        prompts: list[str] | None = None
+        total = 0
+        shown: list[SampleRow] = []
+        for row in cell.to_dict(orient="records"):
+            images, why = read_samples(row.get("checkpoint"), samples_file)
+            if images is None:
+                notes.append(f"{_trial_words(row)}: no samples shown: {why}.")
+                continue
+            every = [str(p) for p in views.details_of(row.get("details")).get("prompts") or []]
+            mine = every[:SAMPLE_COLUMNS]
+            if prompts is not None and mine and prompts and mine[: len(prompts)] != prompts[: len(mine)]:
+                notes.append(f"{_trial_words(row)}: no samples shown: its prompts are not the other methods' "
+                             "(another dataset or dataset seed?).")
+                continue
+            if mine and (prompts is None or len(mine) > len(prompts)):
+                prompts = mine
+            total = max(total, len(every))
+            fid = row.get(FID)
+            shown.append(SampleRow(row["method"], f"{row['experiment']} / {row['trial_id']}",
+                                   None if _missing(fid) else float(fid), float(row[metric]), images))
+        if shown:
+            columns = max(len(r.images) for r in shown)
+            headers = [(prompts[i] if prompts and i < len(prompts) else f"prompt {i + 1}") for i in range(columns)]
+            grids.append(SampleGrid(str(dataset), float(ratio), headers, shown, max(total, columns)))
+    return grids, notes
+
+
+def _sample_label(row: SampleRow, metric: str) -> str:
+    """``lora`` over ``FID 12.34`` (and the report's metric, when it ranks by another)."""
+    fid = get_metric(FID)
+    lines = [row.method, f"{fid.title} " + ("–" if row.fid is None else fid.format(row.fid))]
+    if metric != FID and row.value is not None:
+        lines.append(f"{get_metric(metric).title} {get_metric(metric).format(row.value)}")
+    return "\n".join(lines)
+
+
+def samples_grid_figure(grids: Sequence[SampleGrid], metric: str) -> "Figure":
+    """The samples' figure: a block per (dataset, label ratio) titled by it, a row of images per method
+    (row label: method and FID), a column per prompt (header: the prompt, wrapped, in small type)."""
+    from matplotlib.figure import Figure
+
+    size, wrap = 1.25, 22  # inches per image; characters per header line
+    columns = max(len(grid.prompts) for grid in grids)
+    headers = [[textwrap.fill(p, wrap, max_lines=6, placeholder=" …") for p in grid.prompts] for grid in grids]
+    heights = [0.35 + 0.11 * max(h.count("\n") + 1 for h in lines) + size * len(grid.rows)
+               for grid, lines in zip(grids, headers)]
+    fig = Figure(figsize=(1.4 + size * columns, sum(heights)), layout="constrained")
+    blocks = fig.subfigures(len(grids), 1, squeeze=False, height_ratios=heights).ravel()
+    for block, grid, lines in zip(blocks, grids, headers):
+        block.suptitle(f"{grid.dataset} @ {grid.label_ratio:g}", fontsize=10, fontweight="bold")
+        axes = block.subplots(len(grid.rows), columns, squeeze=False)
+        for r, (row, line) in enumerate(zip(grid.rows, axes)):
+            for c, ax in enumerate(line):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if c < len(row.images):
+                    image = row.images[c]
+                    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
+                if r == 0 and c < len(lines):
+                    ax.set_title(lines[c], fontsize=6.5, linespacing=1.05)
+            line[0].set_ylabel(_sample_label(row, metric), rotation=0, ha="right", va="center", fontsize=8.5,
+                               labelpad=6)
+    return fig
+
+
+def samples_figure(frame: "pd.DataFrame", metric: str) -> FigureResult | None:
+    """The samples' figure of the generation rows, its caption and notes; None when there are none."""
+    if generation_rows(frame).empty:
+        return None
+    # the file name and the seeds are the generation recipe's; imported here, as that module imports torch
+    from medpeft_ray.train.generation import SAMPLE_SEED, SAMPLES_FILE
+
+    ranking = get_metric(metric)
+    grids, notes = sample_grids(frame, metric, SAMPLES_FILE)
+    columns = max((len(grid.prompts) for grid in grids), default=SAMPLE_COLUMNS)
+    total = max((grid.total for grid in grids), default=0)
+    first = f"first {columns} of the {total}" if total > columns else f"{columns}"
+    seeds = f"{SAMPLE_SEED}" if columns == 1 else f"{SAMPLE_SEED}–{SAMPLE_SEED + columns - 1}"
+    fid = get_metric(FID)
+    caption = (f"Per (dataset, label ratio), a row per method: the images its best trial by {ranking.title} generated "
+               f"at its best epoch ({SAMPLES_FILE} in the trial's checkpoint), best first; row label: the method and "
+               f"that trial's {fid.title}. Columns: the {first} fixed validation prompts, the same for every method "
+               f"(header: the prompt); the sample of prompt i (from 0) was drawn from seed {SAMPLE_SEED} + i "
+               f"(seeds {seeds}). "
+               + _fid_words(frame))
+    legend = []
+    for grid in grids:
+        methods = ", ".join(f"{r.method} ({fid.title} " + ("–" if r.fid is None else fid.format(r.fid)) +
+                            f", trial {r.trial})" for r in grid.rows)
+        prompts = "; ".join(f"seed {SAMPLE_SEED + i}: “{p}”" for i, p in enumerate(grid.prompts))
+        legend.append(f"{grid.dataset} @ {grid.label_ratio:g}: rows {methods}. Columns {prompts}.")
+    png = _png(samples_grid_figure(grids, metric)) if grids else None
+    missing = ("no method's best trial has readable samples" if notes else
+               f"no generation trial has a {ranking.title}")
+    return FigureResult(SAMPLES_FIGURE, "Samples per method", caption.strip(), png, missing, legend, notes)
+
+
 _FIGURES: list[tuple[str, str, str, Callable[..., bytes | None], str]] = [
     ("metric_vs_ratio", "Metric against label ratio",
      "Best {metric} of each method at each label ratio (the data-regime view).", figure_metric_vs_ratio,
@@ -311,7 +560,7 @@ _FIGURES: list[tuple[str, str, str, Callable[..., bytes | None], str]] = [
      "Best {metric} so far against the summed wall time of the study's finished trials "
      "(line style: label ratio).", figure_progress, "no trial has a {metric}"),
     ("learning_curves", "Learning curves",
-     "Every search trial's {metric} at each epoch, a line per trial coloured by method, per "
+     "Every search trial's {metric} {epochs}, a line per trial coloured by method, per "
      "(dataset, label ratio); a trial stopped early by the scheduler ends in ×, a failed one in ▼.",
      figure_learning_curves, "no trial recorded its {metric} per epoch (rows written before curves were kept)"),
     ("importance", "Hyperparameter importance",
@@ -326,11 +575,16 @@ def make_figures(frame: "pd.DataFrame", metric: str) -> list[FigureResult]:
     """Every figure of the report, drawn from the rows of ``frame``."""
     colors = method_colors(frame["method"].unique().tolist()) if len(frame) else {}
     ranking = get_metric(metric)
-    words = {"metric": ranking.title, "better": "low" if ranking.ascending else "high"}
+    words = {"metric": ranking.title, "better": "low" if ranking.ascending else "high",
+             "epochs": "at each epoch" if ranking.every_epoch else
+             f"at the epochs it was computed (a point each: {ranking.title} is not computed every epoch)"}
     results = []
     for name, title, caption, draw, missing in _FIGURES:
         png = draw(frame, metric, colors) if len(frame) else None
         results.append(FigureResult(name, title, caption.format(**words), png, missing.format(**words)))
+    samples = samples_figure(frame, metric) if len(frame) else None
+    if samples is not None:
+        results.append(samples)
     return results
 
 
@@ -350,6 +604,7 @@ td.best { font-weight: 700; background: #eaf5ea; } .rank { color: #7a8494; font-
 p.wins { font-size: 14px; }
 figure { margin: 12px 0 24px; } figure img { max-width: 100%; border: 1px solid #eef0f4; }
 figcaption { color: #5a6473; font-size: 13px; margin-top: 4px; } .missing { color: #a05a00; }
+p.warn { color: #8a1c1c; background: #fdf0ec; border-left: 4px solid #c0392b; padding: 6px 10px; font-size: 13px; }
 code { font-size: 12px; }
 """
 
@@ -455,6 +710,11 @@ def _gap_text(row: Any, ranking: Any) -> str:
     return text + ("" if _missing(row.worst_group) else f" ({row.worst_group})")
 
 
+def _percent(value: float) -> str:
+    """Two significant digits below 10 (0.71, 7.6), whole numbers above (12, 100: not 1e+02)."""
+    return f"{value:.2g}" if value < 10 else f"{value:.0f}"
+
+
 def best_configs_html(frame: "pd.DataFrame", metric: str) -> str:
     """The best trial of each (dataset, label ratio, method): its value, cost and hyperparameters."""
     best = views.best_per_group(frame, ["dataset", "label_ratio", "method"], metric)
@@ -464,15 +724,16 @@ def best_configs_html(frame: "pd.DataFrame", metric: str) -> str:
     best = best.sort_values(["dataset", "label_ratio", metric], ascending=[True, True, ranking.ascending])
     test = ranking.on_split("test")
     has_test = test in best and bool(best[test].notna().any())
-    header = ["dataset", "label ratio", "method", "backbone", ranking.title, *([test] if has_test else []),
+    test_title = f"test {ranking.label}" if ranking.label else test  # test FID; test_auroc
+    header = ["dataset", "label ratio", "method", "backbone", ranking.title, *([test_title] if has_test else []),
               "trainable params", "epochs", "wall time", "hyperparameters", "trial"]
-    lines = ["<table><tr>" + "".join(f'<th class="name">{h}</th>' if h in ("dataset", "method", "backbone",
-             "hyperparameters", "trial") else f"<th>{h}</th>" for h in header) + "</tr>"]
+    lines = ["<table><tr>" + "".join(f'<th class="name">{html.escape(h)}</th>' if h in ("dataset", "method",
+             "backbone", "hyperparameters", "trial") else f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for row in best.to_dict(orient="records"):
         trainable = "–"
         if not _missing(row["trainable_params"]):
             share = "" if _missing(row["total_params"]) or not row["total_params"] else \
-                f" ({100.0 * int(row['trainable_params']) / int(row['total_params']):.2g}%)"
+                f" ({_percent(100.0 * int(row['trainable_params']) / int(row['total_params']))}%)"
             trainable = f"{int(row['trainable_params']):,}{share}"
         wall = "–" if _missing(row["wall_time_s"]) else f"{row['wall_time_s']:.0f} s"
         epochs = "–" if _missing(row["epochs_run"]) else f"{_fmt(row['best_epoch'])} / {row['epochs_run']}"
@@ -542,6 +803,12 @@ def render_html(
     methods = ", ".join(sorted(frame["method"].unique()))
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
     shown = html.escape(get_metric(metric).title)
+    fid_note = stand_in_note(frame)
+    # beside every FID the page shows: the tables and figures of a report ranked by FID, and the samples
+    warn = f'<p class="warn">{html.escape(fid_note)}</p>' if fid_note and metric == FID else ""
+    shown_fid = get_metric(FID).title
+    if warn:
+        shown += " (stand-in feature extractor, not Inception)"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -552,6 +819,7 @@ def render_html(
         f"methods: {html.escape(methods)}; metric: {shown}<br>"
         f"leaderboard: <code>{html.escape(source)}</code>; generated {generated}</p>",
         "<h2>Methods compared</h2>",
+        warn,
         f'<p class="meta">{html.escape(comparison_caption(frame, metric, split))}</p>',
         comparison_html(frame, metric, split),
         wins_html(frame, metric, split, baseline),
@@ -561,10 +829,16 @@ def render_html(
         parts.append(f"<h2>{html.escape(figure.title)}</h2>")
         if figure.png is None:
             parts.append(f'<p class="missing">No figure: {html.escape(figure.missing)}.</p>')
-            continue
-        data = base64.b64encode(figure.png).decode("ascii")
-        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure.title)}">'
-                     f"<figcaption>{html.escape(figure.caption)} ({figure.name}.png)</figcaption></figure>")
-    parts += ["<h2>Best configuration per study</h2>", best_configs_html(frame, metric), failures_html(frame),
+        else:
+            data = base64.b64encode(figure.png).decode("ascii")
+            if fid_note and metric == FID and figure.name != SAMPLES_FIGURE:  # the samples' caption says it in full
+                caption = f"{figure.caption} {shown_fid}: from a stand-in feature extractor, not Inception (see above)."
+            else:
+                caption = figure.caption
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(figure.title)}">'
+                         f"<figcaption>{html.escape(caption)} ({figure.name}.png)</figcaption></figure>")
+            parts += [f'<p class="meta">{html.escape(line)}</p>' for line in figure.legend]
+        parts += [f'<p class="missing">{html.escape(line)}</p>' for line in figure.notes]
+    parts += ["<h2>Best configuration per study</h2>", warn, best_configs_html(frame, metric), failures_html(frame),
               costs_html(costs), "</body></html>"]
     return "\n".join(p for p in parts if p)

@@ -112,7 +112,7 @@ def method_summaries(backbone: str, num_classes: int = 14, image_size: int = 224
             model = prepare_model(build_backbone(backbone, num_classes, image_size), name, dict(options), family)
         trainable, total = count_parameters(model)
         rows.append({
-            "method": name, "backbone": backbone, "family": family,
+            "method": name, "backbone": backbone, "family": family, "task": require_family(backbone).task,
             "trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total,
             "identity_at_init": spec.identity_at_init, "mergeable": spec.merge is not None, "peft_native": spec.peft_native,
             "options": dict(options), "searched": sorted(spec.space_for(family)), "description": spec.description,

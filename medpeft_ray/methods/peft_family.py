@@ -208,7 +208,8 @@ def _peft(name: str, options: type[PeftOptions], description: str, space: dict[s
 _RANKS = {"type": "categorical", "choices": [2, 4, 8, 16, 32]}
 
 
-@_peft("lora", LoraOptions, "LoRA: low-rank updates (MED-PEFT: Q and V of every block, rank r, alpha 32)",
+@_peft("lora", LoraOptions, "LoRA: low-rank updates (ViT: MED-PEFT's Q and V of every block, rank r, alpha 32; "
+       "U-Net: both attentions' projections)",
        {"rank": _RANKS}, families=("vit", "resnet", "unet"))
 def apply_lora(model: "nn.Module", options: LoraOptions, family: str) -> "nn.Module":
     from peft import LoraConfig

@@ -155,7 +155,12 @@ class LeaderboardCallback(Callback):
         best = None if p.best is None else p.best.get(self.metric)
         if value is not None and better(value, best, self.config.search.resolved_mode):
             p.best = result
-        self._say(trial, f"epoch {p.epochs_run}/{self.epochs}  {self.metric}={format_value(value)}", value=value)
+        shown = f"{self.metric}={format_value(value)}"
+        stopping = self.config.search.stopping_metric
+        if stopping != self.metric:  # FID is not there every epoch; the scheduler's metric is
+            shown = (f"{stopping}={format_value(result.get(stopping))}"
+                     + (f"  {self.metric}={format_value(value)}" if value is not None and value == value else ""))
+        self._say(trial, f"epoch {p.epochs_run}/{self.epochs}  {shown}", value=value)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         p = self._state(trial)

@@ -4,7 +4,10 @@ The dry run (after the config's pre-flight, as a search runs it) starts no Ray a
 and times a few real training and evaluation steps of each method on this machine's device: the
 trial's model is built by the real :class:`~medpeft_ray.train.recipe.TrialRecipe` (pristine
 backbone, method at its first point, DeepSpeed engine) at the trial's per-worker micro-batch, on
-the real (cached) data. From the step times, the label-ratio subset sizes, the scheduler's
+the real (cached) data. A generation search (``task: generation``) is timed with its own recipe
+(:class:`~medpeft_ray.train.generation.GenerationRecipe`): noise-prediction micro-steps, batches of
+the fixed validation loss, and sampling with FID scoring for a few prompts, scaled to
+``search.fid.images`` and paid at the epochs FID is computed at. From the step times, the label-ratio subset sizes, the scheduler's
 expected epochs and the start-up figures it forecasts per study and in total: trials, epochs,
 device-hours and wall time at the planned concurrency, as a range.
 
@@ -32,6 +35,12 @@ WARMUP_STEPS = 2
 #: timed optimizer micro-steps and evaluation batches per method
 TIMED_STEPS = 5
 TIMED_EVAL_BATCHES = 3
+#: prompts of the timed sampling runs of a generation method (sampling and FID scoring), each run
+#: twice after one untimed run: a sampling call costs a fixed part (the pipeline, the scheduler's
+#: steps at any batch) and a part per image, so two sizes give both (one size scaled by the images
+#: alone overestimates a 16-image run from 2 prompts about threefold on 2 CPU cores)
+SAMPLE_PROMPTS = (2, 8)
+SAMPLE_RUNS = 2
 #: A warm trial's start-up (dispatch, model copy with the method applied, DeepSpeed's engine):
 #: README "Trial start-up" measured 0.4 s for the README's search on 2 cores with
 #: bench/trial_overhead.py; 1 s leaves room for larger backbones.
@@ -106,6 +115,42 @@ def expected_epochs(scheduler: SchedulerConfig, trials: int, max_t: int) -> tupl
     return float(trials * max_t), "expected"
 
 
+def halving_epoch_shares(grace: int, reduction_factor: float, max_t: int, bracket: int = 0) -> list[float]:
+    """The share of a bracket's trials that trains each epoch 1..max_t under successive halving.
+
+    As :func:`halving_epochs_per_trial` (whose sum this is): every trial trains to the first rung,
+    a share rf^-k the epochs after rung k, up to max_t. A trial stopped at a rung has trained that
+    epoch, so pays for what is done there (a generation trial's FID).
+    """
+    rungs = halving_milestones(grace, reduction_factor, max_t, bracket)
+    shares = []
+    for epoch in range(1, max_t + 1):
+        passed = sum(1 for rung in rungs if rung < epoch)  # rungs decided before this epoch
+        shares.append(float(reduction_factor ** -passed))
+    return shares
+
+
+def expected_fid_runs(scheduler: SchedulerConfig, trials: int, max_t: int, fid_epochs: list[int]) -> float:
+    """Expected FID samplings of all ``trials`` of a study: each trial samples at the ``fid_epochs`` it reaches.
+
+    The shares of trials reaching each epoch as :func:`expected_epochs` counts them (hyperband:
+    weighted over the brackets); median and none: every trial reaches every epoch (for median an
+    upper bound, as its epochs are).
+    """
+    epochs = [e for e in fid_epochs if 1 <= e <= max_t]
+    if scheduler.type == "asha":
+        shares = halving_epoch_shares(scheduler.grace_period, scheduler.reduction_factor, max_t)
+    elif scheduler.type == "hyperband":
+        brackets = range(scheduler.brackets)
+        sizes = [len(halving_milestones(scheduler.grace_period, scheduler.reduction_factor, max_t, s)) for s in brackets]
+        weights = [math.exp(size - max(sizes)) for size in sizes]
+        per_bracket = [halving_epoch_shares(scheduler.grace_period, scheduler.reduction_factor, max_t, s) for s in brackets]
+        shares = [sum(w * b[i] for w, b in zip(weights, per_bracket)) / sum(weights) for i in range(max_t)]
+    else:
+        shares = [1.0] * max_t
+    return trials * sum(shares[e - 1] for e in epochs)
+
+
 def study_trials(config: SearchConfig) -> list[int]:
     """Trials of each label ratio's study: ``num_samples``, capped by its share of ``search.max_trials``.
 
@@ -140,6 +185,9 @@ class MethodTiming:
     micro_batch: int
     eval_batch: int
     device: str = "cpu"
+    #: generation: each timed sampling run (sampling the first prompts and scoring their FID), and its prompts
+    sample_s: list[float] = field(default_factory=list)
+    sample_prompts: list[int] = field(default_factory=list)
 
     @property
     def train_median_s(self) -> float:
@@ -148,6 +196,26 @@ class MethodTiming:
     @property
     def eval_median_s(self) -> float:
         return statistics.median(self.eval_batch_s)
+
+    def sampling_s(self, images: int, batch: int) -> float:
+        """Seconds to sample and FID-score ``images`` prompts in chunks of ``batch`` (0 without timed runs).
+
+        The runs' medians per size fit a line ``fixed + per_image * n`` per chunk (both at least
+        0): ``chunks * fixed + images * per_image``. With one size only: that run scaled by the images.
+        """
+        by_size: dict[int, list[float]] = {}
+        for prompts, seconds in zip(self.sample_prompts, self.sample_s):
+            by_size.setdefault(prompts, []).append(seconds)
+        if not by_size or images <= 0:
+            return 0.0
+        sizes = sorted(by_size)
+        if len(sizes) == 1:
+            return statistics.median(by_size[sizes[0]]) * images / sizes[0]
+        small, large = sizes[0], sizes[-1]
+        t_small, t_large = statistics.median(by_size[small]), statistics.median(by_size[large])
+        per_image = max(0.0, (t_large - t_small) / (large - small))
+        fixed = max(0.0, t_small - per_image * small)
+        return math.ceil(images / max(1, batch)) * fixed + images * per_image
 
     def spread(self) -> tuple[float, float]:
         """(fastest, slowest) train step over the median: how steady the timing was."""
@@ -174,11 +242,16 @@ class StudyForecast:
     train_steps_per_epoch: int
     eval_batches_per_epoch: int
     epoch_s: float  # one epoch of one trial: training + evaluation (mean over the methods)
-    trial_seconds: float  # all trials' training, evaluation and start-up, in trial-seconds
+    trial_seconds: float  # all trials' training, evaluation, FID sampling and start-up, in trial-seconds
     device_hours: float
     wall_s: float
     wall_low_s: float
     wall_high_s: float
+    #: generation: the epochs a trial samples and scores FID at, the samplings all trials are
+    #: expected to run, and one sampling's seconds (mean over the methods)
+    fid_epochs: list[int] = field(default_factory=list)
+    fid_runs: float = 0.0
+    fid_s: float = 0.0
 
 
 @dataclass
@@ -195,6 +268,9 @@ class SearchForecast:
     #: resources.device_hour_price: what a device-hour costs (None: not given)
     price: float | None = None
     created_at: float = field(default_factory=time.time)
+    #: generation: search.fid's images and DDIM steps per FID sampling (None: a classification search)
+    fid_images: int | None = None
+    fid_steps: int | None = None
 
     @property
     def trials(self) -> int:
@@ -228,14 +304,22 @@ class SearchForecast:
         out = []
         for t in self.timings:
             fast, slow = t.spread()
+            sampling = ""
+            if self.fid_images is not None and t.sample_s:
+                sampling = (f"{t.sampling_s(self.fid_images, t.eval_batch):.2f} s per FID sampling "
+                            f"({self.fid_images} images, {self.fid_steps} steps); ")
             out.append(f"  {t.method}: {1000 * t.train_median_s:.1f} ms per training step (micro-batch {t.micro_batch}), "
-                       f"{1000 * t.eval_median_s:.1f} ms per evaluation batch ({t.eval_batch}); "
+                       f"{1000 * t.eval_median_s:.1f} ms per evaluation batch ({t.eval_batch}); {sampling}"
                        f"steps {fast:.2f}x..{slow:.2f}x of the median")
         for s in self.studies:
+            fid = ""
+            if s.fid_epochs:
+                fid = (f"FID at epoch{'s' if len(s.fid_epochs) > 1 else ''} {', '.join(map(str, s.fid_epochs))} "
+                       f"({s.fid_runs:.1f} samplings {s.epochs_reading}, {s.fid_s:.1f} s each), ")
             out.append(
                 f"label ratio {s.label_ratio:g}: {s.trials} trials, {s.epochs:.1f} epochs {s.epochs_reading} "
                 f"(of {s.trials * s.max_epochs} without stopping), {s.train_steps_per_epoch} steps + "
-                f"{s.eval_batches_per_epoch} eval batches per epoch ({s.epoch_s:.1f} s), "
+                f"{s.eval_batches_per_epoch} eval batches per epoch ({s.epoch_s:.1f} s), {fid}"
                 f"{self.startup.per_trial_s:.1f} s start-up per trial; {s.device_hours:.3f} device-hours, "
                 f"wall {_duration(s.wall_s)} ({_duration(s.wall_low_s)}..{_duration(s.wall_high_s)})"
             )
@@ -268,7 +352,9 @@ def forecast(config: SearchConfig, facts: dict[str, Any], timings: list[MethodTi
     validation images). Several methods share a study's trials evenly (Optuna's choice is not
     known in advance), so an epoch costs the mean of the methods' epochs. ``epoch_seconds``: an
     epoch's seconds per label ratio as recorded (:func:`recorded_epoch_seconds`), instead of
-    ``timings``.
+    ``timings``. A generation search adds its FID samplings (:attr:`MethodTiming.sampling_s` of
+    ``search.fid.images``) at the epochs ``search.fid_epochs`` names, as many as the scheduler
+    lets trials reach (:func:`expected_fid_runs`); recorded epoch times come with none.
     """
     if not timings and epoch_seconds is None:
         raise MedpeftError("a forecast needs the step times of at least one method, or recorded epoch times")
@@ -279,8 +365,13 @@ def forecast(config: SearchConfig, facts: dict[str, Any], timings: list[MethodTi
     val_shard = math.ceil(facts["images"]["val"] / world)
     eval_batches = math.ceil(val_shard / train.eval_batch_size)
     device = device or timings[0].device
+    generation = config.task == "generation"
+    fid = config.search.fid
     result = SearchForecast(config.experiment_name, concurrency, devices_per_trial, device, startup, timings,
-                            price=res.device_hour_price)
+                            price=res.device_hour_price, fid_images=fid.images if generation else None,
+                            fid_steps=fid.steps if generation else None)
+    # one FID sampling: sampled in chunks of the evaluation batch, as the recipe's generate does
+    fid_s = statistics.mean(t.sampling_s(fid.images, train.eval_batch_size) for t in timings) if generation and timings else 0.0
     # how steady the timed steps were (recorded epoch times come with no spread of their own)
     fast = min((t.spread()[0] for t in timings), default=1.0)
     slow = max((t.spread()[1] for t in timings), default=1.0)
@@ -294,7 +385,9 @@ def forecast(config: SearchConfig, facts: dict[str, Any], timings: list[MethodTi
             epoch_s = statistics.mean(steps * t.train_median_s + eval_batches * t.eval_median_s for t in timings)
         max_t = train.epochs_for(ratio)
         epochs, reading = expected_epochs(config.search.scheduler, trials, max_t)
-        trial_seconds = epochs * epoch_s + trials * startup.per_trial_s
+        fid_epochs = config.search.fid_epochs(max_t) if generation else []
+        fid_runs = expected_fid_runs(config.search.scheduler, trials, max_t, fid_epochs) if fid_epochs else 0.0
+        trial_seconds = epochs * epoch_s + fid_runs * fid_s + trials * startup.per_trial_s
         wall = trial_seconds / max(1, min(concurrency, trials)) if trials else 0.0
         result.studies.append(StudyForecast(
             label_ratio=ratio, trials=trials, max_epochs=max_t, epochs=epochs, epochs_reading=reading,
@@ -302,6 +395,7 @@ def forecast(config: SearchConfig, facts: dict[str, Any], timings: list[MethodTi
             trial_seconds=trial_seconds, device_hours=trial_seconds * devices_per_trial / 3600, wall_s=wall,
             # the wider of the fixed factors and the steps' own spread
             wall_low_s=wall * min(LOW_FACTOR, fast), wall_high_s=wall * max(HIGH_FACTOR, slow),
+            fid_epochs=fid_epochs, fid_runs=fid_runs, fid_s=fid_s,
         ))
     return result
 
@@ -364,11 +458,15 @@ def time_steps(config: SearchConfig, facts: dict[str, Any], use_gpu: bool, threa
     One process stands for one of a trial's workers: a world of one at the trial's per-worker
     micro-batch, with the trial's CPU threads. The model is each method at its first point
     (as pre-flight applies it), at the largest label ratio (the most images to draw batches from).
+    The recipe is the trial's own (:func:`~medpeft_ray.train.recipes.make_recipe`): a generation
+    method's steps are noise-prediction steps, its evaluation batches the fixed validation loss's,
+    and it also times sampling with FID scoring (:func:`_time_generation`).
     """
     import torch
 
-    from medpeft_ray.train.engine import Batches, WorkerContext, ensure_process_group, evaluate
-    from medpeft_ray.train.recipe import TrialRecipe
+    from medpeft_ray.train.engine import WorkerContext, ensure_process_group
+    from medpeft_ray.train.generation import GenerationRecipe
+    from medpeft_ray.train.recipes import make_recipe
 
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     if use_gpu:
@@ -383,49 +481,122 @@ def time_steps(config: SearchConfig, facts: dict[str, Any], use_gpu: bool, threa
     ratio = max(config.dataset.label_ratios)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
-    recipe = TrialRecipe(WorkerContext(0, 1, device))
     timings = []
     try:
+        recipe = None
         for method in space.methods:
             trial = space.trial_config(ratio, space.first_point(method))
             per_worker = max(1, trial.train.batch_size // workers)
             trial = trial.model_copy(update={"train": trial.train.model_copy(update={"batch_size": per_worker})})
+            if recipe is None:  # one recipe for all methods, as an executor keeps one for its trials
+                recipe = make_recipe(trial, WorkerContext(0, 1, device))
+            timer = _time_generation if isinstance(recipe, GenerationRecipe) else _time_classification
             state = recipe.build(trial, facts.get("dataset_key"), None)
             try:
-                engine, micro = state.engine, state.micro_batch
-                engine.train()
-                generator = torch.Generator().manual_seed(trial.train.seed)
-                order = torch.randperm(len(state.train_split), generator=generator)
-                train_s = []
-                # the body of TrialRecipe.train_epoch's loop, for a few steps instead of a whole epoch
-                for step in range(WARMUP_STEPS + steps):
-                    index = order[(torch.arange(micro) + step * micro) % len(order)]
-                    started = time.perf_counter()
-                    x, y = state.train_batches.get(index, state.dtype, generator)
-                    loss = state.loss_fn(engine(x), y)
-                    engine.backward(loss)
-                    engine.step()
-                    sync()
-                    if step >= WARMUP_STEPS:
-                        train_s.append(time.perf_counter() - started)
-                val_images, val_labels = state.val_batches.images, state.val_batches.labels
-                size = min(trial.train.eval_batch_size, len(val_images))
-                one_batch = Batches(val_images[:size], val_labels[:size], device, trial.model.mean, trial.model.std,
-                                    shared=True)
-                multilabel = state.data.task == "multilabel"
-                eval_s = []
-                for batch in range(1 + eval_batches):  # the first one untimed, as for training
-                    started = time.perf_counter()
-                    evaluate(engine, one_batch, state.dtype, state.loss_fn, multilabel, recipe.ctx, size)
-                    sync()
-                    if batch:
-                        eval_s.append(time.perf_counter() - started)
-                timings.append(MethodTiming(method, train_s, eval_s, micro, trial.train.eval_batch_size, device.type))
+                timings.append(timer(recipe, trial, state, sync, steps, eval_batches))
             finally:
                 recipe.release(state)
     finally:
         torch.set_num_threads(previous_threads)
     return timings
+
+
+def _time_classification(recipe: Any, trial: Any, state: Any, sync: Any, steps: int, eval_batches: int) -> MethodTiming:
+    """A classifier's micro-steps (the body of ``TrialRecipe.train_epoch``'s loop) and evaluation batches."""
+    import torch
+
+    from medpeft_ray.train.engine import Batches, evaluate
+
+    engine, micro, device = state.engine, state.micro_batch, recipe.ctx.device
+    engine.train()
+    generator = torch.Generator().manual_seed(trial.train.seed)
+    order = torch.randperm(len(state.train_split), generator=generator)
+    train_s = []
+    # the body of TrialRecipe.train_epoch's loop, for a few steps instead of a whole epoch
+    for step in range(WARMUP_STEPS + steps):
+        index = order[(torch.arange(micro) + step * micro) % len(order)]
+        started = time.perf_counter()
+        x, y = state.train_batches.get(index, state.dtype, generator)
+        loss = state.loss_fn(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        sync()
+        if step >= WARMUP_STEPS:
+            train_s.append(time.perf_counter() - started)
+    val_images, val_labels = state.val_batches.images, state.val_batches.labels
+    size = min(trial.train.eval_batch_size, len(val_images))
+    one_batch = Batches(val_images[:size], val_labels[:size], device, trial.model.mean, trial.model.std, shared=True)
+    multilabel = state.data.task == "multilabel"
+    eval_s = []
+    for batch in range(1 + eval_batches):  # the first one untimed, as for training
+        started = time.perf_counter()
+        evaluate(engine, one_batch, state.dtype, state.loss_fn, multilabel, recipe.ctx, size)
+        sync()
+        if batch:
+            eval_s.append(time.perf_counter() - started)
+    return MethodTiming(trial.method.name, train_s, eval_s, micro, trial.train.eval_batch_size, device.type)
+
+
+def _time_generation(recipe: Any, trial: Any, state: Any, sync: Any, steps: int, eval_batches: int) -> MethodTiming:
+    """A diffusion U-Net's noise-prediction micro-steps, fixed validation-loss batches and FID samplings.
+
+    Training: the body of ``GenerationRecipe.train_epoch``'s loop (noise, latent draw and timesteps,
+    ``noise_loss``, backward, step). Evaluation: ``fixed_loss`` on one evaluation batch of the
+    validation split. Sampling: ``score`` (DDIM sampling of the first validation prompts with the
+    trial's steps, then their FID against the validation images) for :data:`SAMPLE_PROMPTS`
+    prompts, :data:`SAMPLE_RUNS` times each after an untimed run, which also makes the FID
+    reference as a worker's warm-up does.
+    """
+    import torch
+
+    from medpeft_ray.train.generation import Encoded
+
+    engine, micro, device = state.engine, state.micro_batch, recipe.ctx.device
+    engine.train()
+    order_gen = torch.Generator().manual_seed(trial.train.seed)
+    noise_gen = torch.Generator().manual_seed(trial.train.seed + 1)
+    order = torch.randperm(len(state.train), generator=order_gen)
+    timesteps = state.noise_scheduler.config.num_train_timesteps
+    shape = tuple(state.train.latent_mean.shape[1:])
+    train_s = []
+    for step in range(WARMUP_STEPS + steps):
+        index = order[(torch.arange(micro) + step * micro) % len(order)]
+        started = time.perf_counter()
+        noise = torch.randn((len(index), *shape), generator=noise_gen)
+        latent_noise = torch.randn((len(index), *shape), generator=noise_gen)
+        t = torch.randint(0, timesteps, (len(index),), generator=noise_gen)
+        loss = recipe.noise_loss(state, state.train, index, noise, t, latent_noise)
+        engine.backward(loss)
+        engine.step()
+        sync()
+        if step >= WARMUP_STEPS:
+            train_s.append(time.perf_counter() - started)
+    val = state.val
+    size = min(trial.train.eval_batch_size, len(val))
+    one_batch = Encoded(val.latent_mean[:size], val.latent_std[:size], val.text[:size], val.captions[:size],
+                        val.images[:size])
+    eval_s = []
+    for batch in range(1 + eval_batches):  # the first one untimed, as for training
+        started = time.perf_counter()
+        recipe.fixed_loss(trial, state, one_batch, "val")
+        sync()
+        if batch:
+            eval_s.append(time.perf_counter() - started)
+    sample_s: list[float] = []
+    sample_prompts: list[int] = []
+    if trial.fid is not None:
+        largest = min(trial.fid.images, trial.train.eval_batch_size, len(val))
+        sizes = sorted({min(n, largest) for n in SAMPLE_PROMPTS})
+        for run, prompts in enumerate([sizes[0], *(n for n in sizes for _ in range(SAMPLE_RUNS))]):
+            fewer = trial.model_copy(update={"fid": trial.fid.model_copy(update={"images": prompts})})
+            started = time.perf_counter()
+            recipe.score(fewer, state, val, "val")
+            sync()
+            if run:  # the first run untimed
+                sample_s.append(time.perf_counter() - started)
+                sample_prompts.append(prompts)
+    return MethodTiming(trial.method.name, train_s, eval_s, micro, trial.train.eval_batch_size, device.type,
+                        sample_s=sample_s, sample_prompts=sample_prompts)
 
 
 def recorded_epoch_seconds(config: SearchConfig, db_url: str | None) -> dict[float, float]:
