@@ -838,14 +838,21 @@ def _print_report(report: Any) -> None:
         cells = [str(report.positives[s][cls]) for s in ("train", "val", "test")]
         cells += [str(report.ratio_positives[r][cls]) for r in report.ratio_images]
         table.add_row(cls, *cells)
-    console.print(table)
-    console.print("positives per class; column headers give the images in each split and label-ratio subset")
-    from medpeft_ray.data.records import is_missing
+    if report.class_names:
+        console.print(table)
+        console.print("positives per class; column headers give the images in each split and label-ratio subset")
+    else:  # image-text data without labels: the images per split and label-ratio subset are the whole story
+        console.print(", ".join([*(f"{s} {report.images[s]:,}" for s in ("train", "val", "test")),
+                                 *(f"train {r:g}: {n:,}" for r, n in report.ratio_images.items())]) + " images")
+    if report.has_captions:
+        left_out = f"; {report.uncaptioned:,} left out without one" if report.uncaptioned else ""
+        console.print(f"captions: every image has one (the text a generation search conditions on){left_out}")
+    from medpeft_ray.data.records import is_missing, is_uncaptioned
 
     if report.missing:
         console.print(f"[yellow]missing:[/yellow] {escape(report.missing)}", soft_wrap=True)
     # missing files are in the block above; a flood of undecodable ones is cut short too
-    undecodable = [line for line in report.unreadable if not is_missing(line)]
+    undecodable = [line for line in report.unreadable if not is_missing(line) and not is_uncaptioned(line)]
     for line in undecodable[:UNREADABLE_SHOWN]:
         console.print(f"[yellow]unreadable:[/yellow] {escape(line)}", soft_wrap=True)
     if len(undecodable) > UNREADABLE_SHOWN:
