@@ -28,7 +28,6 @@ import json
 import math
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +42,9 @@ from medpeft_ray.metrics import better, finite_or_none
 from medpeft_ray.train.engine import (
     ReportFn,
     WorkerContext,
-    build_optimizer,
-    deepspeed_config,
     resolve_precision,
     set_determinism,
     startup_breakdown,
-    warmup_cosine,
 )
 from medpeft_ray.train.recipe import TrialRecipe
 
@@ -226,35 +222,21 @@ class GenerationRecipe(TrialRecipe):
         return prepare_model(model, trial.method.name, trial.method.options, trial.family)
 
     def build(self, trial: TrialConfig, dataset_key: dict[str, Any] | None, resume_from: Path | None) -> _GenerationState:
-        import deepspeed
         from diffusers import DDPMScheduler
 
-        from medpeft_ray.data import train_subset_index
         from medpeft_ray.methods import count_parameters
 
-        ctx = self.ctx
         marks: dict[str, float] = {}
         set_determinism(trial.train.seed, trial.train.deterministic)
         data = self.dataset(trial, dataset_key)
-        train_split = data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed))
-        if len(train_split) < ctx.world_size:
-            raise TrialFailed(f"{len(train_split)} training images cannot feed {ctx.world_size} workers")
+        train_split = self.train_split(trial, data)
         frozen = self.frozen(trial)
         train, val = self.encode(trial, "train", train_split, frozen), self.encode(trial, "val", data.val, frozen)
         marks["data"] = time.time()
         model = self.build_model(trial, 0)
         trainable_params, total_params = count_parameters(model)
-        ds_config = deepspeed_config(trial.train, ctx.world_size, self.use_gpu)
-        micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-        shard_size = len(train_split) // ctx.world_size
-        steps_per_epoch = max(1, math.ceil(shard_size / micro_batch) // trial.train.deepspeed.gradient_accumulation_steps)
         marks["model"] = time.time()
-        optimizer = build_optimizer(model, trial.train, self.use_gpu, trial.family)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            engine, _, _, _ = deepspeed.initialize(model=model.to(ctx.device), optimizer=optimizer,
-                                                   lr_scheduler=scheduler, config=ds_config)
+        engine, micro_batch, shard_size = self.engine(trial, model, len(train_split))
         state = _GenerationState(
             engine=engine, frozen=frozen, train=train, val=val,
             noise_scheduler=DDPMScheduler.from_config(frozen.scheduler_config), dtype=frozen.dtype,

@@ -195,20 +195,13 @@ class TrialRecipe:
 
     def build(self, trial: TrialConfig, dataset_key: dict[str, Any] | None, resume_from: Path | None) -> _TrialState:
         """Data, model, optimizer, schedule and DeepSpeed engine of one trial (resumed if asked)."""
-        import deepspeed
-
-        from medpeft_ray.data import train_subset_index
         from medpeft_ray.methods import count_parameters
 
         ctx = self.ctx
         marks: dict[str, float] = {}
         set_determinism(trial.train.seed, trial.train.deterministic)
         data = self.dataset(trial, dataset_key)
-        if data.skipped and ctx.rank == 0 and self.trials_run == 0:
-            log.warning("%d unreadable image(s) skipped, e.g. %s", len(data.skipped), data.skipped[0])
-        train_split = data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed))
-        if len(train_split) < ctx.world_size:
-            raise TrialFailed(f"{len(train_split)} training images cannot feed {ctx.world_size} workers")
+        train_split = self.train_split(trial, data)
         train_batches = Batches(
             *self.split_tensors(trial, "train", train_split), ctx.device, trial.model.mean, trial.model.std,
             trial.train.augment, shared=True,
@@ -219,18 +212,8 @@ class TrialRecipe:
 
         model = self.build_model(trial, data.num_classes)
         trainable_params, total_params = count_parameters(model)
-        ds_config = deepspeed_config(trial.train, ctx.world_size, self.use_gpu)
-        micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-        shard_size = len(train_split) // ctx.world_size
-        steps_per_epoch = max(1, math.ceil(shard_size / micro_batch) // trial.train.deepspeed.gradient_accumulation_steps)
         marks["model"] = time.time()
-        optimizer = build_optimizer(model, trial.train, self.use_gpu, trial.family)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # DeepSpeed's notes on CPU-only features
-            engine, _, _, _ = deepspeed.initialize(
-                model=model.to(ctx.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-            )
+        engine, micro_batch, shard_size = self.engine(trial, model, len(train_split))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(trial.train, self.use_gpu), torch.float32)
         state = _TrialState(
             engine=engine, train_batches=train_batches, val_batches=val_batches, data=data, train_split=train_split,
@@ -241,6 +224,35 @@ class TrialRecipe:
             state.start_epoch = self.load(state, resume_from)
         marks["deepspeed_init"] = time.time()
         return state
+
+    def train_split(self, trial: TrialConfig, data: Any) -> Any:
+        """The trial's training images: the label ratio's subset, enough for every worker."""
+        from medpeft_ray.data import train_subset_index
+
+        if data.skipped and self.ctx.rank == 0 and self.trials_run == 0:
+            log.warning("%d unreadable image(s) skipped, e.g. %s", len(data.skipped), data.skipped[0])
+        split = data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed))
+        if len(split) < self.ctx.world_size:
+            raise TrialFailed(f"{len(split)} training images cannot feed {self.ctx.world_size} workers")
+        return split
+
+    def engine(self, trial: TrialConfig, model: torch.nn.Module, train_images: int) -> tuple[Any, int, int]:
+        """The trial's DeepSpeed engine (optimizer, warm-up and cosine schedule) around ``model``;
+        returns it with the per-worker micro-batch and the images of each worker's shard."""
+        import deepspeed
+
+        ds_config = deepspeed_config(trial.train, self.ctx.world_size, self.use_gpu)
+        micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+        shard_size = train_images // self.ctx.world_size
+        steps_per_epoch = max(1, math.ceil(shard_size / micro_batch) // trial.train.deepspeed.gradient_accumulation_steps)
+        optimizer = build_optimizer(model, trial.train, self.use_gpu, trial.family)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # DeepSpeed's notes on CPU-only features
+            engine, _, _, _ = deepspeed.initialize(
+                model=model.to(self.ctx.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+            )
+        return engine, micro_batch, shard_size
 
     def load(self, state: _TrialState, directory: Path) -> int:
         """Restores weights, optimizer moments and lr schedule (each rank its shard); returns the epoch."""
