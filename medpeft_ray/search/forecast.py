@@ -7,9 +7,9 @@ backbone, method at its first point, DeepSpeed engine) at the trial's per-worker
 the real (cached) data. A generation search (``task: generation``) is timed with its own recipe
 (:class:`~medpeft_ray.train.generation.GenerationRecipe`): noise-prediction micro-steps, batches of
 the fixed validation loss, and sampling with FID scoring for a few prompts, scaled to
-``search.fid.images`` and paid at the epochs FID is computed at. From the step times, the label-ratio subset sizes, the scheduler's
-expected epochs and the start-up figures it forecasts per study and in total: trials, epochs,
-device-hours and wall time at the planned concurrency, as a range.
+``search.fid.images`` and paid at the epochs FID is computed at. From the step times, the
+label-ratio subset sizes, the scheduler's expected epochs and the start-up figures it forecasts per
+study and in total: trials, epochs, device-hours and wall time at the planned concurrency, as a range.
 
 :func:`forecast` is the arithmetic alone (step times in, forecast out); :func:`dry_run` gathers
 its inputs.
@@ -17,13 +17,14 @@ its inputs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from medpeft_ray.config import SearchConfig
 from medpeft_ray.config.sections import SchedulerConfig
@@ -141,10 +142,10 @@ def expected_fid_runs(scheduler: SchedulerConfig, trials: int, max_t: int, fid_e
     if scheduler.type == "asha":
         shares = halving_epoch_shares(scheduler.grace_period, scheduler.reduction_factor, max_t)
     elif scheduler.type == "hyperband":
-        brackets = range(scheduler.brackets)
-        sizes = [len(halving_milestones(scheduler.grace_period, scheduler.reduction_factor, max_t, s)) for s in brackets]
-        weights = [math.exp(size - max(sizes)) for size in sizes]
-        per_bracket = [halving_epoch_shares(scheduler.grace_period, scheduler.reduction_factor, max_t, s) for s in brackets]
+        grace, rf, brackets = scheduler.grace_period, scheduler.reduction_factor, range(scheduler.brackets)
+        sizes = [len(halving_milestones(grace, rf, max_t, s)) for s in brackets]
+        weights = [math.exp(size - max(sizes)) for size in sizes]  # as expected_epochs weighs the brackets
+        per_bracket = [halving_epoch_shares(grace, rf, max_t, s) for s in brackets]
         shares = [sum(w * b[i] for w, b in zip(weights, per_bracket)) / sum(weights) for i in range(max_t)]
     else:
         shares = [1.0] * max_t
@@ -315,7 +316,7 @@ class SearchForecast:
             fid = ""
             if s.fid_epochs:
                 fid = (f"FID at epoch{'s' if len(s.fid_epochs) > 1 else ''} {', '.join(map(str, s.fid_epochs))} "
-                       f"({s.fid_runs:.1f} samplings {s.epochs_reading}, {s.fid_s:.1f} s each), ")
+                       f"({s.fid_runs:.1f} samplings {s.epochs_reading}, {s.fid_s:.2f} s each), ")
             out.append(
                 f"label ratio {s.label_ratio:g}: {s.trials} trials, {s.epochs:.1f} epochs {s.epochs_reading} "
                 f"(of {s.trials * s.max_epochs} without stopping), {s.train_steps_per_epoch} steps + "
@@ -371,7 +372,9 @@ def forecast(config: SearchConfig, facts: dict[str, Any], timings: list[MethodTi
                             price=res.device_hour_price, fid_images=fid.images if generation else None,
                             fid_steps=fid.steps if generation else None)
     # one FID sampling: sampled in chunks of the evaluation batch, as the recipe's generate does
-    fid_s = statistics.mean(t.sampling_s(fid.images, train.eval_batch_size) for t in timings) if generation and timings else 0.0
+    fid_s = 0.0
+    if generation and timings:
+        fid_s = statistics.mean(t.sampling_s(fid.images, train.eval_batch_size) for t in timings)
     # how steady the timed steps were (recorded epoch times come with no spread of their own)
     fast = min((t.spread()[0] for t in timings), default=1.0)
     slow = max((t.spread()[1] for t in timings), default=1.0)
@@ -490,15 +493,35 @@ def time_steps(config: SearchConfig, facts: dict[str, Any], use_gpu: bool, threa
             trial = trial.model_copy(update={"train": trial.train.model_copy(update={"batch_size": per_worker})})
             if recipe is None:  # one recipe for all methods, as an executor keeps one for its trials
                 recipe = make_recipe(trial, WorkerContext(0, 1, device))
-            timer = _time_generation if isinstance(recipe, GenerationRecipe) else _time_classification
-            state = recipe.build(trial, facts.get("dataset_key"), None)
-            try:
-                timings.append(timer(recipe, trial, state, sync, steps, eval_batches))
-            finally:
-                recipe.release(state)
+            generation = isinstance(recipe, GenerationRecipe)
+            timer = _time_generation if generation else _time_classification
+            with _quiet_progress_bars() if generation else contextlib.nullcontext():
+                state = recipe.build(trial, facts.get("dataset_key"), None)
+                try:
+                    timings.append(timer(recipe, trial, state, sync, steps, eval_batches))
+                finally:
+                    recipe.release(state)
     finally:
         torch.set_num_threads(previous_threads)
     return timings
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """transformers' and diffusers' progress bars off (the pipeline's parts loaded, or written once): the
+    forecast's lines are the output; on again after, where they were on."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    were = [(module, module.is_progress_bar_enabled()) for module in (transformers_logging, diffusers_logging)]
+    for module, _ in were:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in were:
+            if enabled:
+                module.enable_progress_bar()
 
 
 def _time_classification(recipe: Any, trial: Any, state: Any, sync: Any, steps: int, eval_batches: int) -> MethodTiming:

@@ -371,7 +371,7 @@ class GenerationRecipe(TrialRecipe):
                 train_loss = self.train_epoch(trial, state, epoch, first_step)
                 if not math.isfinite(train_loss):
                     raise TrialFailed(f"training loss is {train_loss} in epoch {epoch + 1} (lr {trial.train.lr:g}); trial stopped")
-                epoch_time = time.time() - epoch_start
+                steps_time = time.time() - epoch_start
                 val_loss = self.fixed_loss(trial, state, state.val, "val")
                 fid, state.samples, prompts = math.nan, None, []
                 sample_time = 0.0
@@ -379,6 +379,8 @@ class GenerationRecipe(TrialRecipe):
                     sample_start = time.time()
                     fid, state.samples, prompts = self.score(trial, state, state.val, "val")
                     sample_time = time.time() - sample_start
+                # as a classification epoch's: training and evaluation (validation loss, and FID where scored)
+                epoch_time = time.time() - epoch_start
                 train_time += epoch_time
                 details = {"fid_features": scorer.features, "fid_stand_in": scorer.stand_in,
                            "fid_images": trial.fid.images, "fid_steps": trial.fid.steps, "prompts": prompts}
@@ -387,7 +389,7 @@ class GenerationRecipe(TrialRecipe):
                     "trainable_params": state.trainable_params, "total_params": state.total_params,
                     "train_images": len(state.train), "skipped_images": len(state.data.skipped),
                     "epoch_time_s": epoch_time, "train_time_s": train_time, "sample_time_s": sample_time,
-                    "train_images_per_s": state.shard_size * self.ctx.world_size / max(epoch_time, 1e-9),
+                    "train_images_per_s": state.shard_size * self.ctx.world_size / max(steps_time, 1e-9),
                     "worker_started_at": started_at, "details": json.dumps(finite_or_none(details)),
                     "first_step_at": first_step[0] if first_step else None, "resumed_from_epoch": state.start_epoch,
                     **self.memory(),
