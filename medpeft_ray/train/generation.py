@@ -46,7 +46,7 @@ from medpeft_ray.train.engine import (
     set_determinism,
     startup_breakdown,
 )
-from medpeft_ray.train.recipe import TrialRecipe
+from medpeft_ray.train.recipe import TrialRecipe, dataset_identity
 
 #: seed of the validation split's fixed noise and timesteps (one for every trial: comparable losses)
 VALIDATION_NOISE_SEED = 20240601
@@ -151,7 +151,8 @@ class GenerationRecipe(TrialRecipe):
     @torch.no_grad()
     def encode(self, trial: TrialConfig, name: str, split: Any, frozen: Frozen) -> Encoded:
         """A split's latent distributions and caption states, computed once per worker (frozen VAE and text encoder)."""
-        key = (name, trial.dataset.name, trial.label_ratio if name == "train" else -1.0, len(split))
+        # the whole dataset's identity (root, options, seed), not its name: a grid's cells may share a name
+        key = (name, dataset_identity(trial), trial.label_ratio if name == "train" else -1.0)
         if key in self._encoded:
             return self._encoded[key]
         if split.captions is None:
@@ -193,7 +194,7 @@ class GenerationRecipe(TrialRecipe):
         from medpeft_ray.train.fid import FidScorer
 
         weights = trial.fid.weights if trial.fid is not None else None
-        key = (str(weights), name, trial.dataset.name, reference.shape)
+        key = (str(weights), name, dataset_identity(trial))
         if key not in self._fid:
             scorer = FidScorer(weights, self.ctx.device)
             scorer.set_real(reference)

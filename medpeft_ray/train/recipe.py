@@ -110,7 +110,7 @@ class TrialRecipe:
         from medpeft_ray.data import load_splits
 
         ds = trial.dataset
-        cache_key = json.dumps([ds.name, str(ds.root), ds.image_size, ds.options, ds.seed], sort_keys=True, default=str)
+        cache_key = dataset_identity(trial)
         if cache_key not in self._splits:
             self._splits.clear()
             self._tensors.clear()
@@ -429,6 +429,12 @@ class TrialRecipe:
             self.trials_run += 1
             self.release(state)
             state = None
+
+
+def dataset_identity(trial: TrialConfig) -> str:
+    """What makes a trial's decoded dataset the same as another's (what a worker keeps per dataset is keyed by it)."""
+    ds = trial.dataset
+    return json.dumps([ds.name, str(ds.root), ds.image_size, ds.options, ds.seed], sort_keys=True, default=str)
 
 
 def reset_classifier(model: torch.nn.Module) -> None:
