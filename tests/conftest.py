@@ -180,13 +180,13 @@ def pg_schema() -> Any:
 
 def checkpointed_epochs(train_dir: Path, run_part: str = "") -> list[int]:
     """Epochs checkpointed in full (every rank's part) by trials whose folder name contains ``run_part``:
-    a warm executor's index (``checkpoints.json``), or a cold trial's Ray Train snapshot."""
+    a warm executor's trial record (``trial_record.json``), or a cold trial's Ray Train snapshot."""
     import json
 
     epochs: list[int] = []
-    for index in train_dir.glob(f"*{run_part}*/checkpoints.json"):
+    for index in train_dir.glob(f"*{run_part}*/trial_record.json"):
         try:
-            epochs += [entry["epoch"] for entry in json.loads(index.read_text())]
+            epochs += [entry["epoch"] for entry in json.loads(index.read_text())["checkpoints"]]
         except ValueError:
             pass  # being written
     for snapshot in train_dir.glob(f"*{run_part}*/checkpoint_manager_snapshot.json"):

@@ -104,15 +104,15 @@ def _rows(store: Any) -> list[dict]:
 
 def _index(bucket: Bucket, key: str) -> list[dict]:
     try:
-        return json.loads(bucket.read(key))
+        return json.loads(bucket.read(key))["checkpoints"]
     except Exception:  # noqa: BLE001  (not there yet)
         return []
 
 
 def _checkpointed_epochs(bucket: Bucket, run_part: str) -> list[int]:
-    """Epochs in the checkpoint indexes (``checkpoints.json``, written once every rank's part of an
+    """Epochs in the trial records' checkpoints (``trial_record.json``, written once every rank's part of an
     epoch is in the bucket) of the trials whose folder name contains ``run_part``."""
-    return [entry["epoch"] for key in bucket.keys("train/") if run_part in key and key.endswith("/checkpoints.json")
+    return [entry["epoch"] for key in bucket.keys("train/") if run_part in key and key.endswith("/trial_record.json")
             for entry in _index(bucket, key)]
 
 
@@ -167,7 +167,7 @@ def test_a_search_keeps_its_results_in_the_bucket_and_exports_its_best_adapter_f
         # the row names the best epoch's checkpoint in the bucket, where the trial's executor wrote it
         trial = f"train/tiny-ratio1-{row['trial_id']}"
         assert row["checkpoint"] == f"{bucket.results}/{trial}/checkpoint_{row['best_epoch']:06d}", row["checkpoint"]
-        index = json.loads(bucket.read(f"{trial}/checkpoints.json"))
+        index = json.loads(bucket.read(f"{trial}/trial_record.json"))["checkpoints"]
         kept = {entry["epoch"] for entry in index}
         # checkpoints_to_keep 1: the best epoch and the latest one stay, the others were deleted from the bucket
         assert kept == {row["best_epoch"], epochs}, index

@@ -120,18 +120,18 @@ def test_trial_checkpoints_merge_ranks_keep_the_best_and_the_latest_and_resume_f
     assert TrialCheckpoints(str(tmp_path / "none"), 2, "val_auroc", "max").download_latest(tmp_path / "x") is None
 
 
-def test_a_local_index_is_replaced_whole_so_a_write_killed_midway_leaves_the_last_one(tmp_path: Path) -> None:
+def test_a_local_record_is_replaced_whole_so_a_write_killed_midway_leaves_the_last_one(tmp_path: Path) -> None:
     store = TrialCheckpoints(str(tmp_path / "trial"), keep=2, metric="val_auroc", mode="max")
     store.upload(_fake_checkpoint(tmp_path / "local", 1, 0), 1)
     store.record(1, 0.5)
-    # what a worker killed while writing the next index leaves: a partial file beside the index
-    (tmp_path / "trial" / ".checkpoints.json.partial").write_text('[{"epoch": 1, "val')
+    # what a worker killed while writing the next record leaves: a partial file beside it
+    (tmp_path / "trial" / ".trial_record.json.123.partial").write_text('{"fence": [0, 0], "checkpoints": [{"epoch": 1, "val')
     assert store.index() == [{"epoch": 1, "value": 0.5}]
     store.upload(_fake_checkpoint(tmp_path / "local", 2, 0), 2)
     store.record(2, 0.6)
     assert [e["epoch"] for e in store.index()] == [1, 2]
-    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["checkpoint_000001", "checkpoint_000002",
-                                                                      "checkpoints.json"]
+    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == [
+        ".trial_record.json.123.partial", "checkpoint_000001", "checkpoint_000002", "trial_record.json"]
 
 
 def _dispatcher(max_failures_per_trial: int = 1, idle_exit_s: float = 60.0) -> TrialDispatcher:
@@ -189,6 +189,36 @@ def test_a_restarted_executor_gets_its_trial_back_until_the_trials_failure_budge
     asyncio.run(scenario())
 
 
+def test_a_restarted_dispatcher_takes_running_trials_back_from_their_executors_and_queued_ones_from_their_drivers() -> None:
+    from medpeft_ray.search.executors import ADOPT_GRACE_S
+
+    async def scenario() -> None:
+        spec = ExecutorSpec(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}, storage_path="/tmp",
+                            experiment="t", max_executors=0)
+        d = TrialDispatcher(spec, restarted=True)  # what Ray starts after the first one died
+        # e0 was training s/a: its watcher's next call claims it (the trial goes on, not stopped)
+        assert not await d.wait_end("s/a", 0.01, "e0")
+        await d.post("s/a", "epoch", {"epoch": 2})  # retried by Ray from the dead instance
+        assert await d.next_event("s/a", 0.1) == ("epoch", {"epoch": 2})
+        # s/b waited in the dead instance's queue: its driver is told to submit it again
+        assert await d.next_event("s/b", 0.01) == ("unknown", None)
+        await d.submit("s/b", {"trial": "B", "max_failures": 1})
+        # held while the executors come back, so that no trial is handed out twice
+        assert await d.next_trial("e1", 0.05) is None
+        d.restarted_at -= ADOPT_GRACE_S
+        handed = await d.next_trial("e1", 0.1)
+        assert handed["trial"] == "B" and handed["generation"] == d.generation
+        # s/a's driver submits again too (its poll came before the claim): it stays e0's, not queued twice
+        await d.submit("s/a", {"trial": "A", "max_failures": 1})
+        assert await d.next_trial("e2", 0.05) is None
+        await d.post("s/a", "done", {"epoch": 3})
+        await d.release("e0", "s/a")
+        assert await d.next_event("s/a", 0.1) == ("done", {"epoch": 3})
+        assert (await d.stats())["executors"]["e0"]["trials_run"] == 1
+
+    asyncio.run(scenario())
+
+
 def test_an_idle_executor_exits_and_all_exit_at_shutdown() -> None:
     async def scenario() -> None:
         d = _dispatcher(idle_exit_s=0.05)
@@ -200,3 +230,60 @@ def test_an_idle_executor_exits_and_all_exit_at_shutdown() -> None:
         assert await closing.next_trial("e1", 1.0) == EXIT
 
     asyncio.run(scenario())
+
+
+def test_the_trial_record_keeps_every_epoch_and_a_newer_run_fences_an_older_writer_out(tmp_path: Path) -> None:
+    from medpeft_ray.search.executors import FencedOut
+
+    uri = str(tmp_path / "trial")
+    first = TrialCheckpoints(uri, keep=1, metric="val_auroc", mode="max", fence=(1, 5, 1))
+    assert first.claim() == []
+    for epoch, value in [(1, 0.6), (2, 0.9), (3, 0.7)]:
+        first.upload(_fake_checkpoint(tmp_path / "local", epoch, 0), epoch)
+        first.record(epoch, value, {"epoch": epoch, "val_auroc": value, "train_time_s": 10.0 * epoch})
+    # retention keeps the best and the latest checkpoint; the record keeps every epoch's metrics
+    assert [e["epoch"] for e in first.index()] == [2, 3]
+    assert [m["val_auroc"] for m in first.read().epochs] == [0.6, 0.9, 0.7]
+
+    # the trial delivered again within the run (a lost worker): the next delivery takes it over
+    again = TrialCheckpoints(uri, keep=1, metric="val_auroc", mode="max", fence=(1, 5, 2))
+    assert [m["epoch"] for m in again.claim()] == [1, 2, 3]
+    # the search resumed: its run owns the folder from its claim on
+    resumed = TrialCheckpoints(uri, keep=1, metric="val_auroc", mode="max", fence=(2, 9, 1))
+    assert [m["train_time_s"] for m in resumed.claim()] == [10.0, 20.0, 30.0]
+    assert resumed.read().fence == (2, 9, 1)
+    # the older run's writers, still alive, can neither upload nor record, nor claim again
+    stale_epoch = _fake_checkpoint(tmp_path / "stale", 4, 0)
+    for stale in (first, again):
+        with pytest.raises(FencedOut, match=r"belongs to a newer writer \(run, dispatcher, delivery \(2, 9, 1\)"):
+            stale.upload(stale_epoch, 4)
+        with pytest.raises(FencedOut):
+            stale.record(4, 0.99, {"epoch": 4, "val_auroc": 0.99})
+        with pytest.raises(FencedOut):
+            stale.claim()
+    assert not (tmp_path / "trial" / "checkpoint_000004").exists()
+    assert [m["epoch"] for m in resumed.read().epochs] == [1, 2, 3]
+    # recording an epoch again (a resume from an earlier checkpoint) replaces it and drops the later ones
+    resumed.upload(_fake_checkpoint(tmp_path / "again", 3, 0), 3)
+    resumed.record(3, 0.75, {"epoch": 3, "val_auroc": 0.75})
+    assert [(m["epoch"], m["val_auroc"]) for m in resumed.read().epochs] == [(1, 0.6), (2, 0.9), (3, 0.75)]
+
+
+def test_the_grid_sampler_survives_the_pickling_tune_does_to_its_searcher() -> None:
+    import pickle
+
+    import optuna
+
+    from medpeft_ray.config import validate_search_dict
+    from medpeft_ray.search.space import make_sampler
+
+    config = validate_search_dict(tiny_search(space={"lr": {"type": "categorical", "choices": [0.001, 0.01]}},
+                                              search={"sampler": "grid", "num_samples": 2}), "grid.yaml")
+    sampler = pickle.loads(pickle.dumps(make_sampler(config.search, config.search_space.distributions)))
+    study = optuna.create_study(sampler=sampler)
+    seen = []
+    for _ in range(2):  # ask-and-tell, as Tune's searcher does; the last tell must not stop anything
+        trial = study.ask()
+        seen.append(trial.suggest_categorical("lr", [0.001, 0.01]))
+        study.tell(trial, 0.5)
+    assert sorted(seen) == [0.001, 0.01]

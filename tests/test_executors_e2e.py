@@ -168,7 +168,7 @@ def test_a_worker_killed_mid_trial_resumes_its_trial_on_the_restored_executor(tm
     try:
         deadline = time.time() + 400
         while True:
-            indexes = list((results / "train").glob("*/checkpoints.json")) if (results / "train").is_dir() else []
+            indexes = list((results / "train").glob("*/trial_record.json")) if (results / "train").is_dir() else []
             if indexes and _train_workers():
                 break
             assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""

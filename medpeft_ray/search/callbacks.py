@@ -16,6 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from medpeft_ray.config import SearchConfig
+from medpeft_ray.fault_points import fault_point
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
 from medpeft_ray.metrics import METRICS, better
 from medpeft_ray.search.progress import format_params, format_value
@@ -138,7 +139,10 @@ class LeaderboardCallback(Callback):
 
     # -- Tune hooks ---------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.progress[trial.trial_id] = _TrialProgress(started_at=time.time(), number=len(self.progress) + 1)
+        # A trial restored with the search keeps its start and number; its executor reports its
+        # recorded epochs again, which rebuild the curve and the best epoch (replacing, not adding).
+        if trial.trial_id not in self.progress:
+            self.progress[trial.trial_id] = _TrialProgress(started_at=time.time(), number=len(self.progress) + 1)
         self._say(trial, f"started  {self._params(trial)}", params=dict(sorted(trial.config.items())))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -174,6 +178,14 @@ class LeaderboardCallback(Callback):
     # are process-local and made again where needed.
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_store": None, "console": None, "timeline": None}
+
+    # What Tune saves beside its experiment state and gives back to the restored callback: the
+    # running trials' progress (their start, so that a row's wall time spans the interruption).
+    def get_state(self) -> dict[str, Any] | None:
+        return {"progress": dict(self.progress)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.progress.update(state.get("progress") or {})
 
     @property
     def store(self) -> LeaderboardStore:
@@ -267,6 +279,7 @@ class LeaderboardCallback(Callback):
             source_trial=source_trial,
             **self._pretrained(),
         )
+        fault_point("before_row", record.epochs_run)
         self.store.record(record)
         if self.timeline is not None:
             self.timeline.note(p.started_at, ended, record.train_time_s)

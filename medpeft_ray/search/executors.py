@@ -39,12 +39,14 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search import Searcher
 
 from medpeft_ray.metrics import best_first_key, nan_metrics
@@ -62,8 +64,9 @@ EXIT = "exit"
 WAITING_PER_EXECUTOR = 1
 #: the Ray namespace of the dispatchers: a search's dispatcher is found by name from any driver
 NAMESPACE = "medpeft"
-#: the index of a trial's checkpoints, in its folder (written last, by rank 0)
-CHECKPOINT_INDEX = "checkpoints.json"
+#: a restarted dispatcher hands out no queued trial for this long, so that every executor first
+#: claims the trial it is training (its watcher asks every few seconds; idle ones poll every 10 s)
+ADOPT_GRACE_S = 12.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class ExecutorSpec:
     #: a trial configuration of the search that executors build once while they set up, so that
     #: the first trial, too, finds the data, the pristine backbone and the method's imports ready
     warm_up: "TrialConfig | None" = None
+    #: names this set of executors (their detached host actors), apart from another search's of the same experiment
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     def fits(self, num_workers: int, use_gpu: bool, resources_per_worker: dict[str, float]) -> bool:
         return (num_workers, use_gpu, dict(resources_per_worker)) == (self.num_workers, self.use_gpu,
@@ -89,25 +94,49 @@ class ExecutorSpec:
 
 
 # ----------------------------------------------------------------------------------------------
-# Trial checkpoints in the results storage
+# Trial checkpoints and records in the results storage
 # ----------------------------------------------------------------------------------------------
+
+#: a trial's record, in its folder: its kept checkpoints, every epoch's metrics, and which run of
+#: the search may write there (rank 0 replaces it whole, after every rank uploaded the epoch)
+TRIAL_RECORD = "trial_record.json"
+
+
+class FencedOut(Exception):
+    """A newer run of the search (or a newer delivery of the trial) owns the trial's folder: this
+    writer, left over from an older one, stops without writing anything more there."""
+
+
+@dataclass
+class RecordedTrial:
+    """What :data:`TRIAL_RECORD` holds."""
+
+    #: (attempt, generation, delivery) of the writer that owns the folder: the search's run (1, then
+    #: +1 per resume), its dispatcher's start (a restarted one's is later) and the trial's delivery
+    fence: tuple[int, ...] = (0, 0, 0)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)  # kept ones: {"epoch", "value"}, oldest first
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # every epoch's metrics, as reported, oldest first
 
 
 class TrialCheckpoints:
-    """One trial's checkpoint folder in the results storage: upload, index, retention, resume.
+    """One trial's folder in the results storage: checkpoints, the trial record, retention, resume.
 
     ``uri`` is a local path or a ``scheme://`` URI that ``pyarrow.fs`` opens (as Ray opens its
     storage). Every rank uploads its part of an epoch into the same ``checkpoint_<epoch>`` folder;
-    rank 0 then records it in :data:`CHECKPOINT_INDEX`, which lists complete checkpoints only.
+    rank 0 then records the epoch (its metrics and checkpoint) in :data:`TRIAL_RECORD`, which names
+    complete checkpoints only. ``fence`` is this writer's (attempt, generation, delivery): a writer whose fence
+    is older than the record's raises :class:`FencedOut` instead of writing.
     """
 
-    def __init__(self, uri: str, keep: int, metric: str, mode: str) -> None:
+    def __init__(self, uri: str, keep: int, metric: str, mode: str, fence: tuple[int, ...] = (0, 0, 0)) -> None:
         from medpeft_ray.storage import filesystem, is_uri
 
         self.fs, self.root = filesystem(uri)
         # the URI the leaderboard keeps (pyarrow's path of a bucket has no scheme)
         self.display_root = f"{uri.split('://', 1)[0]}://{self.root}" if is_uri(uri) else self.root
         self.keep, self.metric, self.mode = max(1, keep), metric, mode
+        self.fence = tuple(int(part) for part in fence)
+        self.history: list[dict[str, Any]] = []  # the epochs this writer recorded or took over
 
     def path(self, epoch: int) -> str:
         return f"{self.root}/checkpoint_{epoch:06d}"
@@ -116,31 +145,71 @@ class TrialCheckpoints:
         return f"{self.display_root}/checkpoint_{epoch:06d}"
 
     def upload(self, local: Path, epoch: int) -> None:
-        """Copies this rank's part of epoch ``epoch`` (the files under ``local``) into the storage."""
+        """Copies this rank's part of epoch ``epoch`` (the files under ``local``) into the storage.
+
+        Raises:
+            FencedOut: a newer writer owns the folder (nothing is copied).
+        """
         import pyarrow.fs
 
+        self.check()
         self.fs.create_dir(self.path(epoch), recursive=True)
         pyarrow.fs.copy_files(str(local), self.path(epoch), source_filesystem=pyarrow.fs.LocalFileSystem(),
                               destination_filesystem=self.fs)
 
-    def index(self) -> list[dict[str, Any]]:
-        """The complete checkpoints, oldest first: ``{"epoch", "value"}`` each."""
+    def read(self) -> RecordedTrial:
+        """The trial record as stored (empty when the trial never recorded an epoch)."""
         import pyarrow.fs
 
-        target = f"{self.root}/{CHECKPOINT_INDEX}"
+        target = f"{self.root}/{TRIAL_RECORD}"
         if self.fs.get_file_info(target).type != pyarrow.fs.FileType.File:
-            return []
+            return RecordedTrial()
         with self.fs.open_input_stream(target) as stream:
-            return list(json.loads(stream.read().decode()))
+            raw = json.loads(stream.read().decode())
+        return RecordedTrial(tuple(raw["fence"]), list(raw["checkpoints"]), list(raw["epochs"]))  # type: ignore[arg-type]
 
-    def record(self, epoch: int, value: float | None) -> None:
-        """Adds epoch ``epoch`` to the index (rank 0, after every rank uploaded), then drops the
-        checkpoints that are neither among the ``keep`` best (ties: the earlier) nor the latest."""
-        entries = sorted([e for e in self.index() if e["epoch"] != epoch] + [{"epoch": epoch, "value": value}],
+    def index(self) -> list[dict[str, Any]]:
+        """The complete checkpoints, oldest first: ``{"epoch", "value"}`` each."""
+        return self.read().checkpoints
+
+    def claim(self) -> list[dict[str, Any]]:
+        """Takes the folder for this writer; returns the epochs recorded so far (to report again).
+
+        Raises:
+            FencedOut: a newer writer owns the folder already.
+        """
+        record = self.read()
+        self._check(record)
+        self.history = record.epochs
+        self._write(RecordedTrial(self.fence, record.checkpoints, record.epochs))
+        return list(record.epochs)
+
+    def check(self) -> None:
+        """Raises :class:`FencedOut` when a newer writer owns the folder."""
+        self._check(self.read())
+
+    def _check(self, record: RecordedTrial) -> None:
+        if tuple(record.fence) > self.fence:
+            raise FencedOut(f"{self.display_root} belongs to a newer writer (run, dispatcher, delivery "
+                            f"{tuple(record.fence)}; this one: {self.fence})")
+
+    def record(self, epoch: int, value: float | None, metrics: dict[str, Any] | None = None) -> None:
+        """Adds epoch ``epoch`` and its ``metrics`` to the record (rank 0, after every rank uploaded),
+        then drops the checkpoints that are neither among the ``keep`` best (ties: the earlier) nor
+        the latest.
+
+        Raises:
+            FencedOut: a newer writer owns the folder (nothing is written).
+        """
+        record = self.read()
+        self._check(record)
+        entries = sorted([e for e in record.checkpoints if e["epoch"] < epoch] + [{"epoch": epoch, "value": value}],
                          key=lambda e: e["epoch"])
         best = sorted(entries, key=lambda e: (best_first_key(e["value"], self.mode), e["epoch"]))[: self.keep]
         kept = {e["epoch"] for e in best} | {entries[-1]["epoch"]}
-        self._write_index([e for e in entries if e["epoch"] in kept])
+        # this writer's own view of the epochs, not the file's: a stale writer's write in between is replaced
+        self.history = [m for m in self.history if int(m["epoch"]) < epoch] + [{**(metrics or {}), "epoch": epoch}]
+        self._write(RecordedTrial(self.fence, [e for e in entries if e["epoch"] in kept], self.history))
         for entry in entries:
             if entry["epoch"] not in kept:
                 try:
@@ -148,33 +217,37 @@ class TrialCheckpoints:
                 except OSError:  # already gone
                     pass
 
-    def _write_index(self, entries: list[dict[str, Any]]) -> None:
-        """Replaces the index whole. An object store's PUT is already all or nothing; a local file
+    def _write(self, record: RecordedTrial) -> None:
+        """Replaces the record whole. An object store's PUT is already all or nothing; a local file
         is written beside it and moved over it, since a worker killed mid-write (a killed driver
-        takes its Ray with it) would leave a truncated index that the resumed trial cannot read."""
+        takes its Ray with it) would leave a truncated record that the resumed trial cannot read."""
         import pyarrow.fs
 
-        target = f"{self.root}/{CHECKPOINT_INDEX}"
+        target = f"{self.root}/{TRIAL_RECORD}"
         local = isinstance(self.fs, pyarrow.fs.LocalFileSystem)
-        written = f"{self.root}/.{CHECKPOINT_INDEX}.partial" if local else target
+        written = f"{self.root}/.{TRIAL_RECORD}.{os.getpid()}.partial" if local else target
+        self.fs.create_dir(self.root, recursive=True)
         with self.fs.open_output_stream(written) as stream:
-            stream.write(json.dumps(entries).encode())
+            stream.write(json.dumps(dataclasses.asdict(record), default=str).encode())
         if local:
             self.fs.move(written, target)
 
-    def download_latest(self, into: Path) -> Path | None:
-        """The latest complete checkpoint copied into ``into`` (to resume from), or None."""
+    def download(self, epoch: int, into: Path) -> Path:
+        """Epoch ``epoch``'s checkpoint (a kept one) copied into ``into``."""
         import pyarrow.fs
 
-        entries = self.index()
-        if not entries:
-            return None
-        epoch = max(e["epoch"] for e in entries)
         target = into / f"checkpoint_{epoch:06d}"
         target.mkdir(parents=True, exist_ok=True)
         pyarrow.fs.copy_files(self.path(epoch), str(target), source_filesystem=self.fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())
         return target
+
+    def download_latest(self, into: Path) -> Path | None:
+        """The latest complete checkpoint copied into ``into`` (to resume from), or None."""
+        entries = self.index()
+        if not entries:
+            return None
+        return self.download(max(e["epoch"] for e in entries), into)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,17 +285,30 @@ class TrialDispatcher:
     milliseconds and never busy-waits.
     """
 
-    def __init__(self, spec: ExecutorSpec, dataset_key: dict[str, Any] | None = None) -> None:
+    def __init__(self, spec: ExecutorSpec, dataset_key: dict[str, Any] | None = None, restarted: bool | None = None) -> None:
         self.spec = spec
         self.dataset_key = dataset_key
         self.queue: deque[str] = deque()
         self.trials: dict[str, _Trial] = {}
         self.executors: dict[str, _Executor] = {}
-        self.hosts: dict[str, Any] = {}
+        self.hosts: dict[str, Any] = {}  # executor id -> its ExecutorHost actor
+        self.runs: dict[str, Any] = {}  # executor id -> the host's run (a reference), for those this instance started
         self.wakeup = asyncio.Event()
         self.closing = False
         self.started = 0
         self.setup_failures: dict[str, str] = {}  # executor -> why it could not set up
+        self.released: set[str] = set()  # trials an executor finished with (never taken back after a restart)
+        #: orders this instance's deliveries after a dead one's: the middle of a trial's fence
+        self.generation = time.time_ns()
+        if restarted is None:
+            import ray
+
+            restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+        # A dispatcher that Ray restarted after it died lost its state: the executors (detached
+        # actors) are alive and re-register as they call; the trial drivers submit again.
+        self.restarted_at = time.time() if restarted else None
+        if restarted:
+            self._find_hosts()
 
     # -- the search driver -------------------------------------------------------------------
     async def start(self, count: int) -> None:
@@ -232,16 +318,18 @@ class TrialDispatcher:
 
     async def shutdown(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Tells every executor to exit and waits for their runs to end; returns :meth:`stats`."""
+        import ray
+
         self.closing = True
         self._notify()
-        hosts = list(self.hosts.values())
-        if hosts:
-            done, pending = await asyncio.wait([asyncio.ensure_future(_await_ref(h)) for h in hosts], timeout=timeout_s)
-            for ref in hosts:
-                if pending:
-                    import ray
-
-                    ray.cancel(ref, force=True)
+        runs = list(self.runs.values())
+        if runs:
+            await asyncio.wait([asyncio.ensure_future(_await_ref(r)) for r in runs], timeout=timeout_s)
+        for host in self.hosts.values():  # detached: whatever did not end by itself goes now
+            try:
+                ray.kill(host)
+            except Exception:  # noqa: BLE001  (already gone)
+                pass
         return await self.stats()
 
     async def wait_ready(self, count: int, settle_s: float = 30.0) -> int:
@@ -291,6 +379,9 @@ class TrialDispatcher:
         existing = self.trials.get(key)
         if existing is not None and not existing.ended.is_set():
             existing.payload = payload
+            if existing.executor is None and key not in self.queue:  # known to a restarted dispatcher by its events only
+                self.queue.append(key)
+                self._notify()
             return
         self.trials[key] = _Trial(key, payload, asyncio.Queue(), asyncio.Event())
         self.queue.append(key)
@@ -300,9 +391,12 @@ class TrialDispatcher:
 
     async def next_event(self, key: str, timeout_s: float = 30.0) -> tuple[str, Any] | None:
         """The trial's next event, ``("epoch", metrics)``, ``("done", metrics)`` or ``("failed", reason)``;
-        None when nothing came within ``timeout_s``."""
+        ``("unknown", None)`` from a restarted dispatcher that has not seen the trial (its driver
+        submits it again); None when nothing came within ``timeout_s``."""
         trial = self.trials.get(key)
         if trial is None:
+            if self.restarted_at is not None:
+                return ("unknown", None)
             return ("failed", f"trial {key} is not known to the dispatcher")
         try:
             return await asyncio.wait_for(trial.events.get(), timeout_s)
@@ -327,7 +421,12 @@ class TrialDispatcher:
         executor.alive = True
         if executor.trial is not None:  # the worker group was restarted mid-trial: resume it
             trial = self.trials.get(executor.trial)
-            if trial is not None and not trial.ended.is_set():
+            if trial is not None and not trial.ended.is_set() and not trial.payload:
+                # adopted by a restarted dispatcher, its driver has not submitted it again yet
+                trial.executor = None
+                self.queue.append(trial.key)
+                self._free(executor)
+            elif trial is not None and not trial.ended.is_set():
                 max_failures = int(trial.payload.get("max_failures", 0))
                 if 0 <= max_failures < trial.deliveries:
                     reason = f"the trial's workers were lost {trial.deliveries} time(s) (resources.max_failures: {max_failures})"
@@ -343,9 +442,12 @@ class TrialDispatcher:
             if self.closing:
                 executor.alive = False
                 return EXIT
-            while self.queue:
+            for _ in range(0 if self._adopting() else len(self.queue)):
                 trial = self.trials.get(self.queue.popleft())
                 if trial is None or trial.ended.is_set():
+                    continue
+                if not trial.payload:  # only its events are known yet: wait for its driver's submission
+                    self.queue.append(trial.key)
                     continue
                 trial.executor, trial.deliveries = executor_id, trial.deliveries + 1
                 executor.trial, executor.busy_since = trial.key, time.time()
@@ -362,9 +464,14 @@ class TrialDispatcher:
             except asyncio.TimeoutError:
                 pass
 
-    async def wait_end(self, key: str, timeout_s: float = 30.0) -> bool:
-        """Whether the trial was ended (waits up to ``timeout_s``); executors watch this to stop."""
+    async def wait_end(self, key: str, timeout_s: float = 30.0, executor_id: str | None = None) -> bool:
+        """Whether the trial was ended (waits up to ``timeout_s``); executors watch this to stop.
+
+        A restarted dispatcher takes the trial back as ``executor_id``'s (it is training it).
+        """
         trial = self.trials.get(key)
+        if executor_id is not None and self._adopting():
+            trial = self._adopt(key, executor_id)
         if trial is None:
             return True
         try:
@@ -375,15 +482,22 @@ class TrialDispatcher:
 
     async def post(self, key: str, kind: str, data: Any) -> None:
         """An executor's ``("epoch" | "done" | "failed", data)`` for the trial's driver."""
+        from medpeft_ray.fault_points import fault_point
+
+        if kind == "epoch":
+            fault_point("dispatcher_post", int(data.get("epoch") or 0))
         trial = self.trials.get(key)
+        if trial is None and self.restarted_at is not None:
+            trial = self.trials[key] = _Trial(key, {}, asyncio.Queue(), asyncio.Event())  # its driver submits it again
         if trial is not None and not trial.ended.is_set():
             trial.events.put_nowait((kind, data))
             trial.outcome_posted = trial.outcome_posted or kind in ("done", "failed")
 
     async def release(self, executor_id: str, key: str) -> None:
         """The executor is done with the trial (finished, failed or stopped) and takes the next."""
-        executor = self.executors.get(executor_id)
-        if executor is not None and executor.trial == key:
+        self.released.add(key)
+        executor = self.executors.setdefault(executor_id, _Executor(executor_id))
+        if executor.trial == key:
             executor.trials_run += 1
             self._free(executor)
         trial = self.trials.get(key)
@@ -397,7 +511,48 @@ class TrialDispatcher:
 
     # -- internals ---------------------------------------------------------------------------
     def _assignment(self, trial: _Trial) -> dict[str, Any]:
-        return {**trial.payload, "key": trial.key, "delivery": trial.deliveries, "dispatched_at": time.time()}
+        return {**trial.payload, "key": trial.key, "delivery": trial.deliveries, "generation": self.generation,
+                "dispatched_at": time.time()}
+
+    def _adopting(self) -> bool:
+        """Whether this is a restarted dispatcher still taking running trials back from their executors."""
+        return self.restarted_at is not None and time.time() - self.restarted_at < ADOPT_GRACE_S
+
+    def _adopt(self, key: str, executor_id: str) -> _Trial | None:
+        """A restarted dispatcher learns that ``executor_id`` trains trial ``key`` (unless the trial
+        ended, was released, or was handed to another executor meanwhile)."""
+        if key in self.released:
+            return self.trials.get(key)
+        trial = self.trials.get(key)
+        if trial is None:
+            trial = self.trials[key] = _Trial(key, {}, asyncio.Queue(), asyncio.Event())
+        busy_with = self.executors[executor_id].trial if executor_id in self.executors else None
+        if trial.ended.is_set() or trial.outcome_posted or trial.executor not in (None, executor_id) \
+                or busy_with not in (None, key):
+            return trial
+        if key in self.queue:
+            self.queue.remove(key)
+        executor = self.executors.setdefault(executor_id, _Executor(executor_id))
+        trial.executor, trial.deliveries = executor_id, max(trial.deliveries, 1)
+        executor.trial = key
+        executor.busy_since = executor.busy_since or time.time()
+        return trial
+
+    def _find_hosts(self) -> None:
+        """The executors a dead instance started (detached actors named after the search)."""
+        import ray
+
+        if not ray.is_initialized():  # a dispatcher tested outside Ray
+            return
+        prefix = _host_name(self.spec, "")
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix):
+                executor_id = entry["name"][len(prefix):]
+                try:
+                    self.hosts[executor_id] = ray.get_actor(entry["name"], namespace=NAMESPACE)
+                except ValueError:  # it ended meanwhile
+                    continue
+                self.started = max(self.started, int(executor_id.removeprefix("executor")) + 1)
 
     def _free(self, executor: _Executor) -> None:
         if executor.busy_since is not None:
@@ -410,7 +565,7 @@ class TrialDispatcher:
 
     def _alive(self) -> int:
         registered = sum(e.alive for e in self.executors.values())
-        booting = sum(1 for eid in self.hosts if eid not in self.executors)
+        booting = sum(1 for eid in self.hosts if eid not in self.executors and eid not in self.setup_failures)
         return registered + booting
 
     def _notify(self) -> None:
@@ -424,8 +579,12 @@ class TrialDispatcher:
         executor_id = f"executor{self.started}"
         self.started += 1
         handle = ray.get_runtime_context().current_actor
-        host = ray.remote(_host).options(**_host_options())
-        self.hosts[executor_id] = host.remote(executor_id, self.spec, handle, self.dataset_key)
+        # Detached, so that it outlives a dispatcher that dies (Ray restarts the dispatcher, which
+        # finds it by name); it ends by itself when its executor exits.
+        host = ray.remote(ExecutorHost).options(name=_host_name(self.spec, executor_id), namespace=NAMESPACE,
+                                               lifetime="detached", **_host_options())
+        self.hosts[executor_id] = host.remote()
+        self.runs[executor_id] = self.hosts[executor_id].run.remote(executor_id, self.spec, handle, self.dataset_key)
 
 
 async def _await_ref(ref: Any) -> Any:
@@ -443,10 +602,26 @@ def _host_options() -> dict[str, Any]:
 
     import ray
 
-    options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0}
+    options: dict[str, Any] = {"num_cpus": 0}
     if ray.cluster_resources().get(DRIVER_RESOURCE):
         options["resources"] = {DRIVER_RESOURCE: 0.001}
     return options
+
+
+def _host_name(spec: ExecutorSpec, executor_id: str) -> str:
+    return f"medpeft-executor-{spec.experiment}-{spec.run_id}-{executor_id}"
+
+
+class ExecutorHost:
+    """Holds one executor's Ray Train run (its controller's owner), as a detached actor."""
+
+    def run(self, executor_id: str, spec: ExecutorSpec, dispatcher: Any, dataset_key: dict[str, Any] | None) -> None:
+        import ray
+
+        try:
+            _host(executor_id, spec, dispatcher, dataset_key)
+        finally:
+            ray.actor.exit_actor()  # detached: nothing else would end it
 
 
 def _host(executor_id: str, spec: ExecutorSpec, dispatcher: Any, dataset_key: dict[str, Any] | None) -> None:
@@ -493,8 +668,10 @@ def start_dispatcher(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> 
         raise MedpeftError(f"a search named {spec.experiment!r} is already running on this Ray cluster; "
                            "give this one another experiment name (--experiment)")
     options = _host_options()
-    options.pop("max_retries")
     options["max_concurrency"] = 1000  # long polls from every trial driver and executor
+    # A dispatcher that dies is started again (calls in flight are retried on the new one), which
+    # rebuilds its state from the executors and the trial drivers; it dies for good with the search.
+    options.update(max_restarts=-1, max_task_retries=-1)
     return ray.remote(TrialDispatcher).options(name=name, namespace=NAMESPACE, **options).remote(spec, dataset_key), name
 
 
@@ -537,8 +714,35 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
             log.error("executor %s could not set up:\n%s", executor_id, traceback.format_exc())
             return
         setup_marks["executor_warm_up"] = time.time()
+    try:
+        _serve_trials(recipe, ctx, dispatcher, executor_id, control, setup_marks)
+    except ray.exceptions.RayActorError:
+        # the search's dispatcher died for good (its search ended, or its driver died): so does
+        # this executor, rather than have Ray Train restart it over and over
+        log.warning("executor %s: its search's dispatcher is gone; exiting", executor_id)
+
+
+def _serve_trials(recipe: Any, ctx: Any, dispatcher: Any, executor_id: str, control: Any,
+                  setup_marks: dict[str, float]) -> None:
+    """An executor's trials, one after another, until the dispatcher says to exit.
+
+    Raises:
+        ray.exceptions.RayActorError: the dispatcher died for good (the other ranks exit).
+    """
+    import ray
+    import torch.distributed as dist
+
+    from medpeft_ray.train.recipes import make_recipe
+
+    rank, world_size = ctx.rank, ctx.world_size
     while True:
-        assignment = ray.get(dispatcher.next_trial.remote(executor_id)) if rank == 0 else None
+        gone: Exception | None = None
+        assignment = None
+        if rank == 0:
+            try:
+                assignment = ray.get(dispatcher.next_trial.remote(executor_id))
+            except ray.exceptions.RayActorError as exc:
+                assignment, gone = EXIT, exc
         if world_size > 1:
             box = [assignment]
             dist.broadcast_object_list(box, src=0, group=control)
@@ -546,6 +750,8 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
         if assignment is None:
             continue
         if assignment == EXIT:
+            if gone is not None:
+                raise gone
             return
         # each trial its own stop signal: a finished trial's watcher may still answer late
         stop = threading.Event()
@@ -558,79 +764,125 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
 
 def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, executor_id: str,
                     stop: threading.Event, control: Any, setup_marks: dict[str, float]) -> None:
-    """One trial on this worker: resume point, per-epoch uploads and reports, the final event."""
+    """One trial on this worker: the recorded epochs reported again, then training from the latest
+    checkpoint with per-epoch uploads, records and reports, then the final event.
+
+    Every delivery of a trial (its first, a restart after a lost worker, a resumed search) reports
+    the epochs its record holds before it trains on, so its driver (which drops the epochs it has
+    seen) always has the whole trial; an epoch is recorded before it is reported, so none is
+    reported that a later delivery would not find.
+    """
     import ray
 
     from medpeft_ray.errors import TrialFailed
+    from medpeft_ray.fault_points import fault_point
     from medpeft_ray.train.recipe import TrialStopped
 
     ctx = recipe.ctx
     key = assignment["key"]
     trial = assignment["trial"]  # a TrialConfig, validated once where it was sampled
-    checkpoints = TrialCheckpoints(assignment["checkpoint_uri"], trial.train.checkpoints_to_keep, trial.metric, trial.mode)
+    # later runs of the search, later dispatchers (one restarted after it died), later deliveries win
+    fence = (int(assignment.get("attempt", 1)), int(assignment.get("generation", 0)), int(assignment["delivery"]))
+    checkpoints = TrialCheckpoints(assignment["checkpoint_uri"], trial.train.checkpoints_to_keep, trial.metric,
+                                   trial.mode, fence)
     watcher = None
     if ctx.rank == 0:
-        watcher = threading.Thread(target=_watch_end, args=(dispatcher, key, stop), daemon=True)
+        watcher = threading.Thread(target=_watch_end, args=(dispatcher, key, stop, executor_id), daemon=True)
         watcher.start()
     started = {**assignment.get("started", {}), **setup_marks, "dispatch": assignment["dispatched_at"]}
     evaluate_test = bool(assignment.get("evaluate_test"))
 
-    reached = [0]  # the last epoch reported
+    def post(kind: str, data: Any) -> None:
+        if ctx.rank == 0:
+            ray.get(dispatcher.post.remote(key, kind, data))
 
     def report(metrics: dict[str, Any], directory: Path | None) -> None:
-        epoch = reached[0] = int(metrics["epoch"])
+        epoch = int(metrics["epoch"])
+        fault_point("before_checkpoint", epoch)
         if directory is not None:
             checkpoints.upload(directory, epoch)
         if ctx.world_size > 1:
             import torch.distributed as dist
 
-            dist.barrier(group=control)  # every rank's part is in storage before the index names it
+            dist.barrier(group=control)  # every rank's part is in storage before the record names it
+        metrics = {**metrics, "checkpoint_path": checkpoints.uri(epoch)}
         if ctx.rank == 0:
-            # reported before it is indexed: a worker lost in between makes the resumed trial report
-            # this epoch again, rather than never
+            checkpoints.record(epoch, metrics.get(trial.metric) if directory is not None else None, metrics)
+            fault_point("after_record", epoch)
             if not evaluate_test:
-                ray.get(dispatcher.post.remote(key, "epoch", {**metrics, "checkpoint_path": checkpoints.uri(epoch)}))
-            if directory is not None:
-                checkpoints.record(epoch, metrics.get(trial.metric))
+                post("epoch", metrics)
 
     outcome: tuple[str, Any] | None = None
+    history: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="medpeft-resume-") as tmp:
         try:
+            history = _claim(checkpoints, ctx, control)
+            if not evaluate_test:
+                for metrics in history:  # the driver drops those it has reported already
+                    post("epoch", metrics)
             resume_from = checkpoints.download_latest(Path(tmp))
             final = recipe.run(trial, report, evaluate_test=evaluate_test, resume_from=resume_from,
-                               dataset_key=assignment.get("dataset_key"), started=started)
+                               dataset_key=assignment.get("dataset_key"), started=started, history=history,
+                               checkpoint_of=lambda epoch: checkpoints.download(epoch, Path(tmp) / "best"))
             outcome = ("done", {k: v for k, v in final.items() if not isinstance(v, dict)})
-        except TrialStopped:
-            outcome = None
+        except (TrialStopped, FencedOut) as exc:
+            outcome = None  # stopped by its driver, or a newer run of the search owns the trial now
+            if isinstance(exc, FencedOut):
+                log.warning("trial %s left to a newer run: %s", key, exc)
         except TrialFailed as exc:
             outcome = ("failed", str(exc))
-            if ctx.rank == 0 and not evaluate_test:
+            if not evaluate_test:
                 # the failed epoch reaches Tune too, as a cold trial reports it (its metrics are NaN)
-                ray.get(dispatcher.post.remote(key, "epoch", {"epoch": reached[0] + 1, **nan_metrics(),
-                                                              "train_loss": float("nan"), "failure": str(exc)}))
+                last = max([int(m["epoch"]) for m in checkpoints.history] or [0])
+                post("epoch", {"epoch": last + 1, **nan_metrics(), "train_loss": float("nan"), "failure": str(exc)})
+        except ray.exceptions.RayActorError:
+            raise  # the dispatcher died for good: nobody is left to tell
         except Exception as exc:  # noqa: BLE001  (the executor survives a trial's own error)
             outcome = ("failed", f"{type(exc).__name__}: {exc}")
             log.error("trial %s failed on %s:\n%s", key, executor_id, traceback.format_exc())
             if ctx.world_size > 1 or "CUDA error" in str(exc):
                 # the other ranks may wait in a collective, or the GPU context is unusable: restart
                 # the worker group (the dispatcher fails the trial, and hands out the next one)
-                if ctx.rank == 0:
-                    ray.get(dispatcher.post.remote(key, *outcome))
+                post(*outcome)
                 raise
+        if outcome is not None:
+            if outcome[0] == "done":
+                fault_point("before_done", int(outcome[1].get("epoch") or 0))
+            post(*outcome)
         if ctx.rank == 0:
-            if outcome is not None:
-                ray.get(dispatcher.post.remote(key, *outcome))
             ray.get(dispatcher.release.remote(executor_id, key))
     stop.set()  # ends this trial's watcher
 
 
-def _watch_end(dispatcher: Any, key: str, stop: threading.Event) -> None:
+def _claim(checkpoints: TrialCheckpoints, ctx: Any, control: Any) -> list[dict[str, Any]]:
+    """Rank 0 takes the trial's folder for this delivery; every rank gets the recorded epochs.
+
+    Raises:
+        FencedOut: on every rank, when a newer run of the search owns the folder.
+    """
+    box: list[Any] = [None]
+    if ctx.rank == 0:
+        try:
+            box[0] = checkpoints.claim()
+        except FencedOut as exc:
+            box[0] = exc
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(box, src=0, group=control)
+    if isinstance(box[0], FencedOut):
+        raise box[0]
+    checkpoints.history = list(box[0])
+    return list(box[0])
+
+
+def _watch_end(dispatcher: Any, key: str, stop: threading.Event, executor_id: str) -> None:
     """Sets ``stop`` once the trial was ended from outside (or once it finished here)."""
     import ray
 
     while not stop.is_set():
         try:
-            if ray.get(dispatcher.wait_end.remote(key, 5.0)):
+            if ray.get(dispatcher.wait_end.remote(key, 5.0, executor_id)):
                 stop.set()
         except Exception:  # noqa: BLE001  (the dispatcher is gone: the search is ending)
             stop.set()
@@ -653,16 +905,24 @@ def run_on_executor(dispatcher: Any, key: str, payload: dict[str, Any], report_e
     from medpeft_ray.errors import TrialFailed
 
     ray.get(dispatcher.submit.remote(key, payload))
+    reported = 0  # the last epoch this run of the trial told Tune
     while True:
         event = ray.get(dispatcher.next_event.remote(key, 30.0))
         if event is None:
             continue
         kind, data = event
         if kind == "epoch":
+            epoch = int(data["epoch"])
+            if epoch <= reported:
+                continue  # a later delivery reports the trial's recorded epochs again
+            reported = epoch
             if report_epochs:
-                tune.report(data)
+                # Tune's own count restarts with a restored trial; schedulers must read the epoch
+                tune.report({**data, TRAINING_ITERATION: epoch})
         elif kind == "done":
             return data
+        elif kind == "unknown":  # the dispatcher died and was restarted: it learns of the trial again
+            ray.get(dispatcher.submit.remote(key, payload))
         else:
             raise TrialFailed(data)
 

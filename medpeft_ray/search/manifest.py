@@ -37,6 +37,9 @@ class SearchManifest:
     #: what it did cost, in the forecast's terms (forecast.actual_costs), once it has finished
     actual: dict[str, Any] | None = None
     finished: bool = False
+    #: which run of the search this is: 1, then one more per ``--resume``. A trial's folder belongs
+    #: to the latest run that delivered it; writers of an older run stop rather than write there.
+    attempt: int = 1
 
     def save(self, storage: str) -> None:
         _write_text(_location(storage, self.experiment), json.dumps(asdict(self), indent=1))

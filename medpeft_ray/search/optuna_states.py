@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import optuna
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
@@ -74,8 +75,6 @@ class EpochStatesSearch(OptunaSearch):
         self._note(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        import optuna
-
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         if result and not error:
@@ -92,7 +91,8 @@ class EpochStatesSearch(OptunaSearch):
             if None in values:  # no finite value to tell (every epoch NaN, say): Optuna refuses COMPLETE
                 state, values = optuna.trial.TrialState.FAIL, None
         try:
-            self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
+            # skip: Optuna was told before the search was killed and resumed (Tune's state predates it)
+            self._ot_study.tell(self._ot_trials[trial_id], values, state=state, skip_if_finished=True)
         except Exception as exc:  # noqa: BLE001  (a restored searcher may tell a trial the study has finished)
             logger.warning("trial %s: Optuna was not told its end: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
@@ -110,5 +110,10 @@ class EpochStatesSearch(OptunaSearch):
             seen.best = value
         # an interrupted trial restarts from its last checkpoint and reports its epochs again
         if len(self._objectives) == 1 and epoch not in seen.reported:
-            self._ot_trials[trial_id].report(float(value), step=epoch)
+            try:
+                self._ot_trials[trial_id].report(float(value), step=epoch)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Optuna was told the trial's end just before the search was killed (Tune's saved
+                # state predates it): the restored trial reports its epochs again to no effect
+                pass
             seen.reported.add(epoch)

@@ -390,6 +390,7 @@ def run_search(
     reporter.cluster(config, plan, capacity, storage)
     if resume:
         manifest = SearchManifest.load(storage, config.experiment_name)
+        manifest.attempt += 1  # fences off whatever the interrupted run left writing
     else:
         from medpeft_ray.search.forecast import recorded_forecast
         from medpeft_ray.search.manifest import load_dry_run_forecast
@@ -651,6 +652,7 @@ def _trial_plan(run: "SearchRun", label_ratio: float) -> Any:
         max_failures=config.resources.max_failures,
         worker_start_timeout_s=config.resources.worker_start_timeout_s,
         dispatcher=run.dispatcher[0] if run.dispatcher is not None else None,
+        attempt=run.manifest.attempt,
     )
 
 

@@ -7,14 +7,13 @@ that method is chosen).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import optuna
 
 from medpeft_ray.config import Distribution, SearchSettings, SearchSpace, grid_points
 from medpeft_ray.config.space import suggest
 from medpeft_ray.metrics import metric_mode
-
-if TYPE_CHECKING:
-    import optuna
 
 
 class SpaceSampler:
@@ -46,12 +45,10 @@ def make_sampler(
     ``conditional``: parameters exist only in some trials (one method's options); TPE then models
     each group of parameters that occur together on its own.
     """
-    import optuna
-
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)
     if settings.sampler == "grid":
-        return _AskTellGridSampler(grid_points(distributions), seed=settings.seed)
+        return AskTellGridSampler(grid_points(distributions), seed=settings.seed)
     # Model-based samplers learn the space from their own history after a few random trials; with
     # small budgets, waiting for Optuna's default 10 would make the whole search random.
     startup = max(2, min(10, settings.num_samples // 3))
@@ -63,20 +60,17 @@ def make_sampler(
     return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=conditional, n_startup_trials=startup)
 
 
-def _AskTellGridSampler(search_space: dict[str, list[Any]], seed: int) -> "optuna.samplers.GridSampler":
+class AskTellGridSampler(optuna.samplers.GridSampler):
     """Optuna's grid sampler for Tune's ask-and-tell use.
 
     Optuna's stops the study when the grid is done, which only works inside ``study.optimize``;
     under Tune that would raise as the last point is told. Here the grid's size is the study's
-    ``num_samples`` (validation makes sure), so Tune stops at the right point by itself.
+    ``num_samples`` (validation makes sure), so Tune stops at the right point by itself. A class of
+    this module's, not of a function's: Tune pickles the searcher, sampler included, with its state.
     """
-    import optuna
 
-    class AskTellGridSampler(optuna.samplers.GridSampler):
-        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-            pass
-
-    return AskTellGridSampler(search_space, seed=seed)
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        pass
 
 
 def make_scheduler(settings: SearchSettings, epochs: int) -> Any:

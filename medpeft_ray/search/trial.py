@@ -18,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import TRAINING_ITERATION
+
 from medpeft_ray.config import SearchConfig
 from medpeft_ray.search.ray_train import WORKER_GROUP_START_TIMEOUT_ENV, prepare_fit  # noqa: F401  (its name is this module's too)
 
@@ -36,22 +39,40 @@ class TrialPlan:
     max_failures: int = 0  # restarts from the last checkpoint after a lost worker or node (-1: no limit)
     worker_start_timeout_s: float = 1800.0  # per start of the workers: covers nodes being added
     dispatcher: Any = None  # the search's warm executors (a TrialDispatcher actor), or None: cold trials
+    attempt: int = 1  # the run of the search (SearchManifest.attempt): fences the trial folders
+
+
+class EpochReportCallback(TuneReportCallback):
+    """Forwards a cold trial's rank-0 reports to Tune once per epoch, the epoch as ``training_iteration``.
+
+    A restarted run reports its checkpointed epochs again; Tune has seen some of them (a lost
+    worker) or none (a restored search): those it has seen are dropped.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported = 0  # the last epoch Tune was told
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        epoch = int(metrics[0].get("epoch", self.reported + 1))
+        if epoch <= self.reported:
+            return
+        self.reported = epoch
+        super().after_report(run_context, [{**metrics[0], TRAINING_ITERATION: epoch}, *metrics[1:]], checkpoint)
 
 
 def run_trial(sampled: dict[str, Any], plan: TrialPlan) -> None:
     """Tune function trainable: trains one sampled configuration through Ray Train.
 
-    Rank 0's metrics reach Tune every epoch (``TuneReportCallback``), where the scheduler and the
-    searcher see them.
+    Rank 0's metrics reach Tune every epoch (:class:`EpochReportCallback`), where the scheduler and
+    the searcher see them.
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     started = _start_marks()
     trial = plan.search.search_space.trial_config(plan.label_ratio, sampled)
     if plan.dispatcher is not None:
         _run_warm(trial, plan, started, evaluate_test=False)
         return
-    _fit(plan.search, trial, plan, started, [TuneReportCallback()], evaluate_test=False)
+    _fit(plan.search, trial, plan, started, [EpochReportCallback()], evaluate_test=False)
 
 
 def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
@@ -98,6 +119,7 @@ def _run_warm(trial: Any, plan: TrialPlan, started: dict[str, float], evaluate_t
         "started": started,
         "dataset_key": plan.dataset_key,
         "max_failures": plan.max_failures,
+        "attempt": plan.attempt,
     }
     return run_on_executor(plan.dispatcher, trial_key(experiment, trial_id), payload, report_epochs=not evaluate_test)
 

@@ -46,7 +46,7 @@ from medpeft_ray.train.engine import (
     set_determinism,
     startup_breakdown,
 )
-from medpeft_ray.train.recipe import TrialRecipe, dataset_identity
+from medpeft_ray.train.recipe import CheckpointOf, Resumed, TrialRecipe, dataset_identity
 
 #: seed of the validation split's fixed noise and timesteps (one for every trial: comparable losses)
 VALIDATION_NOISE_SEED = 20240601
@@ -340,8 +340,11 @@ class GenerationRecipe(TrialRecipe):
 
     # -- a whole trial -----------------------------------------------------------------------
     def run(self, trial: TrialConfig, report: ReportFn, *, evaluate_test: bool = False, resume_from: Path | None = None,
-            dataset_key: dict[str, Any] | None = None, started: dict[str, float] | None = None) -> dict[str, Any]:
+            dataset_key: dict[str, Any] | None = None, started: dict[str, float] | None = None,
+            history: list[dict[str, Any]] | None = None, checkpoint_of: CheckpointOf | None = None) -> dict[str, Any]:
         """Trains one generation trial; ``report(metrics, checkpoint_dir)`` every epoch; returns the last metrics.
+
+        ``history`` and ``checkpoint_of`` resume a trial as :meth:`TrialRecipe.run` does.
 
         The best epoch is the one with the best ``trial.metric`` (``val_fid``: among the epochs it
         was computed at). With ``evaluate_test`` that epoch's weights are scored on the test split
@@ -364,9 +367,10 @@ class GenerationRecipe(TrialRecipe):
             state = self.build(trial, dataset_key, resume_from)
             scorer = self.fid_scorer(trial, "val", state.val.images)
             first_step: list[float] = []
-            train_time = 0.0
-            metrics: dict[str, Any] = {}
-            best: dict[str, Any] | None = None
+            past = Resumed(history, state.start_epoch)
+            train_time = past.train_time_s
+            metrics: dict[str, Any] = past.last_metrics
+            best = past.best(trial, checkpoint_of, ("val_loss", "val_fid")) if evaluate_test else None
             for epoch in range(state.start_epoch, trial.train.epochs):
                 epoch_start = time.time()
                 train_loss = self.train_epoch(trial, state, epoch, first_step)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from medpeft_ray.config import TrialConfig
 from medpeft_ray.errors import TrialFailed
-from medpeft_ray.metrics import Predictions, better, finite_or_none, metric_values, prediction_details
+from medpeft_ray.metrics import METRICS, Predictions, better, finite_or_none, metric_values, prediction_details
 from medpeft_ray.train.engine import (
     Batches,
     ReportFn,
@@ -356,6 +356,8 @@ class TrialRecipe:
         resume_from: Path | None = None,
         dataset_key: dict[str, Any] | None = None,
         started: dict[str, float] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        checkpoint_of: CheckpointOf | None = None,
     ) -> dict[str, Any]:
         """Trains one trial; ``report(metrics, checkpoint_dir)`` is called every epoch; returns the last metrics.
 
@@ -363,6 +365,11 @@ class TrialRecipe:
         ``evaluate_test``, that epoch is evaluated on the test split at the end (``test_auroc``,
         ``test_loss``, ``test_epoch``, and that epoch's ``best_val_auroc`` and ``best_val_loss``);
         the test split never takes part in choosing it.
+
+        A resumed trial (``resume_from``) gives the metrics its earlier epochs reported
+        (``history``) and ``checkpoint_of(epoch)``, a kept checkpoint's folder: its training time
+        goes on from theirs, its best epoch may be one of them, and with nothing left to train it
+        returns its last recorded epoch's metrics.
 
         Raises:
             TrialFailed: the loss became NaN or infinite (every rank raises it together).
@@ -380,9 +387,15 @@ class TrialRecipe:
         try:
             state = self.build(trial, dataset_key, resume_from)
             first_step: list[float] = []
-            train_time = 0.0
-            metrics: dict[str, Any] = {}
-            best: dict[str, Any] | None = None  # the best epoch: its metric value, number, weights and losses
+            past = Resumed(history, state.start_epoch)
+            train_time = past.train_time_s
+            metrics: dict[str, Any] = past.last_metrics
+            # the best epoch: its metric value, number, weights and losses
+            best = past.best(trial, checkpoint_of, _SCORE_NAMES) if evaluate_test else None
+            if best is not None:  # a recorded epoch's: the thresholds chosen on its validation predictions
+                thresholds = json.loads(best["details"]).get("thresholds") if state.data.task == "multilabel" else None
+                best["thresholds"] = (np.array([thresholds[name] for name in state.data.class_names], dtype=np.float64)
+                                      if thresholds else None)
             for epoch in range(state.start_epoch, trial.train.epochs):
                 epoch_start = time.time()
                 train_loss = self.train_epoch(trial, state, epoch, first_step)
@@ -429,6 +442,62 @@ class TrialRecipe:
             self.trials_run += 1
             self.release(state)
             state = None
+
+
+#: ``checkpoint_of(epoch)``: the local folder of a kept checkpoint of the trial being resumed
+CheckpointOf = Callable[[int], Path]
+#: the validation scores a classification epoch reports (what ``best_*`` repeats for the test epoch)
+_SCORE_NAMES = tuple(metric.on_split("val") for metric in METRICS.values() if metric.compute is not None)
+
+
+class Resumed:
+    """What a resumed trial takes over from the epochs it recorded before (none for a fresh trial).
+
+    Args:
+        history: every recorded epoch's metrics, oldest first (the trial record's).
+        start_epoch: the epoch of the checkpoint the trial resumed from; later records are dropped.
+    """
+
+    def __init__(self, history: list[dict[str, Any]] | None, start_epoch: int) -> None:
+        self.epochs = [dict(m) for m in history or [] if int(m["epoch"]) <= start_epoch]
+
+    @property
+    def train_time_s(self) -> float:
+        return float(self.epochs[-1].get("train_time_s") or 0.0) if self.epochs else 0.0
+
+    @property
+    def last_metrics(self) -> dict[str, Any]:
+        return dict(self.epochs[-1]) if self.epochs else {}
+
+    def best(self, trial: TrialConfig, checkpoint_of: CheckpointOf | None,
+             score_names: tuple[str, ...]) -> dict[str, Any] | None:
+        """The best recorded epoch as :meth:`TrialRecipe.run` keeps it (value, epoch, weights, scores,
+        details), its weights read from its checkpoint; None before any finite value.
+
+        Raises:
+            TrialFailed: that epoch's checkpoint is gone (retention keeps the best: it should not be).
+        """
+        from safetensors.torch import load_file
+
+        from medpeft_ray.train.checkpoint import WEIGHTS_FILE
+
+        chosen: dict[str, Any] | None = None
+        for entry in self.epochs:
+            value = entry.get(trial.metric)
+            if value is not None and better(value, None if chosen is None else chosen[trial.metric], trial.mode):
+                chosen = entry
+        if chosen is None:
+            return None
+        epoch = int(chosen["epoch"])
+        if checkpoint_of is None:  # scoring a later epoch on the test split instead would be wrong, silently
+            raise TrialFailed(f"resumed after epoch {self.epochs[-1]['epoch']}, the trial's best epoch {epoch} "
+                              "has no checkpoint to score on the test split; run it again")
+        try:
+            weights = load_file(str(checkpoint_of(epoch) / WEIGHTS_FILE))
+        except (OSError, FileNotFoundError) as exc:
+            raise TrialFailed(f"the checkpoint of best epoch {epoch} cannot be read to resume the trial ({exc})") from None
+        return {"value": chosen[trial.metric], "epoch": epoch, "weights": weights,
+                "scores": {name: chosen.get(name) for name in score_names}, "details": chosen.get("details") or "{}"}
 
 
 def dataset_identity(trial: TrialConfig) -> str:

@@ -16,6 +16,8 @@ TRIAL_KEY = "trial"
 FAILURE_KEY = "failure"
 #: key of ``train_loop_config``: after training, score the best validation epoch on the test split
 EVALUATE_TEST_KEY = "evaluate_test"
+#: in a cold trial's checkpoint: every epoch's metrics up to it (a restarted run reports them again)
+HISTORY_FILE = "history.json"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -41,14 +43,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     checkpoint = ray.train.get_checkpoint()
     epochs_reported = 0
+    history: list[dict[str, Any]] = []  # every epoch's metrics so far, kept in each checkpoint
 
     def report(metrics: dict[str, Any], directory: Path | None) -> None:
         nonlocal epochs_reported
-        ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
+        ckpt = None
+        if directory is not None:
+            history[:] = [m for m in history if int(m["epoch"]) < int(metrics["epoch"])] + [metrics]
+            (directory / HISTORY_FILE).write_text(json.dumps(history, default=str))
+            ckpt = ray.train.Checkpoint.from_directory(str(directory))
         ray.train.report(metrics, checkpoint=ckpt)
         epochs_reported = int(metrics["epoch"])
 
     def run(resume_from: Path | None) -> None:
+        if resume_from is not None and (resume_from / HISTORY_FILE).is_file():
+            # A restarted run reports the epochs before its checkpoint again (the trainable's
+            # EpochReportCallback drops those Tune has seen), so a restored trial's results span it all.
+            history[:] = json.loads((resume_from / HISTORY_FILE).read_text())
+            for metrics in history:
+                ray.train.report(metrics)
         ctx = WorkerContext(
             rank=context.get_world_rank(),
             world_size=context.get_world_size(),
@@ -59,7 +72,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         evaluate_test = bool(loop_config.get(EVALUATE_TEST_KEY))
         try:
-            final = run_training(trial, ctx, report, evaluate_test=evaluate_test)
+            final = run_training(trial, ctx, report, evaluate_test=evaluate_test, history=list(history))
         except TrialFailed as exc:
             # A trial that cannot succeed (NaN loss) must not be restarted by Ray Train's
             # FailureConfig, which retries any worker error: report the failure as this trial's
@@ -83,3 +96,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     else:
         with checkpoint.as_directory() as directory:
             run(Path(directory))
+

@@ -1,0 +1,185 @@
+"""Results that survive faults: a killed driver, every Ray process killed, a lost worker.
+
+Each case runs the same seeded search (the grid sampler and no scheduler, so which trial runs
+what does not depend on timing), holds one process at a named point of a trial
+(:mod:`medpeft_ray.fault_points`), kills there, resumes where the search needs it, and compares
+every leaderboard row, value for value, with the same search run without a fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+from conftest import leaderboard_rows, tiny_search
+
+pytestmark = [pytest.mark.ray, pytest.mark.fault]
+
+CLI = [sys.executable, "-m", "medpeft_ray.cli"]
+EPOCHS = 3
+LRS = [0.002, 0.02]
+
+
+def _space(tmp_path: Path) -> Path:
+    config = tiny_search(
+        train={"epochs": EPOCHS},
+        space={"lr": {"type": "categorical", "choices": LRS}},
+        search={"num_samples": len(LRS), "sampler": "grid", "max_concurrent": 1, "seed": 0},
+        resources={"max_failures": 2},
+    )
+    space = tmp_path / "faults.yaml"
+    space.write_text(yaml.safe_dump(config))
+    return space
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    # Tune writes its experiment state every second instead of every ten or so
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1", **extra}
+
+
+def _rows(results: Path) -> dict[float, dict[str, Any]]:
+    """The search's rows by their grid point (trial ids differ from run to run)."""
+    rows = leaderboard_rows(results)
+    by_lr = {row["params"]["lr"]: row for row in rows}
+    assert len(by_lr) == len(rows), [r["params"] for r in rows]  # one row per grid point, none twice
+    return by_lr
+
+
+def _compared(row: dict[str, Any]) -> dict[str, Any]:
+    """What must not change: a row's status, epochs, best epoch and value, and its whole curve
+    (floats to 6 significant digits: a resumed epoch recomputes what the lost one computed)."""
+    curve = (row["details"] or {}).get("curve", {})
+
+    def exact(values: Any) -> Any:
+        return [exact(v) for v in values] if isinstance(values, list) else (
+            float(f"{values:.6g}") if isinstance(values, float) else values)
+
+    return exact([row["status"], row["epochs_run"], row["best_epoch"], row["val_auroc"], row["val_loss"], row["error"],
+                  curve.get("epoch"), curve.get("val_auroc"), curve.get("val_loss")])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[float, dict[str, Any]]:
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    results = tmp_path / "results"
+    run = subprocess.run([*CLI, "search", "--space", str(_space(tmp_path)), "--results", str(results)], cwd=tmp_path,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = _rows(results)
+    assert sorted(rows) == LRS and all(r["status"] == "completed" and r["epochs_run"] == EPOCHS for r in rows.values())
+    return {lr: _compared(row) for lr, row in rows.items()}
+
+
+def _tune_state_saved_after(results: Path, moment: float, timeout_s: float = 60.0) -> None:
+    """Waits until Tune has written its experiment state after ``moment`` (the state a resume restores)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        states = list((results / "tune").glob("*/experiment_state-*.json"))
+        if states and max(p.stat().st_mtime for p in states) > moment:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"Tune wrote no experiment state within {timeout_s} s of the held point")
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _run_to_the_point_and_kill(tmp_path: Path, point: str, victim: str) -> tuple[Path, list[int], dict[str, Any]]:
+    """Starts the search held at ``point``; kills ``victim`` there ("driver": the search's process
+    alone; "ray": it and every process of its Ray; "worker" or "dispatcher": the held process, and
+    the search goes on by itself). Returns the
+    results folder, the processes that were alive then (to clean up) and the held process's marker."""
+    results, marks = tmp_path / "results", tmp_path / "marks"
+    env = _env(tmp_path, MEDPEFT_FAULT_POINT=point, MEDPEFT_FAULT_DIR=str(marks), MEDPEFT_FAULT_HOLD_S="30")
+    driver = subprocess.Popen([*CLI, "search", "--space", str(_space(tmp_path)), "--results", str(results)],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    marker = marks / f"{point.split('@')[0]}.reached"
+    deadline = time.time() + 400
+    while not marker.exists():
+        if driver.poll() is not None:
+            raise AssertionError(f"the search ended before reaching {point}:\n{driver.stdout.read()[-3000:]}")
+        assert time.time() < deadline, f"the search did not reach {point} within 400 s"
+        time.sleep(0.1)
+    held = json.loads(marker.read_text())
+    if victim in ("driver", "ray"):
+        _tune_state_saved_after(results, marker.stat().st_mtime)
+    processes = [p.pid for p in psutil.Process(driver.pid).children(recursive=True)]
+    if victim == "driver":
+        _kill([driver.pid])
+    elif victim == "ray":
+        _kill([driver.pid, *processes])
+    else:
+        _kill([held["pid"]])
+        out, _ = driver.communicate(timeout=500)  # the search goes on by itself
+        assert driver.returncode == 0, out[-4000:]
+    driver.wait(timeout=60)
+    return results, processes, held
+
+
+# every point a trial passes, with the process held there killed in two ways
+CASES = [
+    ("before_checkpoint@2", "driver"), ("before_checkpoint@2", "ray"),
+    ("after_record@2", "driver"), ("after_record@2", "ray"),
+    ("before_done", "driver"), ("before_done", "ray"),
+    (f"before_row@{EPOCHS}", "driver"), (f"before_row@{EPOCHS}", "ray"),
+]
+
+
+@pytest.mark.parametrize(("point", "victim"), CASES, ids=[f"{p.split('@')[0]}-{v}" for p, v in CASES])
+def test_a_search_killed_at_any_point_resumes_to_the_rows_of_an_uninterrupted_one(
+    tmp_path: Path, point: str, victim: str, uninterrupted: dict[float, dict[str, Any]]
+) -> None:
+    results, leftovers, _ = _run_to_the_point_and_kill(tmp_path, point, victim)
+    try:
+        resumed = subprocess.run([*CLI, "search", "--resume", "tiny", "--results", str(results)], cwd=tmp_path,
+                                 env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert "resuming the interrupted study" in resumed.stdout, resumed.stdout[-3000:]
+    finally:
+        _kill(leftovers)  # whatever of the old run outlived its driver (fenced off from the trial folders)
+    rows = _rows(results)
+    assert {lr: _compared(row) for lr, row in rows.items()} == uninterrupted, (point, victim)
+    # every trial's Tune results count its epochs, once each, resumed or not (schedulers read this)
+    for result in (results / "tune").glob("*/run_trial_*/result.json"):
+        reported = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        assert all(r["training_iteration"] == r["epoch"] for r in reported), [(r["training_iteration"], r["epoch"]) for r in reported]
+    # the Optuna study holds each grid point once, with the row's value
+    import optuna
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{results / 'leaderboard.db'}")
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    told = {t.params["lr"]: (t.state.name, t.value) for t in study.trials}
+    assert told == {lr: ("COMPLETE", pytest.approx(rows[lr]["val_auroc"])) for lr in LRS}
+    assert all(row["train_time_s"] > 0 for row in rows.values())
+
+
+@pytest.mark.parametrize(("point", "victim"), [("after_record@2", "worker"), ("dispatcher_post@2", "dispatcher")],
+                         ids=["worker", "dispatcher"])
+def test_a_lost_worker_or_dispatcher_costs_no_value_of_any_row(
+    tmp_path: Path, point: str, victim: str, uninterrupted: dict[float, dict[str, Any]]
+) -> None:
+    """A worker killed between an epoch's record and its report: Ray Train restarts its executor,
+    which resumes the trial from that epoch's checkpoint. The dispatcher killed as an epoch reaches
+    it: Ray restarts it, and it takes the running trial back from its executor and the others from
+    their drivers. Either way the search finishes by itself, with the uninterrupted rows."""
+    results, leftovers, held = _run_to_the_point_and_kill(tmp_path, point, victim)
+    _kill(leftovers)
+    rows = _rows(results)
+    assert {lr: _compared(row) for lr, row in rows.items()} == uninterrupted
+    assert held["epoch"] == 2
