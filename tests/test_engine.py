@@ -177,6 +177,18 @@ def test_same_seed_same_numbers_with_the_determinism_switch(tiny_config: Any) ->
     assert [(m["train_loss"], m["val_loss"], m["val_auroc"]) for m, _, _ in _run(other_seed)] != first
 
 
+def test_a_deterministic_trial_leaves_nothing_behind_for_the_next_one_on_the_same_worker() -> None:
+    from medpeft_ray.train.engine import set_determinism
+
+    try:
+        set_determinism(0, True)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        set_determinism(0, False)  # the next trial on a warm executor
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_nan_loss_fails_the_trial_with_a_reason(tiny_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine.F, "binary_cross_entropy_with_logits", lambda logits, target: logits.mean() * float("nan"))
     trial = tiny_config.trial_config(1.0, {"lr": 3e-3})

@@ -133,6 +133,23 @@ def test_samplers_run_a_study(name: str, cls: type) -> None:
     assert all(1e-3 <= p["lr"] <= 1e-2 for p in seen) and len({p["lr"] for p in seen}) == 6
 
 
+def test_tpe_spreads_parallel_suggestions_over_the_running_trials() -> None:
+    """With trials running (asked, not told), TPE counts them as poor points (constant liar)
+    instead of sending every free slot to the same best-looking point."""
+    config = validate_search_dict(tiny_search(
+        method={"name": "lora", "options": {}}, space={"rank": {"type": "categorical", "choices": [1, 2, 3, 4, 5, 6]}},
+        search={"sampler": "tpe", "num_samples": 12, "seed": 1}), "t.yaml")
+    study = optuna.create_study(sampler=make_sampler(config.search, config.distributions()), direction="maximize")
+    for _ in range(8):  # rank 6 is clearly best so far
+        trial = study.ask()
+        choice = trial.suggest_categorical("rank", [1, 2, 3, 4, 5, 6])
+        study.tell(trial, float(choice == 6) + 0.01 * choice)
+    running = [study.ask() for _ in range(4)]  # four slots free at once
+    chosen = [t.suggest_categorical("rank", [1, 2, 3, 4, 5, 6]) for t in running]
+    # without the liar all four land on the same rank; with it they spread
+    assert len(set(chosen)) >= 3, chosen
+
+
 def test_grid_tries_every_combination_exactly_once() -> None:
     raw = tiny_search(
         method={"name": "lora", "options": {}},

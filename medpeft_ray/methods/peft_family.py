@@ -198,10 +198,11 @@ def merge_peft(model: "nn.Module") -> "nn.Module":
 
 
 def _peft(name: str, options: type[PeftOptions], description: str, space: dict[str, dict], families=("vit",),  # noqa: ANN001, ANN202
-          layer_choices: bool = True, lr: str = "peft"):
+          layer_choices: bool = True, lr: str = "peft", compute_dtype_buffers: str = ""):
     return register_method(
         name, options=options, families=families, default_space=space, description=description, lr=lr,
         identity_at_init=True, merge=merge_peft, peft_native=True, family_space=_TARGET_CHOICES if layer_choices else None,
+        compute_dtype_buffers=compute_dtype_buffers,
     )
 
 
@@ -287,7 +288,9 @@ def apply_boft(model: "nn.Module", options: BoftOptions, family: str) -> "nn.Mod
 
 
 @_peft("vera", VeraOptions, "VeRA: shared frozen random projections with trained scaling vectors",
-       {"rank": {"type": "categorical", "choices": [64, 128, 256]}}, layer_choices=False, lr="scaling")
+       {"rank": {"type": "categorical", "choices": [64, 128, 256]}}, layer_choices=False, lr="scaling",
+       # the shared random projections multiply the layer's input: they run in its dtype
+       compute_dtype_buffers=r"(^|\.)vera_[AB]\.")
 def apply_vera(model: "nn.Module", options: VeraOptions, family: str) -> "nn.Module":
     from peft import VeraConfig
 

@@ -88,6 +88,10 @@ class MethodSpec:
             of a ViT differ from a ResNet's).
         lr: the kind of the default ``lr`` range (:data:`LR_RANGES`: ``full``, ``peft``, ``linear``,
             ``scaling``); its values depend on the optimizer (:meth:`space_for`).
+        compute_dtype_buffers: a regex of the method's buffers that run in the trial's compute
+            dtype under bf16/fp16 (DeepSpeed casts parameters only; the method's other buffers
+            stay as they are, e.g. SV-Diff's singular values in fp32). See
+            :func:`medpeft_ray.train.precision.fit_buffers`.
     """
 
     name: str
@@ -101,6 +105,7 @@ class MethodSpec:
     peft_native: bool = False
     family_space: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     lr: str = "peft"
+    compute_dtype_buffers: str = ""
 
     def space_for(self, family: str, optimizer: str = "adamw") -> dict[str, dict[str, Any]]:
         """The default search ranges on a ``family`` backbone trained with ``optimizer`` (``adamw``, ``sgd``)."""
@@ -122,6 +127,7 @@ def register_method(
     peft_native: bool = False,
     family_space: dict[str, dict[str, dict[str, Any]]] | None = None,
     lr: str = "peft",
+    compute_dtype_buffers: str = "",
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator that registers ``apply`` under ``name`` (see :class:`MethodSpec` for the arguments)."""
 
@@ -132,7 +138,7 @@ def register_method(
             raise ValueError(f"method {name!r}: give its lr range as lr= one of {', '.join(LR_KINDS)}")
         _METHODS[name] = MethodSpec(
             name, apply, options, frozenset(families), dict(default_space or {}), description,
-            identity_at_init, merge, peft_native, dict(family_space or {}), lr,
+            identity_at_init, merge, peft_native, dict(family_space or {}), lr, compute_dtype_buffers,
         )
         return apply
 

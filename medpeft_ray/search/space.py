@@ -7,6 +7,7 @@ that method is chosen).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import optuna
@@ -57,7 +58,12 @@ def make_sampler(
         return optuna.samplers.CmaEsSampler(seed=settings.seed, n_startup_trials=startup, warn_independent_sampling=False)
     if settings.sampler == "gp":
         return optuna.samplers.GPSampler(seed=settings.seed, n_startup_trials=startup)
-    return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=conditional, n_startup_trials=startup)
+    # constant liar: a suggestion made while other trials run treats them as done with a poor value,
+    # so parallel trials spread out instead of piling onto the same promising point
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=conditional,
+                                          n_startup_trials=startup, constant_liar=True)
 
 
 class AskTellGridSampler(optuna.samplers.GridSampler):

@@ -313,8 +313,11 @@ def set_determinism(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    # Both ways, every trial: a warm executor's previous trial must not leave its setting behind.
+    torch.use_deterministic_algorithms(deterministic)
+    # cuDNN's autotuner picks the fastest convolution per shape (a trial's shapes are fixed): a
+    # ResNet's speed-up, at the cost of run-to-run variation
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def mean_over_ranks(loss_sum: torch.Tensor, steps: int, world_size: int) -> float:

@@ -42,10 +42,10 @@ from medpeft_ray.metrics import better, finite_or_none
 from medpeft_ray.train.engine import (
     ReportFn,
     WorkerContext,
-    resolve_precision,
     set_determinism,
     startup_breakdown,
 )
+from medpeft_ray.train.precision import compute_dtype
 from medpeft_ray.train.recipe import CheckpointOf, Resumed, TrialRecipe, dataset_identity
 
 #: seed of the validation split's fixed noise and timesteps (one for every trial: comparable losses)
@@ -120,8 +120,7 @@ class GenerationRecipe(TrialRecipe):
 
     # -- set-up that trials share ------------------------------------------------------------
     def trial_dtype(self, trial: TrialConfig) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(trial.train, self.use_gpu),
-                                                                    torch.float32)
+        return compute_dtype(trial.train, self.use_gpu)
 
     def frozen(self, trial: TrialConfig) -> Frozen:
         """The VAE, text encoder, tokenizer and noise schedule of the trial's pipeline, read once per worker."""

@@ -41,11 +41,12 @@ from medpeft_ray.train.engine import (
     deepspeed_config,
     evaluate,
     mean_over_ranks,
-    resolve_precision,
     set_determinism,
     startup_breakdown,
     warmup_cosine,
 )
+
+from medpeft_ray.train.precision import compute_dtype, fit_buffers
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ class TrialRecipe:
         trainable_params, total_params = count_parameters(model)
         marks["model"] = time.time()
         engine, micro_batch, shard_size = self.engine(trial, model, len(train_split))
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(trial.train, self.use_gpu), torch.float32)
+        dtype = compute_dtype(trial.train, self.use_gpu)
         state = _TrialState(
             engine=engine, train_batches=train_batches, val_batches=val_batches, data=data, train_split=train_split,
             loss_fn=make_loss(data, train_split), dtype=dtype, micro_batch=micro_batch, shard_size=shard_size,
@@ -245,6 +246,7 @@ class TrialRecipe:
         micro_batch = ds_config["train_micro_batch_size_per_gpu"]
         shard_size = train_images // self.ctx.world_size
         steps_per_epoch = max(1, math.ceil(shard_size / micro_batch) // trial.train.deepspeed.gradient_accumulation_steps)
+        fit_buffers(model, compute_dtype(trial.train, self.use_gpu), trial.method.name)
         optimizer = build_optimizer(model, trial.train, self.use_gpu, trial.family)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
         with warnings.catch_warnings():
