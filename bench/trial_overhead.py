@@ -50,6 +50,7 @@ def plain_loop(trial_json: str, threads: int) -> dict[str, Any]:
     from medpeft_ray.methods import prepare_model
     from medpeft_ray.metrics import mean_auroc
     from medpeft_ray.models import build_backbone
+    from medpeft_ray.models.normalisation import input_statistics
     from medpeft_ray.train.engine import Batches, build_optimizer, warmup_cosine
 
     imported = time.time()
@@ -66,8 +67,9 @@ def plain_loop(trial_json: str, threads: int) -> dict[str, Any]:
     optimizer = build_optimizer(model, trial.train)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps))
     cpu = torch.device("cpu")
-    train_batches = Batches(train.images, train.labels, cpu, trial.model.mean, trial.model.std, trial.train.augment)
-    val_batches = Batches(data.val.images, data.val.labels, cpu, trial.model.mean, trial.model.std)
+    stats = input_statistics(trial.model)
+    train_batches = Batches(train.images, train.labels, cpu, stats.mean, stats.std, trial.train.augment)
+    val_batches = Batches(data.val.images, data.val.labels, cpu, stats.mean, stats.std)
     first_step = time.time()
     aurocs = []
     for epoch in range(trial.train.epochs):

@@ -827,7 +827,8 @@ UNREADABLE_SHOWN = 20  # undecodable files listed one per line by `data check`
 
 
 def _print_report(report: Any) -> None:
-    console.print(f"[bold]{report.name}[/bold] {report.root or ''}: {len(report.class_names)} classes ({report.task})")
+    console.print(f"[bold]{report.name}[/bold] {report.root or ''}: {len(report.class_names)} classes ({report.task}), "
+                  f"images {'in colour (RGB)' if report.channels == 3 else 'grey (one channel)'}")
     table = Table()
     table.add_column("class")
     for split in ("train", "val", "test"):

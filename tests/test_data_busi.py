@@ -139,7 +139,8 @@ def test_search_config_accepts_busi_and_rejects_bad_options(busi: Busi) -> None:
            "model": {"backbone": "vit_tiny_patch16_224"}}
     config = validate_search_dict(raw, "x.yaml")
     assert config.dataset.name == "busi"
-    assert config.dataset.options == {"val_fraction": 0.1, "test_fraction": 0.2, "skip_unreadable": False}
+    assert config.dataset.options == {"val_fraction": 0.1, "test_fraction": 0.2, "skip_unreadable": False,
+                                      "colour": "grey"}
     raw["dataset"]["options"] = {"mask_suffix": "_mask"}
     with pytest.raises(ConfigError) as err:
         validate_search_dict(raw, "x.yaml")

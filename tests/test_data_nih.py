@@ -345,9 +345,10 @@ def search_dict(root: Path, options: dict) -> dict:
 def test_search_config_accepts_nih(nih: NIH) -> None:
     config = validate_search_dict(search_dict(nih.root, {"val_fraction": 0.2, "skip_unreadable": True}), "x.yaml")
     assert config.dataset.name == "nih"
-    assert config.dataset.options == {"val_fraction": 0.2, "test_fraction": 0.2, "skip_unreadable": True}
+    assert config.dataset.options == {"val_fraction": 0.2, "test_fraction": 0.2, "skip_unreadable": True,
+                                      "colour": "grey"}
     defaults = validate_search_dict(search_dict(nih.root, {}), "x.yaml").dataset.options
-    assert defaults == {"val_fraction": 0.125, "test_fraction": 0.2, "skip_unreadable": False}
+    assert defaults == {"val_fraction": 0.125, "test_fraction": 0.2, "skip_unreadable": False, "colour": "grey"}
 
 
 def test_search_config_rejects_unknown_option(nih: NIH) -> None:

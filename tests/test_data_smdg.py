@@ -57,7 +57,7 @@ def _rows() -> list[dict[str, str]]:
 
 
 class Smdg:
-    """The Kaggle layout: the CSV, and every image at ``full-fundus/full-fundus/<names>.png`` (flat grey)."""
+    """The Kaggle layout: the CSV, and every image at ``full-fundus/full-fundus/<names>.png`` (one flat colour)."""
 
     def __init__(self, root: Path, nested: bool = True) -> None:
         self.root = root
@@ -70,7 +70,7 @@ class Smdg:
         for n, row in enumerate(self.rows):
             level = 10 + 9 * n
             Image.new("RGB", (28 + n % 5, 24), (level, level // 2, level)).save(self.images / f"{row['names']}.png")
-            self.level[row["names"]] = round(0.299 * level + 0.587 * (level // 2) + 0.114 * level)
+            self.level[row["names"]] = (level, level // 2, level)  # fundus photographs are decoded in colour
         self.write_csv()
 
     def write_csv(self, rows: list[dict[str, str]] | None = None, header: list[str] = HEADER) -> None:
@@ -84,9 +84,9 @@ class Smdg:
 
     def identify(self, image: np.ndarray) -> str:
         image = np.asarray(image, dtype=np.int16)
-        assert image.max() == image.min(), "test images are flat"
-        matches = [n for n, level in self.level.items() if abs(level - int(image[0, 0])) <= 1]
-        assert len(matches) == 1, f"grey level {image[0, 0]} is no test image"
+        assert image.shape[-1] == 3 and (image == image[0, 0]).all(), "test images are flat RGB"
+        matches = [n for n, level in self.level.items() if np.abs(np.asarray(level) - image[0, 0]).max() <= 1]
+        assert len(matches) == 1, f"colour {image[0, 0]} is no test image"
         return matches[0]
 
 

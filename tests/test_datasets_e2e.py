@@ -120,3 +120,52 @@ def test_format_checks_and_searches(name: str, tmp_path: Path, request: pytest.F
     assert len(report.unreadable) == row["skipped_images"]
     if name in SUBGROUPS:
         assert SUBGROUPS[name] <= set((row["details"] or {}).get("subgroups", {})), row["details"]
+
+
+def _hues(base: Path, per_class: int = 40) -> Path:
+    """Two classes of flat images whose colours differ in hue only: the same grey levels in both."""
+    root = base / "hues"
+    rng = np.random.default_rng(0)
+    colours = {"a": np.array([180.0, 90.0, 120.0]), "b": np.array([60.0, 150.0, 105.0])}
+    luminance = np.array([0.299, 0.587, 0.114])
+    colours["b"] *= (colours["a"] @ luminance) / (colours["b"] @ luminance)
+    for cls, colour in colours.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(colour * rng.uniform(0.6, 1.0) + rng.normal(0, 4, (24, 24, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8), mode="RGB").save(root / cls / f"{i}.png")
+    return root
+
+
+def test_colour_is_learned_in_colour_and_grey_stays_one_channel(tmp_path: Path, ray_session: None) -> None:
+    """A colour dataset whose classes differ in hue alone: decoded in colour (detected), a real search
+    tells them apart; decoded grey, they look alike. A grey dataset keeps one channel in the cache."""
+    from medpeft_ray.data import load_splits
+    from medpeft_ray.search.runner import run_search
+
+    root = _hues(tmp_path)
+    colour = load_splits("folder", root, 16, {}, 0)
+    grey = load_splits("folder", root, 16, {"colour": "grey"}, 0)
+    assert colour.channels == 3 and colour.train.images.shape[1:] == (16, 16, 3)
+    assert grey.channels == 1 and grey.train.images.ndim == 3
+    # in grey the two classes' brightness ranges are the same: nothing to learn from
+    by_class = [grey.train.images[grey.train.labels[:, k] == 1].mean(axis=(1, 2)) for k in range(2)]
+    assert abs(np.median(by_class[0]) - np.median(by_class[1])) < 6
+    # a radiograph-like grey dataset stays one channel (not tripled) in memory and in the cache
+    assert load_splits("folder", _folder(tmp_path), 16, {"skip_unreadable": True}, 0).train.images.ndim == 3
+
+    values = {}
+    for mode in ("auto", "grey"):
+        config = validate_search_dict(tiny_search(
+            experiment=f"hues-{mode}",
+            dataset={"name": "folder", "root": str(root), "label_ratios": [1.0], "image_size": 16,
+                     "options": {"colour": mode}},
+            train={"epochs": 4, "batch_size": 8, "augment": "none", "lr": 1e-2},
+            space={}, search={"num_samples": 1, "seed": 0, "scheduler": {"type": "none"}},
+        ), f"hues-{mode}.yaml")
+        result = run_search(config, results=tmp_path / f"results-{mode}")
+        (row,) = LeaderboardStore(result.db_url).query().to_dict(orient="records")
+        assert row["status"] == "completed", row["error"]
+        values[mode] = row["val_auroc"]
+    assert values["auto"] >= 0.95 and values["grey"] <= 0.8, values
+    print(f"\nval_auroc decoded in colour {values['auto']:.3f}, decoded grey {values['grey']:.3f}")

@@ -220,6 +220,7 @@ def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: 
     from medpeft_ray.leaderboard.views import cell_label
     from medpeft_ray.metrics import mean_auroc
     from medpeft_ray.models import build_backbone
+    from medpeft_ray.models.normalisation import input_statistics
     from medpeft_ray.train.engine import Batches
 
     results = tmp_path / "results"
@@ -286,7 +287,8 @@ def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: 
     model.load_state_dict(load_file(str(tmp_path / "adapter" / "model.safetensors")), strict=True)
     ds = config.dataset
     splits = load_splits(ds.name, ds.root, ds.image_size, ds.options, ds.seed)
-    x, y = Batches(splits.val.images, splits.val.labels, torch.device("cpu"), config.model.mean, config.model.std).get(
+    stats = input_statistics(config.model)
+    x, y = Batches(splits.val.images, splits.val.labels, torch.device("cpu"), stats.mean, stats.std).get(
         torch.arange(len(splits.val)), torch.float32, None
     )
     with torch.no_grad():

@@ -50,9 +50,25 @@ class DatasetConfig(Strict):
 class ModelConfig(Strict):
     backbone: str = Field("vit_base_patch16_224", description="timm model name")
     checkpoint: Path | None = Field(None, description="local pre-trained weights (.pth/.safetensors)")
-    # Grey-level normalisation the backbone was pre-trained with (MRM: 0.4978/0.2449, MAE: 0.4785/0.2834).
-    mean: float = Field(0.5, ge=0, le=1, description="grey-level mean for input normalisation")
-    std: float = Field(0.25, gt=0, le=1, description="grey-level std for input normalisation")
+    # The normalisation the backbone was pre-trained with (MRM: 0.4978/0.2449, MAE: 0.4785/0.2834);
+    # unset: the weights' own (medpeft_ray.models.normalisation)
+    mean: float | list[float] | None = Field(
+        None, description="input mean, one value or one per RGB channel (default: the pre-trained weights')")
+    std: float | list[float] | None = Field(
+        None, description="input std, one value or one per RGB channel (default: the pre-trained weights')")
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _statistics(cls, value: float | list[float] | None, info: Any) -> float | list[float] | None:
+        if value is None:
+            return None
+        values = [value] if isinstance(value, (int, float)) else list(value)
+        if len(values) not in (1, 3):
+            raise ValueError(f"give one value or three (R, G, B), not {len(values)}")
+        low_ok = (lambda v: v >= 0) if info.field_name == "mean" else (lambda v: v > 0)
+        if not all(low_ok(v) and v <= 1 for v in values):
+            raise ValueError(f"values must be in {'[0, 1]' if info.field_name == 'mean' else '(0, 1]'}, got {value}")
+        return value
 
     @field_validator("backbone")
     @classmethod

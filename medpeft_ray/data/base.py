@@ -1,8 +1,8 @@
 """The in-memory form every dataset is turned into before training.
 
-Each dataset module decodes its own file format once into these arrays (uint8 grey images of one
-size, float labels, group ids for patient-disjoint subsets), so the training loop has exactly one
-data path whatever the source format.
+Each dataset module decodes its own file format once into these arrays (uint8 images of one size,
+grey or RGB, float labels, group ids for patient-disjoint subsets), so the training loop has
+exactly one data path whatever the source format.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ Task = Literal["multilabel", "multiclass"]
 
 @dataclass(frozen=True)
 class LabeledImages:
-    """One split: ``images`` (N, H, W) uint8, ``labels`` (N, K) float32 0/1, ``groups`` (N,) ids.
+    """One split: ``images`` (N, H, W) grey or (N, H, W, 3) RGB uint8, ``labels`` (N, K) float32 0/1,
+    ``groups`` (N,) ids. Grey stays one channel (a radiograph set is not tripled in memory).
 
     ``groups`` holds the patient (or lesion) each image belongs to, so that label-ratio subsets
     never split one patient's images. ``subgroups`` holds, per attribute the publisher records
@@ -37,8 +38,9 @@ class LabeledImages:
 
     def __post_init__(self) -> None:
         n = len(self.images)
-        if self.images.ndim != 3 or self.images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 (N, H, W), got {self.images.dtype} {self.images.shape}")
+        grey, rgb = self.images.ndim == 3, self.images.ndim == 4 and self.images.shape[-1] == 3
+        if not (grey or rgb) or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, H, W) or (N, H, W, 3), got {self.images.dtype} {self.images.shape}")
         if self.labels.shape[0] != n or self.groups.shape[0] != n:
             raise ValueError(
                 f"images ({n}), labels ({self.labels.shape[0]}) and groups ({self.groups.shape[0]}) differ in length"
@@ -96,6 +98,11 @@ class DatasetSplits:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        """1 for grey images, 3 for RGB."""
+        return 3 if self.train.images.ndim == 4 else 1
 
     @property
     def has_captions(self) -> bool:

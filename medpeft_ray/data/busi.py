@@ -17,7 +17,7 @@ from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.layout import MarkerPaths
-from medpeft_ray.data.records import SplitOptions
+from medpeft_ray.data.records import Colour, SplitOptions
 from medpeft_ray.data.records import ImageRecord, build_splits, one_hot
 from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.errors import DataError
@@ -30,6 +30,7 @@ MASK = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
 class BusiOptions(SplitOptions):
     """BUSI: split fractions counted in images (BUSI has no patient ids)."""
 
+    colour: Colour = Field("grey", description="grey (one channel), rgb (three) or auto (ultrasound: grey by default)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of images drawn for validation")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="share of images drawn for testing")
 
@@ -64,5 +65,5 @@ def load_busi(root: Path, image_size: int, options: BusiOptions, seed: int) -> D
     ]
     return build_splits(
         records, CLASS_NAMES, "multiclass", image_size, seed, root=root, val_fraction=options.val_fraction,
-        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(root),
+        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, colour=options.colour, source=str(root),
     )

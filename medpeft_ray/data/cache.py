@@ -19,8 +19,9 @@ import numpy as np
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
 
 # 2: subgroup attributes per image; 3: captions per image (image-text data), so an entry written
-# before captions existed is not read back as a dataset without them
-_FORMAT_VERSION = 3
+# before captions existed is not read back as a dataset without them; 4: RGB images where the
+# data has colour (an entry decoded to grey before is not read back for a colour dataset)
+_FORMAT_VERSION = 4
 
 
 def cache_root() -> Path:

@@ -26,7 +26,7 @@ from pydantic import Field
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.csv_table import binary_label
 from medpeft_ray.data.layout import MarkerPaths
-from medpeft_ray.data.records import SPLITS, ImageRecord, SplitOptions, build_splits, no_caption
+from medpeft_ray.data.records import Colour, SPLITS, ImageRecord, SplitOptions, build_splits, no_caption
 from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.data.tables import read_csv
 from medpeft_ray.errors import DataError
@@ -35,6 +35,7 @@ from medpeft_ray.errors import DataError
 class CaptionsOptions(SplitOptions):
     """Options of the ``captions`` format."""
 
+    colour: Colour = Field("grey", description="grey (one channel), rgb (three) or auto (radiographs: grey by default)")
     csv: str = Field("captions.csv", description="the CSV, relative to the dataset root")
     image_column: str = Field("image", description="column of image paths, relative to the CSV's folder")
     caption_column: str = Field("caption", description="column of the captions (a blank one leaves its row out)")
@@ -82,6 +83,6 @@ def load_captions(root: Path, image_size: int, options: CaptionsOptions, seed: i
     # "multilabel" also without label columns: zero binary labels (see DatasetSplits)
     return build_splits(
         records, labels, "multilabel", image_size, seed, root=root, val_fraction=options.val_fraction,
-        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv),
+        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, colour=options.colour, source=str(csv),
         left_out=left_out,
     )

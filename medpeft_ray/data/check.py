@@ -36,6 +36,7 @@ class DatasetReport:
     problems: list[str] = field(default_factory=list)
     has_captions: bool = False
     uncaptioned: int = 0
+    channels: int = 1  # 1: decoded grey, 3: decoded in colour (RGB)
 
     @property
     def usable(self) -> bool:
@@ -91,6 +92,7 @@ def check_dataset(
         missing=splits.missing_summary,
         has_captions=splits.has_captions,
         uncaptioned=sum(map(is_uncaptioned, splits.skipped)),
+        channels=splits.channels,
     )
     for ratio in label_ratios:
         index = train_subset_index(splits, ratio, seed)

@@ -215,5 +215,5 @@ def load_chexpert(root: Path, image_size: int, options: CheXpertOptions, seed: i
     train = [ImageRecord(r.path, r.labels, r.group, str(s), r.attributes) for r, s in zip(train, drawn)]
     return build_splits(
         train + test, options.labels, "multilabel", image_size, seed, root=root, val_fraction=options.val_fraction,
-        test_fraction=0.0, skip_unreadable=options.skip_unreadable, source=str(root),
+        test_fraction=0.0, skip_unreadable=options.skip_unreadable, colour="grey", source=str(root),
     )

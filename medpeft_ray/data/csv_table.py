@@ -81,5 +81,5 @@ def load_csv(root: Path, image_size: int, options: CsvOptions, seed: int) -> Dat
         records.append(ImageRecord(root / path, labels, group, split))
     return build_splits(
         records, class_names, task, image_size, seed, root=root, val_fraction=options.val_fraction,
-        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv),
+        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, colour=options.colour, source=str(csv),
     )

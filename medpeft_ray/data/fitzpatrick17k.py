@@ -34,7 +34,7 @@ from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.layout import MarkerPaths, is_tool_folder, walk
-from medpeft_ray.data.records import ImageRecord, SplitOptions, build_splits, one_hot
+from medpeft_ray.data.records import Colour, ImageRecord, SplitOptions, build_splits, one_hot
 from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.data.tables import csv_rows
 from medpeft_ray.errors import DataError
@@ -57,6 +57,7 @@ ATLASES = {"dermaamin.com": "dermaamin", "atlasdermatologico.com.br": "atlasderm
 class Fitzpatrick17kOptions(SplitOptions):
     """Fitzpatrick17k: the label partition, the CSV, and split fractions counted in images."""
 
+    colour: Colour = Field("rgb", description="grey (one channel), rgb (three) or auto (skin photographs: rgb by default)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of images drawn for validation")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="share of images drawn for testing")
     partition: Literal[3, 9, 114] = Field(
@@ -152,6 +153,6 @@ def load_fitzpatrick17k(root: Path, image_size: int, options: Fitzpatrick17kOpti
     ]
     return build_splits(
         records, classes, "multiclass", image_size, seed, root=root, val_fraction=options.val_fraction,
-        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv_path),
+        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, colour=options.colour, source=str(csv_path),
         found_by_name=True,
     )

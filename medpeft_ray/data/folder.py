@@ -74,5 +74,5 @@ def load_folder(root: Path, image_size: int, options: SplitOptions, seed: int) -
     ]
     return build_splits(
         records, class_names, "multiclass", image_size, seed, root=root, val_fraction=options.val_fraction,
-        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(root),
+        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, colour=options.colour, source=str(root),
     )

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.layout import MarkerPaths, is_tool_folder, walk
-from medpeft_ray.data.records import SplitOptions
+from medpeft_ray.data.records import Colour, SplitOptions
 from medpeft_ray.data.records import ImageRecord, build_splits, one_hot, sex_of
 from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.data.tables import csv_rows
@@ -34,6 +34,7 @@ REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
 class Ham10000Options(SplitOptions):
     """HAM10000: the metadata CSV, and split fractions counted in lesions."""
 
+    colour: Colour = Field("rgb", description="grey (one channel), rgb (three) or auto (dermoscopy photographs: rgb by default)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of lesions drawn for validation")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="share of lesions drawn for testing")
     metadata_file: str = Field("HAM10000_metadata.csv", description="the metadata CSV, relative to the dataset root")
@@ -91,6 +92,6 @@ def load_ham10000(root: Path, image_size: int, options: Ham10000Options, seed: i
     ]
     return build_splits(
         records, CLASS_NAMES, "multiclass", image_size, seed, root=root, val_fraction=options.val_fraction,
-        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv_path),
+        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, colour=options.colour, source=str(csv_path),
         found_by_name=True,
     )

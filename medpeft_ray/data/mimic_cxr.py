@@ -300,7 +300,7 @@ def load_mimic_cxr(root: Path, image_size: int, options: MimicCxrOptions, seed: 
     if not records:
         raise DataError(f"{reports}: no listed study has a report with a caption ({len(left_out):,} left out)")
     splits = build_splits(
-        records, options.labels, "multilabel", image_size, seed, root=root, skip_unreadable=options.skip_unreadable,
+        records, options.labels, "multilabel", image_size, seed, root=root, skip_unreadable=options.skip_unreadable, colour="grey",
         source=str(split_csv), left_out=left_out,
     )
     if summary:  # the missing reports lead the missing images' block

@@ -40,7 +40,7 @@ from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.layout import MarkerPaths, is_tool_folder, walk
-from medpeft_ray.data.records import SplitOptions
+from medpeft_ray.data.records import Colour, SplitOptions
 from medpeft_ray.data.records import ImageRecord, assign_splits, build_splits
 from medpeft_ray.data.tables import read_csv
 from medpeft_ray.data.registry import register_dataset
@@ -66,6 +66,7 @@ ATTRIBUTE_COLUMNS = {"sex": "Patient Gender", "view": "View Position"}
 class NIHOptions(SplitOptions):
     """Options of the ``nih`` format (ChestX-ray14)."""
 
+    colour: Colour = Field("grey", description="grey (one channel), rgb (three) or auto (radiographs: grey by default)")
     val_fraction: float = Field(
         0.125, ge=0, lt=1,
         description="share of the train+val patients drawn for validation (0.125 gives 70/10/20 overall)",
@@ -191,6 +192,6 @@ def load_nih(root: Path, image_size: int, options: NIHOptions, seed: int) -> Dat
     ]
     return build_splits(
         records, CLASSES, "multilabel", image_size, seed, root=root, val_fraction=options.val_fraction,
-        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv),
+        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, colour=options.colour, source=str(csv),
         found_by_name=True,
     )

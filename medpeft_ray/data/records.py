@@ -22,7 +22,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -39,6 +39,11 @@ REPORT_NOT_FOUND = "report file not found"
 NO_CAPTION = "no caption"
 #: how many missing file names, and folders per kind, a missing-files summary shows
 SHOWN = 3
+#: how a dataset's images are decoded: one grey channel, three RGB channels, or RGB when any of
+#: the first images has colour (a radiograph saved as RGB, every channel equal, stays grey)
+Colour = Literal["auto", "grey", "rgb"]
+#: images ``auto`` looks at
+COLOUR_SAMPLE = 16
 
 
 class SplitOptions(DatasetOptions):
@@ -47,6 +52,7 @@ class SplitOptions(DatasetOptions):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of patients drawn for validation")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="share of patients drawn for testing")
     skip_unreadable: bool = Field(False, description="skip (and count) unreadable images instead of failing")
+    colour: Colour = Field("auto", description="grey (one channel), rgb (three), or auto: rgb when the images have colour")
 
     @model_validator(mode="after")
     def _fractions(self) -> "SplitOptions":
@@ -97,8 +103,36 @@ def read_dicom(path: Path) -> np.ndarray:
     return to_uint8(pixels)
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """A PNG/JPEG/DICOM file decoded to grey uint8, resized to ``size`` x ``size``.
+def has_colour(paths: Sequence[Path], sample: int = COLOUR_SAMPLE) -> bool:
+    """Whether any of the first ``sample`` readable images has colour (channels that differ)."""
+    from PIL import Image
+
+    looked = 0
+    for path in paths:
+        if looked >= sample:
+            break
+        try:
+            if path.suffix.lower() in (".dcm", ".dicom"):
+                import pydicom
+
+                if int(getattr(pydicom.dcmread(str(path), stop_before_pixels=True), "SamplesPerPixel", 1)) == 3:
+                    return True
+                looked += 1
+                continue
+            with Image.open(path) as img:
+                looked += 1
+                if img.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
+                    continue
+                thumb = np.asarray(img.convert("RGB").resize((64, 64)), dtype=np.int16)
+        except Exception:  # noqa: BLE001  (an unreadable file is reported where it is decoded)
+            continue
+        if np.abs(thumb - thumb.mean(axis=-1, keepdims=True)).max() > 2:  # JPEG leaves grey a little tinted
+            return True
+    return False
+
+
+def decode_image(path: Path, size: int, rgb: bool = False) -> np.ndarray:
+    """A PNG/JPEG/DICOM file decoded to uint8 ``(size, size)`` grey, or ``(size, size, 3)`` with ``rgb``.
 
     Raises:
         DataError: naming the file, when it is missing or cannot be decoded.
@@ -107,14 +141,14 @@ def decode_image(path: Path, size: int) -> np.ndarray:
 
     try:
         if path.suffix.lower() in (".dcm", ".dicom"):
-            img = Image.fromarray(read_dicom(path))
+            img = Image.fromarray(read_dicom(path))  # grey: repeated in three channels when rgb
         else:
             img = Image.open(path)
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 # 16-bit and float radiographs: Pillow's convert("L") clips at 255 (a white image)
                 img = Image.fromarray(to_uint8(np.asarray(img, dtype=np.float32)))
-        return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        return np.asarray(img.convert("RGB" if rgb else "L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: {NOT_FOUND}") from None
     except Exception as exc:  # noqa: BLE001  (PIL and pydicom raise many types for corrupt files)
@@ -133,15 +167,16 @@ def decode_all(
     size: int,
     skip_unreadable: bool,
     progress: Callable[[Iterable], Iterable] | None = None,
+    rgb: bool = False,
 ) -> DecodeResult:
-    """Decodes ``paths`` with a thread pool (Pillow and pydicom release the GIL while decoding)."""
+    """Decodes ``paths`` (grey, or RGB) with a thread pool (Pillow and pydicom release the GIL while decoding)."""
     workers = min(8, os.cpu_count() or 1)
     images: list[np.ndarray | None] = [None] * len(paths)
     unreadable: list[tuple[Path, str]] = []
 
     def one(i: int) -> tuple[int, np.ndarray | None, str | None]:
         try:
-            return i, decode_image(paths[i], size), None
+            return i, decode_image(paths[i], size, rgb), None
         except DataError as exc:
             return i, None, str(exc)
 
@@ -158,7 +193,8 @@ def decode_all(
         # on the first bad file, the queued decodes are dropped instead of finishing the dataset
         pool.shutdown(wait=True, cancel_futures=True)
     kept = np.asarray([i for i, im in enumerate(images) if im is not None], dtype=np.int64)
-    stacked = np.stack([images[i] for i in kept]) if len(kept) else np.zeros((0, size, size), np.uint8)
+    empty = np.zeros((0, size, size, 3) if rgb else (0, size, size), np.uint8)
+    stacked = np.stack([images[i] for i in kept]) if len(kept) else empty
     return DecodeResult(stacked, kept, unreadable)
 
 
@@ -286,6 +322,7 @@ def build_splits(
     found_by_name: bool = False,
     ratio_members: dict[float, set[Path]] | None = None,
     left_out: Sequence[str] = (),
+    colour: Colour = "auto",
 ) -> DatasetSplits:
     """Decodes ``records`` into train/val/test :class:`LabeledImages`.
 
@@ -297,7 +334,8 @@ def build_splits(
     undecodable one raises :class:`DataError` naming it. ``ratio_members`` maps a label ratio to
     the training files the publisher lists for it. ``left_out`` are the "path: reason" entries of
     records the format dropped before (a study without a report section): they lead ``skipped``.
-    Records with a ``caption`` give each split its ``captions``.
+    Records with a ``caption`` give each split its ``captions``. ``colour`` decides grey or RGB
+    images (see :data:`Colour`).
     """
     if not records:
         raise DataError(f"{source}: no images listed")
@@ -320,7 +358,9 @@ def build_splits(
     if len(captioned) > 1:
         raise ValueError(f"{source}: some records have a caption and some have none")
     labels = np.asarray([r.labels for r in records], dtype=np.float32).reshape(len(records), len(class_names))
-    decoded = decode_all([r.path for r in records], image_size, skip_unreadable, progress=_progress(source, len(records)))
+    paths = [r.path for r in records]
+    rgb = colour == "rgb" or (colour == "auto" and has_colour([p for p in paths if p.is_file()]))
+    decoded = decode_all(paths, image_size, skip_unreadable, progress=_progress(source, len(records)), rgb=rgb)
     kept_split = np.asarray(split_names, dtype=object)[decoded.kept]
     kept_labels = labels[decoded.kept]
     kept_groups = np.asarray(groups, dtype=str)[decoded.kept]

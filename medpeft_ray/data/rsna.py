@@ -16,7 +16,7 @@ from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.layout import MarkerPaths
-from medpeft_ray.data.records import SplitOptions
+from medpeft_ray.data.records import Colour, SplitOptions
 from medpeft_ray.data.records import ImageRecord, build_splits
 from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.data.tables import csv_rows
@@ -30,6 +30,7 @@ TARGET_COLUMN = "Target"
 class RsnaOptions(SplitOptions):
     """Where the RSNA files lie under the dataset root (defaults: the stage 2 release)."""
 
+    colour: Colour = Field("grey", description="grey (one channel), rgb (three) or auto (radiographs: grey by default)")
     labels_file: str = Field(
         "stage_2_train_labels.csv",
         description="the box CSV, relative to the dataset root (stage 1: stage_1_train_labels.csv)",
@@ -82,5 +83,5 @@ def load_rsna(root: Path, image_size: int, options: RsnaOptions, seed: int) -> D
     ]
     return build_splits(
         records, CLASS_NAMES, "multilabel", image_size, seed, root=root, val_fraction=options.val_fraction,
-        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv_path),
+        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, colour=options.colour, source=str(csv_path),
     )

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.layout import MarkerPaths
-from medpeft_ray.data.records import SEXES, ImageRecord, SplitOptions, build_splits
+from medpeft_ray.data.records import Colour, SEXES, ImageRecord, SplitOptions, build_splits
 from medpeft_ray.data.registry import register_dataset
 from medpeft_ray.data.tables import csv_rows
 from medpeft_ray.errors import DataError
@@ -57,6 +57,7 @@ ORIGINAL_COLUMN = "original_name"
 class SmdgOptions(SplitOptions):
     """SMDG-19: the metadata CSV, the image folder, glaucoma suspects, and split fractions (in patients)."""
 
+    colour: Colour = Field("rgb", description="grey (one channel), rgb (three) or auto (fundus photographs: rgb by default)")
     metadata_file: str = Field(
         "metadata - standardized.csv", description="the metadata CSV, relative to the dataset root"
     )
@@ -175,5 +176,5 @@ def load_smdg(root: Path, image_size: int, options: SmdgOptions, seed: int) -> D
     csv_path, records = read_records(root, options)
     return build_splits(
         records, CLASS_NAMES, "multilabel", image_size, seed, root=root, val_fraction=options.val_fraction,
-        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, source=str(csv_path),
+        test_fraction=options.test_fraction, skip_unreadable=options.skip_unreadable, colour=options.colour, source=str(csv_path),
     )

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 
 from medpeft_ray.data.base import DatasetSplits
 from medpeft_ray.data.layout import MarkerPaths
-from medpeft_ray.data.records import ImageRecord, build_splits
+from medpeft_ray.data.records import Colour, ImageRecord, build_splits
 from medpeft_ray.data.registry import DatasetOptions, register_dataset
 from medpeft_ray.errors import DataError
 from medpeft_ray.label_ratios import same_label_ratio
@@ -32,6 +32,7 @@ class SplitFileOptions(DatasetOptions):
         None, description=r"regex whose first group is the patient id in a listed path, e.g. '(\d+)_\d+\.png$' for NIH"
     )
     skip_unreadable: bool = Field(False, description="skip (and count) unreadable images instead of failing")
+    colour: Colour = Field("auto", description="grey (one channel), rgb (three), or auto: rgb when the images have colour")
 
     @field_validator("ratio_files")
     @classmethod
@@ -111,6 +112,6 @@ def load_splitfile(root: Path, image_size: int, options: SplitFileOptions, seed:
     if not any(same_label_ratio(r, 1.0) for r in members):
         members[1.0] = train_files
     return build_splits(
-        records, class_names, "multilabel", image_size, seed, root=root, skip_unreadable=options.skip_unreadable,
+        records, class_names, "multilabel", image_size, seed, root=root, skip_unreadable=options.skip_unreadable, colour=options.colour,
         source=str(root / options.train), ratio_members=members,
     )

@@ -528,6 +528,7 @@ def _time_classification(recipe: Any, trial: Any, state: Any, sync: Any, steps: 
     """A classifier's micro-steps (the body of ``TrialRecipe.train_epoch``'s loop) and evaluation batches."""
     import torch
 
+    from medpeft_ray.models.normalisation import input_statistics
     from medpeft_ray.train.engine import Batches, evaluate
 
     engine, micro, device = state.engine, state.micro_batch, recipe.ctx.device
@@ -548,7 +549,8 @@ def _time_classification(recipe: Any, trial: Any, state: Any, sync: Any, steps: 
             train_s.append(time.perf_counter() - started)
     val_images, val_labels = state.val_batches.images, state.val_batches.labels
     size = min(trial.train.eval_batch_size, len(val_images))
-    one_batch = Batches(val_images[:size], val_labels[:size], device, trial.model.mean, trial.model.std, shared=True)
+    stats = input_statistics(trial.model)
+    one_batch = Batches(val_images[:size], val_labels[:size], device, stats.mean, stats.std, shared=True)
     multilabel = state.data.task == "multilabel"
     eval_s = []
     for batch in range(1 + eval_batches):  # the first one untimed, as for training

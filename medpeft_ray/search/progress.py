@@ -115,6 +115,9 @@ class SearchReporter:
             f"dataset {config.dataset.name} {facts['images']}, {facts['classes']} classes; "
             f"label ratios {config.dataset.label_ratios} x {config.search.num_samples} trials"
         )
+        if "normalisation" in facts:
+            images = "RGB" if facts.get("channels") == 3 else "grey"
+            self.say(f"{images} images, normalised with {facts['normalisation']}", soft_wrap=True, highlight=False)
         if facts["skipped"]:
             self.say(
                 f"[yellow]{len(facts['skipped'])} unreadable image(s) skipped[/yellow] (dataset.options.skip_unreadable), "

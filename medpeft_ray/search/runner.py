@@ -88,6 +88,7 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
     import torch
 
     from medpeft_ray.data import dataset_key, load_splits, train_subset_index
+    from medpeft_ray.models.normalisation import input_statistics
     from medpeft_ray.methods import count_parameters, prepare_model
     from medpeft_ray.metrics import METRICS, require_defined
     from medpeft_ray.models import build_backbone
@@ -155,6 +156,8 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
         "total_params": total,
         "dataset_key": key,
         "skipped": list(splits.skipped),
+        "channels": splits.channels,
+        "normalisation": input_statistics(config.model).describe(),
         "checkpoint": checkpoint,  # {path, sha256} of the pre-trained weights, or None
         # what warm executors build while they set up (data, pristine backbone, the method's imports)
         "warm_up": space.trial_config(ds.label_ratios[0], space.first_point(space.methods[0])),

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -173,7 +173,7 @@ def warmup_cosine(train: TrainConfig, steps_per_epoch: int) -> Callable[[int], f
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, kind: str) -> torch.Tensor:
-    """Batched augmentation of (B, 1, H, W) floats on their own device (the GPU in GPU trials).
+    """Batched augmentation of (B, C, H, W) floats on their own device (the GPU in GPU trials).
 
     ``crop_flip``: random-resized crop (scale 0.6-1 of the side) and horizontal flip, as one
     ``grid_sample``; ``flip``: horizontal flip only; ``none``: unchanged.
@@ -199,24 +199,29 @@ def augment(images: torch.Tensor, generator: torch.Generator, kind: str) -> torc
 
 class RandAugment:
     """The MAE/AdamW recipe's photometric part: timm RandAugment ``rand-m9-mstd0.5-inc1`` per image
-    (on the CPU, on uint8 grey images) and random erasing with probability 0.25 per image (batched,
-    on the normalised tensor, on the worker's device). Seeded from the trial, so runs repeat."""
+    (on the CPU, on uint8 grey or RGB images) and random erasing with probability 0.25 per image
+    (batched, on the normalised tensor, on the worker's device). Seeded from the trial, so runs repeat."""
 
     def __init__(self, seed: int, device: torch.device) -> None:
         from timm.data.auto_augment import rand_augment_transform
         from timm.data.random_erasing import RandomErasing
 
-        # grey images: fill with mid-grey. Magnitudes are drawn around 9 and capped just below 10,
-        # where timm's increasing posterize asks for 0 bits, which Pillow refuses.
-        self.transform = rand_augment_transform("rand-m9-mstd0.5-inc1", {"img_mean": 128, "magnitude_max": 9.9})
+        # Fill with mid-grey. Magnitudes are drawn around 9 and capped just below 10, where timm's
+        # increasing posterize asks for 0 bits, which Pillow refuses.
+        self.transforms = {
+            mode: rand_augment_transform("rand-m9-mstd0.5-inc1", {"img_mean": fill, "magnitude_max": 9.9})
+            for mode, fill in (("L", 128), ("RGB", (128, 128, 128)))
+        }
         self.erase = RandomErasing(probability=0.25, mode="pixel", device=str(device))
         self.rng = random.Random(seed)
 
     def images(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) grey or (B, H, W, 3) RGB uint8 images, each augmented."""
         from PIL import Image
 
+        mode = "RGB" if batch.ndim == 4 else "L"
         with self._own_streams(batch.device):
-            out = [np.asarray(self.transform(Image.fromarray(img.numpy(), mode="L"))) for img in batch]
+            out = [np.asarray(self.transforms[mode](Image.fromarray(img.numpy(), mode=mode))) for img in batch]
         return torch.from_numpy(np.stack(out))
 
     def erasing(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,17 +246,20 @@ class RandAugment:
 
 
 class Batches:
-    """Turns cached uint8 images into normalised 3-channel batches on the worker's device."""
+    """Turns cached uint8 images, grey (N, H, W) or RGB (N, H, W, 3), into normalised 3-channel
+    batches on the worker's device; ``mean`` and ``std`` per channel (or one value for all three)."""
 
     def __init__(
-        self, images: Any, labels: Any, device: torch.device, mean: float, std: float, augment: str = "none",
-        seed: int = 0, shared: bool = False,
+        self, images: Any, labels: Any, device: torch.device, mean: float | Sequence[float],
+        std: float | Sequence[float], augment: str = "none", seed: int = 0, shared: bool = False,
     ):
         if shared:  # tensors from :meth:`tensors`, shared by trials: only ever indexed (copied), never changed
             self.images, self.labels = images, labels
         else:
             self.images, self.labels = self.tensors(images, labels, pin=device.type == "cuda")
-        self.device, self.mean, self.std, self.augment = device, mean, std, augment
+        self.device, self.augment = device, augment
+        self.mean, self.std = (torch.tensor([float(v)] * 3 if isinstance(v, (int, float)) else [float(c) for c in v],
+                                            device=device).view(1, 3, 1, 1) for v in (mean, std))
         self.randaug = RandAugment(seed, device) if augment == "randaug" else None
 
     @staticmethod
@@ -275,14 +283,15 @@ class Batches:
         images = self.images[index]
         if generator is not None and self.randaug is not None:
             images = self.randaug.images(images)
-        x = images.to(self.device, non_blocking=True).unsqueeze(1).float().div_(255.0)
-        if generator is not None:
+        x = images.to(self.device, non_blocking=True)
+        x = (x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)).float().div_(255.0)
+        if generator is not None:  # on one channel where the image is grey
             x = augment(x, generator, "flip" if self.augment == "flip" else "none" if self.augment == "none" else "crop_flip")
-        x = x.sub_(self.mean).div_(self.std)
+        # grey: the same picture in each channel, each normalised with its channel's statistics
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
         if generator is not None and self.randaug is not None:
             x = self.randaug.erasing(x)
-        x = x.expand(-1, 3, -1, -1).to(dtype)
-        return x, self.labels[index].to(self.device, non_blocking=True)
+        return x.to(dtype), self.labels[index].to(self.device, non_blocking=True)
 
 
 def ensure_process_group(backend: str) -> None:

@@ -160,8 +160,9 @@ class GenerationRecipe(TrialRecipe):
         means, stds, texts = [], [], []
         captions = [str(c) for c in split.captions]
         for start in range(0, len(split), batch):
-            grey = torch.from_numpy(np.array(split.images[start:start + batch])).to(device)  # a copy: images may be memory-mapped
-            pixels = (grey.to(frozen.dtype) / 127.5 - 1.0).unsqueeze(1).expand(-1, 3, -1, -1)
+            images = torch.from_numpy(np.array(split.images[start:start + batch])).to(device)  # a copy: images may be memory-mapped
+            images = images.unsqueeze(1).expand(-1, 3, -1, -1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+            pixels = images.to(frozen.dtype) / 127.5 - 1.0
             dist = frozen.vae.encode(pixels).latent_dist
             means.append(dist.mean * frozen.scaling_factor)
             stds.append(dist.std * frozen.scaling_factor)

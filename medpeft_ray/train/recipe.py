@@ -46,6 +46,7 @@ from medpeft_ray.train.engine import (
     warmup_cosine,
 )
 
+from medpeft_ray.models.normalisation import input_statistics
 from medpeft_ray.train.precision import compute_dtype, fit_buffers
 
 log = logging.getLogger(__name__)
@@ -204,10 +205,10 @@ class TrialRecipe:
         data = self.dataset(trial, dataset_key)
         train_split = self.train_split(trial, data)
         train_batches = Batches(
-            *self.split_tensors(trial, "train", train_split), ctx.device, trial.model.mean, trial.model.std,
+            *self.split_tensors(trial, "train", train_split), ctx.device, *_statistics(trial),
             trial.train.augment, shared=True,
         )
-        val_batches = Batches(*self.split_tensors(trial, "val", data.val), ctx.device, trial.model.mean, trial.model.std,
+        val_batches = Batches(*self.split_tensors(trial, "val", data.val), ctx.device, *_statistics(trial),
                               shared=True)
         marks["data"] = time.time()
 
@@ -431,7 +432,7 @@ class TrialRecipe:
             if evaluate_test and best is not None and len(state.data.test):
                 load_trainable_state(state.engine.module, best["weights"])
                 test_batches = Batches(*Batches.tensors(state.data.test.images, state.data.test.labels), self.ctx.device,
-                                       trial.model.mean, trial.model.std, shared=True)
+                                       *_statistics(trial), shared=True)
                 # the validation epoch's thresholds, unchanged: the test split chooses nothing
                 test = self.evaluate(trial, state, test_batches, state.data.test, best["thresholds"])
                 details = {**json.loads(best["details"]), "test": prediction_details(test, state.data.class_names, "test")}
@@ -500,6 +501,12 @@ class Resumed:
             raise TrialFailed(f"the checkpoint of best epoch {epoch} cannot be read to resume the trial ({exc})") from None
         return {"value": chosen[trial.metric], "epoch": epoch, "weights": weights,
                 "scores": {name: chosen.get(name) for name in score_names}, "details": chosen.get("details") or "{}"}
+
+
+def _statistics(trial: TrialConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and std the trial's backbone normalises its inputs with."""
+    stats = input_statistics(trial.model)
+    return stats.mean, stats.std
 
 
 def dataset_identity(trial: TrialConfig) -> str:
