@@ -222,6 +222,7 @@ def test_a_killed_search_on_s3_resumes_from_the_bucket(bucket: Bucket, pg_url: s
             assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""
             assert time.time() < deadline, "the second study checkpointed no epoch within 400 s"
             time.sleep(0.2)
+        killed_at = time.time()
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, without warning
         driver.wait(timeout=60)
     finally:
@@ -249,12 +250,15 @@ def test_a_killed_search_on_s3_resumes_from_the_bucket(bucket: Bucket, pg_url: s
     (result_key,) = [k for k in bucket.keys("tune/tiny-ratio1/")
                      if f"run_trial_{interrupted['trial_id']}" in k and k.endswith("/result.json")]
     reported = [json.loads(line) for line in bucket.read(result_key).decode().splitlines() if line.strip()]
-    restarted = [r for r in reported if r.get("resumed_from_epoch")]
-    assert restarted and restarted[0]["epoch"] == restarted[0]["resumed_from_epoch"] + 1 > 1, (at_kill, reported)
-    # from the latest epoch in the bucket's index: the one at the kill, or a later one that the
-    # killed Ray's executor still wrote before its processes noticed and ended
-    assert restarted[0]["resumed_from_epoch"] >= max(at_kill), (at_kill, reported)
-    assert [r["epoch"] for r in restarted] == list(range(restarted[0]["epoch"], epochs + 1))
+    # Tune's results span the whole trial, each epoch once, counted in epochs
+    assert [(r["epoch"], r["training_iteration"]) for r in reported] == [(e, e) for e in range(1, epochs + 1)]
+    # the epochs in the bucket at the kill were trained once, before it (the killed Ray's executor
+    # may have written a later one before its processes noticed and ended; the resumed run went on
+    # from the latest in the bucket's record)
+    record = json.loads(bucket.read(f"train/tiny-ratio1-{interrupted['trial_id']}/trial_record.json"))
+    assert [m["epoch"] for m in record["epochs"]] == list(range(1, epochs + 1))
+    assert all(m["worker_started_at"] < killed_at for m in record["epochs"][: max(at_kill)]), (at_kill, record)
+    assert interrupted["details"]["curve"]["epoch"] == list(range(1, epochs + 1))
     assert interrupted["checkpoint"].startswith(f"{bucket.results}/train/tiny-ratio1-{interrupted['trial_id']}/")
     assert json.loads(bucket.read("searches/tiny.json"))["finished"]
     assert _local_litter(tmp_path) == []

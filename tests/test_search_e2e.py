@@ -172,6 +172,7 @@ def test_a_killed_search_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path: P
             assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""
             assert time.time() < deadline, "the second study checkpointed no epoch within 400 s"
             time.sleep(0.2)
+        at_kill, killed_at = max(checkpointed_epochs(results / "train", "ratio1-")), time.time()
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, without warning
         driver.wait(timeout=60)
     finally:
@@ -191,13 +192,19 @@ def test_a_killed_search_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path: P
     assert all(r["status"] == "completed" and r["epochs_run"] == epochs for r in rows), [(r["status"], r["epochs_run"], r["error"]) for r in rows]
     # the trial that had finished was not run again
     assert all(r["created_at"] == before[r["trial_id"]] for r in rows if r["trial_id"] in before)
-    # the interrupted trial resumed after its checkpointed epochs instead of starting over
+    # the interrupted trial's results span the whole trial, each epoch once, counted in epochs
     (interrupted,) = [r for r in rows if r["trial_id"] not in before]
     (result_file,) = (results / "tune").glob(f"*/*{interrupted['trial_id']}*/result.json")
     reported = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-    resumed = [r for r in reported if r.get("resumed_from_epoch")]
-    assert resumed and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1 > 1, reported
-    assert [r["epoch"] for r in resumed] == list(range(resumed[0]["epoch"], epochs + 1))
+    assert [(r["epoch"], r["training_iteration"]) for r in reported] == [(e, e) for e in range(1, epochs + 1)]
+    assert interrupted["details"]["curve"]["epoch"] == list(range(1, epochs + 1))
+    # it went on from its checkpoint instead of starting over: the epochs checkpointed before the
+    # kill were trained once, by the first run's worker (the killed driver's workers may have
+    # trained a little further before they noticed; the resumed run took over from there)
+    (record,) = (results / "train").glob(f"*{interrupted['trial_id']}*/trial_record.json")
+    recorded = json.loads(record.read_text())["epochs"]
+    assert [m["epoch"] for m in recorded] == list(range(1, epochs + 1))
+    assert all(m["worker_started_at"] < killed_at for m in recorded[:at_kill]), (at_kill, killed_at, recorded)
     # each label ratio's Optuna study went on with its history: one trial each, none twice
     import optuna
 
