@@ -301,3 +301,23 @@ def test_every_method_has_a_valid_default_space() -> None:
                 f"{method}.yaml", Path(tmp),
             )
             assert "lr" in config.distributions(), method
+
+
+def test_sv_diff_factorises_each_frozen_weight_once_and_identically() -> None:
+    from medpeft_ray.methods import modules
+
+    modules._SVD_CACHE.clear()
+    first = adapted("vit", "sv_diff")
+    cached = len(modules._SVD_CACHE)
+    second = adapted("vit", "sv_diff")  # the next trial: the same pristine weights
+    assert cached > 0 and len(modules._SVD_CACHE) == cached
+    a = dict(first.named_buffers())
+    b = dict(second.named_buffers())
+    name = next(n for n in a if n.endswith("svdiff.s"))
+    assert torch.equal(a[name], b[name]) and a[name].data_ptr() != b[name].data_ptr()  # equal, not shared
+    # a weight that differs (another checkpoint) gets its own factorisation
+    other = backbone("vit")
+    with torch.no_grad():
+        other.blocks[0].attn.qkv.weight.add_(1.0)
+    prepare_model(other, "sv_diff", {}, "vit")
+    assert len(modules._SVD_CACHE) == cached + 1

@@ -8,7 +8,10 @@ all keep working; the method's parameters are the only new names.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -372,6 +375,31 @@ class BranchScale(Attached):
             layer.bias.mul_(gamma)
 
 
+#: SVDs of frozen weights, by content: every trial of a warm executor copies the same pristine
+#: backbone, so each weight is factorised once per worker, not once per trial
+_SVD_CACHE: "OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]" = OrderedDict()
+#: factorisations kept (a ViT-B's 48 adapted layers, a U-Net's attention and feed-forward layers)
+SVD_CACHE_SIZE = 256
+
+
+def frozen_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(matrix, full_matrices=False)`` of a frozen weight, computed once per content.
+
+    The key is the matrix's bytes' SHA-256 (with its shape, dtype and device), so only an
+    identical weight shares a factorisation; each caller gets its own copies.
+    """
+    if matrix.device.type == "meta":  # shapes only (parameter counts): nothing to compute or keep
+        return torch.linalg.svd(matrix, full_matrices=False)  # type: ignore[return-value]
+    key = (tuple(matrix.shape), str(matrix.dtype), str(matrix.device),
+           hashlib.sha256(matrix.detach().contiguous().cpu().numpy().tobytes()).hexdigest())
+    if key not in _SVD_CACHE:
+        _SVD_CACHE[key] = torch.linalg.svd(matrix, full_matrices=False)
+        while len(_SVD_CACHE) > SVD_CACHE_SIZE:
+            _SVD_CACHE.popitem(last=False)
+    _SVD_CACHE.move_to_end(key)
+    return tuple(t.clone() for t in _SVD_CACHE[key])  # type: ignore[return-value]
+
+
 class SingularShift(Attached):
     """SVDiff: a layer's weight ``W = U diag(s) V^T`` becomes ``U diag(relu(s + delta)) V^T``, delta starting at 0.
 
@@ -387,8 +415,7 @@ class SingularShift(Attached):
         super().__init__()
         if not isinstance(host, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             raise TypeError(f"SVDiff shifts the singular values of a Linear or convolution, not a {type(host).__name__}")
-        matrix = host.weight.detach().reshape(host.weight.shape[0], -1).float()
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = frozen_svd(host.weight.detach().reshape(host.weight.shape[0], -1).float())
         self.register_buffer("u", u, persistent=False)
         self.register_buffer("s", s, persistent=False)
         self.register_buffer("vh", vh, persistent=False)
