@@ -391,13 +391,13 @@ def test_trial_waits_for_new_nodes_and_restarts_from_checkpoints(monkeypatch: py
         def get_trial_id(self) -> str:
             return "abc"
 
-    import ray.tune.integration.ray_train
+    import medpeft_ray.search.trial
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
     from ray.train import UserCallback
 
-    # the real one needs a running Tune session
-    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", UserCallback)
+    # the real one (a TuneReportCallback) needs a running Tune session
+    monkeypatch.setattr(medpeft_ray.search.trial, "EpochReportCallback", UserCallback)
     monkeypatch.setattr(tune, "get_context", lambda: FakeContext())
     monkeypatch.delenv(WORKER_GROUP_START_TIMEOUT_ENV, raising=False)
     config = validate_search_dict(tiny_search(), "tiny.yaml")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import leaderboard_rows, tiny_search
+from conftest import checkpointed_epochs, leaderboard_rows, tiny_search
 from test_ray_output import RAY_LOG_LINE
 
 pytestmark = pytest.mark.ray
@@ -168,8 +168,8 @@ def test_a_worker_killed_mid_trial_resumes_its_trial_on_the_restored_executor(tm
     try:
         deadline = time.time() + 400
         while True:
-            indexes = list((results / "train").glob("*/trial_record.json")) if (results / "train").is_dir() else []
-            if indexes and _train_workers():
+            # a trial's record exists from its delivery on; its checkpoints only once an epoch is complete
+            if checkpointed_epochs(results / "train") and _train_workers():
                 break
             assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""
             assert time.time() < deadline, "no trial checkpointed an epoch within 400 s"
