@@ -141,11 +141,14 @@ def main() -> None:
                 point = (row["params"]["lr"], row["params"]["rank"])
                 duplicated += point in got
                 got[point] = compared(row)
+            different = sorted(p for p in set(expected) & set(got) if expected[p] != got[p])
             reports.append({
                 "repeat": repeat, "worker_kills": faulted["worker_kills"], "driver_kills": faulted["driver_kills"],
                 "rows_lost": len(set(expected) - set(got)), "rows_duplicated": duplicated,
-                "rows_different": sum(1 for p in set(expected) & set(got) if expected[p] != got[p]),
-                "wall_s": round(faulted["wall_s"], 1),
+                "rows_different": len(different), "wall_s": round(faulted["wall_s"], 1),
+                # (lr, rank): [status, epochs, best epoch, best value, curve epochs, curve values] clean vs faulted
+                "differences": {f"lr={lr:g} rank={rank}": {"clean": expected[(lr, rank)], "faulted": got[(lr, rank)]}
+                                for lr, rank in different},
             })
     summary = {"trials": len(expected), "clean_wall_s": round(clean["wall_s"], 1), "faulted": reports}
     if args.json:
@@ -156,6 +159,9 @@ def main() -> None:
     for r in reports:
         print(f"{r['repeat']:>6}  {r['worker_kills']:>12}  {r['driver_kills']:>12}  {r['rows_lost']:>4}  "
               f"{r['rows_duplicated']:>10}  {r['rows_different']:>9}  {r['wall_s']:>6.0f}")
+    for r in reports:
+        for point, rows in r["differences"].items():
+            print(f"repeat {r['repeat']} {point}:\n  clean   {rows['clean']}\n  faulted {rows['faulted']}")
 
 
 if __name__ == "__main__":

@@ -287,3 +287,17 @@ def test_the_grid_sampler_survives_the_pickling_tune_does_to_its_searcher() -> N
         seen.append(trial.suggest_categorical("lr", [0.001, 0.01]))
         study.tell(trial, 0.5)
     assert sorted(seen) == [0.001, 0.01]
+
+
+def test_a_resumed_studys_trials_queue_in_the_order_tune_created_them() -> None:
+    """Restored trials submit again in whatever order their drivers start; the scheduler's decisions
+    depend on which reports first, so they queue by their number in their study."""
+
+    async def scenario() -> None:
+        d = _dispatcher()
+        for key in ("s/ab_00002", "other/cd_00000", "s/ab_00000", "s/ab_00001"):
+            await d.submit(key, {"trial": key, "max_failures": 1})
+        handed = [(await d.next_trial(f"e{i}", 0.1))["trial"] for i in range(4)]
+        assert handed == ["s/ab_00000", "s/ab_00001", "s/ab_00002", "other/cd_00000"]
+
+    asyncio.run(scenario())

@@ -380,11 +380,11 @@ class TrialDispatcher:
         if existing is not None and not existing.ended.is_set():
             existing.payload = payload
             if existing.executor is None and key not in self.queue:  # known to a restarted dispatcher by its events only
-                self.queue.append(key)
+                self._enqueue(key)
                 self._notify()
             return
         self.trials[key] = _Trial(key, payload, asyncio.Queue(), asyncio.Event())
-        self.queue.append(key)
+        self._enqueue(key)
         if not self._idle_executors() and self._alive() < self.spec.max_executors:
             self._launch()  # an executor exited while idle: the search needs it again
         self._notify()
@@ -513,6 +513,18 @@ class TrialDispatcher:
     def _assignment(self, trial: _Trial) -> dict[str, Any]:
         return {**trial.payload, "key": trial.key, "delivery": trial.deliveries, "generation": self.generation,
                 "dispatched_at": time.time()}
+
+    def _enqueue(self, key: str) -> None:
+        """Queues a trial after the trials of its study that Tune created before it: a resumed study's
+        restored trials submit again in any order, and the scheduler's decisions depend on which of
+        them reports first, so they train in the order they had."""
+        study, number = _study_and_number(key)
+        for position, queued in enumerate(self.queue):
+            other_study, other_number = _study_and_number(queued)
+            if other_study == study and other_number > number:
+                self.queue.insert(position, key)
+                return
+        self.queue.append(key)
 
     def _adopting(self) -> bool:
         """Whether this is a restarted dispatcher still taking running trials back from their executors."""
@@ -999,4 +1011,11 @@ class ExecutorCallback(Callback):
 def trial_key(experiment: str, trial_id: str) -> str:
     """A trial's name at the dispatcher, unique over the studies of a search."""
     return f"{experiment}/{trial_id}"
+
+
+def _study_and_number(key: str) -> tuple[str, int]:
+    """A trial key's study and the trial's number in it (Tune's ids end ``_<number>``; others: 0)."""
+    study, _, trial_id = key.rpartition("/")
+    number = trial_id.rpartition("_")[2]
+    return study, int(number) if number.isdigit() else 0
 
