@@ -179,6 +179,39 @@ def test_schedulers() -> None:
     assert type(scheduler("none")) is FIFOScheduler
 
 
+def test_asha_stops_again_after_a_resume_what_it_had_stopped(tmp_path: Path) -> None:
+    """Tune rebuilds a resumed study's scheduler from its first pickle; ASHA's rungs and stops come
+    back from the state it saved, so a restored trial that reports its stopped rung again stops."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    config = validate_search_dict(tiny_search(search={"scheduler": {"type": "asha", "grace_period": 1,
+                                                                    "reduction_factor": 2}}), "t.yaml")
+    asha = make_scheduler(config.search, epochs=4, state_uri=str(tmp_path / "tune" / "scheduler_state.pkl"))
+    first_pickle = pickle.dumps(asha)  # what Tune keeps with the study when it starts (tuner.pkl)
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(3)]
+    for trial in trials:
+        asha.on_trial_add(None, trial)
+
+    def report(scheduler: Any, trial: Any, epoch: int, value: float) -> str:
+        return scheduler.on_trial_result(None, trial, {"training_iteration": epoch, "val_auroc": value})
+
+    assert report(asha, trials[0], 1, 0.9) == TrialScheduler.CONTINUE
+    assert report(asha, trials[1], 1, 0.95) == TrialScheduler.CONTINUE
+    assert report(asha, trials[2], 1, 0.1) == TrialScheduler.STOP  # below the rung's cutoff
+    # the driver dies before the stop is saved; the resumed study's scheduler is the first pickle
+    resumed = pickle.loads(first_pickle)
+    for trial in trials:  # Tune adds the restored trials again: each keeps its bracket
+        resumed.on_trial_add(None, trial)
+    assert report(resumed, trials[2], 1, 0.1) == TrialScheduler.STOP  # reported again: stopped again
+    assert resumed._brackets[0]._rungs[-1][1] == asha._brackets[0]._rungs[-1][1]  # the same rung records
+    # without a saved state (a new study) nothing is read
+    fresh = pickle.loads(pickle.dumps(make_scheduler(config.search, epochs=4)))
+    assert fresh.stopped_at == {}
+
+
 # -- budgets -----------------------------------------------------------------------------------
 
 

@@ -700,7 +700,8 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,  # the searcher and the scheduler each know their objectives
-            scheduler=make_scheduler(settings, config.train.epochs_for(label_ratio)),
+            scheduler=make_scheduler(settings, config.train.epochs_for(label_ratio),
+                                     state_uri=f"{run.storage}/tune/{experiment}/scheduler_state.pkl"),
             num_samples=num_samples,
             # with executors, each slot's next trial waits beside it, ready the moment it is free
             max_concurrent_trials=run.plan.concurrency * (1 + WAITING_PER_EXECUTOR if dispatcher is not None else 1),

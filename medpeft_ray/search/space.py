@@ -7,10 +7,12 @@ that method is chosen).
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from typing import Any
 
 import optuna
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from medpeft_ray.config import Distribution, SearchSettings, SearchSpace, grid_points
 from medpeft_ray.config.space import suggest
@@ -79,9 +81,68 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
         pass
 
 
-def make_scheduler(settings: SearchSettings, epochs: int) -> Any:
-    """The Tune trial scheduler named by ``search.scheduler``: early stopping on epochs."""
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
+class RestorableASHA(AsyncHyperBandScheduler):
+    """Tune's asynchronous HyperBand (ASHA), whose rungs and decisions survive a killed driver.
+
+    Tune restores a study's trials and searcher but builds its scheduler afresh from the study's
+    first pickle: the rungs recorded before the kill are gone, and a trial the scheduler had
+    stopped whose stop was not saved reports its rung again, which ASHA takes as decided
+    ("continue"). Here every decision is saved (``state_uri``, beside Tune's state) and read back
+    when the scheduler is unpickled; a trial stopped at epoch ``t`` is stopped again when it
+    reports ``t`` again.
+    """
+
+    def __init__(self, *args: Any, state_uri: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state_uri = state_uri
+        self.stopped_at: dict[str, float] = {}  # trial id -> the epoch the scheduler stopped it at
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if trial.trial_id not in self._trial_info:  # a restored trial keeps its bracket
+            super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        epoch = result.get(self._time_attr)
+        stopped_at = self.stopped_at.get(trial.trial_id)
+        if action == TrialScheduler.STOP and stopped_at is None and epoch is not None:
+            self.stopped_at[trial.trial_id] = epoch
+        elif stopped_at is not None and epoch is not None and epoch >= stopped_at:
+            action = TrialScheduler.STOP
+        self._save()
+        return action
+
+    def _save(self) -> None:
+        if self.state_uri is None:
+            return
+        from medpeft_ray.storage import filesystem
+
+        fs, path = filesystem(self.state_uri)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as stream:  # one small pickle; an object store's PUT is whole
+            stream.write(pickle.dumps({k: v for k, v in self.__dict__.items() if k != "state_uri"}))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("stopped_at", {})
+        if self.__dict__.get("state_uri") is None:
+            return
+        import pyarrow.fs
+
+        from medpeft_ray.storage import filesystem
+
+        fs, path = filesystem(self.state_uri)
+        if fs.get_file_info(path).type == pyarrow.fs.FileType.File:  # a resumed study: its decisions so far
+            with fs.open_input_stream(path) as stream:
+                self.__dict__.update(pickle.loads(stream.read()))
+
+
+def make_scheduler(settings: SearchSettings, epochs: int, state_uri: str | None = None) -> Any:
+    """The Tune trial scheduler named by ``search.scheduler``: early stopping on epochs.
+
+    ``state_uri``: where ASHA keeps its decisions, so that a resumed study stops what it stopped.
+    """
+    from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule
 
     scheduler = settings.scheduler
     grace = min(scheduler.grace_period, epochs)
@@ -91,8 +152,8 @@ def make_scheduler(settings: SearchSettings, epochs: int) -> Any:
     if scheduler.type in ("asha", "hyperband"):
         # ASHA is asynchronous HyperBand with one bracket; more brackets hedge against a grace
         # period that stops good slow starters too early
-        return AsyncHyperBandScheduler(
-            time_attr="training_iteration", max_t=epochs, grace_period=grace, **metric,
+        return RestorableASHA(
+            time_attr="training_iteration", max_t=epochs, grace_period=grace, **metric, state_uri=state_uri,
             reduction_factor=scheduler.reduction_factor, brackets=scheduler.brackets if scheduler.type == "hyperband" else 1,
         )
     if scheduler.type == "median":
