@@ -223,3 +223,36 @@ def test_dashboard_errors_are_one_line(leaderboard: Path, tmp_path: Path, monkey
     calls = fake_dashboard(monkeypatch)
     result = CliRunner().invoke(app, ["dashboard", "--results", str(tmp_path / "empty")])
     assert result.exit_code == 1 and "no leaderboard here yet" in result.stderr and calls == []
+
+
+def test_a_resumed_grid_hands_out_the_points_asked_for_after_tunes_last_save_first(tmp_path: Path) -> None:
+    """A driver killed after Optuna handed out a point but before Tune saved its state: the resumed
+    searcher (Tune's saved copy) gives that running point to the next trial, so no grid point is
+    skipped and none is run twice."""
+    import pickle
+
+    from conftest import tiny_search
+
+    from medpeft_ray.config import validate_search_dict
+    from medpeft_ray.search.space import make_sampler
+
+    config = validate_search_dict(tiny_search(space={"lr": {"type": "categorical", "choices": [0.001, 0.002, 0.003]}},
+                                              search={"sampler": "grid", "num_samples": 3}), "g.yaml")
+    url = f"sqlite:///{tmp_path / 'board.db'}"
+    LeaderboardStore(url)
+
+    def searcher() -> EpochStatesSearch:
+        return EpochStatesSearch(space=SpaceSampler.of(config.search_space), metric="val_auroc", mode="max",
+                                 sampler=make_sampler(config.search, config.search_space.distributions),
+                                 storage=optuna_storage(url), study_name="g", epochs=3)
+
+    live = searcher()
+    first = live.suggest("t0")["lr"]
+    saved = pickle.dumps(live)  # Tune's experiment state: one trial known
+    second = live.suggest("t1")["lr"]  # asked, then the driver dies before Tune saves again
+    resumed = pickle.loads(saved)
+    assert resumed.suggest("t1")["lr"] == second  # the running point, not a new one
+    third = resumed.suggest("t2")["lr"]
+    assert sorted([first, second, third]) == [0.001, 0.002, 0.003]
+    study = optuna.load_study(study_name="g", storage=optuna_storage(url))
+    assert len(study.trials) == 3

@@ -69,6 +69,20 @@ class EpochStatesSearch(OptunaSearch):
     def _first_mode(self) -> str:
         return self.mode[0] if isinstance(self.mode, list) else self.mode
 
+    def suggest(self, trial_id: str) -> dict | None:
+        # A study resumed after its driver was killed: trials Optuna handed out after Tune last
+        # saved its state are running in the study but unknown to Tune. They are handed out again,
+        # lowest number first, as the trials that were asked for next: a sampler counts running
+        # trials (the grid skips their points), so asking anew would skip or repeat a point.
+        if trial_id not in self._ot_trials:
+            known = {t.number for t in self._ot_trials.values()}
+            orphans = [t for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                       if t.number not in known]
+            if orphans:
+                orphan = min(orphans, key=lambda t: t.number)
+                self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, orphan._trial_id)
+        return super().suggest(trial_id)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials:
             return
