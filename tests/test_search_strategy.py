@@ -207,6 +207,15 @@ def test_asha_stops_again_after_a_resume_what_it_had_stopped(tmp_path: Path) -> 
         resumed.on_trial_add(None, trial)
     assert report(resumed, trials[2], 1, 0.1) == TrialScheduler.STOP  # reported again: stopped again
     assert resumed._brackets[0]._rungs[-1][1] == asha._brackets[0]._rungs[-1][1]  # the same rung records
+    # a trial Tune created after its last save is not restored: its records go, not counted twice
+    orphan = SimpleNamespace(trial_id="t3", config={})
+    asha.on_trial_add(None, orphan)
+    report(asha, orphan, 1, 0.97)
+    again = pickle.loads(first_pickle)
+    for trial in trials:
+        again.on_trial_add(None, trial)
+    assert report(again, trials[2], 1, 0.1) == TrialScheduler.STOP
+    assert set(again._brackets[0]._rungs[-1][1]) == {"t0", "t1", "t2"} and "t3" not in again._trial_info
     # without a saved state (a new study) nothing is read
     fresh = pickle.loads(pickle.dumps(make_scheduler(config.search, epochs=4)))
     assert fresh.stopped_at == {}

@@ -96,12 +96,18 @@ class RestorableASHA(AsyncHyperBandScheduler):
         super().__init__(*args, **kwargs)
         self.state_uri = state_uri
         self.stopped_at: dict[str, float] = {}  # trial id -> the epoch the scheduler stopped it at
+        self.added: set[str] | None = None  # after a restore: the trials Tune added again
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if self.added is not None:
+            self.added.add(trial.trial_id)
         if trial.trial_id not in self._trial_info:  # a restored trial keeps its bracket
             super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if self.added is not None:
+            self._forget_unknown(self.added)
+            self.added = None
         action = super().on_trial_result(tune_controller, trial, result)
         epoch = result.get(self._time_attr)
         stopped_at = self.stopped_at.get(trial.trial_id)
@@ -112,6 +118,17 @@ class RestorableASHA(AsyncHyperBandScheduler):
         self._save()
         return action
 
+    def _forget_unknown(self, known: set[str]) -> None:
+        """Drops what the saved state holds of trials Tune does not know after its restore (created
+        after Tune last saved: their points run again under new ids, which must not count twice)."""
+        for trial_id in set(self._trial_info) - known:
+            del self._trial_info[trial_id]
+            self.stopped_at.pop(trial_id, None)
+        for bracket in self._brackets:
+            for _, recorded in bracket._rungs:
+                for trial_id in set(recorded) - known:
+                    del recorded[trial_id]
+
     def _save(self) -> None:
         if self.state_uri is None:
             return
@@ -120,7 +137,7 @@ class RestorableASHA(AsyncHyperBandScheduler):
         fs, path = filesystem(self.state_uri)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as stream:  # one small pickle; an object store's PUT is whole
-            stream.write(pickle.dumps({k: v for k, v in self.__dict__.items() if k != "state_uri"}))
+            stream.write(pickle.dumps({k: v for k, v in self.__dict__.items() if k not in ("state_uri", "added")}))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -135,6 +152,7 @@ class RestorableASHA(AsyncHyperBandScheduler):
         if fs.get_file_info(path).type == pyarrow.fs.FileType.File:  # a resumed study: its decisions so far
             with fs.open_input_stream(path) as stream:
                 self.__dict__.update(pickle.loads(stream.read()))
+            self.added = set()
 
 
 def make_scheduler(settings: SearchSettings, epochs: int, state_uri: str | None = None) -> Any:
