@@ -49,6 +49,7 @@ from ray.tune import Callback
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search import Searcher
 
+from medpeft_ray.fault_points import fault_point
 from medpeft_ray.metrics import best_first_key, nan_metrics
 from medpeft_ray.search.budget import ForwardingSearcher
 
@@ -482,8 +483,6 @@ class TrialDispatcher:
 
     async def post(self, key: str, kind: str, data: Any) -> None:
         """An executor's ``("epoch" | "done" | "failed", data)`` for the trial's driver."""
-        from medpeft_ray.fault_points import fault_point
-
         if kind == "epoch":
             fault_point("dispatcher_post", int(data.get("epoch") or 0))
         trial = self.trials.get(key)
@@ -787,7 +786,6 @@ def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, ex
     import ray
 
     from medpeft_ray.errors import TrialFailed
-    from medpeft_ray.fault_points import fault_point
     from medpeft_ray.train.recipe import TrialStopped
 
     ctx = recipe.ctx
