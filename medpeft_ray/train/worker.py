@@ -56,12 +56,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epochs_reported = int(metrics["epoch"])
 
     def run(resume_from: Path | None) -> None:
+        nonlocal epochs_reported
         if resume_from is not None and (resume_from / HISTORY_FILE).is_file():
             # A restarted run reports the epochs before its checkpoint again (the trainable's
             # EpochReportCallback drops those Tune has seen), so a restored trial's results span it all.
             history[:] = json.loads((resume_from / HISTORY_FILE).read_text())
             for metrics in history:
                 ray.train.report(metrics)
+            epochs_reported = max((int(m["epoch"]) for m in history), default=0)  # a failure's epoch follows them
         ctx = WorkerContext(
             rank=context.get_world_rank(),
             world_size=context.get_world_size(),
@@ -96,4 +98,3 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     else:
         with checkpoint.as_directory() as directory:
             run(Path(directory))
-
