@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MEDPEFT_CACHE", tempfile.mkdtemp(prefix="medpeft-test-cache-"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -41,7 +42,8 @@ def tiny_search(**sections: Any) -> dict[str, Any]:
         "space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
         "train": {"epochs": 2, "batch_size": 8, "augment": "flip"},
         "search": {"num_samples": 2, "seed": 0, "scheduler": {"type": "none"}},
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+        # executors stay warm between tests for longer than a user's default minute
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "executor_idle_s": 300},
     }
     for name, value in sections.items():
         config[name] = {**config[name], **value} if isinstance(value, dict) else value
@@ -60,16 +62,80 @@ def all_images(splits: Any) -> list[tuple[Any, Any, Any]]:
     return [(im, lab, g) for s in (splits.train, splits.val, splits.test) for im, lab, g in zip(s.images, s.labels, s.groups)]
 
 
-@pytest.fixture(scope="module")
-def ray_session():  # type: ignore[no-untyped-def]
-    """A local Ray for the in-process searches of one test module (``run_search`` connects to it)."""
+@pytest.fixture(scope="session")
+def _ray_for_the_run():  # type: ignore[no-untyped-def]
+    yield
+    import ray
+
+    from medpeft_ray.search.pools import release_executors
+
+    release_executors()
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_session(_ray_for_the_run: None) -> None:
+    """One local Ray for every in-process search of the test run (``run_search`` connects to it),
+    started by the first test that asks (again after a test that needed its own cluster).
+
+    Searches keep their executors warm for the next one that fits (as any driver does), so the
+    run pays for executors about once per resource shape; each test still gets its own results
+    folder and leaderboard. Nothing a search leaves in an executor may change another's numbers:
+    ``test_executors_e2e`` checks that a search on kept executors equals one on fresh executors.
+    """
     import ray
 
     from medpeft_ray.search.runner import DRIVER_RESOURCE
 
-    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 100}, log_to_driver=False, include_dashboard=True)
-    yield
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 100}, log_to_driver=False, include_dashboard=True)
+
+
+@pytest.fixture
+def ray_starts(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The Ray addresses this test's searches joined or started Ray with (None: a local Ray); a
+    search refused before Ray leaves it empty (the test run's own Ray may be up meanwhile)."""
+    from medpeft_ray.search import runner
+
+    calls: list[str | None] = []
+    connect = runner._connect
+
+    def recorded(address: str | None) -> None:
+        calls.append(address)
+        connect(address)
+
+    monkeypatch.setattr(runner, "_connect", recorded)
+    return calls
+
+
+@dataclass
+class CliRun:
+    """What ``medpeft-ray <args>`` did when run in this process (:func:`cli_in_process`)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                   cwd: Path | None = None) -> CliRun:
+    """Runs the real entry point (``medpeft_ray.cli.main``, argv and all) in this process: no
+    interpreter start or imports to pay, and a search joins the test run's Ray (the ``ray_session``
+    fixture) and its warm executors. A test about the process itself (a kill, Ray's own output)
+    runs ``python -m medpeft_ray.cli`` instead."""
+    import sys
+
+    from medpeft_ray import cli
+
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["medpeft-ray", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    out, err = capsys.readouterr()
+    code = info.value.code
+    return CliRun(code if isinstance(code, int) else 0 if code is None else 1, out, err)
 
 
 def load_shipped_space(path: Path, tmp_path: Path) -> Any:

@@ -111,8 +111,11 @@ def fake_cluster() -> Iterator[FakeCluster]:
         pytest.skip("the fake multi-node cluster is tested on Linux")
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("this test process is already connected to another Ray cluster")
+    if ray.is_initialized():  # the test run's own Ray (the next test that needs it starts it again)
+        from medpeft_ray.search.pools import release_executors
+
+        release_executors()
+        ray.shutdown()
 
     # A short folder of our own: Ray's socket paths must stay under 108 characters, and other
     # Ray instances on this machine (found through /tmp/ray) must neither see nor join this one.

@@ -327,8 +327,7 @@ def test_preflight_records_the_checkpoint_identity(tmp_path: Path, vit_state: di
         update={"checkpoint": None})}))["checkpoint"] is None
 
 
-def test_search_cli_stops_with_exit_2_before_ray(tmp_path: Path) -> None:
-    import ray
+def test_search_cli_stops_with_exit_2_before_ray(tmp_path: Path, ray_starts: list[str | None]) -> None:
     import yaml
     from typer.testing import CliRunner
 
@@ -342,7 +341,7 @@ def test_search_cli_stops_with_exit_2_before_ray(tmp_path: Path) -> None:
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith(f"error: {path}: not a PyTorch or safetensors checkpoint (")
-    assert not ray.is_initialized()
+    assert not ray_starts
 
 
 def test_file_hash_is_computed_once_per_version_of_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -416,19 +416,19 @@ def test_trial_waits_for_new_nodes_and_restarts_from_checkpoints(monkeypatch: py
     assert run_config.failure_config.controller_failure_limit == 3
 
 
-def test_address_where_nothing_listens_is_one_line_at_once() -> None:
+def test_address_where_nothing_listens_is_one_line_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
     import ray
 
     from medpeft_ray.search.runner import _connect
 
-    if ray.is_initialized():
-        pytest.skip("this process is already connected to a Ray cluster")
+    # as in a fresh process (the test run's own Ray may be up): Ray must not even be asked
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
     with pytest.raises(MedpeftError) as info:
         _connect(f"127.0.0.1:{port}")
     assert str(info.value).startswith(f"--address 127.0.0.1:{port}: no Ray cluster answers there")
-    assert not ray.is_initialized()

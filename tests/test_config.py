@@ -99,7 +99,7 @@ def test_lora_yaml_contents() -> None:
     config = load_search_config(LORA_YAML)
     assert config.experiment == "lora-synthetic"
     assert config.method.name == "lora"
-    assert config.dataset.label_ratios == [0.1, 1.0]
+    assert config.dataset.label_ratios == [0.25, 1.0]
     dists = config.distributions()
     assert list(dists) == ["lr", "rank"]
     assert isinstance(dists["lr"], FloatDistribution) and dists["lr"].log
@@ -250,11 +250,11 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
      "space.rank.choices", "choices must be numbers, strings, booleans or null"),
     ("searched-and-fixed", _rank_both,
      "space.rank", "also fixed in method.options.rank; search it or fix it, not both"),
-    ("epochs-per-ratio-missing", _set("train", "epochs", value={0.1: 4}),
-     "train.epochs", "no epochs for label ratio 1 (dataset.label_ratios: 0.1, 1)"),
-    ("epochs-per-ratio-extra", _set("train", "epochs", value={0.1: 4, 1.0: 2, 0.01: 8}),
-     "train.epochs", "label ratio 0.01 is not searched (dataset.label_ratios: 0.1, 1)"),
-    ("epochs-per-ratio-zero", _set("train", "epochs", value={0.1: 4, 1.0: 0}),
+    ("epochs-per-ratio-missing", _set("train", "epochs", value={0.25: 4}),
+     "train.epochs", "no epochs for label ratio 1 (dataset.label_ratios: 0.25, 1)"),
+    ("epochs-per-ratio-extra", _set("train", "epochs", value={0.25: 4, 1.0: 2, 0.01: 8}),
+     "train.epochs", "label ratio 0.01 is not searched (dataset.label_ratios: 0.25, 1)"),
+    ("epochs-per-ratio-zero", _set("train", "epochs", value={0.25: 4, 1.0: 0}),
      "train.epochs", "must be >= 1 (got 0 for label ratio 1)"),
     ("label-ratio-zero", _set("dataset", "label_ratios", value=[0.0, 1.0]),
      "dataset.label_ratios", "every label ratio must be in (0, 1], got 0.0"),
@@ -528,7 +528,7 @@ def test_trial_config_routes_sampled_values() -> None:
     # the search config itself is not modified
     assert config.method.options == fixed_options
     assert config.train.model_dump() == fixed_train
-    assert config.dataset.label_ratios == [0.1, 1.0]
+    assert config.dataset.label_ratios == [0.25, 1.0]
 
 
 def test_trial_config_validates_train_values() -> None:

@@ -74,8 +74,8 @@ def test_a_driver_that_is_not_installed_is_one_line_exit_2(
         assert result.exit_code == 2 and result.output.strip() == f"error: {message}", result.output
 
 
-def test_a_search_with_a_missing_driver_stops_before_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ray
+def test_a_search_with_a_missing_driver_stops_before_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          ray_starts: list[str | None]) -> None:
     import yaml
 
     monkeypatch.setitem(sys.modules, "psycopg", None)
@@ -85,7 +85,7 @@ def test_a_search_with_a_missing_driver_stops_before_ray(tmp_path: Path, monkeyp
     result = cli("search", "--space", space, "--results", tmp_path / "results", "--db", url)
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "the database driver 'psycopg' that postgresql:// URLs use is not installed" in result.output
-    assert not ray.is_initialized()
+    assert not ray_starts
 
 
 @pytest.mark.parametrize(("url", "message"), [

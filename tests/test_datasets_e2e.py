@@ -25,7 +25,6 @@ from medpeft_ray.config import validate_search_dict
 from medpeft_ray.data.check import check_dataset
 from medpeft_ray.leaderboard import LeaderboardStore
 
-pytestmark = pytest.mark.ray
 
 
 def _folder(base: Path) -> Path:
@@ -82,7 +81,7 @@ SEARCHED = ("nih", "rsna", "folder", "fitzpatrick17k", "smdg")
 SUBGROUPS = {"fitzpatrick17k": {"skin_type", "source"}, "smdg": {"source", "sex", "eye"}}
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.ray] if n in SEARCHED else []) for n in sorted(FORMATS)])
 def test_format_checks_and_searches(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     from medpeft_ray.search.runner import preflight, run_search
 
@@ -137,6 +136,7 @@ def _hues(base: Path, per_class: int = 40) -> Path:
     return root
 
 
+@pytest.mark.ray
 def test_colour_is_learned_in_colour_and_grey_stays_one_channel(tmp_path: Path, ray_session: None) -> None:
     """A colour dataset whose classes differ in hue alone: decoded in colour (detected), a real search
     tells them apart; decoded grey, they look alike. A grey dataset keeps one channel in the cache."""

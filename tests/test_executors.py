@@ -171,6 +171,34 @@ def test_the_dispatcher_hands_trials_out_in_order_and_relays_their_events() -> N
     asyncio.run(scenario())
 
 
+def test_each_search_on_kept_executors_gets_its_own_statistics_and_settings() -> None:
+    """A driver's next search reuses the executors (medpeft_ray.search.pools): each search counts
+    only its own trials and busy time, says how many executors it found warm, and sets how many it
+    wants and how long they may idle."""
+    async def scenario() -> None:
+        d = _dispatcher()
+        assert await d.begin_search("first", 0, 30.0) == 0  # 0 wanted: the test plays the executors
+        await d.submit("first/a", {"trial": "A", "max_failures": 1})
+        assert (await d.next_trial("e0", 0.1))["trial"] == "A"
+        await d.release("e0", "first/a")
+        assert await d.running_searches() == ["first"]
+        first = await d.end_search("first")
+        assert first["executors"]["e0"]["trials_run"] == 1 and first["executors_warm"] == 0
+        assert await d.running_searches() == []
+        assert await d.begin_search("second", 0, 5.0) == 1  # e0 is alive: found warm
+        assert d.idle_exit_s == 5.0
+        for key in ("second/a", "second/b"):
+            await d.submit(key, {"trial": key, "max_failures": 1})
+            assert (await d.next_trial("e0", 0.1))["trial"] == key
+            await d.release("e0", key)
+        second = await d.end_search("second")
+        assert second["executors"]["e0"]["trials_run"] == 2 and second["executors_warm"] == 1
+        assert second["executors_started"] == 0
+        assert (await d.stats())["executors"]["e0"]["trials_run"] == 3  # the dispatcher's whole life
+
+    asyncio.run(scenario())
+
+
 def test_a_restarted_executor_gets_its_trial_back_until_the_trials_failure_budget_is_spent() -> None:
     async def scenario() -> None:
         d = _dispatcher()

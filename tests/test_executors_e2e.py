@@ -126,8 +126,9 @@ def test_stopped_trials_free_their_executors_and_two_workers_train_under_zero3_o
         if summary.record.status == "completed":
             assert trial.value == pytest.approx(summary.record.val_auroc)
     stats = result.executors
-    # the two executors started with the search ran every trial: none was lost or replaced
-    assert stats["executors_started"] == 2, stats
+    # the search's two executors (started by it, or kept warm from an earlier search of this
+    # process) ran every trial: none was lost or replaced
+    assert stats["executors_started"] + stats["executors_warm"] == 2, stats
     assert sum(e["trials_run"] for e in stats["executors"].values()) == 5, stats
     assert result.slot_utilisation is not None and 0 < result.slot_utilisation <= 1
 
@@ -137,7 +138,9 @@ def test_stopped_trials_free_their_executors_and_two_workers_train_under_zero3_o
                       resources={"workers_per_trial": 2, "cpus_per_worker": 1})
     result = run_search(validate_search_dict(raw, "zero3.yaml"), results=tmp_path / "zero3")
     assert [s.record.status for s in result.trials] == ["completed", "completed"], [s.record.error for s in result.trials]
-    assert result.executors["executors_started"] == 1 and result.slots == 1
+    # two-worker trials do not fit the one-worker executors kept from the search before: new ones
+    assert result.executors["executors_started"] == 1 and result.executors["executors_warm"] == 0
+    assert result.slots == 1
     (executor,) = result.executors["executors"].values()
     assert executor["trials_run"] == 2
     # every rank's DeepSpeed shard landed in the trial's checkpoint
@@ -146,10 +149,57 @@ def test_stopped_trials_free_their_executors_and_two_workers_train_under_zero3_o
         assert len(shards) == 2, shards
 
 
-def _train_workers() -> list[int]:
+def test_a_search_on_executors_kept_from_another_search_gives_the_numbers_of_fresh_ones(ray_session: None,
+                                                                                       tmp_path: Path) -> None:
+    """Executors outlive a search in its process: the next search that fits finds them warm. One
+    that ran another method on other data and seeds in between changes no value of the next."""
+    from medpeft_ray.config import validate_search_dict
+    from medpeft_ray.search.pools import kept_executors, release_executors
+    from medpeft_ray.search.runner import run_search
+
+    def search(experiment: str, **sections: Any) -> Any:
+        raw = tiny_search(experiment=experiment, **{
+            "space": {"lr": {"type": "categorical", "choices": [0.002, 0.02]}},
+            "search": {"num_samples": 2, "sampler": "grid", "seed": 0, "scheduler": {"type": "none"}},
+            **sections})
+        return run_search(validate_search_dict(raw, f"{experiment}.yaml"), results=tmp_path / experiment)
+
+    def values(result: Any) -> dict[float, Any]:
+        return {s.record.params["lr"]: (s.record.status, s.record.best_epoch, s.record.val_auroc, s.record.val_loss,
+                                        s.record.details["curve"]) for s in result.trials}
+
+    release_executors()  # fresh executors, whatever earlier tests kept
+    fresh = search("fresh")
+    assert fresh.executors["executors_started"] == 2 and fresh.executors["executors_warm"] == 0, fresh.executors
+    (pool,) = kept_executors()
+    assert not pool.in_use
+    # another method, dataset size, seed and augmentation on the same executors
+    other = search("other", method={"name": "vera", "options": {"rank": 4}},
+                   dataset={"options": {"num_patients": 30, "num_classes": 2}, "seed": 5},
+                   train={"seed": 7, "augment": "crop_flip"})
+    assert other.executors["executors_started"] == 0 and other.executors["executors_warm"] == 2, other.executors
+    again = search("again")
+    assert again.executors["executors_started"] == 0 and again.executors["executors_warm"] == 2, again.executors
+    assert sum(e["trials_run"] for e in again.executors["executors"].values()) == 2
+    assert kept_executors() == [pool] and pool.searches == 3
+    assert values(again) == values(fresh)  # exactly: nothing the other search left in them leaked
+    assert values(other) != values(fresh)
+    # released, they end: a next search starts its own
+    assert release_executors() == 1 and kept_executors() == []
+
+
+def _train_workers(driver: int) -> list[int]:
+    """The Ray Train workers of the search whose process is ``driver`` (of its own Ray: not the test run's)."""
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])]
+    found = []
+    for process in psutil.Process(driver).children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in process.cmdline()):
+                found.append(process.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def test_a_worker_killed_mid_trial_resumes_its_trial_on_the_restored_executor(tmp_path: Path) -> None:
@@ -169,12 +219,12 @@ def test_a_worker_killed_mid_trial_resumes_its_trial_on_the_restored_executor(tm
         deadline = time.time() + 400
         while True:
             # a trial's record exists from its delivery on; its checkpoints only once an epoch is complete
-            if checkpointed_epochs(results / "train") and _train_workers():
+            if checkpointed_epochs(results / "train") and _train_workers(driver.pid):
                 break
             assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""
             assert time.time() < deadline, "no trial checkpointed an epoch within 400 s"
             time.sleep(0.2)
-        for pid in _train_workers():
+        for pid in _train_workers(driver.pid):
             os.kill(pid, signal.SIGKILL)
         out, _ = driver.communicate(timeout=500)
     finally:

@@ -153,6 +153,7 @@ def inception_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow  # a whole Inception-v3 on CPU: seconds
 def test_inception_weights_give_2048_features_and_a_finite_score(inception_file: Path) -> None:
     scorer = FidScorer(inception_file)
     assert not scorer.stand_in

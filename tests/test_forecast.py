@@ -141,9 +141,7 @@ def test_startup_figures_from_the_leaderboard(tmp_path: Path) -> None:
     assert "4 earlier" in figures.source
 
 
-def test_cli_dry_run_starts_no_ray(tmp_path: Path) -> None:
-    import ray
-
+def test_cli_dry_run_starts_no_ray(tmp_path: Path, ray_starts: list[str | None]) -> None:
     from medpeft_ray.cli import app
 
     space = tmp_path / "tiny.yaml"
@@ -156,7 +154,7 @@ def test_cli_dry_run_starts_no_ray(tmp_path: Path) -> None:
     assert any(line.startswith("label ratio 1: 2 trials") for line in lines), out.output
     assert any(line.startswith("total: 4 trials, 8.0 epochs") for line in lines), out.output
     assert any("ms per training step" in line for line in lines), out.output
-    assert not ray.is_initialized()
+    assert not ray_starts
     # nothing but the forecast, where the search of this experiment finds it
     assert [p.relative_to(results) for p in results.rglob("*") if p.is_file()] == [Path("searches/tiny.forecast.json")]
     from medpeft_ray.search.manifest import load_dry_run_forecast

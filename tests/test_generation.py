@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import leaderboard_rows
+from conftest import cli_in_process, leaderboard_rows
 
 from medpeft_ray.config import validate_search_dict
 from medpeft_ray.errors import CheckpointError, ConfigError, DataError
@@ -301,7 +298,9 @@ def test_the_fixed_validation_loss_is_the_same_for_every_method_before_training(
 
 
 @pytest.mark.ray
-def test_a_generation_search_fills_the_leaderboard_with_fid(tmp_path: Path) -> None:
+def test_a_generation_search_fills_the_leaderboard_with_fid(tmp_path: Path, ray_session: None,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     config = generation_search(
         method={"name": ["bitfit", "lora"], "options": {"lora": {"rank": 2, "dropout": 0.0}}},
         search={"num_samples": 2, "points_to_evaluate": [{"method": "bitfit"}, {"method": "lora"}],
@@ -310,9 +309,7 @@ def test_a_generation_search_fills_the_leaderboard_with_fid(tmp_path: Path) -> N
     space = tmp_path / "gen.yaml"
     space.write_text(yaml.safe_dump(config))
     results = tmp_path / "results"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    search = subprocess.run([sys.executable, "-m", "medpeft_ray.cli", "search", "--space", str(space), "--results",
-                             str(results)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    search = cli_in_process(["search", "--space", space, "--results", results], monkeypatch, capsys, cwd=tmp_path)
     assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
     rows = leaderboard_rows(results)
     assert sorted(r["method"] for r in rows) == ["bitfit", "lora"], rows
@@ -321,7 +318,6 @@ def test_a_generation_search_fills_the_leaderboard_with_fid(tmp_path: Path) -> N
         assert row["backbone"] == "unet_tiny" and (row["val_auroc"] is None or math.isnan(row["val_auroc"]))
         assert row["details"]["fid_stand_in"] is True  # the store parses details into a dict
         assert Path(row["checkpoint"], "samples.npy").is_file()
-    board = subprocess.run([sys.executable, "-m", "medpeft_ray.cli", "leaderboard", "--results", str(results),
-                            "--format", "json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    board = cli_in_process(["leaderboard", "--results", results, "--format", "json"], monkeypatch, capsys)
     ranked = [r["val_fid"] for r in json.loads(board.stdout)]
     assert ranked == sorted(ranked)  # best (lowest) FID first: the default metric of generation rows

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import shipped_presets_in, tiny_search
+from conftest import cli_in_process, shipped_presets_in, tiny_search
 
 from medpeft_ray.config.grid import deep_merge, load_grid
 from medpeft_ray.errors import ConfigError
@@ -91,14 +91,16 @@ def test_the_studies_grids_are_one_validated_command_each(tmp_path: Path) -> Non
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_grid_runs_its_searches_on_one_set_of_executors_with_per_ratio_budgets(tmp_path: Path) -> None:
+def test_a_grid_runs_its_searches_on_one_set_of_executors_with_per_ratio_budgets(
+    tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Two cells (LoRA, BitFit), each with two label-ratio studies whose epoch budgets differ: one
     command, the executors set up once, every trial in one leaderboard with its study's budget."""
     import json
-    import os
-    import subprocess
-    import sys
 
+    from medpeft_ray.search.pools import release_executors
+
+    release_executors()  # the grid's first cell starts its own executors, the second finds them warm
     base = tiny_search(dataset={"label_ratios": [0.5, 1.0]}, train={"epochs": {0.5: 2, 1.0: 1}},
                        search={"num_samples": 1})
     write(tmp_path / "base.yaml", {**base, "experiment": "cells"})
@@ -106,16 +108,14 @@ def test_a_grid_runs_its_searches_on_one_set_of_executors_with_per_ratio_budgets
         "lora": {},
         "bitfit": {"method": {"_replace": True, "name": "bitfit"}},
     }}}})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cli = [sys.executable, "-m", "medpeft_ray.cli"]
     results = str(tmp_path / "results")
-    run = subprocess.run([*cli, "search", "--space", "grid.yaml", "--results", results], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=800)
+    run = cli_in_process(["search", "--space", "grid.yaml", "--results", results], monkeypatch, capsys, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "grid cell lora (1 of 2)" in run.stdout and "grid cell bitfit (2 of 2)" in run.stdout
-    assert run.stdout.count("executor(s) ready") == 1, run.stdout[-3000:]  # set up once, for both cells
-    board = subprocess.run([*cli, "leaderboard", "--results", results, "--format", "json"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=120)
+    # set up once, for both cells: the second cell found the first one's executors warm
+    assert run.stdout.count("executor(s) ready") == 2, run.stdout[-3000:]
+    assert run.stdout.count("kept warm from this process's last search") == 1, run.stdout[-3000:]
+    board = cli_in_process(["leaderboard", "--results", results, "--format", "json"], monkeypatch, capsys)
     rows = json.loads(board.stdout)
     assert sorted((r["experiment"], r["label_ratio"]) for r in rows) == [
         ("cells-bitfit", 0.5), ("cells-bitfit", 1.0), ("cells-lora", 0.5), ("cells-lora", 1.0)]

@@ -223,8 +223,11 @@ def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: 
     from medpeft_ray.models.normalisation import input_statistics
     from medpeft_ray.train.engine import Batches
 
+    from medpeft_ray.search.pools import release_executors
+
     results = tmp_path / "results"
     address = ray.get_runtime_context().gcs_address
+    release_executors()  # executors this process kept from earlier tests would hold the CPUs the two drivers need
     # two searches at once, each its own driver process on the same cluster, writing one store
     # (as two teammates' searches would); their trials' start-up overlaps
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:

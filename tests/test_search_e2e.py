@@ -1,4 +1,4 @@
-"""A real search through the CLI: Ray Tune + Optuna + ASHA, Ray Train + DeepSpeed trials, leaderboard."""
+"""Real searches through the CLI (in this process; the killed one as its own process): Ray Tune + Optuna + ASHA, Ray Train + DeepSpeed trials, leaderboard."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from conftest import checkpointed_epochs, leaderboard_rows, tiny_search
+from conftest import checkpointed_epochs, cli_in_process, leaderboard_rows, tiny_search
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.ray
@@ -23,7 +24,13 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_confirmation(tmp_path: Path) -> None:
+@pytest.fixture
+def cli(ray_session: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Any:
+    """``medpeft-ray`` run in this process, in ``tmp_path``, on the test run's Ray."""
+    return lambda *args: cli_in_process(list(args), monkeypatch, capsys, cwd=tmp_path)
+
+
+def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_confirmation(tmp_path: Path, cli: Any) -> None:
     """One real search through the CLI exercising what a search does: LoRA and SSF searched together
     over two label ratios (each method's parameters only when it is chosen), accuracy against
     trainable parameters, asynchronous HyperBand, a trial budget, warm-start points, and the best
@@ -43,7 +50,7 @@ def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_con
     space.write_text(yaml.safe_dump(config))
     results = tmp_path / "results"
 
-    search = run_cli("search", "--space", str(space), "--results", str(results), cwd=tmp_path)
+    search = cli("search", "--space", space, "--results", results)
     out = search.stdout
     assert search.returncode == 0, out[-3000:] + search.stderr[-3000:]
     assert "[ratio 0.5] trial 1/3 started" in out  # progress is visible while it runs
@@ -51,7 +58,7 @@ def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_con
     assert out.count("Pareto front of val_f1 vs trainable_params") == 2, out[-3000:]
     assert out.count("top 1 confirmed with 2 seeds") == 2 and out.count("(recorded, never used to choose)") == 2, out[-3000:]
 
-    board = run_cli("leaderboard", "--results", str(results), "--format", "json", cwd=tmp_path)
+    board = cli("leaderboard", "--results", results, "--format", "json")
     assert board.returncode == 0, board.stderr
     every_row = json.loads(board.stdout)
     rows = [r for r in every_row if r["role"] == "search"]
@@ -108,13 +115,13 @@ def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_con
             assert set(groups) == {"F", "M"} and sum(g["n"] for g in groups.values()) > 0
             assert r["details"]["test"]["worst_group_gap"]["sex"]["test_auroc"] >= 0.0
 
-    top = run_cli("leaderboard", "--results", str(results), "--label-ratio", "1.0", "--top", "1", "--role", "search",
-                  "--sort", "val_f1", "--format", "json", cwd=tmp_path)
+    top = cli("leaderboard", "--results", results, "--label-ratio", "1.0", "--top", "1", "--role", "search",
+              "--sort", "val_f1", "--format", "json")
     best = json.loads(top.stdout)
     assert len(best) == 1 and best[0]["val_f1"] == max(r["val_f1"] for r in rows if r["label_ratio"] == 1.0)
 
 
-def test_nan_loss_fails_the_trial_once_and_the_search_goes_on(tmp_path: Path) -> None:
+def test_nan_loss_fails_the_trial_once_and_the_search_goes_on(tmp_path: Path, cli: Any) -> None:
     """A pre-trained checkpoint with a NaN in a frozen weight: every step's loss is NaN.
 
     The trial ends as failed with the reason, without Ray Train restarting it (its retries are for
@@ -135,12 +142,12 @@ def test_nan_loss_fails_the_trial_once_and_the_search_goes_on(tmp_path: Path) ->
     space.write_text(yaml.safe_dump(config))
     results = tmp_path / "results"
 
-    search = run_cli("search", "--space", str(space), "--results", str(results), cwd=tmp_path)
+    search = cli("search", "--space", space, "--results", results)
     # both trials ran to their failure; with no trial left standing the search says so in its exit code
     assert search.returncode == 1, search.stdout[-3000:] + search.stderr[-3000:]
     assert "2 trials" in search.stdout and "2 failed" in search.stdout, search.stdout[-3000:]
 
-    rows = json.loads(run_cli("leaderboard", "--results", str(results), "--format", "json", cwd=tmp_path).stdout)
+    rows = json.loads(cli("leaderboard", "--results", results, "--format", "json").stdout)
     assert len(rows) == 2
     for row in rows:
         assert row["status"] == "failed" and row["val_auroc"] is None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from itertools import count
 from pathlib import Path
 from typing import Any

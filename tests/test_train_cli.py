@@ -44,6 +44,7 @@ def test_bad_trial_yaml_is_one_line(tmp_path: Path, changes: dict, message: str)
         load_trial_config(_trial_yaml(tmp_path, **changes))
 
 
+@pytest.mark.slow  # a whole training run in this process: seconds
 def test_train_runs_and_scores_the_test_split(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", "--config", str(_trial_yaml(tmp_path)), "--results", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output

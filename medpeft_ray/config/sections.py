@@ -388,7 +388,8 @@ class ResourcesConfig(Strict):
         "loaded (false: every trial is a cold Ray Train run of its own)"
     )
     executor_idle_s: float = Field(
-        60.0, gt=0, description="an executor with no trial for this long exits, giving its resources (and node) back"
+        60.0, gt=0, description="an executor with no trial for this long exits, giving its resources (and node) back; "
+        "until then, the driver's next search that fits finds it warm"
     )
 
     @field_validator("gpus_per_worker")

@@ -297,6 +297,11 @@ class TrialDispatcher:
         self.wakeup = asyncio.Event()
         self.closing = False
         self.started = 0
+        # a driver keeps its executors for its next search that fits (medpeft_ray.search.pools):
+        # each search sets how many executors it wants and how long they may idle
+        self.max_executors = spec.max_executors
+        self.idle_exit_s = spec.idle_exit_s
+        self.searches: dict[str, dict[str, Any]] = {}  # running search -> where its statistics start
         self.setup_failures: dict[str, str] = {}  # executor -> why it could not set up
         self.released: set[str] = set()  # trials an executor finished with (never taken back after a restart)
         #: orders this instance's deliveries after a dead one's: the middle of a trial's fence
@@ -360,11 +365,12 @@ class TrialDispatcher:
         """How many more trials could be handed out or wait for an executor: each executor (running,
         booting, or to be started again after an idle exit) takes one trial and holds
         :data:`WAITING_PER_EXECUTOR` more, less the trials it has."""
-        executors = max(self._alive(), self.spec.max_executors)
+        executors = max(self._alive(), self.max_executors)
         running = sum(1 for e in self.executors.values() if e.alive and e.trial is not None)
         return executors * (1 + WAITING_PER_EXECUTOR) - running - len(self.queue)
 
     async def stats(self) -> dict[str, Any]:
+        """Since the dispatcher started: executors started, and each one's trials, busy seconds and state."""
         now = time.time()
         return {
             "executors_started": self.started,
@@ -373,6 +379,42 @@ class TrialDispatcher:
                                  "alive": e.alive} for e in self.executors.values()},
             "queued": len(self.queue),
         }
+
+    async def begin_search(self, experiment: str, max_executors: int, idle_exit_s: float) -> int:
+        """A search starts on these executors (the first, or a later one of the same driver): it
+        wants up to ``max_executors`` of them, idle ones exiting after ``idle_exit_s``. Starts the
+        missing ones; returns how many were alive (warm) already."""
+        self.closing = False
+        self.max_executors, self.idle_exit_s = max_executors, idle_exit_s
+        warm = self._alive()
+        self.searches[experiment] = await self.stats()
+        for _ in range(max(0, max_executors - warm)):
+            self._launch()
+        return warm
+
+    async def end_search(self, experiment: str) -> dict[str, Any]:
+        """The search is over; returns its share of :meth:`stats`: the executors it started, the ones
+        it found warm, and each one's trials and busy seconds during the search."""
+        # Tune has ended every trial; an executor frees its last one a moment later (after its
+        # outcome reached the driver, or at its next step when it was stopped): count it
+        deadline = time.time() + 10.0
+        while any(e.alive and e.trial is not None for e in self.executors.values()) and time.time() < deadline:
+            await asyncio.sleep(0.05)
+        now, before = await self.stats(), self.searches.pop(experiment, None) or {"executors_started": 0, "executors": {}}
+        started = now["executors_started"] - before["executors_started"]
+        was = before["executors"]
+        return {
+            "executors_started": started,
+            "executors_warm": sum(1 for e in was.values() if e["alive"]),
+            "executors": {eid: {"trials_run": e["trials_run"] - was.get(eid, {}).get("trials_run", 0),
+                                "busy_s": e["busy_s"] - was.get(eid, {}).get("busy_s", 0.0),
+                                "alive": e["alive"]}
+                          for eid, e in now["executors"].items() if eid not in was or was[eid]["alive"]},
+            "queued": now["queued"],
+        }
+
+    async def running_searches(self) -> list[str]:
+        return sorted(self.searches)
 
     # -- trial drivers -----------------------------------------------------------------------
     async def submit(self, key: str, payload: dict[str, Any]) -> None:
@@ -386,7 +428,7 @@ class TrialDispatcher:
             return
         self.trials[key] = _Trial(key, payload, asyncio.Queue(), asyncio.Event())
         self._enqueue(key)
-        if not self._idle_executors() and self._alive() < self.spec.max_executors:
+        if not self._idle_executors() and self._alive() < self.max_executors:
             self._launch()  # an executor exited while idle: the search needs it again
         self._notify()
 
@@ -453,7 +495,7 @@ class TrialDispatcher:
                 trial.executor, trial.deliveries = executor_id, trial.deliveries + 1
                 executor.trial, executor.busy_since = trial.key, time.time()
                 return self._assignment(trial)
-            if time.time() - executor.idle_since > self.spec.idle_exit_s:
+            if time.time() - executor.idle_since > self.idle_exit_s:
                 executor.alive = False  # nothing to do for a while: give the slot (and its node) back
                 return EXIT
             remaining = deadline - time.time()
@@ -585,7 +627,7 @@ class TrialDispatcher:
     def _launch(self) -> None:
         import ray
 
-        if self._alive() >= self.spec.max_executors:
+        if self._alive() >= self.max_executors:
             return
         executor_id = f"executor{self.started}"
         self.started += 1
@@ -660,30 +702,44 @@ def _host(executor_id: str, spec: ExecutorSpec, dispatcher: Any, dataset_key: di
     trainer.fit()
 
 
+DISPATCHER_PREFIX = "medpeft-dispatcher-"
+
+
 def start_dispatcher(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> tuple[Any, str]:
-    """The search's dispatcher actor and its name (on the head when the cluster has the driver resource).
+    """A dispatcher actor for a new set of executors, and its name (on the head when the cluster
+    has the driver resource). It starts no executor: :meth:`TrialDispatcher.begin_search` does."""
+    import ray
+
+    name = f"{DISPATCHER_PREFIX}{spec.experiment}-{spec.run_id}"
+    options = _host_options()
+    options["max_concurrency"] = 1000  # long polls from every trial driver and executor
+    # A dispatcher that dies is started again (calls in flight are retried on the new one), which
+    # rebuilds its state from the executors and the trial drivers; it dies for good with its driver.
+    options.update(max_restarts=-1, max_task_retries=-1)
+    return ray.remote(TrialDispatcher).options(name=name, namespace=NAMESPACE, **options).remote(spec, dataset_key), name
+
+
+def check_not_running(experiment: str) -> None:
+    """Fails when a search named ``experiment`` runs on this Ray cluster (from any driver): the two
+    would write the same results.
 
     Raises:
-        MedpeftError: a search of the same experiment is running on this cluster.
+        MedpeftError: such a search is running.
     """
     import ray
 
     from medpeft_ray.errors import MedpeftError
 
-    name = f"medpeft-dispatcher-{spec.experiment}"
-    try:
-        ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        pass
-    else:
-        raise MedpeftError(f"a search named {spec.experiment!r} is already running on this Ray cluster; "
-                           "give this one another experiment name (--experiment)")
-    options = _host_options()
-    options["max_concurrency"] = 1000  # long polls from every trial driver and executor
-    # A dispatcher that dies is started again (calls in flight are retried on the new one), which
-    # rebuilds its state from the executors and the trial drivers; it dies for good with the search.
-    options.update(max_restarts=-1, max_task_retries=-1)
-    return ray.remote(TrialDispatcher).options(name=name, namespace=NAMESPACE, **options).remote(spec, dataset_key), name
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] != NAMESPACE or not entry["name"].startswith(DISPATCHER_PREFIX):
+            continue
+        try:
+            running = ray.get(ray.get_actor(entry["name"], namespace=NAMESPACE).running_searches.remote(), timeout=30)
+        except Exception:  # noqa: BLE001  (a dispatcher ending meanwhile runs no search)
+            continue
+        if experiment in running:
+            raise MedpeftError(f"a search named {experiment!r} is already running on this Ray cluster; "
+                               "give this one another experiment name (--experiment)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,8 +750,10 @@ def start_dispatcher(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> 
 def executor_loop(loop_config: dict[str, Any]) -> None:
     """Every worker of an executor: set up once, then train the trials the dispatcher hands out."""
     started_at = time.time()
-    if not os.environ.get("CUDA_VISIBLE_DEVICES"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from medpeft_ray.train.engine import load_deepspeed
+
+    # DeepSpeed picks its accelerator at import: decide before anything imports it
+    load_deepspeed(on_gpu=bool(os.environ.get("CUDA_VISIBLE_DEVICES")))
     import ray
     import ray.train
     import ray.train.torch

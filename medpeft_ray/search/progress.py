@@ -138,9 +138,10 @@ class SearchReporter:
     def cold_trials(self) -> None:
         self.say("[yellow]resources.warm_executors is off: every trial starts its own Ray Train run (cold)[/yellow]")
 
-    def executors_ready(self, ready: int, wanted: int, seconds: float) -> None:
+    def executors_ready(self, ready: int, wanted: int, seconds: float, warm: int = 0) -> None:
+        kept = f", {min(warm, ready)} kept warm from this process's last search" if warm else ""
         self.say(f"{ready} of {wanted} executor(s) ready in {seconds:.0f} s "
-                 "(imports, data and the pre-trained backbone loaded once)", highlight=False)
+                 f"(imports, data and the pre-trained backbone loaded once{kept})", highlight=False)
 
     # -- studies ------------------------------------------------------------------------------
 

@@ -348,7 +348,6 @@ def run_search(
     console: Any = None,
     resume: bool = False,
     facts: dict[str, Any] | None = None,
-    shared_executors: "SharedExecutors | None" = None,
 ) -> SearchResult:
     """Runs the whole search: every label ratio of ``config`` is its own Optuna study.
 
@@ -364,8 +363,9 @@ def run_search(
         resume: continue the last search named ``config.experiment`` in these results (see
             :func:`resumable_config`) instead of starting a new one.
         facts: :func:`preflight`'s result when the caller ran it already (a grid checks every cell first).
-        shared_executors: warm executors that outlive this search (a grid's): used if started,
-            else started and left running for the next search.
+
+    The search's executors stay warm for the process's next search that fits them (see
+    :mod:`medpeft_ray.search.pools`; :func:`medpeft_ray.search.pools.release_executors` ends them).
     """
     started = time.time()
     storage, results_path = results_location(results)
@@ -406,26 +406,30 @@ def run_search(
 
     run = SearchRun(config, plan, storage, facts, db_url, reporter, manifest, timeline=SearchTimeline())
     reporter.watch(config.search.metric, config.search.resolved_mode, plan.concurrency, run.timeline)
-    executor_stats = None
+    executor_stats, pool, ended_well = None, None, False
     try:
-        if shared_executors is not None and shared_executors.dispatcher is not None:
-            run.dispatcher = shared_executors.dispatcher
-        elif config.resources.warm_executors:
-            run.dispatcher = _start_executors(run)
-            if shared_executors is not None:
-                shared_executors.dispatcher = run.dispatcher
+        if config.resources.warm_executors:
+            pool = _take_executors(run)
+            run.dispatcher = (pool.dispatcher, pool.name)
         else:
+            from medpeft_ray.search.pools import release_executors
+
+            release_executors()  # idle executors of an earlier search would hold the cold trials' resources
             reporter.cold_trials()
         summaries = _run_studies(run)
         _record_actual_costs(run, [s.record for s in summaries], time.time() - started)
+        ended_well = True
     except KeyboardInterrupt as exc:
         reporter.interrupted()
         exc.experiment = config.experiment_name  # type: ignore[attr-defined]  # the CLI's resume command names it
         raise
     finally:
         reporter.close()
-        if run.dispatcher is not None and shared_executors is None:
-            executor_stats = _stop_executors(run.dispatcher)
+        if pool is not None:
+            from medpeft_ray.search.pools import return_executors
+
+            # kept warm for this process's next search; after a failure, ended (trials may be mid-way)
+            executor_stats = return_executors(pool, config.experiment_name, keep=ended_well)
         if capacity.autoscaling:
             release_resource_requests()
     return SearchResult(config.experiment_name, time.time() - started, summaries, results_path or storage, db_url,
@@ -440,19 +444,12 @@ def _record_actual_costs(run: "SearchRun", records: list[Any], wall_s: float) ->
     run.manifest.save(run.storage)
 
 
-@dataclass
-class SharedExecutors:
-    """Warm executors shared by the searches of a grid: started by the first, stopped after the last."""
-
-    dispatcher: tuple[Any, str] | None = None
-
-
 def run_grid(cells: list[Any], *, console: Any = None, **options: Any) -> list[SearchResult]:
     """Runs a grid's searches one after another on one set of warm executors and one leaderboard.
 
     Every cell is pre-flighted (data, checkpoint, methods on the backbone) before the first one
-    starts. Cells share the executors, so they must ask for the same ``resources``. ``options``
-    are :func:`run_search`'s (results, address, db_url).
+    starts. Cells share the executors (each finds the previous cell's warm), so they must ask for
+    the same ``resources``. ``options`` are :func:`run_search`'s (results, address, db_url).
 
     Raises:
         MedpeftError: a cell fails its pre-flight, or its resources differ from the first cell's.
@@ -463,24 +460,21 @@ def run_grid(cells: list[Any], *, console: Any = None, **options: Any) -> list[S
             raise MedpeftError(f"grid cell {'/'.join(cell.entries)}: its resources differ from the first cell's; "
                                "the cells of a grid share their trial executors (set resources in the base file)")
     all_facts = [preflight(cell.config) for cell in cells]
-    shared = SharedExecutors()
     results = []
-    try:
-        for cell, facts in zip(cells, all_facts):
-            if console is not None:
-                console.print(f"\n[bold]grid cell {'/'.join(cell.entries)}[/bold] ({len(results) + 1} of {len(cells)})")
-            results.append(run_search(cell.config, console=console, facts=facts, shared_executors=shared, **options))
-    finally:
-        if shared.dispatcher is not None:
-            _stop_executors(shared.dispatcher)
+    for cell, facts in zip(cells, all_facts):
+        if console is not None:
+            console.print(f"\n[bold]grid cell {'/'.join(cell.entries)}[/bold] ({len(results) + 1} of {len(cells)})")
+        results.append(run_search(cell.config, console=console, facts=facts, **options))
     return results
 
 
-def _start_executors(run: "SearchRun") -> tuple[Any, str]:
-    """The search's dispatcher and its first executors, one per trial slot, ready before Tune starts."""
+def _take_executors(run: "SearchRun") -> Any:
+    """The search's executors, one per trial slot, ready before Tune starts: this process's warm
+    ones where they fit, else new ones (an ExecutorPool)."""
     import ray
 
-    from medpeft_ray.search.executors import ExecutorSpec, start_dispatcher
+    from medpeft_ray.search.executors import ExecutorSpec
+    from medpeft_ray.search.pools import return_executors, take_executors
 
     config, plan, storage, facts = run.config, run.plan, run.storage, run.facts
 
@@ -490,41 +484,17 @@ def _start_executors(run: "SearchRun") -> tuple[Any, str]:
         threads=max(1, int(plan.per_worker.get("CPU", 1))), worker_start_timeout_s=config.resources.worker_start_timeout_s,
         idle_exit_s=config.resources.executor_idle_s, warm_up=facts["warm_up"],
     )
-    dispatcher, name = start_dispatcher(spec, facts["dataset_key"])
-    ray.get(dispatcher.start.remote(plan.concurrency))
+    started = time.time()
+    pool, warm = take_executors(spec, facts["dataset_key"])
     # Tune starts its trials once executors are ready: a trial then starts on a loaded backbone
     # instead of holding a slot (and its share of a time budget) while an executor boots.
-    started = time.time()
     try:
-        ready = ray.get(dispatcher.wait_ready.remote(plan.concurrency))
+        ready = ray.get(pool.dispatcher.wait_ready.remote(plan.concurrency))
     except ray.exceptions.RayTaskError as exc:
-        ray.kill(dispatcher)
+        return_executors(pool, config.experiment_name, keep=False)
         raise MedpeftError(f"the trial executors could not set up: {exc.cause}") from None
-    run.reporter.executors_ready(ready, plan.concurrency, time.time() - started)
-    return dispatcher, name
-
-
-def _stop_executors(dispatcher: tuple[Any, str]) -> dict[str, Any] | None:
-    """Ends the executors (their resources go back to the cluster) and the dispatcher; returns its statistics."""
-    import ray
-
-    from medpeft_ray.search.executors import NAMESPACE
-
-    actor, name = dispatcher
-    try:
-        stats = ray.get(actor.shutdown.remote(), timeout=120)
-    except Exception:  # noqa: BLE001  (the statistics are a nicety; the executors end with the dispatcher)
-        stats = None
-    ray.kill(actor)
-    # the name is free once the actor is gone: a next search of the same experiment may start at once
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            break
-        time.sleep(0.1)
-    return stats
+    run.reporter.executors_ready(ready, plan.concurrency, time.time() - started, warm=warm)
+    return pool
 
 
 def resumable_config(name: str, results: str | Path | None = None) -> SearchConfig:

@@ -48,6 +48,31 @@ class WorkerContext:
     should_stop: Callable[[], bool] | None = None
 
 
+def load_deepspeed(on_gpu: bool) -> Any:
+    """Imports DeepSpeed for this process's device (call before anything else imports it).
+
+    DeepSpeed picks its accelerator once, at import: the CPU one is named here unless the process
+    trains on a GPU. On the CPU accelerator, DeepSpeed's first ``init_distributed`` in a process
+    probes every op builder (compiler test runs) and JIT-compiles a shared-memory allreduce op into
+    ``TORCH_EXTENSIONS_DIR``: about 20 s on 2 cores on a machine that never built it, paid by the
+    first trial of a fresh machine (a newcomer's first search, every CI machine). Gloo does the
+    same reductions, and CPU trials here are small, so the op is declared unavailable instead,
+    which skips both the probe and the build.
+    """
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    if not on_gpu and "__compatible_ops__" not in vars(deepspeed.ops):
+        from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+        # read only by DeepSpeed's communication backend (to decide on the op) in the pinned release
+        deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
 def resolve_precision(train: TrainConfig, use_gpu: bool) -> str:
     """``auto`` means bf16 on GPUs and fp32 on CPUs (DeepSpeed's CPU accelerator has no fp16)."""
     if train.precision == "auto":

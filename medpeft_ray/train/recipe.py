@@ -18,7 +18,6 @@ import gc
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from collections import OrderedDict
@@ -40,6 +39,7 @@ from medpeft_ray.train.engine import (
     build_optimizer,
     deepspeed_config,
     evaluate,
+    load_deepspeed,
     mean_over_ranks,
     set_determinism,
     startup_breakdown,
@@ -95,11 +95,7 @@ class TrialRecipe:
     def __init__(self, ctx: WorkerContext, control_group: Any = None) -> None:
         self.ctx = ctx
         self.use_gpu = ctx.device.type == "cuda"
-        if not self.use_gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed  # noqa: F401  (imported once per worker, not per trial)
-
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        load_deepspeed(self.use_gpu)  # once per worker, not per trial
         self.control_group = control_group
         self._splits: dict[str, Any] = {}
         self._tensors: dict[tuple[str, str, float], tuple[torch.Tensor, torch.Tensor]] = {}

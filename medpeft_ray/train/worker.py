@@ -23,9 +23,10 @@ HISTORY_FILE = "history.json"
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker of a trial (``TorchTrainer(train_loop_per_worker)``)."""
     started = {**loop_config.get("started", {}), "actor_start": time.time()}
-    # DeepSpeed picks its accelerator at import: decide before anything imports it.
-    if not os.environ.get("CUDA_VISIBLE_DEVICES"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from medpeft_ray.train.engine import load_deepspeed
+
+    # DeepSpeed picks its accelerator at import: decide before anything imports it
+    load_deepspeed(on_gpu=bool(os.environ.get("CUDA_VISIBLE_DEVICES")))
     import psutil  # a Ray dependency
     import ray.train
     import ray.train.torch
