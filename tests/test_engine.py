@@ -229,3 +229,37 @@ def test_every_method_trains_under_deepspeed_in_the_worker_loop(backbone: str, m
     assert metrics["trainable_params"] == sum(w.numel() for w in weights.values())
     method_weights = [n for n in weights if not n.startswith(("head.", "fc.", "fc_norm."))]
     assert method == "linear" or any(not torch.equal(weights[n], initial[n]) for n in method_weights)
+
+
+FIRST_INITIALIZE = """
+import os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch
+from medpeft_ray.train.engine import ensure_process_group, load_deepspeed
+deepspeed = load_deepspeed(on_gpu=False)
+ensure_process_group("gloo")
+model = torch.nn.Linear(4, 2)
+deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                     config={"train_micro_batch_size_per_gpu": 2})
+"""
+
+
+@pytest.mark.slow  # a process of its own, with torch and DeepSpeed to import
+def test_the_first_deepspeed_initialize_on_a_fresh_machine_compiles_nothing(tmp_path: Path) -> None:
+    """On the CPU accelerator DeepSpeed's first initialize in a process would probe every op builder
+    and JIT-compile a shared-memory comm op (about 20 s once per machine, in the first trial of a
+    fresh machine): with an empty extensions folder, it builds nothing there."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extensions = tmp_path / "torch_extensions"  # what a machine that never built an op has
+    run = subprocess.run([sys.executable, "-c", FIRST_INITIALIZE, str(port)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(p.name for p in extensions.rglob("*"))
+    assert "shm_comm" not in run.stdout + run.stderr

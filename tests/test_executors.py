@@ -177,7 +177,7 @@ def test_each_search_on_kept_executors_gets_its_own_statistics_and_settings() ->
     wants and how long they may idle."""
     async def scenario() -> None:
         d = _dispatcher()
-        assert await d.begin_search("first", 0, 30.0) == 0  # 0 wanted: the test plays the executors
+        assert await d.begin_search("first", 0, 30.0, "/tmp/first") == 0  # 0 wanted: the test plays the executors
         await d.submit("first/a", {"trial": "A", "max_failures": 1})
         assert (await d.next_trial("e0", 0.1))["trial"] == "A"
         await d.release("e0", "first/a")
@@ -185,8 +185,8 @@ def test_each_search_on_kept_executors_gets_its_own_statistics_and_settings() ->
         first = await d.end_search("first")
         assert first["executors"]["e0"]["trials_run"] == 1 and first["executors_warm"] == 0
         assert await d.running_searches() == []
-        assert await d.begin_search("second", 0, 5.0) == 1  # e0 is alive: found warm
-        assert d.idle_exit_s == 5.0
+        assert await d.begin_search("second", 0, 5.0, "/tmp/second") == 1  # e0 is alive: found warm
+        assert (d.spec.idle_exit_s, d.spec.storage_path) == (5.0, "/tmp/second")
         for key in ("second/a", "second/b"):
             await d.submit(key, {"trial": key, "max_failures": 1})
             assert (await d.next_trial("e0", 0.1))["trial"] == key

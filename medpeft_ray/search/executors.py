@@ -298,9 +298,7 @@ class TrialDispatcher:
         self.closing = False
         self.started = 0
         # a driver keeps its executors for its next search that fits (medpeft_ray.search.pools):
-        # each search sets how many executors it wants and how long they may idle
-        self.max_executors = spec.max_executors
-        self.idle_exit_s = spec.idle_exit_s
+        # each search sets how many executors it wants, how long they may idle and where new ones keep their state
         self.searches: dict[str, dict[str, Any]] = {}  # running search -> where its statistics start
         self.setup_failures: dict[str, str] = {}  # executor -> why it could not set up
         self.released: set[str] = set()  # trials an executor finished with (never taken back after a restart)
@@ -309,7 +307,10 @@ class TrialDispatcher:
         if restarted is None:
             import ray
 
-            restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+            # only an actor can have been restarted (a dispatcher made outside one is a test's)
+            context = ray.get_runtime_context() if ray.is_initialized() else None
+            restarted = bool(context is not None and context.get_actor_id() is not None
+                             and context.was_current_actor_reconstructed)
         # A dispatcher that Ray restarted after it died lost its state: the executors (detached
         # actors) are alive and re-register as they call; the trial drivers submit again.
         self.restarted_at = time.time() if restarted else None
@@ -365,7 +366,7 @@ class TrialDispatcher:
         """How many more trials could be handed out or wait for an executor: each executor (running,
         booting, or to be started again after an idle exit) takes one trial and holds
         :data:`WAITING_PER_EXECUTOR` more, less the trials it has."""
-        executors = max(self._alive(), self.max_executors)
+        executors = max(self._alive(), self.spec.max_executors)
         running = sum(1 for e in self.executors.values() if e.alive and e.trial is not None)
         return executors * (1 + WAITING_PER_EXECUTOR) - running - len(self.queue)
 
@@ -380,12 +381,14 @@ class TrialDispatcher:
             "queued": len(self.queue),
         }
 
-    async def begin_search(self, experiment: str, max_executors: int, idle_exit_s: float) -> int:
+    async def begin_search(self, experiment: str, max_executors: int, idle_exit_s: float, storage_path: str) -> int:
         """A search starts on these executors (the first, or a later one of the same driver): it
-        wants up to ``max_executors`` of them, idle ones exiting after ``idle_exit_s``. Starts the
-        missing ones; returns how many were alive (warm) already."""
+        wants up to ``max_executors`` of them, idle ones exiting after ``idle_exit_s``; executors
+        started from now on keep their Ray Train state under ``storage_path`` (its results). Starts
+        the missing ones; returns how many were alive (warm) already."""
         self.closing = False
-        self.max_executors, self.idle_exit_s = max_executors, idle_exit_s
+        self.spec = dataclasses.replace(self.spec, max_executors=max_executors, idle_exit_s=idle_exit_s,
+                                        storage_path=storage_path)
         warm = self._alive()
         self.searches[experiment] = await self.stats()
         for _ in range(max(0, max_executors - warm)):
@@ -428,7 +431,7 @@ class TrialDispatcher:
             return
         self.trials[key] = _Trial(key, payload, asyncio.Queue(), asyncio.Event())
         self._enqueue(key)
-        if not self._idle_executors() and self._alive() < self.max_executors:
+        if not self._idle_executors() and self._alive() < self.spec.max_executors:
             self._launch()  # an executor exited while idle: the search needs it again
         self._notify()
 
@@ -495,7 +498,7 @@ class TrialDispatcher:
                 trial.executor, trial.deliveries = executor_id, trial.deliveries + 1
                 executor.trial, executor.busy_since = trial.key, time.time()
                 return self._assignment(trial)
-            if time.time() - executor.idle_since > self.idle_exit_s:
+            if time.time() - executor.idle_since > self.spec.idle_exit_s:
                 executor.alive = False  # nothing to do for a while: give the slot (and its node) back
                 return EXIT
             remaining = deadline - time.time()
@@ -627,7 +630,7 @@ class TrialDispatcher:
     def _launch(self) -> None:
         import ray
 
-        if self._alive() >= self.max_executors:
+        if self._alive() >= self.spec.max_executors:
             return
         executor_id = f"executor{self.started}"
         self.started += 1

@@ -57,7 +57,7 @@ class ExecutorPool:
 
 _pools: list[ExecutorPool] = []
 _lock = threading.Lock()
-_release_at_exit = False
+_exit_hook_registered = False
 
 
 def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> tuple[ExecutorPool, int]:
@@ -68,7 +68,7 @@ def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> tu
     Raises:
         MedpeftError: a search of the same name is running on the cluster.
     """
-    global _release_at_exit
+    global _exit_hook_registered
     check_not_running(spec.experiment)
     key = PoolKey.of(spec)
     with _lock:
@@ -92,9 +92,9 @@ def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> tu
     pool = ExecutorPool(key, dispatcher, name)
     with _lock:
         _pools.append(pool)
-        if not _release_at_exit:
+        if not _exit_hook_registered:
             atexit.register(_release_at_exit)  # before Ray's own exit handler runs (atexit is LIFO)
-            _release_at_exit = True
+            _exit_hook_registered = True
     try:
         warm = _begin(pool, spec)
     except ray.exceptions.RayError as exc:
@@ -106,8 +106,8 @@ def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> tu
 def _begin(pool: ExecutorPool, spec: ExecutorSpec) -> int:
     import ray
 
-    warm = ray.get(pool.dispatcher.begin_search.remote(spec.experiment, spec.max_executors, spec.idle_exit_s),
-                   timeout=60)
+    warm = ray.get(pool.dispatcher.begin_search.remote(spec.experiment, spec.max_executors, spec.idle_exit_s,
+                                                       spec.storage_path), timeout=60)
     pool.searches += 1
     return int(warm)
 
