@@ -319,13 +319,23 @@ def test_the_grid_sampler_survives_the_pickling_tune_does_to_its_searcher() -> N
 
 def test_a_resumed_studys_trials_queue_in_the_order_tune_created_them() -> None:
     """Restored trials submit again in whatever order their drivers start; the scheduler's decisions
-    depend on which reports first, so they queue by their number in their study."""
+    depend on which reports first, so they queue by their number in their study (Tune's creation
+    order, which each driver sends), and a resumed search hands none out until they have settled."""
+    from medpeft_ray.search import executors
+    from medpeft_ray.search.trial import _trial_number
+
+    assert _trial_number("/r/tune/tiny-ratio1/run_trial_119ba3c6_2_lr=0.0020_2026-12-07_12-49-27", "119ba3c6") == 2
+    assert _trial_number("/r/tune/x/elsewhere", "119ba3c6") == 0
 
     async def scenario() -> None:
         d = _dispatcher()
-        for key in ("s/ab_00002", "other/cd_00000", "s/ab_00000", "s/ab_00001"):
-            await d.submit(key, {"trial": key, "max_failures": 1})
-        handed = [(await d.next_trial(f"e{i}", 0.1))["trial"] for i in range(4)]
-        assert handed == ["s/ab_00000", "s/ab_00001", "s/ab_00002", "other/cd_00000"]
+        await d.begin_search("s", 0, 60.0, "/tmp/s", resumed=True)
+        for key, number in (("s/c", 3), ("other/d", 1), ("s/a", 1)):
+            await d.submit(key, {"trial": key, "number": number, "max_failures": 1})
+        # an executor that asks while the restored trials are still submitting gets nothing yet
+        assert await d.next_trial("e0", 0.2) is None
+        await d.submit("s/b", {"trial": "s/b", "number": 2, "max_failures": 1})
+        handed = [(await d.next_trial(f"e{i}", executors.RESUME_SETTLE_S + 2))["trial"] for i in range(4)]
+        assert handed == ["s/a", "s/b", "s/c", "other/d"]
 
     asyncio.run(scenario())

@@ -138,13 +138,14 @@ def _run_to_the_point_and_kill(tmp_path: Path, point: str, victim: str, resume: 
     return results, processes, held
 
 
-#: every point a trial passes, each killed in both ways: the first four in the first trial (each
-#: resumed run trains on to the next point of that trial), the last four in the second
+#: every point a trial passes, each killed in both ways: the first three in the first trial (each
+#: resumed run trains on to the next point of that trial), then in the second; the row's point in
+#: the last trial only (a driver held at the first trial's row leaves its executor free to train
+#: the second trial meanwhile, so where that one would be killed next depends on timing)
 CHAIN = [
     ("before_checkpoint@2", "driver"), ("after_record@2", "ray"), ("before_done", "driver"),
-    (f"before_row@{EPOCHS}", "ray"),
     ("before_checkpoint@2", "ray"), ("after_record@2", "driver"), ("before_done", "ray"),
-    (f"before_row@{EPOCHS}", "driver"),
+    (f"before_row@{EPOCHS}", "driver"), (f"before_row@{EPOCHS}", "ray"),
 ]
 
 
@@ -162,9 +163,11 @@ def test_a_search_killed_at_every_point_in_turn_resumes_to_the_rows_of_an_uninte
             _kill(leftovers)  # the run before this one's survivors, held until now
             leftovers = alive
             # the rows written so far are final, each equal to its uninterrupted row: none while the
-            # first trial is killed at its points, its own while the second one is
+            # first trial is killed at its points, its own once the second one is (written while
+            # the second trial trains towards its first point, so perhaps not yet at that point)
             done = {lr: _compared(row) for lr, row in _rows(results).items()}
-            assert done == {lr: uninterrupted[lr] for lr in done} and len(done) == (index >= 4), (point, victim, done)
+            assert done == {lr: uninterrupted[lr] for lr in done}, (point, victim, done)
+            assert len(done) in ((0,) if index < 3 else (0, 1) if index == 3 else (1,)), (point, victim, done)
         resumed = subprocess.run([*CLI, "search", "--resume", "tiny", "--results", str(results)], cwd=tmp_path,
                                  env=_env(tmp_path), capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -65,6 +65,11 @@ EXIT = "exit"
 WAITING_PER_EXECUTOR = 1
 #: the Ray namespace of the dispatchers: a search's dispatcher is found by name from any driver
 NAMESPACE = "medpeft"
+#: a resumed search's restored trials submit again as their drivers start, in no set order: its
+#: executors take none until no trial has submitted for this long (at most RESUME_HOLD_MAX_S), so
+#: that they train in the order Tune created them, the order its scheduler saw them in
+RESUME_SETTLE_S = 3.0
+RESUME_HOLD_MAX_S = 30.0
 #: a restarted dispatcher hands out no queued trial for this long, so that every executor first
 #: claims the trial it is training (its watcher asks every few seconds; idle ones poll every 10 s)
 ADOPT_GRACE_S = 12.0
@@ -300,6 +305,8 @@ class TrialDispatcher:
         # a driver keeps its executors for its next search that fits (medpeft_ray.search.pools):
         # each search sets how many executors it wants, how long they may idle and where new ones keep their state
         self.searches: dict[str, dict[str, Any]] = {}  # running search -> where its statistics start
+        self.resumed_at: float | None = None  # a resumed search began: its restored trials are settling
+        self.last_submit = 0.0
         self.setup_failures: dict[str, str] = {}  # executor -> why it could not set up
         self.released: set[str] = set()  # trials an executor finished with (never taken back after a restart)
         #: orders this instance's deliveries after a dead one's: the middle of a trial's fence
@@ -381,12 +388,15 @@ class TrialDispatcher:
             "queued": len(self.queue),
         }
 
-    async def begin_search(self, experiment: str, max_executors: int, idle_exit_s: float, storage_path: str) -> int:
+    async def begin_search(self, experiment: str, max_executors: int, idle_exit_s: float, storage_path: str,
+                           resumed: bool = False) -> int:
         """A search starts on these executors (the first, or a later one of the same driver): it
         wants up to ``max_executors`` of them, idle ones exiting after ``idle_exit_s``; executors
-        started from now on keep their Ray Train state under ``storage_path`` (its results). Starts
-        the missing ones; returns how many were alive (warm) already."""
+        started from now on keep their Ray Train state under ``storage_path`` (its results); a
+        ``resumed`` search's restored trials settle first (:data:`RESUME_SETTLE_S`). Starts the
+        missing executors; returns how many were alive (warm) already."""
         self.closing = False
+        self.resumed_at = time.time() if resumed else None
         self.spec = dataclasses.replace(self.spec, max_executors=max_executors, idle_exit_s=idle_exit_s,
                                         storage_path=storage_path)
         warm = self._alive()
@@ -422,6 +432,7 @@ class TrialDispatcher:
     # -- trial drivers -----------------------------------------------------------------------
     async def submit(self, key: str, payload: dict[str, Any]) -> None:
         """Queues a trial (a restarted trial driver submits again: the trial keeps its executor)."""
+        self.last_submit = time.time()
         existing = self.trials.get(key)
         if existing is not None and not existing.ended.is_set():
             existing.payload = payload
@@ -488,7 +499,7 @@ class TrialDispatcher:
             if self.closing:
                 executor.alive = False
                 return EXIT
-            for _ in range(0 if self._adopting() else len(self.queue)):
+            for _ in range(0 if self._adopting() or self._settling() else len(self.queue)):
                 trial = self.trials.get(self.queue.popleft())
                 if trial is None or trial.ended.is_set():
                     continue
@@ -562,13 +573,29 @@ class TrialDispatcher:
         """Queues a trial after the trials of its study that Tune created before it: a resumed study's
         restored trials submit again in any order, and the scheduler's decisions depend on which of
         them reports first, so they train in the order they had."""
-        study, number = _study_and_number(key)
+        study, number = self._study_and_number(key)
         for position, queued in enumerate(self.queue):
-            other_study, other_number = _study_and_number(queued)
+            other_study, other_number = self._study_and_number(queued)
             if other_study == study and other_number > number:
                 self.queue.insert(position, key)
                 return
         self.queue.append(key)
+
+    def _study_and_number(self, key: str) -> tuple[str, int]:
+        """A trial's study and its number in it (Tune's creation order, sent by its driver; 0 while
+        only its events are known)."""
+        trial = self.trials.get(key)
+        return key.rpartition("/")[0], int(trial.payload.get("number", 0)) if trial is not None else 0
+
+    def _settling(self) -> bool:
+        """Whether a resumed search's restored trials may still be submitting (see :data:`RESUME_SETTLE_S`)."""
+        if self.resumed_at is None:
+            return False
+        now = time.time()
+        if now - self.resumed_at > RESUME_HOLD_MAX_S or (self.queue and now - self.last_submit > RESUME_SETTLE_S):
+            self.resumed_at = None
+            return False
+        return True
 
     def _adopting(self) -> bool:
         """Whether this is a restarted dispatcher still taking running trials back from their executors."""
@@ -1070,11 +1097,3 @@ class ExecutorCallback(Callback):
 def trial_key(experiment: str, trial_id: str) -> str:
     """A trial's name at the dispatcher, unique over the studies of a search."""
     return f"{experiment}/{trial_id}"
-
-
-def _study_and_number(key: str) -> tuple[str, int]:
-    """A trial key's study and the trial's number in it (Tune's ids end ``_<number>``; others: 0)."""
-    study, _, trial_id = key.rpartition("/")
-    number = trial_id.rpartition("_")[2]
-    return study, int(number) if number.isdigit() else 0
-

@@ -60,10 +60,12 @@ _lock = threading.Lock()
 _exit_hook_registered = False
 
 
-def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> tuple[ExecutorPool, int]:
+def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None,
+                   resumed: bool = False) -> tuple[ExecutorPool, int]:
     """Executors for the search ``spec.experiment``: this driver's idle ones that fit, else new ones
     (this driver's idle executors that do not fit are released first). Starts the missing ones;
-    returns the pool and how many of its executors were warm already.
+    a ``resumed`` search's restored trials settle before any is handed out. Returns the pool and
+    how many of its executors were warm already.
 
     Raises:
         MedpeftError: a search of the same name is running on the cluster.
@@ -82,7 +84,7 @@ def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> tu
         _stop(idle)
     if pool is not None:
         try:
-            warm = _begin(pool, spec)
+            warm = _begin(pool, spec, resumed)
             return pool, warm
         except Exception:  # noqa: BLE001  (its dispatcher died with its node: start a new set)
             _stop(pool)
@@ -96,18 +98,18 @@ def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> tu
             atexit.register(_release_at_exit)  # before Ray's own exit handler runs (atexit is LIFO)
             _exit_hook_registered = True
     try:
-        warm = _begin(pool, spec)
+        warm = _begin(pool, spec, resumed)
     except ray.exceptions.RayError as exc:
         _stop(pool)
         raise MedpeftError(f"the trial executors could not start: {exc}") from None
     return pool, warm
 
 
-def _begin(pool: ExecutorPool, spec: ExecutorSpec) -> int:
+def _begin(pool: ExecutorPool, spec: ExecutorSpec, resumed: bool) -> int:
     import ray
 
     warm = ray.get(pool.dispatcher.begin_search.remote(spec.experiment, spec.max_executors, spec.idle_exit_s,
-                                                       spec.storage_path), timeout=60)
+                                                       spec.storage_path, resumed), timeout=60)
     pool.searches += 1
     return int(warm)
 

@@ -485,7 +485,7 @@ def _take_executors(run: "SearchRun") -> Any:
         idle_exit_s=config.resources.executor_idle_s, warm_up=facts["warm_up"],
     )
     started = time.time()
-    pool, warm = take_executors(spec, facts["dataset_key"])
+    pool, warm = take_executors(spec, facts["dataset_key"], resumed=run.manifest.attempt > 1)
     # Tune starts its trials once executors are ready: a trial then starts on a loaded backbone
     # instead of holding a slot (and its share of a time budget) while an executor boots.
     try:

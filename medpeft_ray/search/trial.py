@@ -113,6 +113,9 @@ def _run_warm(trial: Any, plan: TrialPlan, started: dict[str, float], evaluate_t
     experiment, trial_id = context.get_experiment_name(), context.get_trial_id()
     payload = {
         "trial": trial,
+        # Tune's creation order in the study (its folder is <trainable>_<id>_<number>_<params>):
+        # a resumed study's trials queue at the dispatcher in this order
+        "number": _trial_number(context.get_trial_dir(), trial_id),
         # the same folder a cold trial's Ray Train run uses, so a resumed trial finds its checkpoints
         "checkpoint_uri": f"{plan.storage_path}/{experiment}-{trial_id}",
         "evaluate_test": evaluate_test,
@@ -122,6 +125,15 @@ def _run_warm(trial: Any, plan: TrialPlan, started: dict[str, float], evaluate_t
         "attempt": plan.attempt,
     }
     return run_on_executor(plan.dispatcher, trial_key(experiment, trial_id), payload, report_epochs=not evaluate_test)
+
+
+def _trial_number(trial_dir: str, trial_id: str) -> int:
+    """The trial's number in its study, from its Tune folder's name (0 if it has none)."""
+    import os
+    import re
+
+    found = re.search(rf"{re.escape(trial_id)}_(\d+)", os.path.basename(str(trial_dir).rstrip("/")))
+    return int(found.group(1)) if found else 0
 
 
 def _fit(
