@@ -325,11 +325,6 @@ class TrialDispatcher:
             self._find_hosts()
 
     # -- the search driver -------------------------------------------------------------------
-    async def start(self, count: int) -> None:
-        """Starts ``count`` executors (at most ``max_executors`` alive)."""
-        for _ in range(count):
-            self._launch()
-
     async def shutdown(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Tells every executor to exit and waits for their runs to end; returns :meth:`stats`."""
         import ray
