@@ -440,3 +440,57 @@ def test_split_fractions_must_leave_a_train_split() -> None:
 
     with pytest.raises(ValidationError, match="must be < 1"):
         FolderOptions(val_fraction=0.6, test_fraction=0.6)
+
+
+def test_workers_that_ask_at_once_decode_the_dataset_once_and_share_one_map(cache_dir: Path) -> None:
+    import threading
+
+    builds: list[int] = []
+    ready = threading.Barrier(4)
+
+    def build() -> DatasetSplits:
+        builds.append(1)
+        return _toy_splits(0)
+
+    results: list[DatasetSplits] = []
+
+    def worker() -> None:
+        ready.wait()  # all four miss the cache together; the entry's lock lets one build
+        results.append(cached_splits({"dataset": "toy", "seed": 0}, build))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    assert len(results) == 4 and len(_entries(cache_dir)) == 1
+    for splits in results:  # the builder too reads the entry's map: no worker keeps a private copy
+        assert isinstance(splits.train.images, np.memmap)
+        assert np.array_equal(splits.train.images, _toy_splits(0).train.images)
+
+
+def test_a_named_cache_folder_travels_in_the_key_and_does_not_change_the_entry(
+        cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medpeft_ray.data import dataset_key
+    from medpeft_ray.data.cache import content_key
+
+    opts = {"num_patients": 20, "images_per_patient": 1, "num_classes": 2}
+    named = dataset_key("synthetic", None, SIZE, opts, 0)
+    assert named["cache_dir"] == str(cache_dir.resolve())
+    monkeypatch.delenv("MEDPEFT_CACHE")
+    assert "cache_dir" not in dataset_key("synthetic", None, SIZE, opts, 0)
+    assert content_key(named) == content_key(dataset_key("synthetic", None, SIZE, opts, 0))
+    # a worker whose own environment names no folder (another node) decodes into the named one
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    load_splits("synthetic", None, SIZE, opts, 0, key=named)
+    assert len(_entries(cache_dir)) == 1 and not (tmp_path / "home").exists()
+
+
+def test_a_cache_folder_that_cannot_be_written_decodes_without_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("MEDPEFT_CACHE", str(blocked / "cache"))
+    build = CountingBuilder()
+    splits = cached_splits({"dataset": "toy"}, build)
+    assert build.calls == 1 and np.array_equal(splits.train.images, _toy_splits(0).train.images)

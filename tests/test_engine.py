@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -263,3 +264,52 @@ def test_the_first_deepspeed_initialize_on_a_fresh_machine_compiles_nothing(tmp_
     assert run.returncode == 0, run.stderr[-3000:]
     assert not extensions.exists() or not any(extensions.iterdir()), sorted(p.name for p in extensions.rglob("*"))
     assert "shm_comm" not in run.stdout + run.stderr
+
+
+def test_batches_read_the_rows_they_serve_from_the_map_without_copying_the_split(tmp_path: Path) -> None:
+    images = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8, shape=(40, 12, 12))
+    images[:] = np.random.default_rng(0).integers(0, 256, size=images.shape, dtype=np.uint8)
+    images.flush()
+    shared = np.load(tmp_path / "images.npy", mmap_mode="r")  # read-only, as the cache hands it out
+    labels = np.eye(4, dtype=np.float32)[np.arange(40) % 4]
+    rows = np.array([3, 7, 11, 19, 23, 31])
+    batches = engine.Batches(shared, labels, torch.device("cpu"), 0.5, 0.25, rows=rows)
+    assert batches.images is shared and len(batches) == 6
+    chunks = [torch.tensor([0, 2]), torch.tensor([5, 1, 4]), torch.tensor([3])]
+    out = list(batches.iterate(chunks, torch.float32, None))
+    for (x, y), chunk in zip(out, chunks):
+        expected = (torch.from_numpy(np.asarray(shared[rows[chunk.numpy()]])).float() / 255 - 0.5) / 0.25
+        assert torch.equal(x, expected.unsqueeze(1).expand(-1, 3, -1, -1))
+        assert torch.equal(y, torch.from_numpy(labels[rows[chunk.numpy()]]))
+
+
+def test_randaugment_in_a_pool_of_processes_gives_the_batches_of_the_training_thread() -> None:
+    images = np.random.default_rng(1).integers(0, 256, size=(24, 16, 16, 3), dtype=np.uint8)
+    labels = np.zeros((24, 2), dtype=np.float32)
+    chunks = [torch.arange(start, start + 4) for start in range(0, 24, 4)]
+
+    def epoch(processes: int) -> list[torch.Tensor]:
+        batches = engine.Batches(images, labels, torch.device("cpu"), 0.5, 0.25, "randaug", augment_processes=processes)
+        batches.reseed(7)
+        return [x for x, _ in batches.iterate(chunks, torch.float32, torch.Generator().manual_seed(7))]
+
+    try:
+        inline, pooled = epoch(0), epoch(2)
+    finally:
+        if engine.AugmentPool._current is not None:
+            engine.AugmentPool._current.close()
+    assert all(torch.equal(a, b) for a, b in zip(inline, pooled)) and len(pooled) == 6
+    plain = engine.Batches(images, labels, torch.device("cpu"), 0.5, 0.25).get(chunks[0], torch.float32, None)[0]
+    assert not torch.equal(inline[0], plain)
+
+
+def test_a_consumer_that_stops_early_ends_the_prefetch_thread() -> None:
+    import threading
+
+    images = np.zeros((64, 8, 8), dtype=np.uint8)
+    batches = engine.Batches(images, np.zeros((64, 1), np.float32), torch.device("cpu"), 0.5, 0.25)
+    chunks = [torch.arange(start, start + 4) for start in range(0, 64, 4)]
+    iterator = batches.iterate(chunks, torch.float32, None)
+    next(iterator)
+    iterator.close()  # a trial stopped mid-epoch
+    assert not [t for t in threading.enumerate() if t.name == "medpeft-prefetch"]

@@ -339,3 +339,49 @@ def test_a_resumed_studys_trials_queue_in_the_order_tune_created_them() -> None:
         assert handed == ["s/a", "s/b", "s/c", "other/d"]
 
     asyncio.run(scenario())
+
+
+def test_a_study_keeps_the_checkpoints_of_its_best_trials_per_method_and_of_no_ended_trial_its_latest(
+        tmp_path: Path) -> None:
+    import functools
+
+    from medpeft_ray.config import validate_search_dict
+    from medpeft_ray.search.callbacks import CheckpointRetention
+    from medpeft_ray.search.trial import trial_folder
+
+    from conftest import tiny_search
+
+    config = validate_search_dict(tiny_search(search={"checkpoint_trials": 2}, train={"checkpoints_to_keep": 1}), "t.yaml")
+    folder = functools.partial(trial_folder, str(tmp_path / "train"), "tiny-ratio1")
+
+    def train(trial_id: str, values: list[float]) -> TrialCheckpoints:
+        store = TrialCheckpoints(folder(trial_id), keep=1, metric="val_auroc", mode="max")
+        for epoch, value in enumerate(values, start=1):
+            part = tmp_path / "part"
+            part.mkdir(exist_ok=True)
+            (part / "trainable.safetensors").write_bytes(b"w")
+            store.upload(part, epoch)
+            store.record(epoch, value, {"val_auroc": value})
+        return store
+
+    def kept(store: TrialCheckpoints) -> tuple[list[int], list[int]]:
+        return [entry["epoch"] for entry in store.index()], store.stored_epochs()
+
+    retention = CheckpointRetention(config, folder)
+    a = train("a", [0.6, 0.8, 0.7])
+    assert kept(a) == ([2, 3], [2, 3])  # running: its best and its latest (to resume from)
+    retention.ended("a", "lora")
+    assert kept(a) == ([2], [2])  # ended: it resumes no more
+    b = train("b", [0.5, 0.55])
+    retention.ended("b", "lora")
+    other = train("other", [0.1])  # another method's trials rank among themselves
+    retention.ended("other", "ssf")
+    assert kept(b) == ([2], [2]) and kept(other) == ([1], [1])
+    # a resumed search goes on with the ranking of the trials that ended before it
+    restored = CheckpointRetention(config, folder)
+    restored.set_state(retention.get_state())
+    c = train("c", [0.9])
+    restored.ended("c", "lora")
+    assert kept(c) == ([1], [1]) and kept(a) == ([2], [2])
+    assert kept(b) == ([], [])  # pushed out of the best two: no checkpoint, but every epoch's record
+    assert [m["val_auroc"] for m in b.read().epochs] == [0.5, 0.55] and kept(other) == ([1], [1])

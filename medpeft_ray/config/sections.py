@@ -277,6 +277,11 @@ class SearchSettings(Strict):
     )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's free resources allow")
+    checkpoint_trials: int = Field(
+        5, ge=0, description="per study and method: the ended trials whose checkpoints stay in storage, the best by "
+        "the metric (each its train.checkpoints_to_keep best epochs); the others' are deleted when a better trial "
+        "ends (their rows stay). 0 keeps every trial's",
+    )
     also_minimize: list[Literal["trainable_params", "train_time_s"]] = Field(
         default_factory=list,
         description="further objectives, minimised while the metric is optimised (multi-objective: Optuna keeps the "

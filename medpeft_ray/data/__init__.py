@@ -37,6 +37,10 @@ def dataset_key(name: str, root: str | Path | None, image_size: int, options: di
         root_path = spec.dataset_folder(Path(root).expanduser().resolve(), parsed)
         key["root"] = str(root_path)
         key["files"] = _fingerprint(root_path)
+    if os.environ.get("MEDPEFT_CACHE"):
+        # a folder the user named (shared storage, a node's fast disk): every worker, on every node,
+        # reads and builds the entry there, not in its own home folder
+        key["cache_dir"] = str(Path(os.environ["MEDPEFT_CACHE"]).expanduser().resolve())
     return key
 
 

@@ -3,13 +3,20 @@
 An entry is keyed by a content hash of everything that determines its bytes (dataset, options,
 image size, file list with sizes and mtimes), so every trial on a node, and later searches,
 reuse it, and a changed input file makes a new entry instead of a stale read.
+
+The cache folder is per machine (``~/.cache/medpeft_ray``) unless the user names one
+(``MEDPEFT_CACHE``): the search driver passes the name on to every worker, so a folder on shared
+storage is decoded once for the whole cluster, and a node-local one once per node.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -18,33 +25,65 @@ import numpy as np
 
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
 
+log = logging.getLogger(__name__)
+
 # 2: subgroup attributes per image; 3: captions per image (image-text data), so an entry written
 # before captions existed is not read back as a dataset without them; 4: RGB images where the
 # data has colour (an entry decoded to grey before is not read back for a colour dataset)
 _FORMAT_VERSION = 4
 
 
-def cache_root() -> Path:
-    """``$MEDPEFT_CACHE``, else ``~/.cache/medpeft_ray``."""
-    return Path(os.environ.get("MEDPEFT_CACHE", Path.home() / ".cache" / "medpeft_ray"))
+def cache_root(named: str | None = None) -> Path:
+    """``named`` (a folder the search driver passed on), else ``$MEDPEFT_CACHE``, else ``~/.cache/medpeft_ray``."""
+    return Path(named or os.environ.get("MEDPEFT_CACHE", Path.home() / ".cache" / "medpeft_ray"))
+
+
+#: key parts that say where an entry lives, not what it holds (left out of the entry's name)
+_PLACE_PARTS = ("cache_dir",)
 
 
 def content_key(parts: dict[str, Any]) -> str:
-    blob = json.dumps({"format": _FORMAT_VERSION, **parts}, sort_keys=True, default=str).encode()
+    what = {name: value for name, value in parts.items() if name not in _PLACE_PARTS}
+    blob = json.dumps({"format": _FORMAT_VERSION, **what}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
 def cached_splits(key_parts: dict[str, Any], build: Callable[[], DatasetSplits]) -> DatasetSplits:
     """Returns the cached splits for ``key_parts``, building and storing them on a miss.
 
-    The entry is written to a temporary directory and renamed into place, so concurrent trials
-    on one node never read a half-written entry; the loser of a race simply discards its copy.
+    One process per cache folder builds an entry: the others (every worker of a node, trials of
+    later searches) wait on the entry's lock and then read what it wrote. Every reader gets the
+    images as a read-only memory map of the entry, so the workers of a node share one copy of the
+    decoded dataset through the OS page cache instead of each holding its own. The entry is
+    written to a temporary folder and renamed into place, so a reader that does not take the lock
+    (an older process) never sees a half-written entry.
     """
-    entry = cache_root() / content_key(key_parts)
+    root = cache_root(key_parts.get("cache_dir"))
+    entry = root / content_key(key_parts)
     if (entry / "meta.json").is_file():
         return _load(entry)
-    splits = build()
-    entry.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f"{entry.name}.lock", "a+b")  # noqa: SIM115  (held until the entry exists)
+    except OSError as exc:  # a read-only or full cache folder: decode for this process alone
+        log.warning("decode-once cache %s is not writable (%s); decoding without it", root, exc)
+        return build()
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (entry / "meta.json").is_file():  # another process built it while this one waited
+            return _load(entry)
+        splits = build()
+        try:
+            _write(entry, splits, key_parts)
+        except OSError as exc:
+            # the disk is full (say): the decoded copy in this process's memory is still good for this run
+            log.warning("could not write the decode-once cache entry %s (%s); using this process's copy", entry, exc)
+            return splits
+    del splits  # the private copy goes: the map is what this process keeps, like every other reader
+    return _load(entry)
+
+
+def _write(entry: Path, splits: DatasetSplits, key_parts: dict[str, Any]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
     try:
         for name in ("train", "val", "test"):
@@ -67,17 +106,14 @@ def cached_splits(key_parts: dict[str, Any], build: Callable[[], DatasetSplits])
             "ratio_subsets": list(splits.ratio_subsets),
             "subgroups": {name: list(getattr(splits, name).subgroups) for name in ("train", "val", "test")},
             "captions": [name for name in ("train", "val", "test") if getattr(splits, name).captions is not None],
-            "key": key_parts,
+            "key": {name: value for name, value in key_parts.items() if name not in _PLACE_PARTS},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, default=str))
         os.rename(tmp, entry)
     except OSError:
-        # Another process won the race (entry exists) or the disk is full: the in-memory copy
-        # is still good for this run.
-        for f in tmp.glob("*"):
-            f.unlink()
-        tmp.rmdir()
-    return splits
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (entry / "meta.json").is_file():
+            raise
 
 
 def _load(entry: Path) -> DatasetSplits:

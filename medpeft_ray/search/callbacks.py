@@ -7,6 +7,7 @@ as soon as the trial ends (a driver killed later loses no finished trial).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from medpeft_ray.fault_points import fault_point
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
 from medpeft_ray.metrics import METRICS, better
 from medpeft_ray.search.progress import format_params, format_value
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -293,3 +296,59 @@ class LeaderboardCallback(Callback):
                 f"({record.wall_time_s:.0f} s{startup})",
                 status=status, value=best.get(self.metric),
             )
+
+
+class CheckpointRetention(Callback):
+    """Keeps a study's checkpoints bounded: what a trial may still need, and the best trials' only.
+
+    While a trial runs, its executor keeps its ``train.checkpoints_to_keep`` best epochs and its
+    latest (to resume from). Once it ends it resumes no more: its latest goes unless it is among
+    its best. Per method, only the ``search.checkpoint_trials`` best ended trials of the study keep
+    any checkpoint; a trial pushed out of them by a better one loses its checkpoints (its row, the
+    record of its epochs and its curve stay). A 1,000-trial search thus keeps tens of checkpoints,
+    not thousands.
+
+    Args:
+        trial_folder: ``trial_folder(trial_id)``: the trial's folder in the results storage.
+    """
+
+    def __init__(self, config: SearchConfig, trial_folder: Any) -> None:
+        self.trial_folder = trial_folder
+        self.keep_trials = config.search.checkpoint_trials
+        self.keep_epochs = config.train.checkpoints_to_keep
+        self.metric, self.mode = config.search.metric, config.search.resolved_mode
+        #: per method: (best value, trial id) of the ended trials that still keep checkpoints
+        self.kept: dict[str, list[tuple[float | None, str]]] = {}
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended(trial.trial_id, str(trial.config.get("method", "")))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended(trial.trial_id, str(trial.config.get("method", "")))
+
+    def ended(self, trial_id: str, method: str) -> None:
+        from medpeft_ray.metrics import best_first_key
+        from medpeft_ray.search.executors import TrialCheckpoints
+
+        try:
+            checkpoints = TrialCheckpoints(self.trial_folder(trial_id), self.keep_epochs, self.metric, self.mode)
+            entries = sorted(checkpoints.index(), key=lambda e: (best_first_key(e["value"], self.mode), e["epoch"]))
+            best = entries[: self.keep_epochs]
+            checkpoints.retain({entry["epoch"] for entry in best})
+            if not self.keep_trials:
+                return
+            kept = self.kept.setdefault(method, [])
+            kept.append((best[0]["value"] if best else None, trial_id))
+            kept.sort(key=lambda item: best_first_key(item[0], self.mode))  # stable: the earlier trial wins a tie
+            for _, dropped in kept[self.keep_trials:]:
+                TrialCheckpoints(self.trial_folder(dropped), self.keep_epochs, self.metric, self.mode).retain(set())
+            del kept[self.keep_trials:]
+        except OSError as exc:  # the storage refused: the checkpoints stay, the search goes on
+            log.warning("checkpoints of trial %s were not trimmed: %s", trial_id, exc)
+
+    # what Tune saves with the study, so that a resumed search goes on ranking the trials that ended before
+    def get_state(self) -> dict[str, Any] | None:
+        return {"kept": self.kept}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.kept = {method: [tuple(item) for item in items] for method, items in (state.get("kept") or {}).items()}

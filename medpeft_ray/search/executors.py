@@ -223,6 +223,36 @@ class TrialCheckpoints:
                 except OSError:  # already gone
                     pass
 
+    def stored_epochs(self) -> list[int]:
+        """The epochs whose checkpoint folders are in the storage (complete or not)."""
+        import pyarrow.fs
+
+        try:
+            infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.root, allow_not_found=True))
+        except OSError:
+            return []
+        names = (info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory)
+        return sorted(int(name[len("checkpoint_"):]) for name in names
+                      if name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit())
+
+    def retain(self, epochs: set[int]) -> list[int]:
+        """Deletes the checkpoints of an ended trial but those of ``epochs``; returns the epochs deleted.
+
+        The record (its epochs' metrics and its writer's fence stay) stops naming them first, so
+        nothing ever names a folder that is gone.
+        """
+        record = self.read()
+        if any(entry["epoch"] not in epochs for entry in record.checkpoints):
+            self._write(RecordedTrial(tuple(record.fence), [e for e in record.checkpoints if e["epoch"] in epochs],
+                                      record.epochs))
+        gone = [epoch for epoch in self.stored_epochs() if epoch not in epochs]
+        for epoch in gone:
+            try:
+                self.fs.delete_dir(self.path(epoch))
+            except OSError:  # already gone
+                pass
+        return gone
+
     def _write(self, record: RecordedTrial) -> None:
         """Replaces the record whole. An object store's PUT is already all or nothing; a local file
         is written beside it and moved over it, since a worker killed mid-write (a killed driver

@@ -526,6 +526,7 @@ def _quiet_progress_bars() -> Iterator[None]:
 
 def _time_classification(recipe: Any, trial: Any, state: Any, sync: Any, steps: int, eval_batches: int) -> MethodTiming:
     """A classifier's micro-steps (the body of ``TrialRecipe.train_epoch``'s loop) and evaluation batches."""
+    import numpy as np
     import torch
 
     from medpeft_ray.models.normalisation import input_statistics
@@ -534,7 +535,7 @@ def _time_classification(recipe: Any, trial: Any, state: Any, sync: Any, steps: 
     engine, micro, device = state.engine, state.micro_batch, recipe.ctx.device
     engine.train()
     generator = torch.Generator().manual_seed(trial.train.seed)
-    order = torch.randperm(len(state.train_split), generator=generator)
+    order = torch.randperm(len(state.train_rows), generator=generator)
     train_s = []
     # the body of TrialRecipe.train_epoch's loop, for a few steps instead of a whole epoch
     for step in range(WARMUP_STEPS + steps):
@@ -547,10 +548,9 @@ def _time_classification(recipe: Any, trial: Any, state: Any, sync: Any, steps: 
         sync()
         if step >= WARMUP_STEPS:
             train_s.append(time.perf_counter() - started)
-    val_images, val_labels = state.val_batches.images, state.val_batches.labels
-    size = min(trial.train.eval_batch_size, len(val_images))
+    size = min(trial.train.eval_batch_size, len(state.data.val))
     stats = input_statistics(trial.model)
-    one_batch = Batches(val_images[:size], val_labels[:size], device, stats.mean, stats.std, shared=True)
+    one_batch = Batches(state.data.val.images, state.data.val.labels, device, stats.mean, stats.std, rows=np.arange(size))
     multilabel = state.data.task == "multilabel"
     eval_s = []
     for batch in range(1 + eval_batches):  # the first one untimed, as for training

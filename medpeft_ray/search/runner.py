@@ -6,6 +6,7 @@ Each study is a ``Tuner`` over :func:`medpeft_ray.search.trial.run_trial` with `
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -635,8 +636,9 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
     from ray import tune
 
     from medpeft_ray.search.budget import BudgetedSearch
-    from medpeft_ray.search.callbacks import LeaderboardCallback, StudyTail
+    from medpeft_ray.search.callbacks import CheckpointRetention, LeaderboardCallback, StudyTail
     from medpeft_ray.search.executors import WAITING_PER_EXECUTOR, ExecutorCallback, ExecutorGate
+    from medpeft_ray.search.trial import trial_folder
     from medpeft_ray.search.optuna_states import EpochStatesSearch
     from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
     from medpeft_ray.search.warm_start import warm_start_points
@@ -685,7 +687,10 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
             storage_path=f"{run.storage}/tune",
             callbacks=[LeaderboardCallback(config, label_ratio, run.db_url, run.reporter, run.timeline),
                        StudyTail(num_samples, share, tail),
-                       *([ExecutorCallback(dispatcher[1], experiment)] if dispatcher is not None else [])],
+                       *([ExecutorCallback(dispatcher[1], experiment),
+                          # after the row is written: it names the best epoch's checkpoint
+                          CheckpointRetention(config, functools.partial(trial_folder, f"{run.storage}/train", experiment))]
+                         if dispatcher is not None else [])],
             verbose=0,
         ),
     )

@@ -117,7 +117,7 @@ def _run_warm(trial: Any, plan: TrialPlan, started: dict[str, float], evaluate_t
         # a resumed study's trials queue at the dispatcher in this order
         "number": _trial_number(context.get_trial_dir(), trial_id),
         # the same folder a cold trial's Ray Train run uses, so a resumed trial finds its checkpoints
-        "checkpoint_uri": f"{plan.storage_path}/{experiment}-{trial_id}",
+        "checkpoint_uri": trial_folder(plan.storage_path, experiment, trial_id),
         "evaluate_test": evaluate_test,
         "started": started,
         "dataset_key": plan.dataset_key,
@@ -125,6 +125,11 @@ def _run_warm(trial: Any, plan: TrialPlan, started: dict[str, float], evaluate_t
         "attempt": plan.attempt,
     }
     return run_on_executor(plan.dispatcher, trial_key(experiment, trial_id), payload, report_epochs=not evaluate_test)
+
+
+def trial_folder(storage_path: str, experiment: str, trial_id: str) -> str:
+    """A trial's folder in the results storage (its checkpoints and record)."""
+    return f"{storage_path}/{experiment}-{trial_id}"
 
 
 def _trial_number(trial_dir: str, trial_id: str) -> int:

@@ -8,11 +8,15 @@ function, and a plain process can call it with its own (single runs and benchmar
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
+import queue
 import random
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -224,76 +228,189 @@ def augment(images: torch.Tensor, generator: torch.Generator, kind: str) -> torc
 
 class RandAugment:
     """The MAE/AdamW recipe's photometric part: timm RandAugment ``rand-m9-mstd0.5-inc1`` per image
-    (on the CPU, on uint8 grey or RGB images) and random erasing with probability 0.25 per image
-    (batched, on the normalised tensor, on the worker's device). Seeded from the trial, so runs repeat."""
+    (on the host, on uint8 grey or RGB images) and random erasing with probability 0.25 per image
+    (batched, on the normalised tensor, on the worker's device). Seeded from the trial, so runs repeat.
+
+    Each batch takes two seeds from the recipe's own stream, in batch order (:meth:`batch_seeds`):
+    one for its images, one for its erasing. A batch's images therefore come out the same whether
+    the training thread augments them or a process of the worker's augmentation pool does, and
+    however many processes there are.
+    """
 
     def __init__(self, seed: int, device: torch.device) -> None:
-        from timm.data.auto_augment import rand_augment_transform
         from timm.data.random_erasing import RandomErasing
 
-        # Fill with mid-grey. Magnitudes are drawn around 9 and capped just below 10, where timm's
-        # increasing posterize asks for 0 bits, which Pillow refuses.
-        self.transforms = {
-            mode: rand_augment_transform("rand-m9-mstd0.5-inc1", {"img_mean": fill, "magnitude_max": 9.9})
-            for mode, fill in (("L", 128), ("RGB", (128, 128, 128)))
-        }
         self.erase = RandomErasing(probability=0.25, mode="pixel", device=str(device))
         self.rng = random.Random(seed)
 
-    def images(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) grey or (B, H, W, 3) RGB uint8 images, each augmented."""
-        from PIL import Image
+    def batch_seeds(self, batches: int) -> list[tuple[int, int]]:
+        """(images seed, erasing seed) of the next ``batches`` batches."""
+        return [(self.rng.getrandbits(32), self.rng.getrandbits(32)) for _ in range(batches)]
 
-        mode = "RGB" if batch.ndim == 4 else "L"
-        with self._own_streams(batch.device):
-            out = [np.asarray(self.transforms[mode](Image.fromarray(img.numpy(), mode=mode))) for img in batch]
-        return torch.from_numpy(np.stack(out))
-
-    def erasing(self, x: torch.Tensor) -> torch.Tensor:
-        with self._own_streams(x.device):
+    def erasing(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        with _own_streams(x.device, seed):
             return self.erase(x)
 
-    @contextlib.contextmanager
-    def _own_streams(self, device: torch.device) -> Iterator[None]:
-        """timm draws from Python's, NumPy's and torch's global generators: seed them from this
-        recipe's own stream for the call, and give the training loop its generators back after."""
-        seed = self.rng.getrandbits(32)
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-            try:
-                yield
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
+
+@functools.lru_cache(maxsize=None)
+def _randaugment_transform(mode: str) -> Any:
+    from timm.data.auto_augment import rand_augment_transform
+
+    # Fill with mid-grey. Magnitudes are drawn around 9 and capped just below 10, where timm's
+    # increasing posterize asks for 0 bits, which Pillow refuses.
+    fill = 128 if mode == "L" else (128, 128, 128)
+    return rand_augment_transform("rand-m9-mstd0.5-inc1", {"img_mean": fill, "magnitude_max": 9.9})
+
+
+def randaugment_images(batch: np.ndarray, seed: int) -> np.ndarray:
+    """(B, H, W) grey or (B, H, W, 3) RGB uint8 images, each through RandAugment, drawn from ``seed``."""
+    from PIL import Image
+
+    mode = "RGB" if batch.ndim == 4 else "L"
+    transform = _randaugment_transform(mode)
+    with _own_streams(torch.device("cpu"), seed):
+        return np.stack([np.asarray(transform(Image.fromarray(img, mode=mode))) for img in batch])
+
+
+@contextlib.contextmanager
+def _own_streams(device: torch.device, seed: int) -> Iterator[None]:
+    """timm draws from Python's, NumPy's and torch's global generators: seed them with ``seed`` for
+    the call, and give the training loop its generators back after."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+# -- the augmentation pool: processes that RandAugment batches off the training thread ----------------
+
+#: the split's images in a pool process (inherited at fork: the same read-only map, no copy)
+_POOL_IMAGES: np.ndarray | None = None
+
+
+def _pool_start(images: np.ndarray) -> None:
+    global _POOL_IMAGES
+    _POOL_IMAGES = images
+    torch.set_num_threads(1)
+
+
+def _pool_augment(rows: np.ndarray, seed: int) -> np.ndarray:
+    assert _POOL_IMAGES is not None
+    return randaugment_images(np.take(_POOL_IMAGES, rows, axis=0), seed)
+
+
+class AugmentPool:
+    """A worker's augmentation processes, forked once per images array and kept across trials.
+
+    Forked, so each process reads the parent's memory map of the decode-once cache (nothing is
+    copied or pickled but a batch's row numbers and its augmented images). Fork happens from the
+    training thread, before the epoch's prefetch thread starts.
+    """
+
+    _current: "AugmentPool | None" = None
+
+    def __init__(self, images: np.ndarray, processes: int) -> None:
+        import multiprocessing
+
+        self.images, self.processes = images, processes
+        self.pool = multiprocessing.get_context("fork").Pool(processes, initializer=_pool_start, initargs=(images,))
+
+    @classmethod
+    def of(cls, images: np.ndarray, processes: int) -> "AugmentPool":
+        """This process's pool for ``images`` with ``processes`` processes (the last one, if it fits)."""
+        current = cls._current
+        if current is not None and current.images is images and current.processes == processes:
+            return current
+        if current is not None:
+            current.close()
+        cls._current = cls(images, processes)
+        return cls._current
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+        if AugmentPool._current is self:
+            AugmentPool._current = None
+
+
+def augment_processes(augment: str, use_gpu: bool, threads: int) -> int:
+    """How many augmentation processes a worker runs: ``MEDPEFT_AUGMENT_PROCESSES`` when set; else,
+    for RandAugment on a GPU, one per CPU the worker holds beyond its training thread (at most 8);
+    else none (CPU trials train on those CPUs; the other augmentations run on the device)."""
+    if os.environ.get("MEDPEFT_AUGMENT_PROCESSES"):
+        return max(0, int(os.environ["MEDPEFT_AUGMENT_PROCESSES"]))
+    if augment != "randaug" or not use_gpu:
+        return 0
+    return max(1, min(8, threads - 1))
+
+
+class _Staging:
+    """Host buffers a batch is gathered into, reused in turn; pinned on GPUs, so that the copy to
+    the device is asynchronous. A buffer is refilled only once the copy out of it has finished."""
+
+    def __init__(self, pin: bool, slots: int) -> None:
+        self.pin = pin
+        self.buffers: list[torch.Tensor | None] = [None] * slots
+        self.copied: list[Any] = [None] * slots
+        self.turn = 0
+
+    def take(self, shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:
+        slot, self.turn = self.turn, (self.turn + 1) % len(self.buffers)
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()
+            self.copied[slot] = None
+        size = math.prod(shape)
+        buffer = self.buffers[slot]
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            self.buffers[slot] = buffer
+        return slot, buffer[:size].view(shape)
+
+    def sent(self, slot: int) -> None:
+        """The device copy out of ``slot`` has been queued (on GPUs: refill it once it is done)."""
+        if self.pin:
+            event = torch.cuda.Event()
+            event.record()
+            self.copied[slot] = event
+
+
+#: batches gathered (and augmented) ahead of the training step
+PREFETCH_BATCHES = 2
 
 
 class Batches:
-    """Turns cached uint8 images, grey (N, H, W) or RGB (N, H, W, 3), into normalised 3-channel
-    batches on the worker's device; ``mean`` and ``std`` per channel (or one value for all three)."""
+    """Normalised 3-channel batches on the worker's device from uint8 images, grey (N, H, W) or RGB
+    (N, H, W, 3); ``mean`` and ``std`` per channel (or one value for all three).
+
+    ``images`` is usually the decode-once cache's read-only memory map, shared by every worker of
+    the node and every trial: it is never copied whole. ``rows`` names the images this object
+    serves (a label-ratio subset), None for all of them; a batch's rows are gathered straight into
+    a (pinned, on GPUs) staging buffer, one batch ahead of the step on a prefetch thread, and copied
+    to the device asynchronously. With ``augment_processes``, RandAugment runs in that many
+    processes instead of on the prefetch thread; the numbers are the same either way.
+    """
 
     def __init__(
-        self, images: Any, labels: Any, device: torch.device, mean: float | Sequence[float],
-        std: float | Sequence[float], augment: str = "none", seed: int = 0, shared: bool = False,
+        self, images: np.ndarray, labels: np.ndarray, device: torch.device, mean: float | Sequence[float],
+        std: float | Sequence[float], augment: str = "none", seed: int = 0, rows: np.ndarray | None = None,
+        augment_processes: int = 0,
     ):
-        if shared:  # tensors from :meth:`tensors`, shared by trials: only ever indexed (copied), never changed
-            self.images, self.labels = images, labels
-        else:
-            self.images, self.labels = self.tensors(images, labels, pin=device.type == "cuda")
+        self.images = images
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        picked = labels if self.rows is None else labels[self.rows]
+        self.labels = torch.from_numpy(np.ascontiguousarray(picked, dtype=np.float32))
         self.device, self.augment = device, augment
         self.mean, self.std = (torch.tensor([float(v)] * 3 if isinstance(v, (int, float)) else [float(c) for c in v],
                                             device=device).view(1, 3, 1, 1) for v in (mean, std))
         self.randaug = RandAugment(seed, device) if augment == "randaug" else None
-
-    @staticmethod
-    def tensors(images: np.ndarray, labels: np.ndarray, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """A split's uint8 images (a private, writable copy of the cache's mmap) and float labels."""
-        image_tensor = torch.from_numpy(np.array(images, copy=True))
-        if pin:
-            image_tensor = image_tensor.pin_memory()
-        return image_tensor, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
+        self.augment_processes = augment_processes if self.randaug is not None else 0
+        self.staging = _Staging(pin=device.type == "cuda", slots=PREFETCH_BATCHES + 2)
 
     def reseed(self, seed: int) -> None:
         """Restarts the augmentation's own random stream (each epoch: a resumed run draws the same)."""
@@ -301,22 +418,111 @@ class Batches:
             self.randaug.rng.seed(seed)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.labels)
 
     def get(self, index: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``index``; augmented (training) when ``generator`` is given."""
-        images = self.images[index]
-        if generator is not None and self.randaug is not None:
-            images = self.randaug.images(images)
-        x = images.to(self.device, non_blocking=True)
-        x = (x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)).float().div_(255.0)
-        if generator is not None:  # on one channel where the image is grey
-            x = augment(x, generator, "flip" if self.augment == "flip" else "none" if self.augment == "none" else "crop_flip")
-        # grey: the same picture in each channel, each normalised with its channel's statistics
-        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
-        if generator is not None and self.randaug is not None:
-            x = self.randaug.erasing(x)
-        return x.to(dtype), self.labels[index].to(self.device, non_blocking=True)
+        """Batch ``index`` (positions among the served rows), on the calling thread; augmented
+        (training) when ``generator`` is given."""
+        return next(self.iterate([index], dtype, generator, prefetch=False))
+
+    def iterate(self, chunks: Sequence[torch.Tensor], dtype: torch.dtype, generator: torch.Generator | None,
+                prefetch: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``chunks`` (positions among the served rows) in order; augmented (training)
+        when ``generator`` is given. The host side (gather, RandAugment) runs ahead on a thread."""
+        training = generator is not None and self.randaug is not None
+        seeds = self.randaug.batch_seeds(len(chunks)) if training else [(0, 0)] * len(chunks)
+        pool = AugmentPool.of(self.images, self.augment_processes) if training and self.augment_processes else None
+        host = self._host_batches(chunks, seeds if training else None, pool)
+        # RandAugment seeds the process's global generators for its call: on the training thread's
+        # process it runs on that thread (a thread beside it would reseed the model's dropout draws)
+        if prefetch and len(chunks) > 1 and not (training and pool is None):
+            host = _ahead(host, PREFETCH_BATCHES)
+        try:
+            for (slot, images), chunk, (_, erase_seed) in zip(host, chunks, seeds):
+                x = images.to(self.device, non_blocking=True)
+                self.staging.sent(slot)
+                x = (x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)).float().div_(255.0)
+                if generator is not None:  # on one channel where the image is grey
+                    x = augment(x, generator, "flip" if self.augment == "flip" else "none" if self.augment == "none" else "crop_flip")
+                # grey: the same picture in each channel, each normalised with its channel's statistics
+                x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+                if training:
+                    x = self.randaug.erasing(x, erase_seed)
+                yield x.to(dtype), self.labels[chunk].to(self.device, non_blocking=True)
+        finally:
+            close = getattr(host, "close", None)
+            if close is not None:
+                close()
+
+    def _host_batches(self, chunks: Sequence[torch.Tensor], seeds: list[tuple[int, int]] | None,
+                      pool: AugmentPool | None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each chunk's images in a staging buffer (slot, uint8 tensor), RandAugmented when ``seeds`` are given."""
+        rows = [self._rows(chunk) for chunk in chunks]
+        shape = tuple(self.images.shape[1:])
+        if pool is not None:
+            pending: deque[Any] = deque()
+            for k in range(len(rows)):
+                while len(pending) <= pool.processes and len(pending) + k < len(rows):
+                    i = k + len(pending)
+                    pending.append(pool.pool.apply_async(_pool_augment, (rows[i], seeds[i][0])))
+                augmented = pending.popleft().get()
+                slot, buffer = self.staging.take(augmented.shape)
+                buffer.numpy()[...] = augmented
+                yield slot, buffer
+            return
+        for k, batch_rows in enumerate(rows):
+            slot, buffer = self.staging.take((len(batch_rows), *shape))
+            # straight from the map into the buffer: no intermediate copy of the batch
+            np.take(self.images, batch_rows, axis=0, out=buffer.numpy(), mode="clip")
+            if seeds is not None:
+                buffer.numpy()[...] = randaugment_images(buffer.numpy(), seeds[k][0])
+            yield slot, buffer
+
+    def _rows(self, chunk: torch.Tensor) -> np.ndarray:
+        positions = chunk.numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk)
+        return positions.astype(np.int64) if self.rows is None else self.rows[positions]
+
+
+def _ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items``, produced on a thread up to ``depth`` ahead of the consumer; closing the returned
+    generator stops the thread. An exception in the producer is raised in the consumer."""
+    done = object()
+    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((done, None))
+        except BaseException as exc:  # noqa: BLE001  (handed to the consumer, which raises it)
+            box.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="medpeft-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = box.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let a producer blocked on a full queue see the stop
+            try:
+                box.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
 
 
 def ensure_process_group(backend: str) -> None:
@@ -393,8 +599,8 @@ def evaluate(
     engine.eval()
     index = torch.arange(len(batches))[ctx.rank :: ctx.world_size]
     scores, loss_sum = [], 0.0
-    for start in range(0, len(index), batch_size):
-        x, y = batches.get(index[start : start + batch_size], dtype, None)
+    chunks = [index[start : start + batch_size] for start in range(0, len(index), batch_size)]
+    for x, y in batches.iterate(chunks, dtype, None):
         logits = engine(x).float()
         loss_sum += loss_fn(logits, y).item() * len(y)
         probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)

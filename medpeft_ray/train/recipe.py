@@ -35,6 +35,7 @@ from medpeft_ray.metrics import METRICS, Predictions, better, finite_or_none, me
 from medpeft_ray.train.engine import (
     Batches,
     ReportFn,
+    augment_processes,
     WorkerContext,
     build_optimizer,
     deepspeed_config,
@@ -71,7 +72,8 @@ class _TrialState:
     train_batches: Batches
     val_batches: Batches
     data: Any
-    train_split: Any
+    #: the training images of the trial's label ratio: rows of the dataset's train split
+    train_rows: np.ndarray
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     dtype: torch.dtype
     micro_batch: int
@@ -98,7 +100,6 @@ class TrialRecipe:
         load_deepspeed(self.use_gpu)  # once per worker, not per trial
         self.control_group = control_group
         self._splits: dict[str, Any] = {}
-        self._tensors: dict[tuple[str, str, float], tuple[torch.Tensor, torch.Tensor]] = {}
         self._pristine: OrderedDict[tuple[Any, ...], torch.nn.Module] = OrderedDict()
         self.trials_run = 0
 
@@ -111,21 +112,16 @@ class TrialRecipe:
         cache_key = dataset_identity(trial)
         if cache_key not in self._splits:
             self._splits.clear()
-            self._tensors.clear()
             self._splits[cache_key] = load_splits(ds.name, ds.root, ds.image_size, ds.options, ds.seed, key=key)
         return self._splits[cache_key]
 
-    def split_tensors(self, trial: TrialConfig, name: str, split: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """A split's images and labels as (pinned, on GPUs) CPU tensors, made once per worker.
-
-        Trials only ever index them (which copies), so sharing them cannot leak one trial's
-        changes into the next.
-        """
-        key = (name, trial.dataset.name, trial.label_ratio if name == "train" else -1.0)
-        if key not in self._tensors:
-            images, labels = Batches.tensors(split.images, split.labels, pin=self.use_gpu)
-            self._tensors[key] = (images, labels)
-        return self._tensors[key]
+    def batches(self, trial: TrialConfig, split: Any, rows: np.ndarray | None = None, train: bool = False) -> Batches:
+        """Batches of ``split`` (its ``rows``, or all) for one trial: they read the split's images
+        where they are (the cache's map, shared by the node's workers), never a copy of the split."""
+        augment = trial.train.augment if train else "none"
+        processes = augment_processes(augment, self.use_gpu, torch.get_num_threads()) if train else 0
+        return Batches(split.images, split.labels, self.ctx.device, *_statistics(trial), augment, rows=rows,
+                       augment_processes=processes)
 
     def pristine_backbone(self, trial: TrialConfig, num_classes: int) -> torch.nn.Module:
         """The backbone with its pre-trained weights, loaded from disk once per worker.
@@ -156,11 +152,8 @@ class TrialRecipe:
     def warm_up(self, trial: TrialConfig, dataset_key: dict[str, Any] | None) -> None:
         """Everything a trial like ``trial`` needs before its first step, done once: the dataset and
         its tensors, the pristine backbone, and the method's imports (a model is built and dropped)."""
-        from medpeft_ray.data import train_subset_index
-
         data = self.dataset(trial, dataset_key)
-        self.split_tensors(trial, "train", data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed)))
-        self.split_tensors(trial, "val", data.val)
+        self.train_rows(trial, data)
         with torch.random.fork_rng(devices=[]):  # leaves the trials' random streams as they were
             self.build_model(trial, data.num_classes)
         gc.collect()
@@ -195,27 +188,22 @@ class TrialRecipe:
         """Data, model, optimizer, schedule and DeepSpeed engine of one trial (resumed if asked)."""
         from medpeft_ray.methods import count_parameters
 
-        ctx = self.ctx
         marks: dict[str, float] = {}
         set_determinism(trial.train.seed, trial.train.deterministic)
         data = self.dataset(trial, dataset_key)
-        train_split = self.train_split(trial, data)
-        train_batches = Batches(
-            *self.split_tensors(trial, "train", train_split), ctx.device, *_statistics(trial),
-            trial.train.augment, shared=True,
-        )
-        val_batches = Batches(*self.split_tensors(trial, "val", data.val), ctx.device, *_statistics(trial),
-                              shared=True)
+        train_rows = self.train_rows(trial, data)
+        train_batches = self.batches(trial, data.train, train_rows, train=True)
+        val_batches = self.batches(trial, data.val)
         marks["data"] = time.time()
 
         model = self.build_model(trial, data.num_classes)
         trainable_params, total_params = count_parameters(model)
         marks["model"] = time.time()
-        engine, micro_batch, shard_size = self.engine(trial, model, len(train_split))
+        engine, micro_batch, shard_size = self.engine(trial, model, len(train_rows))
         dtype = compute_dtype(trial.train, self.use_gpu)
         state = _TrialState(
-            engine=engine, train_batches=train_batches, val_batches=val_batches, data=data, train_split=train_split,
-            loss_fn=make_loss(data, train_split), dtype=dtype, micro_batch=micro_batch, shard_size=shard_size,
+            engine=engine, train_batches=train_batches, val_batches=val_batches, data=data, train_rows=train_rows,
+            loss_fn=make_loss(data, data.train.labels[train_rows]), dtype=dtype, micro_batch=micro_batch, shard_size=shard_size,
             trainable_params=trainable_params, total_params=total_params, marks=marks,
         )
         if resume_from is not None:
@@ -223,16 +211,17 @@ class TrialRecipe:
         marks["deepspeed_init"] = time.time()
         return state
 
-    def train_split(self, trial: TrialConfig, data: Any) -> Any:
-        """The trial's training images: the label ratio's subset, enough for every worker."""
+    def train_rows(self, trial: TrialConfig, data: Any) -> np.ndarray:
+        """The trial's training images, as rows of the train split: the label ratio's subset, enough
+        for every worker (an index, not a copy of the images)."""
         from medpeft_ray.data import train_subset_index
 
         if data.skipped and self.ctx.rank == 0 and self.trials_run == 0:
             log.warning("%d unreadable image(s) skipped, e.g. %s", len(data.skipped), data.skipped[0])
-        split = data.train.subset(train_subset_index(data, trial.label_ratio, trial.dataset.seed))
-        if len(split) < self.ctx.world_size:
-            raise TrialFailed(f"{len(split)} training images cannot feed {self.ctx.world_size} workers")
-        return split
+        rows = train_subset_index(data, trial.label_ratio, trial.dataset.seed)
+        if len(rows) < self.ctx.world_size:
+            raise TrialFailed(f"{len(rows)} training images cannot feed {self.ctx.world_size} workers")
+        return rows
 
     def engine(self, trial: TrialConfig, model: torch.nn.Module, train_images: int) -> tuple[Any, int, int]:
         """The trial's DeepSpeed engine (optimizer, warm-up and cosine schedule) around ``model``;
@@ -275,13 +264,14 @@ class TrialRecipe:
         aug_gen = torch.Generator().manual_seed(epoch_seed)
         state.train_batches.reseed(epoch_seed)
         torch.manual_seed(epoch_seed)
-        shard = torch.randperm(len(state.train_split), generator=order_gen)[ctx.rank :: ctx.world_size][: state.shard_size]
+        shard = torch.randperm(len(state.train_rows), generator=order_gen)[ctx.rank :: ctx.world_size][: state.shard_size]
         loss_sum = torch.zeros((), device=ctx.device)
         steps = 0
-        for start in range(0, len(shard), state.micro_batch):
+        chunks = [shard[start : start + state.micro_batch] for start in range(0, len(shard), state.micro_batch)]
+        # the host side of the next batches (gather, RandAugment) is prepared while this step runs
+        for x, y in state.train_batches.iterate(chunks, state.dtype, aug_gen):
             if self.stop_requested():
                 raise TrialStopped()
-            x, y = state.train_batches.get(shard[start : start + state.micro_batch], state.dtype, aug_gen)
             if not first_step:
                 first_step.append(time.time())
             loss = state.loss_fn(engine(x), y)
@@ -407,7 +397,7 @@ class TrialRecipe:
                 metrics = {
                     "epoch": epoch + 1, **scores, "train_loss": train_loss,
                     "trainable_params": state.trainable_params, "total_params": state.total_params,
-                    "train_images": len(state.train_split), "skipped_images": len(state.data.skipped),
+                    "train_images": len(state.train_rows), "skipped_images": len(state.data.skipped),
                     "epoch_time_s": epoch_time, "train_time_s": train_time, "worker_started_at": started_at,
                     # per class and per subgroup, as JSON text: one result value, not hundreds of columns
                     "details": json.dumps(finite_or_none(prediction_details(predictions, state.data.class_names))),
@@ -427,8 +417,7 @@ class TrialRecipe:
                             "thresholds": predictions.decision_thresholds if predictions.multilabel else None}
             if evaluate_test and best is not None and len(state.data.test):
                 load_trainable_state(state.engine.module, best["weights"])
-                test_batches = Batches(*Batches.tensors(state.data.test.images, state.data.test.labels), self.ctx.device,
-                                       *_statistics(trial), shared=True)
+                test_batches = self.batches(trial, state.data.test)
                 # the validation epoch's thresholds, unchanged: the test split chooses nothing
                 test = self.evaluate(trial, state, test_batches, state.data.test, best["thresholds"])
                 details = {**json.loads(best["details"]), "test": prediction_details(test, state.data.class_names, "test")}
@@ -520,11 +509,11 @@ def reset_classifier(model: torch.nn.Module) -> None:
             torch.nn.init.zeros_(head.bias)
 
 
-def make_loss(data: Any, train_split: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_loss(data: Any, train_labels: np.ndarray) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """BCE-with-logits for multi-label data (unknown labels, NaN, left out), cross-entropy otherwise."""
     multilabel = data.task == "multilabel"
     # decided once per trial, so the common all-known case pays no masking (and no GPU sync)
-    has_unknown = bool(np.isnan(train_split.labels).any() or np.isnan(data.val.labels).any())
+    has_unknown = bool(np.isnan(train_labels).any() or np.isnan(data.val.labels).any())
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
