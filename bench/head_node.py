@@ -4,8 +4,14 @@ Starts a simulated multi-node cluster (``ray.cluster_utils.Cluster``: a head dec
 and the trial-driver resource, as every config in ``clusters/`` does, and worker nodes with the
 trial slots), then for 1, 2, 4 and 8 executors starts them as a search does
 (:func:`medpeft_ray.search.pools.take_executors`) and measures the Ray worker processes on the
-head (the dispatcher, each executor's host and its Ray Train controller): their count, private
-memory (USS) and proportional memory (PSS), and the seconds until every executor was ready.
+head: their count, private memory (USS) and proportional memory (PSS), and the seconds until
+every executor was ready. Two layouts, in one run:
+
+- ``head``: the slot nodes declare nothing, so each executor's host, its Ray Train controller
+  and that run's helper actors live on the head (how every search ran before);
+- ``nodes``: the slot nodes declare ``medpeft_executor``, as the configs in ``clusters/`` do now:
+  they live there, and the head holds the search's dispatcher only.
+
 The per-executor slope is scaled to 64 executors and compared with the 32 GiB head of the
 configs. Each running trial adds its Tune trial driver on the head besides (not started here).
 
@@ -53,32 +59,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--startup-concurrency", type=int, default=0, help="RAY_worker_maximum_startup_concurrency (0: Ray's)")
+    parser.add_argument("--layouts", nargs="+", default=["head", "nodes"], choices=["head", "nodes"])
     args = parser.parse_args()
     if args.startup_concurrency:
         os.environ["RAY_worker_maximum_startup_concurrency"] = str(args.startup_concurrency)
+    for layout in args.layouts:
+        measure(layout, args.counts)
 
+
+def measure(layout: str, counts: list[int]) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from medpeft_ray.search.cluster import DRIVER_RESOURCE
+    from medpeft_ray.search.cluster import DRIVER_RESOURCE, EXECUTOR_RESOURCE
     from medpeft_ray.search.executors import ExecutorSpec
     from medpeft_ray.search.pools import release_executors, return_executors, take_executors
 
     work = Path(tempfile.mkdtemp(prefix="medpeft-bench-"))
-    most = max(args.counts)
+    most = max(counts)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {DRIVER_RESOURCE: 10000}})
+    slot_node = {"resources": {EXECUTOR_RESOURCE: 1000}} if layout == "nodes" else {}
+    host = {EXECUTOR_RESOURCE: 0.001} if layout == "nodes" else {DRIVER_RESOURCE: 0.001}
     for _ in range(2):  # two worker nodes holding the slots
-        cluster.add_node(num_cpus=(most + 1) // 2)
+        cluster.add_node(num_cpus=(most + 1) // 2, **slot_node)
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         head_id = ray.get_runtime_context().get_node_id()
-        base_pids = set(head_processes(head_id))
-        print(f"head: {len(base_pids)} Ray worker processes before any executor (idle pool)")
+        base_pids = set(head_processes(head_id))  # none yet: processes start as actors ask for them
+        print(f"\nlayout {layout!r}: executors' hosts on the {'slot nodes' if layout == 'nodes' else 'head'}")
         rows = []
-        for count in args.counts:
+        for count in counts:
             spec = ExecutorSpec(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1.0},
                                 storage_path=str(work / "executors"), experiment=f"bench{count}",
-                                max_executors=count, idle_exit_s=600.0)
+                                max_executors=count, idle_exit_s=600.0, host_resources=host)
             started = time.perf_counter()
             pool, _ = take_executors(spec, None)
             ready = ray.get(pool.dispatcher.wait_ready.remote(count, 600.0))

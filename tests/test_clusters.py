@@ -23,6 +23,7 @@ from medpeft_ray.errors import MedpeftError, UsageError
 from medpeft_ray.search.cluster import (
     CLUSTER_CONFIG_ENV,
     DRIVER_RESOURCE,
+    EXECUTOR_RESOURCE,
     ClusterCapacity,
     _cluster_config_path,
     load_cluster_config,
@@ -70,6 +71,9 @@ def test_launcher_config_passes_rays_validation(name: str) -> None:
     for node_type in workers.values():
         assert node_type["min_workers"] == 0, "GPU nodes scale from zero"
         assert 0 < node_type["max_workers"] <= config["max_workers"]
+        # the executors' hosts and controllers live on the slot nodes, never on the head
+        assert node_type["resources"][EXECUTOR_RESOURCE] > 0
+    assert EXECUTOR_RESOURCE not in head["resources"]
     assert 0 < config["idle_timeout_minutes"] <= 30
 
 
@@ -143,6 +147,8 @@ def test_kuberay_manifest_translates_to_a_valid_autoscaler_config() -> None:
     assert types["headgroup"]["resources"]["CPU"] == 0
     assert types["headgroup"]["resources"][DRIVER_RESOURCE] == 10000
     assert {name: t["resources"]["GPU"] for name, t in types.items() if name != "headgroup"} == {"gpu-1x": 1, "gpu-8x": 8}
+    assert {name: t["resources"].get(EXECUTOR_RESOURCE) for name, t in types.items()} == {
+        "headgroup": None, "gpu-1x": 1000, "gpu-8x": 1000}
     assert all(t["min_workers"] == 0 for t in types.values())
 
 
@@ -159,6 +165,19 @@ def test_kuberay_manifest_translates_to_a_valid_autoscaler_config() -> None:
 def test_max_resources_of_the_shipped_configs(name: str, resource: str, most: int) -> None:
     # aws/gcp: 8 nodes at most, the richest first: one 8-GPU node and seven 1-GPU nodes
     assert max_resources(load_cluster_config(CLUSTERS / name))[resource] == most
+
+
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", "kuberay-autoscaling.yaml", "local-fake.yaml"])
+def test_executors_are_hosted_on_the_slot_nodes_of_a_cluster_that_declares_them(name: str) -> None:
+    from medpeft_ray.config import validate_search_dict
+
+    config = validate_search_dict(tiny_search(resources={"gpus_per_worker": 0}), "tiny.yaml")
+    head_only = ClusterCapacity({"CPU": 0.0, DRIVER_RESOURCE: 10000.0}, None, autoscaling=True)
+    # no GPU node runs yet: the cluster's config says where hosts may go once they do
+    grown = ClusterCapacity(head_only.now, max_resources(load_cluster_config(CLUSTERS / name)), autoscaling=True)
+    assert plan_resources(config, grown).executor_host == {EXECUTOR_RESOURCE: 0.001}
+    assert plan_resources(config, ClusterCapacity({"CPU": 4.0, DRIVER_RESOURCE: 10000.0})).executor_host == {
+        DRIVER_RESOURCE: 0.001}  # a machine, or a cluster whose nodes do not declare it: the head, as the dispatcher
 
 
 def test_max_resources_respects_the_global_limit_and_uses_the_live_head() -> None:

@@ -385,3 +385,40 @@ def test_a_study_keeps_the_checkpoints_of_its_best_trials_per_method_and_of_no_e
     assert kept(c) == ([1], [1]) and kept(a) == ([2], [2])
     assert kept(b) == ([], [])  # pushed out of the best two: no checkpoint, but every epoch's record
     assert [m["val_auroc"] for m in b.read().epochs] == [0.5, 0.55] and kept(other) == ([1], [1])
+
+
+def test_an_epoch_publishes_while_the_next_trains_in_order_and_its_error_reaches_the_training_thread(
+        tmp_path: Path) -> None:
+    import threading
+
+    from medpeft_ray.search.executors import EpochPublisher
+
+    release = threading.Event()
+    seen: list[tuple[int, list[str], Path]] = []
+
+    def publish(metrics: dict[str, Any], staged: Path) -> None:
+        if metrics["epoch"] == 1:
+            assert release.wait(60)  # the upload of epoch 1 is still going when epoch 2 trains
+        seen.append((metrics["epoch"], sorted(p.name for p in staged.iterdir()), staged))
+        if metrics["epoch"] == 3:
+            raise OSError("the bucket refused the upload")
+
+    def epoch_folder(epoch: int) -> Path:
+        folder = tmp_path / f"epoch{epoch}"
+        folder.mkdir()
+        (folder / "trainable.safetensors").write_text(str(epoch))
+        return folder
+
+    publisher = EpochPublisher(publish)
+    first = epoch_folder(1)
+    publisher.submit({"epoch": 1}, first)
+    assert list(first.iterdir()) == []  # moved out: the recipe deletes its folder as the call returns
+    assert seen == []  # submit returned while epoch 1 publishes: training goes on
+    release.set()
+    publisher.submit({"epoch": 2}, epoch_folder(2))  # waits for epoch 1 first: one at a time, in order
+    assert [epoch for epoch, _, _ in seen] == [1]
+    publisher.submit({"epoch": 3}, epoch_folder(3))
+    with pytest.raises(OSError, match="refused"):
+        publisher.close()  # the trial's end waits for its last epoch, and fails with it
+    assert [(epoch, files) for epoch, files, _ in seen] == [(e, ["trainable.safetensors"]) for e in (1, 2, 3)]
+    assert not any(staged.exists() for _, _, staged in seen)  # nothing left on the worker's disk

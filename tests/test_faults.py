@@ -100,6 +100,13 @@ def _kill(pids: list[int]) -> None:
             pass
 
 
+def _runs(pid: int, names: tuple[str, ...]) -> bool:
+    try:
+        return any(name in part for part in psutil.Process(pid).cmdline() for name in names)
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _run_to_the_point_and_kill(tmp_path: Path, point: str, victim: str, resume: bool = False,
                                hold_s: float = 30.0) -> tuple[Path, list[int], dict[str, Any]]:
     """Starts the search (or resumes it) held at ``point``; kills ``victim`` there ("driver": the
@@ -131,7 +138,11 @@ def _run_to_the_point_and_kill(tmp_path: Path, point: str, victim: str, resume: 
     elif victim == "ray":
         _kill([driver.pid, *processes])
     else:
-        _kill([held["pid"]])
+        # "executor": what a lost node takes when the executor's host lives there: the host, its
+        # Ray Train controller and the worker
+        hosts = [pid for pid in processes if victim == "executor" and _runs(pid, ("ExecutorHost", "TrainController"))]
+        assert len(hosts) == (2 if victim == "executor" else 0), hosts
+        _kill([*hosts, held["pid"]])
         out, _ = driver.communicate(timeout=500)  # the search goes on by itself
         assert driver.returncode == 0, out[-4000:]
     driver.wait(timeout=60)
@@ -191,15 +202,18 @@ def test_a_search_killed_at_every_point_in_turn_resumes_to_the_rows_of_an_uninte
     assert all(row["train_time_s"] > 0 for row in rows.values())
 
 
-@pytest.mark.parametrize(("point", "victim"), [("after_record@2", "worker"), ("dispatcher_post@2", "dispatcher")],
-                         ids=["worker", "dispatcher"])
-def test_a_lost_worker_or_dispatcher_costs_no_value_of_any_row(
+@pytest.mark.parametrize(("point", "victim"), [("after_record@2", "worker"), ("dispatcher_post@2", "dispatcher"),
+                                                ("after_record@2", "executor")],
+                         ids=["worker", "dispatcher", "executor"])
+def test_a_lost_worker_dispatcher_or_executor_costs_no_value_of_any_row(
     tmp_path: Path, point: str, victim: str, uninterrupted: dict[float, dict[str, Any]]
 ) -> None:
     """A worker killed between an epoch's record and its report: Ray Train restarts its executor,
     which resumes the trial from that epoch's checkpoint. The dispatcher killed as an epoch reaches
     it: Ray restarts it, and it takes the running trial back from its executor and the others from
-    their drivers. Either way the search finishes by itself, with the uninterrupted rows."""
+    their drivers. The executor lost whole (its host and controller too, as with the node they live
+    on): the dispatcher puts its trial back first in the queue, and a new executor resumes it. Each
+    way the search finishes by itself, with the uninterrupted rows."""
     results, leftovers, held = _run_to_the_point_and_kill(tmp_path, point, victim)
     _kill(leftovers)
     rows = _rows(results)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,10 @@ from medpeft_ray.errors import MedpeftError
 #: declares it too keeps every trial driver on the head. Elsewhere drivers take 0.01 CPU.
 DRIVER_RESOURCE = "medpeft_driver"
 DRIVER_SLOTS = 10_000
+#: A custom resource that the nodes with trial slots (GPU nodes) declare: each executor's host, with
+#: its Ray Train controller and that run's helper actors (about 1 GB in 5 processes), then lives on
+#: those nodes instead of the head, so the head's memory does not grow with the executors.
+EXECUTOR_RESOURCE = "medpeft_executor"
 
 CLUSTER_CONFIG_ENV = "MEDPEFT_CLUSTER_CONFIG"
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
@@ -63,6 +67,9 @@ class ResourcePlan:
     concurrency: int
     #: a hint for the user when the plan rests on a guess (unknown autoscaler limits), else ""
     note: str = ""
+    #: what each executor's host asks for: a sliver of :data:`EXECUTOR_RESOURCE` where the cluster's
+    #: nodes declare it (now or in its config), else of :data:`DRIVER_RESOURCE` (the head), else nothing
+    executor_host: dict[str, float] = field(default_factory=dict)
 
 
 def plan_resources(config: SearchConfig, capacity: ClusterCapacity) -> ResourcePlan:
@@ -118,7 +125,9 @@ def plan_resources(config: SearchConfig, capacity: ClusterCapacity) -> ResourceP
                 "autoscaling cluster of unknown maximum size: running as many trials as fit now; set "
                 f"search.max_concurrent, or {CLUSTER_CONFIG_ENV} to the cluster's launcher YAML or RayCluster manifest"
             )
-    return ResourcePlan(driver, per_worker, gpus > 0, concurrency, note)
+    host = ({EXECUTOR_RESOURCE: 0.001} if limit.get(EXECUTOR_RESOURCE) else
+            {DRIVER_RESOURCE: 0.001} if now.get(DRIVER_RESOURCE) else {})
+    return ResourcePlan(driver, per_worker, gpus > 0, concurrency, note, host)
 
 
 # ----------------------------------------------------------------------------------------------

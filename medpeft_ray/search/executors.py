@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -93,6 +94,9 @@ class ExecutorSpec:
     warm_up: "TrialConfig | None" = None
     #: names this set of executors (their detached host actors), apart from another search's of the same experiment
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    #: the resources each executor's host asks for (:attr:`medpeft_ray.search.cluster.ResourcePlan.executor_host`):
+    #: where the host, its Ray Train controller and their helpers live
+    host_resources: dict[str, float] = field(default_factory=dict)
 
     def fits(self, num_workers: int, use_gpu: bool, resources_per_worker: dict[str, float]) -> bool:
         return (num_workers, use_gpu, dict(resources_per_worker)) == (self.num_workers, self.use_gpu,
@@ -690,9 +694,44 @@ class TrialDispatcher:
         # Detached, so that it outlives a dispatcher that dies (Ray restarts the dispatcher, which
         # finds it by name); it ends by itself when its executor exits.
         host = ray.remote(ExecutorHost).options(name=_host_name(self.spec, executor_id), namespace=NAMESPACE,
-                                               lifetime="detached", **_host_options())
+                                               lifetime="detached", **_host_options(self.spec.host_resources))
         self.hosts[executor_id] = host.remote()
         self.runs[executor_id] = self.hosts[executor_id].run.remote(executor_id, self.spec, handle, self.dataset_key)
+        asyncio.ensure_future(self._watch_run(executor_id, self.runs[executor_id]))
+
+    async def _watch_run(self, executor_id: str, run: Any) -> None:
+        """When an executor's run ends: an executor that exited had nothing; one that died (its host's
+        node was lost, taking the Ray Train controller and workers with it) had perhaps a trial,
+        which goes back to the head of the queue and resumes from its checkpoint on another
+        executor (counted against ``resources.max_failures``), and a new executor takes its place."""
+        await _await_ref(run)
+        self.runs.pop(executor_id, None)
+        self.hosts.pop(executor_id, None)
+        if self.closing or executor_id in self.setup_failures:  # a set-up that failed would fail again
+            return
+        executor = self.executors.get(executor_id)
+        if executor is not None:
+            executor.alive = False
+            key, executor.trial = executor.trial, None
+            if executor.busy_since is not None:
+                executor.busy_s += time.time() - executor.busy_since
+                executor.busy_since = None
+            trial = self.trials.get(key) if key is not None else None
+            if trial is not None and trial.executor == executor_id and not trial.ended.is_set() \
+                    and not trial.outcome_posted:
+                trial.executor = None
+                max_failures = int(trial.payload.get("max_failures", 0))
+                if 0 <= max_failures < trial.deliveries:
+                    trial.events.put_nowait(("failed", f"the trial's executor was lost {trial.deliveries} time(s) "
+                                                       f"(resources.max_failures: {max_failures})"))
+                    trial.outcome_posted = True
+                else:
+                    log.warning("executor %s was lost with trial %s: the trial resumes on another executor",
+                                executor_id, key)
+                    self.queue.appendleft(key)
+        if self.queue and not self._idle_executors() and self._alive() < self.spec.max_executors:
+            self._launch()
+        self._notify()
 
 
 async def _await_ref(ref: Any) -> Any:
@@ -703,15 +742,20 @@ async def _await_ref(ref: Any) -> Any:
         return None
 
 
-def _host_options() -> dict[str, Any]:
-    """A host task holds no resources of its own (its executor's workers hold them); on the head
-    when the cluster has the driver resource."""
+def _host_options(resources: dict[str, float] | None = None) -> dict[str, Any]:
+    """An actor that holds no CPU of its own (an executor's workers hold them): on the nodes that
+    ``resources`` names (an executor's host: see :attr:`ExecutorSpec.host_resources`), else on the
+    head when the cluster has the driver resource (the dispatcher)."""
     from medpeft_ray.search.cluster import DRIVER_RESOURCE
 
     import ray
 
     options: dict[str, Any] = {"num_cpus": 0}
-    if ray.cluster_resources().get(DRIVER_RESOURCE):
+    if resources:
+        options["resources"] = dict(resources)
+        # hosts spread over the slot nodes: a lost node takes few executors with it
+        options["scheduling_strategy"] = "SPREAD"
+    elif ray.cluster_resources().get(DRIVER_RESOURCE):
         options["resources"] = {DRIVER_RESOURCE: 0.001}
     return options
 
@@ -825,6 +869,9 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
     # The ranks agree on what to do next and when to stop on a CPU group, so a GPU trial's
     # control messages never wait for the GPU.
     control = dist.new_group(backend="gloo") if world_size > 1 else None
+    # the ranks' checkpoint uploads meet on a group of their own: they run beside training, whose
+    # stop checks use ``control`` (two threads must never share one group's sequence of collectives)
+    uploads = dist.new_group(backend="gloo") if world_size > 1 else None
     ctx = WorkerContext(rank=rank, world_size=world_size, device=ray.train.torch.get_device())
     # the recipe of the search's trials (classification or generation), from the trial it warms up with
     recipe = make_recipe(loop_config["warm_up"], ctx, control) if loop_config.get("warm_up") is not None else None
@@ -839,16 +886,17 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
             return
         setup_marks["executor_warm_up"] = time.time()
     try:
-        _serve_trials(recipe, ctx, dispatcher, executor_id, control, setup_marks)
+        _serve_trials(recipe, ctx, dispatcher, executor_id, (control, uploads), setup_marks)
     except ray.exceptions.RayActorError:
         # the search's dispatcher died for good (its search ended, or its driver died): so does
         # this executor, rather than have Ray Train restart it over and over
         log.warning("executor %s: its search's dispatcher is gone; exiting", executor_id)
 
 
-def _serve_trials(recipe: Any, ctx: Any, dispatcher: Any, executor_id: str, control: Any,
+def _serve_trials(recipe: Any, ctx: Any, dispatcher: Any, executor_id: str, groups: tuple[Any, Any],
                   setup_marks: dict[str, float]) -> None:
-    """An executor's trials, one after another, until the dispatcher says to exit.
+    """An executor's trials, one after another, until the dispatcher says to exit. ``groups``: the
+    ranks' CPU process groups for control (what to do next, when to stop) and for uploads.
 
     Raises:
         ray.exceptions.RayActorError: the dispatcher died for good (the other ranks exit).
@@ -859,6 +907,7 @@ def _serve_trials(recipe: Any, ctx: Any, dispatcher: Any, executor_id: str, cont
     from medpeft_ray.train.recipes import make_recipe
 
     rank, world_size = ctx.rank, ctx.world_size
+    control = groups[0]
     while True:
         gone: Exception | None = None
         assignment = None
@@ -882,12 +931,12 @@ def _serve_trials(recipe: Any, ctx: Any, dispatcher: Any, executor_id: str, cont
         if recipe is None:
             recipe = make_recipe(assignment["trial"], ctx, control)
         recipe.ctx = dataclasses.replace(ctx, should_stop=stop.is_set)
-        _run_assignment(recipe, assignment, dispatcher, executor_id, stop, control, setup_marks)
+        _run_assignment(recipe, assignment, dispatcher, executor_id, stop, groups, setup_marks)
         setup_marks = {}  # only the executor's first trial paid for its set-up
 
 
 def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, executor_id: str,
-                    stop: threading.Event, control: Any, setup_marks: dict[str, float]) -> None:
+                    stop: threading.Event, groups: tuple[Any, Any], setup_marks: dict[str, float]) -> None:
     """One trial on this worker: the recorded epochs reported again, then training from the latest
     checkpoint with per-epoch uploads, records and reports, then the final event.
 
@@ -919,7 +968,9 @@ def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, ex
         if ctx.rank == 0:
             ray.get(dispatcher.post.remote(key, kind, data))
 
-    def report(metrics: dict[str, Any], directory: Path | None) -> None:
+    def publish(metrics: dict[str, Any], directory: Path | None) -> None:
+        """Uploads this rank's part of an epoch, then (rank 0, once every rank's part is in storage)
+        records the epoch and reports it: on the publisher's thread, while the next epoch trains."""
         epoch = int(metrics["epoch"])
         fault_point("before_checkpoint", epoch)
         if directory is not None:
@@ -927,7 +978,7 @@ def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, ex
         if ctx.world_size > 1:
             import torch.distributed as dist
 
-            dist.barrier(group=control)  # every rank's part is in storage before the record names it
+            dist.barrier(group=groups[1])  # every rank's part is in storage before the record names it
         metrics = {**metrics, "checkpoint_path": checkpoints.uri(epoch)}
         if ctx.rank == 0:
             checkpoints.record(epoch, metrics.get(trial.metric) if directory is not None else None, metrics)
@@ -935,18 +986,25 @@ def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, ex
             if not evaluate_test:
                 post("epoch", metrics)
 
+    publisher = EpochPublisher(publish)
+
     outcome: tuple[str, Any] | None = None
     history: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="medpeft-resume-") as tmp:
         try:
-            history = _claim(checkpoints, ctx, control)
+            history = _claim(checkpoints, ctx, groups[0])
             if not evaluate_test:
                 for metrics in history:  # the driver drops those it has reported already
                     post("epoch", metrics)
             resume_from = checkpoints.download_latest(Path(tmp))
-            final = recipe.run(trial, report, evaluate_test=evaluate_test, resume_from=resume_from,
-                               dataset_key=assignment.get("dataset_key"), started=started, history=history,
-                               checkpoint_of=lambda epoch: checkpoints.download(epoch, Path(tmp) / "best"))
+            try:
+                final = recipe.run(trial, publisher.submit, evaluate_test=evaluate_test, resume_from=resume_from,
+                                   dataset_key=assignment.get("dataset_key"), started=started, history=history,
+                                   checkpoint_of=lambda epoch: checkpoints.download(epoch, Path(tmp) / "best"))
+            except BaseException:
+                publisher.close(failed=True)
+                raise
+            publisher.close()  # the last epoch is recorded and reported before the trial's end
             outcome = ("done", {k: v for k, v in final.items() if not isinstance(v, dict)})
         except (TrialStopped, FencedOut) as exc:
             outcome = None  # stopped by its driver, or a newer run of the search owns the trial now
@@ -975,6 +1033,61 @@ def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, ex
         if ctx.rank == 0:
             ray.get(dispatcher.release.remote(executor_id, key))
     stop.set()  # ends this trial's watcher
+
+
+class EpochPublisher:
+    """Publishes a trial's epochs (checkpoint upload, record, report) on a thread of its own, one
+    epoch at a time and in order, so that training goes on while an epoch's checkpoint uploads
+    (a fully fine-tuned ViT-B's 1.4 GB to a bucket takes seconds to minutes).
+
+    An epoch's files are moved out of the recipe's temporary folder before the recipe deletes it. The next epoch's :meth:`submit` and :meth:`close` wait for the epoch in
+    flight and raise its error, if it had one, on the training thread. A worker lost meanwhile
+    loses at most that epoch too: the trial resumes from the last recorded one, as it always does.
+    """
+
+    def __init__(self, publish: Any) -> None:
+        self.publish = publish
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, metrics: dict[str, Any], directory: Path | None) -> None:
+        self.wait()
+        staged = None
+        if directory is not None:
+            staged = Path(tempfile.mkdtemp(prefix="medpeft-upload-"))
+            for part in directory.iterdir():
+                shutil.move(part, staged / part.name)  # a rename where both are on one disk
+        self.thread = threading.Thread(target=self._run, args=(dict(metrics), staged), name="medpeft-publish",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, metrics: dict[str, Any], staged: Path | None) -> None:
+        try:
+            self.publish(metrics, staged)
+        except BaseException as exc:  # noqa: BLE001  (raised on the training thread)
+            self.error = exc
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Waits for the epoch in flight; raises its error."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def close(self, failed: bool = False) -> None:
+        """The trial's training ended: the epoch in flight is published and its error raised; or
+        training ``failed`` (its own error goes on): the epoch in flight is left to finish."""
+        if not failed:
+            self.wait()
+            return
+        if self.thread is not None:
+            self.thread.join(timeout=300)  # a rank lost in its barrier: let the other error go on
+            self.thread, self.error = None, None
 
 
 def _claim(checkpoints: TrialCheckpoints, ctx: Any, control: Any) -> list[dict[str, Any]]:

@@ -483,7 +483,7 @@ def _take_executors(run: "SearchRun") -> Any:
         num_workers=config.resources.workers_per_trial, use_gpu=plan.use_gpu, resources_per_worker=plan.per_worker,
         storage_path=f"{storage}/executors", experiment=config.experiment_name, max_executors=plan.concurrency,
         threads=max(1, int(plan.per_worker.get("CPU", 1))), worker_start_timeout_s=config.resources.worker_start_timeout_s,
-        idle_exit_s=config.resources.executor_idle_s, warm_up=facts["warm_up"],
+        idle_exit_s=config.resources.executor_idle_s, warm_up=facts["warm_up"], host_resources=plan.executor_host,
     )
     started = time.time()
     pool, warm = take_executors(spec, facts["dataset_key"], resumed=run.manifest.attempt > 1)
