@@ -60,15 +60,27 @@ class FakeCluster:
     def wait_for_no_workers(self, timeout: float) -> float:
         started = time.time()
         while self.worker_nodes():
-            assert time.time() - started < timeout, f"worker nodes still up after {timeout:.0f} s: {self.worker_nodes()}"
+            assert time.time() - started < timeout, (f"worker nodes still up after {timeout:.0f} s, holding "
+                                                     f"{self.what_runs_on_worker_nodes()}")
             time.sleep(0.5)
         return time.time() - started
+
+    def what_runs_on_worker_nodes(self) -> list[tuple[str, str]]:
+        """(class, state) of every actor not dead on a worker node, and the nodes' resources in use."""
+        import ray
+        from ray.util.state import list_actors
+
+        nodes = {n["NodeID"] for n in self.worker_nodes()}
+        actors = list_actors(address=self.address, filters=[("state", "!=", "DEAD")], detail=True, limit=1000)
+        return [(a.class_name, a.state) for a in actors if a.node_id in nodes or a.node_id is None] + [
+            ("available", str(ray.available_resources()))]
 
 
 @dataclass
 class NodeWatch:
     """Polls the cluster in the background: when each worker node was first and last seen alive,
-    and when a placement group (a trial's workers) first waited for resources."""
+    and when a placement group (a trial's workers) or an actor (an executor's host, which lives on
+    a worker node) first waited for resources."""
 
     cluster: FakeCluster
     first_pending: float | None = None
@@ -90,10 +102,13 @@ class NodeWatch:
 
     def _run(self) -> None:
         from ray.util import placement_group_table
+        from ray.util.state import list_actors
 
         while not self._stop.is_set():
             now = time.time()
-            if self.first_pending is None and any(pg["state"] == "PENDING" for pg in placement_group_table().values()):
+            if self.first_pending is None and (
+                    any(pg["state"] == "PENDING" for pg in placement_group_table().values())
+                    or list_actors(address=self.cluster.address, filters=[("state", "=", "PENDING_CREATION")], limit=1)):
                 self.first_pending = now
             alive = [n["NodeID"] for n in self.cluster.worker_nodes()]
             for node in alive:
@@ -335,8 +350,9 @@ def test_trial_resumes_from_checkpoint_on_a_new_node_when_its_node_dies(
     resumed = [r["epoch"] for r in reported if r["worker_started_at"] == attempts[1]]
     assert resumed[0] > 1, f"the resumed run started at epoch {resumed[0]}, not after its checkpoint"
 
-    # The resumed run ran on a node the autoscaler added after the loss.
-    nodes = {a.node_id for a in _train_workers(fake_cluster) if a.actor_id not in earlier}
+    # The resumed run ran on a node the autoscaler added after the loss (a worker that never got a
+    # node, such as one asked for by the lost executor's controller as it went, ran nowhere).
+    nodes = {a.node_id for a in _train_workers(fake_cluster) if a.actor_id not in earlier and a.node_id}
     assert killed_node in nodes and len(nodes) == 2, nodes
     record_property("resumed_at_epoch", resumed[0])
     print(f"\nnode lost after epoch {resumed[0] - 1}; trial resumed at epoch {resumed[0]} on a new node, "

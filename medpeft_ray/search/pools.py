@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medpeft_ray.errors import MedpeftError
+from medpeft_ray.search.cluster import EXECUTOR_RESOURCE
 from medpeft_ray.search.executors import NAMESPACE, ExecutorSpec, check_not_running, start_dispatcher
 
 
@@ -90,6 +91,8 @@ def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None,
             _stop(pool)
     import ray
 
+    if EXECUTOR_RESOURCE in spec.host_resources:
+        _keep_train_coordinator_here()
     dispatcher, name = start_dispatcher(spec, dataset_key)
     pool = ExecutorPool(key, dispatcher, name)
     with _lock:
@@ -103,6 +106,22 @@ def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None,
         _stop(pool)
         raise MedpeftError(f"the trial executors could not start: {exc}") from None
     return pool, warm
+
+
+def _keep_train_coordinator_here() -> None:
+    """Starts Ray Train's cluster-wide autoscaling coordinator on this (the driver's) node.
+
+    The first Ray Train controller to need it starts it, detached, on its own node. With the
+    executors' controllers on the slot nodes, that would be a GPU node, which it would then keep
+    from ever scaling down; started here first, every controller finds it on the head.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:  # a Ray without it: its controllers start none either
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 def _begin(pool: ExecutorPool, spec: ExecutorSpec, resumed: bool) -> int:
