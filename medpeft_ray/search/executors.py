@@ -17,15 +17,19 @@ Lifecycle:
   back; a trial that finds no free executor starts a new one, up to that number.
 - A trial the scheduler stops is ended by :class:`ExecutorCallback` (in the search driver); its
   executor notices before its next training step, frees the trial and takes the next one.
-- A worker or node lost mid-trial: Ray Train restarts the executor's worker group, which asks the
+- A worker lost mid-trial: Ray Train restarts the executor's worker group, which asks the
   dispatcher for its trial again and resumes it from the trial's last checkpoint (up to
   ``resources.max_failures`` times per trial); trials queued behind it wait their turn.
+- An executor lost whole (the node its host and Ray Train controller live on, where the slot
+  nodes declare :data:`~medpeft_ray.search.cluster.EXECUTOR_RESOURCE`): the dispatcher puts its
+  trial first in the queue and starts a new executor; the trial resumes the same way.
 - A NaN loss fails that trial once; the executor goes on with the next.
 
-Checkpoints are written per epoch by every rank straight to the trial's folder in the results
-storage (local, ``s3://``, ``gs://``, through ``pyarrow.fs`` as Ray's own storage is), with an
-index that rank 0 writes last; ``train.checkpoints_to_keep`` best epochs (by ``search.metric``)
-and the latest one are kept.
+Checkpoints are written per epoch by every rank (on a thread, while the next epoch trains)
+straight to the trial's folder in the results storage (local, ``s3://``, ``gs://``, through
+``pyarrow.fs`` as Ray's own storage is), with an index that rank 0 writes last;
+``train.checkpoints_to_keep`` best epochs (by ``search.metric``) and the latest one are kept
+while the trial runs (:class:`~medpeft_ray.search.callbacks.CheckpointRetention` trims them once it ends).
 """
 
 from __future__ import annotations
