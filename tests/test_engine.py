@@ -313,3 +313,18 @@ def test_a_consumer_that_stops_early_ends_the_prefetch_thread() -> None:
     next(iterator)
     iterator.close()  # a trial stopped mid-epoch
     assert not [t for t in threading.enumerate() if t.name == "medpeft-prefetch"]
+
+
+def test_augment_processes_come_from_the_environment_or_the_workers_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medpeft_ray.errors import MedpeftError
+
+    monkeypatch.delenv("MEDPEFT_AUGMENT_PROCESSES", raising=False)
+    assert engine.augment_processes("randaug", True, 12) == 8
+    assert engine.augment_processes("randaug", True, 2) == 1
+    assert engine.augment_processes("randaug", False, 12) == 0  # CPU trials train on those CPUs
+    assert engine.augment_processes("crop_flip", True, 12) == 0  # augmented on the device
+    monkeypatch.setenv("MEDPEFT_AUGMENT_PROCESSES", "3")
+    assert engine.augment_processes("randaug", False, 1) == 3
+    monkeypatch.setenv("MEDPEFT_AUGMENT_PROCESSES", "two")
+    with pytest.raises(MedpeftError, match=r"MEDPEFT_AUGMENT_PROCESSES='two': give a whole number"):
+        engine.augment_processes_override()

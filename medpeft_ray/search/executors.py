@@ -517,10 +517,7 @@ class TrialDispatcher:
                 self.queue.append(trial.key)
                 self._free(executor)
             elif trial is not None and not trial.ended.is_set():
-                max_failures = int(trial.payload.get("max_failures", 0))
-                if 0 <= max_failures < trial.deliveries:
-                    reason = f"the trial's workers were lost {trial.deliveries} time(s) (resources.max_failures: {max_failures})"
-                    trial.events.put_nowait(("failed", reason))
+                if self._out_of_deliveries(trial, "workers were"):
                     self._free(executor)
                 else:
                     trial.deliveries += 1
@@ -676,6 +673,18 @@ class TrialDispatcher:
         executor.trial, executor.busy_since, executor.idle_since = None, None, time.time()
         self._notify()
 
+    def _out_of_deliveries(self, trial: _Trial, lost: str) -> bool:
+        """Whether the trial, whose workers or executor were ``lost`` ("workers were", "executor was"),
+        has been delivered more often than ``resources.max_failures`` allows; if so its driver is told
+        it failed."""
+        max_failures = int(trial.payload.get("max_failures", 0))
+        if not 0 <= max_failures < trial.deliveries:
+            return False
+        trial.events.put_nowait(("failed", f"the trial's {lost} lost {trial.deliveries} time(s) "
+                                           f"(resources.max_failures: {max_failures})"))
+        trial.outcome_posted = True
+        return True
+
     def _idle_executors(self) -> list[_Executor]:
         return [e for e in self.executors.values() if e.alive and e.trial is None]
 
@@ -716,23 +725,15 @@ class TrialDispatcher:
         executor = self.executors.get(executor_id)
         if executor is not None:
             executor.alive = False
-            key, executor.trial = executor.trial, None
-            if executor.busy_since is not None:
-                executor.busy_s += time.time() - executor.busy_since
-                executor.busy_since = None
-            trial = self.trials.get(key) if key is not None else None
+            trial = self.trials.get(executor.trial) if executor.trial is not None else None
+            self._free(executor)
             if trial is not None and trial.executor == executor_id and not trial.ended.is_set() \
                     and not trial.outcome_posted:
                 trial.executor = None
-                max_failures = int(trial.payload.get("max_failures", 0))
-                if 0 <= max_failures < trial.deliveries:
-                    trial.events.put_nowait(("failed", f"the trial's executor was lost {trial.deliveries} time(s) "
-                                                       f"(resources.max_failures: {max_failures})"))
-                    trial.outcome_posted = True
-                else:
+                if not self._out_of_deliveries(trial, "executor was"):
                     log.warning("executor %s was lost with trial %s: the trial resumes on another executor",
-                                executor_id, key)
-                    self.queue.appendleft(key)
+                                executor_id, trial.key)
+                    self.queue.appendleft(trial.key)
         if self.queue and not self._idle_executors() and self._alive() < self.spec.max_executors:
             self._launch()
         self._notify()

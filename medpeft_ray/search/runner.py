@@ -96,6 +96,9 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
     from medpeft_ray.models.backbones import check_backbone_name
     from medpeft_ray.models.checkpoints import checkpoint_identity, match_checkpoint
 
+    from medpeft_ray.train.engine import augment_processes_override
+
+    augment_processes_override()  # a worker would read it only once its trial starts
     backbone = config.model.backbone
     try:
         check_backbone_name(backbone)

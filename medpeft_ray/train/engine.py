@@ -339,12 +339,32 @@ class AugmentPool:
             AugmentPool._current = None
 
 
+AUGMENT_PROCESSES_ENV = "MEDPEFT_AUGMENT_PROCESSES"
+
+
+def augment_processes_override() -> int | None:
+    """``MEDPEFT_AUGMENT_PROCESSES`` as a number of processes, None when unset.
+
+    Raises:
+        MedpeftError: it is not a whole number of 0 or more (the search's pre-flight asks first).
+    """
+    from medpeft_ray.errors import MedpeftError
+
+    raw = os.environ.get(AUGMENT_PROCESSES_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise MedpeftError(f"{AUGMENT_PROCESSES_ENV}={raw!r}: give a whole number of augmentation processes, 0 or more")
+    return int(raw)
+
+
 def augment_processes(augment: str, use_gpu: bool, threads: int) -> int:
     """How many augmentation processes a worker runs: ``MEDPEFT_AUGMENT_PROCESSES`` when set; else,
     for RandAugment on a GPU, one per CPU the worker holds beyond its training thread (at most 8);
     else none (CPU trials train on those CPUs; the other augmentations run on the device)."""
-    if os.environ.get("MEDPEFT_AUGMENT_PROCESSES"):
-        return max(0, int(os.environ["MEDPEFT_AUGMENT_PROCESSES"]))
+    override = augment_processes_override()
+    if override is not None:
+        return override
     if augment != "randaug" or not use_gpu:
         return 0
     return max(1, min(8, threads - 1))
