@@ -16,11 +16,26 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "medpeft_ray"
 GROUND_FLOOR = {"medpeft_ray.errors", "medpeft_ray.schema", "medpeft_ray.metrics", "medpeft_ray.label_ratios"}
 
+#: Each top-level module or package of medpeft_ray and its floor (docs/architecture.md): a module
+#: imports from its own package or from a lower floor, never from its floor or above. ``train`` and
+#: ``leaderboard`` share a floor: training writes no rows and reading rows needs no training code.
+FLOORS = {
+    "medpeft_ray": 0, "medpeft_ray.errors": 0, "medpeft_ray.fault_points": 0,
+    "medpeft_ray.schema": 1, "medpeft_ray.metrics": 1, "medpeft_ray.label_ratios": 1, "medpeft_ray.storage": 1,
+    "medpeft_ray.data": 2,
+    "medpeft_ray.models": 3,
+    "medpeft_ray.methods": 4,
+    "medpeft_ray.config": 5,
+    "medpeft_ray.train": 6, "medpeft_ray.leaderboard": 6,
+    "medpeft_ray.search": 7,
+    "medpeft_ray.cli": 8,
+}
 
-def _modules() -> dict[str, Path]:
+
+def _modules(package: Path = PACKAGE) -> dict[str, Path]:
     modules = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return modules
 
@@ -31,16 +46,20 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Each module's imported medpeft_ray modules; ``from X import Y`` names X, and X.Y if Y is a module."""
-    modules = _modules()
+def import_graph(package: Path = PACKAGE, type_checking: bool = False) -> dict[str, set[str]]:
+    """Each module's imported medpeft_ray modules; ``from X import Y`` names X, and X.Y if Y is a module.
+
+    ``type_checking`` counts the imports of ``if TYPE_CHECKING:`` blocks too (they never run, so a
+    circle through one is harmless at run time, but it still says two modules know each other).
+    """
+    modules = _modules(package)
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         found: set[str] = set()
 
         def visit(node: ast.AST) -> None:
-            if isinstance(node, ast.If) and _is_type_checking(node):
+            if isinstance(node, ast.If) and _is_type_checking(node) and not type_checking:
                 for child in node.orelse:
                     visit(child)
                 return
@@ -124,6 +143,22 @@ def test_the_package_floors_are_one_way() -> None:
         outside = {_package_of(t) for t in targets} - {_package_of(module), "medpeft_ray"}
         packages.setdefault(_package_of(module), set()).update(outside)
     assert import_cycles(packages) == []
+
+
+def test_every_module_has_a_floor() -> None:
+    """A new top-level module or package says where it sits before anything may import it."""
+    assert {_package_of(m) for m in import_graph()} - set(FLOORS) == set()
+
+
+def test_no_import_climbs_a_floor() -> None:
+    """Imports point down the floors (or stay inside their package), those of ``if TYPE_CHECKING:``
+    blocks and those inside functions included: a lazy import only hides a climb until it runs."""
+    climbs = sorted(
+        f"{module} (floor {FLOORS[_package_of(module)]}) imports {target} (floor {FLOORS[_package_of(target)]})"
+        for module, targets in import_graph(type_checking=True).items() for target in targets
+        if _package_of(target) != _package_of(module) and FLOORS[_package_of(target)] >= FLOORS[_package_of(module)]
+    )
+    assert climbs == [], "\n".join(climbs)
 
 
 def test_every_dataset_format_is_exercised_end_to_end() -> None:

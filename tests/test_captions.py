@@ -166,7 +166,7 @@ def test_synthetic_captions_follow_labels() -> None:
 
 def _digest(images: np.ndarray, labels: np.ndarray) -> str:
     """Order-free hash of (image, labels) pairs."""
-    pairs = sorted(hashlib.sha256(i.tobytes() + l.tobytes()).hexdigest() for i, l in zip(images, labels))
+    pairs = sorted(hashlib.sha256(i.tobytes() + l.tobytes()).hexdigest() for i, l in zip(images, labels))  # noqa: E741
     return hashlib.sha256("".join(pairs).encode()).hexdigest()
 
 

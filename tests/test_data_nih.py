@@ -135,7 +135,7 @@ def test_every_label_vector_matches_its_finding_labels(nih: NIH) -> None:
             seen += 1
     assert seen == len(nih.findings)
     # spot checks written out by hand
-    by_name = {n: l for s in (splits.train, splits.val, splits.test) for n, l in zip(names_of(s, nih), s.labels)}
+    by_name = {n: l for s in (splits.train, splits.val, splits.test) for n, l in zip(names_of(s, nih), s.labels)}  # noqa: E741
     assert by_name["00000001_000.png"].sum() == 0  # No Finding
     assert by_name["00000001_001.png"].tolist() == [0, 1] + [0] * 12  # Cardiomegaly
     # Atelectasis|Pleural_Thickening|Mass

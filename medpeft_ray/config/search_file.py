@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any, Literal
 
-
 from pydantic import Field, field_validator, model_validator
 
 from medpeft_ray.config.distributions import Distribution

@@ -15,7 +15,7 @@ values a point may take, and how a recorded trial maps onto this search's names 
 from __future__ import annotations
 
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from medpeft_ray.config.distributions import (
     DISTRIBUTIONS,
@@ -26,13 +26,32 @@ from medpeft_ray.config.distributions import (
     distribution_contains,
     grid_points,
 )
-from medpeft_ray.config.sections import METHOD_PARAM, SEARCHABLE_TRAIN_FIELDS, MethodConfig, TrainConfig
+from medpeft_ray.config.sections import (
+    METHOD_PARAM,
+    SEARCHABLE_TRAIN_FIELDS,
+    DatasetConfig,
+    MethodConfig,
+    ModelConfig,
+    SearchSettings,
+    TrainConfig,
+)
 from medpeft_ray.config.trial import TrialConfig, TrialFid
 from medpeft_ray.methods.registry import get_method
 from medpeft_ray.models.families import require_family
 
-if TYPE_CHECKING:
-    from medpeft_ray.config.search_file import SearchConfig
+
+class SearchedConfig(Protocol):
+    """What a search space reads of its search's config (``SearchConfig``, which builds the space and
+    so is not imported here)."""
+
+    @property
+    def experiment_name(self) -> str: ...
+    dataset: DatasetConfig
+    model: ModelConfig
+    method: MethodConfig
+    train: TrainConfig
+    search: SearchSettings
+    space: dict[str, dict[str, Any]] | None
 
 
 class Suggests(Protocol):
@@ -79,7 +98,7 @@ def suggest(trial: Suggests, distributions: dict[str, Distribution], methods: Se
 class SearchSpace:
     """The searched parameters of ``config`` (a validated :class:`SearchConfig`: ``config.search_space``)."""
 
-    def __init__(self, config: "SearchConfig") -> None:
+    def __init__(self, config: SearchedConfig) -> None:
         self.config = config
         self.methods: list[str] = config.method.names
         self.family: str = require_family(config.model.backbone).name
