@@ -130,7 +130,7 @@ class DeepSpeedConfig(Strict):
     )
     offload_param: Literal["none", "cpu"] = Field("none", description="keep parameters in CPU memory; needs zero_stage 3")
     gradient_clipping: float = Field(1.0, ge=0, description="max gradient norm (0 = off)")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (the batch size is per step)")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "DeepSpeedConfig":
@@ -147,24 +147,24 @@ class TrainConfig(Strict):
         "1.0: 100} (MED-PEFT: the fewer the labels, the more epochs)",
     )
     batch_size: int = Field(32, ge=1, description="global batch size (split across a trial's workers)")
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (MAE recipe) or sgd with momentum (the studies' SGD recipe)")
     lr: float = Field(1e-3, gt=0, description="learning rate (absolute)")
-    weight_decay: float = Field(0.05, ge=0)
+    weight_decay: float = Field(0.05, ge=0, description="weight decay (biases and norms, the one-dimensional parameters, take none)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up, then cosine to min_lr")
-    min_lr: float = Field(1e-6, ge=0)
+    min_lr: float = Field(1e-6, ge=0, description="where the cosine schedule ends")
     layer_decay: float = Field(
-        1.0, gt=0, le=1, description="layer-wise lr decay: block i of L trains at lr x decay^(L - i) (MAE recipe: 0.65)"
+        1.0, gt=0, le=1, description="layer-wise lr decay: block i of L (1 = first) trains at lr x decay^(L+1-i), the stem at decay^(L+1), the head at lr (MAE recipe: 0.65)"
     )
-    drop_path: float = Field(0.0, ge=0, lt=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate of the backbone (timm's drop_path_rate)")
     augment: Literal["crop_flip", "randaug", "flip", "none"] = Field(
         "crop_flip",
         description="crop_flip: random-resized crop (scale 0.6-1) + horizontal flip (SGD recipe); randaug: that plus "
         "RandAugment m9-mstd0.5 and random erasing 0.25 (AdamW/MAE recipe); flip only; or none",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    eval_batch_size: int = Field(128, ge=1)
-    seed: int = Field(0, description="seed of initialisation, shuffling and augmentation")
+    eval_batch_size: int = Field(128, ge=1, description="batch size of validation and test passes (no gradients: larger fits)")
+    seed: int = Field(0, description="seed of the head's and the method's initialisation, data order, augmentation and dropout")
     deterministic: bool = Field(
         False, description="deterministic kernels only (torch.use_deterministic_algorithms): same seed, same numbers, slower on GPU"
     )
@@ -268,7 +268,7 @@ class SearchSettings(Strict):
     sampler: Literal["tpe", "random", "cmaes", "gp", "grid"] = Field(
         "tpe", description="tpe (multivariate), random, cmaes, gp (Gaussian process), grid (every combination)"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of the Optuna sampler: the same seed suggests the same points again")
     metric: MetricName = Field("val_auroc", description="the validation metric trials are ranked by (val_ may be left "
                                "out: fid); the default of a generation search is val_fid")
     mode: Literal["max", "min"] | None = Field(
@@ -373,7 +373,7 @@ class ResourcesConfig(Strict):
         None, gt=0, description="what one device-hour (a GPU, or a CPU worker) costs, in any currency: "
         "`search --dry-run` then turns its device-hours into money",
     )
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker holds (its data loading and augmentation)")
     gpus_per_worker: float | Literal["auto"] = Field(
         "auto", description="GPUs per worker; fractions share a GPU; auto: 1 if the cluster has or can add GPUs, else 0"
     )
