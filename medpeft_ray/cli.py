@@ -566,8 +566,8 @@ def best(
 ) -> None:
     """The best trial's config as YAML (`medpeft-ray train --config` runs it), and its adapter."""
     from medpeft_ray.leaderboard import views
-    from medpeft_ray.leaderboard.export import best_config_yaml, write_best_yaml
-    from medpeft_ray.leaderboard.export import export_adapter as write_adapter
+    from medpeft_ray.train.export import best_config_yaml, write_best_yaml
+    from medpeft_ray.train.export import export_adapter as write_adapter
 
     try:
         store = _open_store(results, db)

@@ -216,7 +216,7 @@ def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: 
 
     from medpeft_ray.config import TrialConfig
     from medpeft_ray.data import load_splits
-    from medpeft_ray.leaderboard.export import export_adapter, write_best_yaml
+    from medpeft_ray.train.export import export_adapter, write_best_yaml
     from medpeft_ray.leaderboard.views import cell_label
     from medpeft_ray.metrics import mean_auroc
     from medpeft_ray.models import build_backbone

@@ -1,4 +1,4 @@
-"""The best-config leaderboard: the results store, its views, exports and reports."""
+"""The best-config leaderboard: the results store and its views, tables and reports (exports: :mod:`medpeft_ray.train.export`)."""
 
 from medpeft_ray.leaderboard.board import LeaderboardStore
 from medpeft_ray.leaderboard.store import (
