@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from medpeft_ray.errors import MedpeftError
 from medpeft_ray.leaderboard import views
+from medpeft_ray.leaderboard.formatting import study_cell_text
 from medpeft_ray.metrics import get_metric
 
 if TYPE_CHECKING:
@@ -648,7 +649,7 @@ def comparison_html(frame: "pd.DataFrame", metric: str, split: str | None = None
                 tds.append("<td>–</td>")
                 continue
             css = ' class="best"' if rank == ranks[column].min() else ""
-            text = html.escape(study.cell_text(method, column))
+            text = html.escape(study_cell_text(study, method, column))
             tds.append(f'<td{css}>{text} <span class="rank">({rank:g})</span></td>')
         lines.append(f'<tr><td class="name">{html.escape(str(method))}</td>{"".join(tds)}'
                      f"<td>{_fmt(row['mean_rank'], 2)}</td></tr>")

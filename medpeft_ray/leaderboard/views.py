@@ -208,7 +208,8 @@ def cells(frame: "pd.DataFrame", keys: Sequence[str], metric: str = "val_auroc",
 @dataclass
 class StudyTable:
     """The studies' comparison table: ``means`` (what :func:`compare` returns: one column per
-    (dataset, label ratio) and ``mean_rank``), with the spread over confirmation seeds beside it."""
+    (dataset, label ratio) and ``mean_rank``), with the spread over confirmation seeds beside it.
+    :func:`~medpeft_ray.leaderboard.formatting.study_text` writes it as text."""
 
     means: "pd.DataFrame"
     std: "pd.DataFrame"
@@ -224,23 +225,6 @@ class StudyTable:
     @property
     def several_seeds(self) -> bool:
         return bool((self.seeds > 1).to_numpy().any())
-
-    def cell_text(self, name: Any, cell: str) -> str:
-        """``0.8120 ± 0.0130`` (several seeds), ``0.8120`` (one) or ``–`` (no value)."""
-        ranking, mean, std = get_metric(self.metric), self.means.at[name, cell], self.std.at[name, cell]
-        if mean != mean:
-            return "–"
-        return ranking.format(mean) + ("" if std != std else f" ± {ranking.format(std)}")
-
-    def text(self) -> "pd.DataFrame":
-        """The display form: every cell as :meth:`cell_text`, and ``mean rank`` with two decimals."""
-        cells_ = [c for c in self.means.columns if c != "mean_rank"]
-        text = self.means[cells_].astype(object)
-        for name in text.index:
-            for cell in cells_:
-                text.at[name, cell] = self.cell_text(name, cell)
-        text["mean rank"] = self.means["mean_rank"].map(lambda v: "–" if v != v else f"{v:.2f}")
-        return text
 
 
 def _wide(long: "pd.DataFrame", by: str, value: str) -> "pd.DataFrame":
