@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from medpeft_ray.cli import app
 from medpeft_ray.errors import UsageError
-from medpeft_ray.leaderboard import report, views
+from medpeft_ray.leaderboard import report_html, views
 from medpeft_ray.leaderboard.formatting import study_text
 
 _ids = count(1)
@@ -220,23 +220,23 @@ def test_subgroup_gaps_of_the_chosen_configurations() -> None:
 def test_report_tables_show_mean_and_std_wins_and_gaps() -> None:
     rows = lora_and_full()
     rows.loc[rows["trial_id"] == "f1", "details"] = [details(0.60, 0.80)]
-    table = report.comparison_html(rows, "val_auroc")
+    table = report_html.comparison_html(rows, "val_auroc")
     assert '<td class="best">0.8100 ± 0.0100 <span class="rank">(1)</span></td>' in table
     assert '<td>0.7700 <span class="rank">(2)</span></td>' in table
-    assert "test_auroc (mean ± std over the confirmation seeds" in report.comparison_caption(rows, "val_auroc")
-    wins = report.wins_html(rows, "val_auroc")
+    assert "test_auroc (mean ± std over the confirmation seeds" in report_html.comparison_caption(rows, "val_auroc")
+    wins = report_html.wins_html(rows, "val_auroc")
     assert '<p class="wins">lora beats full in 1 of 1 tasks (by up to 0.0400)</p>' in wins
-    assert report.wins_html(rows, "val_auroc", baseline="linear") == ""
-    gaps = report.subgroups_html(rows, "val_auroc")
+    assert report_html.wins_html(rows, "val_auroc", baseline="linear") == ""
+    gaps = report_html.subgroups_html(rows, "val_auroc")
     assert "<h2>Worst-group gap</h2>" in gaps and "<th>sex</th>" in gaps
     assert '<td class="name">full</td><td>0.2000 (F)</td>' in gaps
     assert '<td class="name">lora</td>' not in gaps  # its confirmed configuration scored no subgroups
-    page = report.render_html(rows, ["study"], [], "val_auroc", "test.db")
+    page = report_html.render_html(rows, ["study"], [], "val_auroc", "test.db")
     for part in (table, gaps, "lora beats full in 1 of 1 tasks"):
         assert part in page
-    assert report.subgroups_html(rows.assign(details=None), "val_auroc") == ""
+    assert report_html.subgroups_html(rows.assign(details=None), "val_auroc") == ""
     # a page without subgroups or a full fine-tuning baseline has neither section
-    plain = report.render_html(rows.assign(details=None, method="lora"), ["study"], [], "val_auroc", "x")
+    plain = report_html.render_html(rows.assign(details=None, method="lora"), ["study"], [], "val_auroc", "x")
     assert "Worst-group gap" not in plain and "beats" not in plain
 
 
