@@ -133,7 +133,7 @@ def trial_rows(frame: pd.DataFrame, output: str = "table", store_empty: bool = F
 def row_column(name: str, sort: str) -> Column:
     """How the leaderboard's table shows column ``name`` (see :mod:`~medpeft_ray.leaderboard.tables`)."""
     metric = metric_of(name)
-    right = name in ("trainable_params", "wall_time_s", "seed") or metric is not None
+    right = name in ("trainable_params", "total_params", "wall_time_s", "seed") or metric is not None
     if name == sort or name in _COMPARED:
         priority = 0.0
     elif metric is not None:
