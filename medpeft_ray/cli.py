@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import shlex
 import sys
@@ -13,13 +12,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from medpeft_ray.errors import MedpeftError, UsageError
-from medpeft_ray.metrics import METRICS, get_metric
+from medpeft_ray.metrics import METRICS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 # Piped output (a log file, CI) gets wide lines instead of rich's 80-column default.
@@ -283,8 +281,7 @@ def leaderboard(
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
     """Show the best configurations found so far, or a comparison of methods, or the Pareto front."""
-    from medpeft_ray.leaderboard import views
-    from medpeft_ray.leaderboard.store import lower_is_better
+    from medpeft_ray.leaderboard.render import leaderboard_view
 
     filters = dict(experiment=experiment, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
                    status=status, role=role, since=since, until=until)
@@ -294,258 +291,25 @@ def leaderboard(
         if compare is not None and columns is not None:
             raise UsageError("--columns chooses the trials' columns; --compare's columns are its "
                              "(dataset, label ratio) cells")
-        store = _open_store(results, db)
-        sort = sort or store.default_metric(**filters)
-        if compare is not None:
-            rows = store.query(**filters)
-            study = views.study_table(rows, by=compare.value.removesuffix("s"), metric=sort, split=split)
-            won = views.wins(rows, sort, baseline, study.split) if study.means.index.name == "method" else None
-            frame = study.means
-        elif pareto:
-            frame = views.pareto(store.query(**filters), metric=sort)
-        elif group_by is not None:
-            by = [c.strip() for c in group_by.split(",") if c.strip()]
-            frame = views.best_per_group(store.query(**filters), by, metric=sort)
-        else:
-            frame = store.query(**filters, metric=sort, ascending=lower_is_better(sort), top=top)
-        frame = frame.head(top) if top is not None else frame
-        store_empty = frame.empty and store.count() == 0
+        shown = leaderboard_view(
+            _open_store(results, db), filters, sort=sort, top=top, pareto=pareto, split=split, baseline=baseline,
+            group_by=None if group_by is None else [c.strip() for c in group_by.split(",") if c.strip()],
+            compare=None if compare is None else compare.value, output=output.value, width=console.width,
+            columns=None if columns is None else [c.strip() for c in columns.split(",") if c.strip()])
     except MedpeftError as exc:
         _fail(exc)
-    if compare is not None:
-        _print_comparison(_top(study, top), output, sort, store_empty)
-        _print_wins(won, output, sort)
-    else:
-        chosen = None if columns is None else [c.strip() for c in columns.split(",") if c.strip()]
-        _print_rows(frame, output, store_empty, sort, chosen)
+    _show(shown)
 
 
-def _print_rows(frame: Any, output: OutputFormat, store_empty: bool, sort: str = "val_auroc",
-                chosen: Optional[list[str]] = None) -> None:
-    from medpeft_ray.leaderboard.tables import fit_table
-    from medpeft_ray.leaderboard.views import checkpoint_labels
-
-    if chosen is not None:
-        try:
-            _check_columns(chosen, frame)
-        except MedpeftError as exc:
-            _fail(exc)
-    if output is OutputFormat.json:
-        # missing metrics are NaN in the DataFrame and null in JSON (NaN is not valid JSON)
-        picked = frame if chosen is None else frame[chosen]
-        records = [{k: _plain(v) for k, v in r.items()} for r in picked.to_dict(orient="records")]
-        print(json.dumps(records, indent=1, default=str))
-        return
-    if output is OutputFormat.csv:
-        flat = frame.assign(config=frame["config"].map(json.dumps), params=frame["params"].map(json.dumps))
-        (flat if chosen is None else flat[chosen]).to_csv(sys.stdout, index=False)
-        return
-    if frame.empty:
-        console.print("No trials recorded yet." if store_empty else "No trials match.")
-        return
-    columns = ["experiment", "dataset", "label_ratio", "method", "backbone", *_metric_columns(frame, sort),
-               "best_epoch", "epochs_run", "trainable_params", "params", "status", "wall_time_s"]
-    if sort not in columns:
-        columns.insert(columns.index("best_epoch"), sort)  # the column the rows are ordered by is shown
-    if "role" in frame and (frame["role"] == "confirmation").any():  # which rows re-train a configuration
-        frame = frame.assign(role=frame["role"].fillna("search"), seed=frame.get("seed"))
-        columns[columns.index("status"):columns.index("status")] = ["role", "seed"]
-    labels = checkpoint_labels(frame)
-    if labels.nunique() > 1 or (chosen is not None and "checkpoint_sha256" in chosen):
-        # trials from different pre-trained weights: say which is which
-        frame = frame.assign(checkpoint_sha256=labels)
-        if labels.nunique() > 1:
-            columns.insert(columns.index("backbone") + 1, "checkpoint_sha256")
-    columns = columns if chosen is None else chosen
-    rows = [[_cell(column, row[column]) for column in columns] for row in frame.to_dict(orient="records")]
-    import pandas as pd
-
-    if output is OutputFormat.markdown:
-        from medpeft_ray.leaderboard.views import markdown_table
-
-        print(markdown_table(pd.DataFrame(rows, columns=[_header(c) for c in columns])))
-        return
-    text = pd.DataFrame(rows, columns=columns)
-    console.print(fit_table(text, [_row_column(c, sort) for c in columns], console.width,
-                            title="medpeft-ray leaderboard", explicit=chosen is not None))
-
-
-#: Always shown, at full width: what rows are compared on.
-_COMPARED = ("label_ratio", "method", "trainable_params", "status", "wall_time_s")
-#: Which rows are which when they differ (shown in the title when every row has one value), then the
-#: hyperparameters; then the rest, the first of them kept longest on a narrow terminal.
-_PRIORITY = {"dataset": 1.0, "backbone": 1.1, "experiment": 1.2, "checkpoint_sha256": 1.3, "params": 2.0,
-             "role": 4.0, "seed": 4.1, "best_epoch": 6.0, "epochs_run": 6.1}
-
-
-def _row_column(name: str, sort: str) -> Any:
-    """How the leaderboard's table shows column ``name`` (see ``leaderboard/tables.py``)."""
-    from medpeft_ray.leaderboard.tables import Column
-
-    metric = _metric_of(name)
-    right = name in ("trainable_params", "wall_time_s", "seed") or metric is not None
-    if name == sort or name in _COMPARED:
-        priority = 0.0
-    elif metric is not None:
-        # the sort metric's test value, then the other metrics in the registry's order
-        test = METRICS[sort].on_split("test") if sort in METRICS else None
-        priority = 3.0 if name == test else 5.0 + list(METRICS).index(metric.name) / 100
-    else:
-        priority = _PRIORITY.get(name, 7.0)
-    fold = name in ("experiment", "dataset", "backbone", "params", "config", "error", "checkpoint")
-    return Column(name, _header(name), right=right, fold=fold, priority=priority,
-                  lift=name in ("experiment", "dataset", "backbone"))
-
-
-def _check_columns(chosen: list[str], frame: Any) -> None:
-    known = list(frame.columns)
-    unknown = [c for c in chosen if c not in known]
-    if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UsageError(f"--columns: unknown column {unknown[0]!r}{hint}; known: {', '.join(known)}")
-    if not chosen:
-        raise UsageError("--columns: give at least one column, e.g. --columns method,val_auroc")
-
-
-def _top(study: Any, top: Optional[int]) -> Any:
-    """The study table's best ``top`` rows (all with None)."""
-    import dataclasses
-
-    if top is None:
-        return study
-    return dataclasses.replace(study, means=study.means.head(top), std=study.std.head(top), seeds=study.seeds.head(top))
-
-
-def _comparison_records(study: Any) -> Any:
-    """The table for JSON and CSV: means and mean rank; ``<cell> std`` and ``<cell> seeds`` beside each
-    mean where some configuration ran with several seeds."""
-    table = study.means
-    if not study.several_seeds:
-        return table
-    cells = [c for c in table.columns if c != "mean_rank"]
-    columns = {}
-    for cell in cells:
-        columns.update({cell: table[cell], f"{cell} std": study.std[cell], f"{cell} seeds": study.seeds[cell]})
-    return table[[]].assign(**columns, mean_rank=table["mean_rank"])
-
-
-def _print_comparison(study: Any, output: OutputFormat, metric: str, store_empty: bool) -> None:
-    """Methods as rows, (dataset, label ratio) cells (mean ± std over confirmation seeds), mean rank;
-    the best value of each column in bold."""
-    table = study.means
-    by = table.index.name
-    if output is OutputFormat.json:
-        # column by column, so that seed counts stay integers beside the float means
-        records = [{k: _plain(v) for k, v in row.items()}
-                   for row in _comparison_records(study).reset_index().to_dict(orient="records")]
-        print(json.dumps(records, indent=1))
-        return
-    if output is OutputFormat.csv:
-        _comparison_records(study).to_csv(sys.stdout)
-        return
-    if table.empty:
-        console.print("No trials recorded yet." if store_empty else f"No trial with a {metric} matches.")
-        return
-    from medpeft_ray.leaderboard.views import markdown_table
-
-    ranking = get_metric(metric)
-    cells = [c for c in table.columns if c != "mean_rank"]
-    best = table[cells].min() if ranking.ascending else table[cells].max()
-    text = study.text().replace("–", "-")
-    if output is OutputFormat.markdown:
-        for column in cells:
-            text.loc[table[column] == best[column], column] = text[column].map(lambda s: f"**{s}**")
-        print(markdown_table(text.rename_axis(by), index=True))
-        return
-    # no vertical rules (as the leaderboard's rows): ten more characters for the cells at 80 columns
-    rich_table = Table(title=f"{study.column} per (dataset, label ratio)", box=box.SIMPLE_HEAD, show_edge=False,
-                       pad_edge=False, padding=(0, 1, 0, 0))
-    # a squeezed cell wraps (rich would otherwise cut it to "0.…")
-    rich_table.add_column(by, overflow="fold")
-    for column in [*cells, "mean rank"]:
-        rich_table.add_column(column, justify="right", overflow="fold")
-    for name, row in text.iterrows():
-        marked = [f"[bold]{row[c]}[/bold]" if table.at[name, c] == best[c] else row[c] for c in cells]
-        rich_table.add_row(escape(str(name)), *marked, row["mean rank"])
-    console.print(rich_table)
-    console.print(escape(_comparison_note(study)), soft_wrap=True)
-
-
-def _comparison_note(study: Any) -> str:
-    """What the comparison's cells hold, e.g. ``test_auroc of the configuration chosen on val_auroc ...``."""
-    ranking = get_metric(study.metric)
-    spread = " (mean ± std over confirmation seeds)" if study.several_seeds else ""
-    if study.column == study.metric:
-        return f"cells: best {ranking.title}{spread}; bold: best in the column"
-    return f"cells: {study.column}{spread} of the configuration chosen on {ranking.title}; bold: best in the column"
-
-
-def _print_wins(table: Any, output: OutputFormat, metric: str) -> None:
-    """``lora beats full in 13 of 18 tasks`` under the table (not in JSON or CSV, which scripts read)."""
-    from medpeft_ray.leaderboard.views import wins_lines
-
-    if table is None or output in (OutputFormat.json, OutputFormat.csv):
-        return
-    lines = wins_lines(table, metric)
-    if lines and output is OutputFormat.markdown:
-        print("\n" + "\n".join(f"- {line}" for line in lines))
-    for line in lines if output is OutputFormat.table else []:
-        console.print(escape(line), soft_wrap=True)
-
-
-def _metric_of(column: str) -> Any:
-    """The registry's metric of a validation or test column (``test_f1``: val_f1), or None."""
-    name = "val_" + column.removeprefix("test_") if column.startswith("test_") else column
-    return METRICS.get(name)
-
-
-def _header(column: str) -> str:
-    """A column's heading: a metric's label (on its split), else the name with spaces."""
-    metric = _metric_of(column)
-    if metric is not None and column.startswith("test_"):
-        return metric.title.replace("val_", "test_", 1).replace("_", " ")
-    return (metric.title if metric is not None else column).replace("_", " ")
-
-
-def _metric_columns(frame: Any, sort: str) -> list[str]:
-    """The sort metric, each other validation metric some row has, and the sort metric's test column if some row has it."""
-    shown = [name for name in METRICS if name == sort or (name in frame and frame[name].notna().any())]
-    test = METRICS[sort].on_split("test") if sort in METRICS else None
-    return shown + ([test] if test in frame and frame[test].notna().any() else [])
-
-
-def _plain(value: Any) -> Any:
-    """JSON-ready scalars: NaN/NA become None, numpy and pandas integers become int."""
-    import pandas as pd
-
-    if isinstance(value, (dict, list, str)) or value is None:
-        return value
-    if pd.isna(value):
-        return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return value
-
-
-def _cell(column: str, value: Any) -> str:
-    value = _plain(value)
-    if value is None:
-        return "-"
-    if column == "params":
-        return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
-    if column == "trainable_params":
-        return f"{int(value):,}"
-    if column == "wall_time_s":
-        return f"{value:.0f} s"
-    metric = _metric_of(column)
-    if isinstance(value, float):
-        return metric.format(value) if metric is not None else f"{value:g}"
-    return str(value)
+def _show(rendered: Any) -> None:
+    """Prints a :class:`~medpeft_ray.leaderboard.render.Rendered`: text for scripts as is, then the
+    terminal's tables, and its lines as plain text (a value like "[q, v]" is no rich markup)."""
+    sys.stdout.write(rendered.text)
+    for item in rendered.shown:
+        if isinstance(item, str):
+            console.print(item, markup=False, soft_wrap=True)
+        else:
+            console.print(item)
 
 
 @app.command()
@@ -566,8 +330,9 @@ def best(
 ) -> None:
     """The best trial's config as YAML (`medpeft-ray train --config` runs it), and its adapter."""
     from medpeft_ray.leaderboard import views
-    from medpeft_ray.leaderboard.export import best_config_yaml, write_best_yaml
-    from medpeft_ray.leaderboard.export import export_adapter as write_adapter
+    from medpeft_ray.leaderboard.render import best_summary
+    from medpeft_ray.train.export import best_config_yaml, write_best_yaml
+    from medpeft_ray.train.export import export_adapter as write_adapter
 
     try:
         store = _open_store(results, db)
@@ -587,12 +352,7 @@ def best(
         _fail(_os_error(exc))
     if out is None:
         print(text, end="")
-    err_console.print(
-        f"best {row['method']} on {row['dataset']} at label ratio {row['label_ratio']:g}: "
-        f"{metric} {get_metric(metric).format(row[metric])} "
-        f"(experiment {row['experiment']}, trial {row['trial_id']})" + (f" -> {out}" if out is not None else ""),
-        soft_wrap=True,
-    )
+    err_console.print(best_summary(row, metric) + (f" -> {out}" if out is not None else ""), soft_wrap=True)
     if confirmed is not None:
         err_console.print(confirmed, soft_wrap=True)
     if exported is not None:

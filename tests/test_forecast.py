@@ -214,7 +214,7 @@ def test_manifest_keeps_the_forecast(tmp_path: Path) -> None:
 def test_actual_costs_are_in_the_forecasts_terms() -> None:
     from types import SimpleNamespace
 
-    from medpeft_ray.leaderboard.report import costs_html
+    from medpeft_ray.leaderboard.report_html import costs_html
     from medpeft_ray.search.forecast import actual_costs
 
     records = [SimpleNamespace(train_time_s=1790.0, startup_s=10.0, epochs_run=4),

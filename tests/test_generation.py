@@ -215,7 +215,7 @@ def _row(trial: Any, checkpoint: Path, fid: float) -> dict[str, Any]:
 def test_lora_trains_reports_fid_at_its_epochs_and_exports_a_lora_diffusers_loads(tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from medpeft_ray.leaderboard.export import export_adapter
+    from medpeft_ray.train.export import export_adapter
     from medpeft_ray.train.generation import SAMPLES_FILE, generate
 
     trial, epochs, checkpoint = _trained(tmp_path, "lora", {"rank": 4, "dropout": 0.0})
@@ -257,7 +257,7 @@ def test_lora_trains_reports_fid_at_its_epochs_and_exports_a_lora_diffusers_load
 def test_a_mergeable_method_exports_a_merged_unet_that_reproduces_its_samples(tmp_path: Path, method: str) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from medpeft_ray.leaderboard.export import export_adapter
+    from medpeft_ray.train.export import export_adapter
     from medpeft_ray.train.generation import SAMPLES_FILE, generate
 
     trial, epochs, checkpoint = _trained(tmp_path, method, epochs=1)

@@ -408,3 +408,45 @@ def test_report_errors(results: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and one_error_line(result).startswith("cannot rank trials by 'accuracy'")
     result = run("report", "--results", results, "--out", tmp_path / "r")
     assert result.exit_code == 2  # no experiment named
+
+
+# ----------------------------------------------------------------------------------------------
+# reading results needs no torch
+# ----------------------------------------------------------------------------------------------
+
+_PRINT_IMPORTED = 'print(json.dumps(sorted(m for m in ("torch", "ray") if m in sys.modules)))\n'
+#: Runs ``medpeft-ray`` with the arguments in argv[1] (JSON) in a fresh interpreter, then prints
+#: which of torch and ray it imported.
+_RUN_CLI = """
+import json, sys
+from medpeft_ray.cli import main
+sys.argv = ["medpeft-ray", *json.loads(sys.argv[1])]
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+""" + _PRINT_IMPORTED
+_IMPORT_LEADERBOARD = "import json, sys\nimport medpeft_ray.leaderboard\n" + _PRINT_IMPORTED
+
+
+@pytest.mark.parametrize("args,unwanted", [
+    ([], {"torch", "ray"}),  # no command: `import medpeft_ray.leaderboard` alone
+    (["leaderboard"], {"torch", "ray"}),
+    (["leaderboard", "--compare", "methods"], {"torch", "ray"}),
+    (["report", "search", "--out", "{out}"], {"torch"}),
+])
+def test_reading_the_leaderboard_imports_no_torch(results: Path, tmp_path: Path, args: list[str],
+                                                  unwanted: set[str]) -> None:
+    """Reading results (a table, a comparison, a report of classification rows) never imports the
+    training side: torch alone takes seconds to import."""
+    import subprocess
+    import sys
+
+    command = [a.format(out=tmp_path / "report") for a in args] + ["--results", str(results)]
+    done = subprocess.run([sys.executable, "-c", _RUN_CLI if args else _IMPORT_LEADERBOARD, json.dumps(command)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert not imported & unwanted, (command, imported)
+    if args and args[0] == "report":
+        assert (tmp_path / "report" / "index.html").is_file()

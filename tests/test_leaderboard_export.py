@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from medpeft_ray.config import TrialConfig, validate_search_dict
 from medpeft_ray.errors import MedpeftError
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
-from medpeft_ray.leaderboard.export import best_config_yaml, export_adapter, write_best_yaml
+from medpeft_ray.train.export import best_config_yaml, export_adapter, write_best_yaml
 from medpeft_ray.methods import prepare_model
 from medpeft_ray.models import build_backbone
 from medpeft_ray.train.checkpoint import save_checkpoint

@@ -12,11 +12,11 @@ import pytest
 from conftest import leaderboard_row
 
 from medpeft_ray.leaderboard import LeaderboardStore
-from medpeft_ray.leaderboard.report import (
+from medpeft_ray.leaderboard.report import make_figures
+from medpeft_ray.leaderboard.report_figures import (
     figure_learning_curves,
     learning_curves,
     learning_curves_figure,
-    make_figures,
     method_colors,
 )
 from medpeft_ray.metrics import METRICS

@@ -21,7 +21,8 @@ from conftest import leaderboard_row, tiny_search
 from PIL import Image
 
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
-from medpeft_ray.leaderboard.report import make_figures, render_html, write_report
+from medpeft_ray.leaderboard.report import make_figures, write_report
+from medpeft_ray.leaderboard.report_html import render_html
 
 FIGURES = ("metric_vs_ratio", "pareto", "progress", "learning_curves", "importance")
 #: matplotlib's first two default colours (tab10 blue and orange): the first two methods' colour
@@ -216,7 +217,7 @@ def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: 
 
     from medpeft_ray.config import TrialConfig
     from medpeft_ray.data import load_splits
-    from medpeft_ray.leaderboard.export import export_adapter, write_best_yaml
+    from medpeft_ray.train.export import export_adapter, write_best_yaml
     from medpeft_ray.leaderboard.views import cell_label
     from medpeft_ray.metrics import mean_auroc
     from medpeft_ray.models import build_backbone
@@ -305,6 +306,15 @@ def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: 
 # ----------------------------------------------------------------------------------------------
 
 PROMPTS = [f"Finding number {i} of the report text." for i in range(10)]  # 10: the figure shows the first 8
+
+
+def test_the_report_reads_samples_where_the_generation_recipe_writes_them() -> None:
+    """The report repeats the recipe's samples file and seed, so that reading results needs no torch."""
+    from medpeft_ray.leaderboard import report_samples
+    from medpeft_ray.train import generation
+
+    assert report_samples.SAMPLES_FILE == generation.SAMPLES_FILE
+    assert report_samples.SAMPLE_SEED == generation.SAMPLE_SEED
 
 
 def generation_trial(

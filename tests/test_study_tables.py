@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from medpeft_ray.cli import app
 from medpeft_ray.errors import UsageError
-from medpeft_ray.leaderboard import report, views
+from medpeft_ray.leaderboard import report_html, views
+from medpeft_ray.leaderboard.formatting import study_text
 
 _ids = count(1)
 
@@ -77,12 +78,12 @@ def test_study_table_shows_test_by_default_and_validation_on_request() -> None:
     study = views.study_table(lora_and_full())
     assert study.split == "test" and study.column == "test_auroc" and study.several_seeds
     assert list(study.means.index) == ["lora", "full"] and list(study.means["mean_rank"]) == [1.0, 2.0]
-    text = study.text()
+    text = study_text(study)
     assert text.loc["lora", "nih @ 0.1"] == "0.8100 ± 0.0100" and text.loc["full", "nih @ 0.1"] == "0.7700"
     assert list(text["mean rank"]) == ["1.00", "2.00"]
     on_val = views.study_table(lora_and_full(), split="val")
     assert on_val.means.loc["lora", "nih @ 0.1"] == pytest.approx(0.82)
-    assert on_val.text().loc["lora", "nih @ 0.1"] == "0.8200 ± 0.0100"
+    assert study_text(on_val).loc["lora", "nih @ 0.1"] == "0.8200 ± 0.0100"
     assert views.compare(lora_and_full(), split="val").equals(on_val.means)
     with pytest.raises(UsageError, match="no split 'train' to compare on; splits: val, test"):
         views.compare(lora_and_full(), split="train")
@@ -93,10 +94,10 @@ def test_a_table_never_mixes_test_and_validation_values() -> None:
     rows = lora_and_full()
     rows.loc[rows["method"] == "full", "test_auroc"] = math.nan
     study = views.study_table(rows)
-    assert study.split == "val" and study.text().loc["lora", "nih @ 0.1"] == "0.8200 ± 0.0100"
+    assert study.split == "val" and study_text(study).loc["lora", "nih @ 0.1"] == "0.8200 ± 0.0100"
     assert set(views.cells(rows, ["method"])["split"]) == {"val"}
     on_test = views.study_table(rows, split="test")
-    assert on_test.text()["nih @ 0.1"].to_dict() == {"lora": "0.8100 ± 0.0100", "full": "–"}
+    assert study_text(on_test)["nih @ 0.1"].to_dict() == {"lora": "0.8100 ± 0.0100", "full": "–"}
     assert on_test.means.at["lora", "mean_rank"] == 1.0 and math.isnan(on_test.means.at["full", "mean_rank"])
 
 
@@ -107,10 +108,10 @@ def test_a_leaderboard_without_new_columns_compares_as_before() -> None:
     assert study.split == "val" and not study.several_seeds
     assert study.means.to_dict() == {"nih @ 0.1": {"lora": 0.8, "bitfit": 0.75}, "mean_rank": {"lora": 1.0,
                                                                                              "bitfit": 2.0}}
-    assert study.text().loc["lora", "nih @ 0.1"] == "0.8000"
+    assert study_text(study).loc["lora", "nih @ 0.1"] == "0.8000"
     # test values asked for but never recorded: no value, no rank
     on_test = views.study_table(old, split="test")
-    assert on_test.means["nih @ 0.1"].isna().all() and on_test.text().loc["lora", "nih @ 0.1"] == "–"
+    assert on_test.means["nih @ 0.1"].isna().all() and study_text(on_test).loc["lora", "nih @ 0.1"] == "–"
 
 
 def test_mean_rank_is_taken_on_the_means_and_loss_ranks_lowest_first() -> None:
@@ -219,23 +220,23 @@ def test_subgroup_gaps_of_the_chosen_configurations() -> None:
 def test_report_tables_show_mean_and_std_wins_and_gaps() -> None:
     rows = lora_and_full()
     rows.loc[rows["trial_id"] == "f1", "details"] = [details(0.60, 0.80)]
-    table = report.comparison_html(rows, "val_auroc")
+    table = report_html.comparison_html(rows, "val_auroc")
     assert '<td class="best">0.8100 ± 0.0100 <span class="rank">(1)</span></td>' in table
     assert '<td>0.7700 <span class="rank">(2)</span></td>' in table
-    assert "test_auroc (mean ± std over the confirmation seeds" in report.comparison_caption(rows, "val_auroc")
-    wins = report.wins_html(rows, "val_auroc")
+    assert "test_auroc (mean ± std over the confirmation seeds" in report_html.comparison_caption(rows, "val_auroc")
+    wins = report_html.wins_html(rows, "val_auroc")
     assert '<p class="wins">lora beats full in 1 of 1 tasks (by up to 0.0400)</p>' in wins
-    assert report.wins_html(rows, "val_auroc", baseline="linear") == ""
-    gaps = report.subgroups_html(rows, "val_auroc")
+    assert report_html.wins_html(rows, "val_auroc", baseline="linear") == ""
+    gaps = report_html.subgroups_html(rows, "val_auroc")
     assert "<h2>Worst-group gap</h2>" in gaps and "<th>sex</th>" in gaps
     assert '<td class="name">full</td><td>0.2000 (F)</td>' in gaps
     assert '<td class="name">lora</td>' not in gaps  # its confirmed configuration scored no subgroups
-    page = report.render_html(rows, ["study"], [], "val_auroc", "test.db")
+    page = report_html.render_html(rows, ["study"], [], "val_auroc", "test.db")
     for part in (table, gaps, "lora beats full in 1 of 1 tasks"):
         assert part in page
-    assert report.subgroups_html(rows.assign(details=None), "val_auroc") == ""
+    assert report_html.subgroups_html(rows.assign(details=None), "val_auroc") == ""
     # a page without subgroups or a full fine-tuning baseline has neither section
-    plain = report.render_html(rows.assign(details=None, method="lora"), ["study"], [], "val_auroc", "x")
+    plain = report_html.render_html(rows.assign(details=None, method="lora"), ["study"], [], "val_auroc", "x")
     assert "Worst-group gap" not in plain and "beats" not in plain
 
 

@@ -14,6 +14,7 @@ the same database (:func:`optuna_storage`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
+import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -34,7 +36,6 @@ from medpeft_ray.metrics import METRICS, finite_or_none, names_on_split
 
 if TYPE_CHECKING:
     import optuna
-    import pandas as pd
 
 #: Version 2 renamed ``trials`` to ``medpeft_trials`` (Optuna's RDB storage owns a ``trials`` table,
 #: and its studies live in the same database) and added indexes for date and (dataset, ratio, method).
@@ -157,8 +158,6 @@ class TrialRecord:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
         """The record of one row of :meth:`TrialStore.query` (missing values as None)."""
-        import pandas as pd
-
         values = {name: row[name] for name in cls.__dataclass_fields__ if name in row}
         return cls(**{k: None if not isinstance(v, (dict, list)) and pd.isna(v) else v for k, v in values.items()})
 
@@ -337,8 +336,6 @@ class TrialStore:
         if not self.url.startswith("sqlite:///"):
             yield
             return
-        import fcntl
-
         lock_path = Path(self.url.removeprefix("sqlite:///") + ".lock")
         with open(lock_path, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -408,8 +405,6 @@ class TrialStore:
                 bare ``until`` date includes that whole day; times without a zone are UTC).
             metric: any column to sort by; ``ascending`` puts the smallest first.
         """
-        import pandas as pd
-
         if metric not in trials_table.c:
             raise UsageError(f"cannot sort by {metric!r}; columns: {', '.join(trials_table.c.keys())}")
         t = trials_table
@@ -479,7 +474,7 @@ def optuna_storage(url: str) -> "optuna.storages.RDBStorage":
 
     Optuna keeps its own tables (``studies``, ``trials``, ...) beside the leaderboard's.
     """
-    import optuna
+    import optuna  # the studies' storage only: reading rows does not pay for importing Optuna
 
     check_database_url(url)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}

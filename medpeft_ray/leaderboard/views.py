@@ -16,13 +16,12 @@ import json
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
+
+import pandas as pd
 
 from medpeft_ray.errors import MedpeftError, UsageError
 from medpeft_ray.metrics import get_metric, metric_mode  # noqa: F401  (metric_mode: part of the views' API)
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 #: the columns that identify a study: one Optuna study per (experiment, label ratio)
 STUDY_COLUMNS = ["experiment", "method", "dataset", "label_ratio"]
@@ -35,15 +34,13 @@ ROLE_SEARCH, ROLE_CONFIRMATION = "search", "confirmation"
 SPLITS = ("val", "test")
 
 
-def checkpoint_labels(frame: "pd.DataFrame") -> "pd.Series":
+def checkpoint_labels(frame: pd.DataFrame) -> pd.Series:
     """Each row's pre-trained checkpoint as its hash's first digits (``-``: none recorded)."""
-    import pandas as pd
-
     hashes = frame.get("checkpoint_sha256", pd.Series(None, index=frame.index, dtype=object))
     return hashes.map(lambda h: h[:SHORT_HASH] if isinstance(h, str) and h else "-")
 
 
-def several_checkpoints(frame: "pd.DataFrame") -> bool:
+def several_checkpoints(frame: pd.DataFrame) -> bool:
     """Whether some dataset has rows that started from different pre-trained checkpoints."""
     if frame.empty:
         return False
@@ -55,14 +52,14 @@ def cell_label(dataset: str, label_ratio: float) -> str:
     return f"{dataset} @ {label_ratio:g}"
 
 
-def ranked(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.DataFrame":
+def ranked(frame: pd.DataFrame, metric: str = "val_auroc") -> pd.DataFrame:
     """The rows that have ``metric``, best first (ties: first recorded first)."""
     ascending = get_metric(metric).ascending
     rows = frame[frame[metric].notna()]
     return rows.sort_values([metric, "id"], ascending=[ascending, True], kind="stable").reset_index(drop=True)
 
 
-def best(frame: "pd.DataFrame", metric: str = "val_auroc", what: str = "the leaderboard") -> "pd.DataFrame":
+def best(frame: pd.DataFrame, metric: str = "val_auroc", what: str = "the leaderboard") -> pd.DataFrame:
     """The best trial as a one-row DataFrame.
 
     Raises:
@@ -76,7 +73,7 @@ def best(frame: "pd.DataFrame", metric: str = "val_auroc", what: str = "the lead
     return rows.head(1)
 
 
-def confirmation_summary(frame: "pd.DataFrame", trial: dict[str, Any], metric: str = "val_auroc") -> str | None:
+def confirmation_summary(frame: pd.DataFrame, trial: dict[str, Any], metric: str = "val_auroc") -> str | None:
     """``confirmed with 3 seeds: val_f1 0.81 ± 0.01, test_f1 0.79 ± 0.02`` for a search trial whose
     configuration was re-trained with several seeds; None when it was not."""
     if "source_trial" not in frame:
@@ -95,7 +92,7 @@ def confirmation_summary(frame: "pd.DataFrame", trial: dict[str, Any], metric: s
     return f"confirmed with {len(seeds)} seed(s): {', '.join(parts) or 'no values'}"
 
 
-def best_per_group(frame: "pd.DataFrame", by: Sequence[str], metric: str = "val_auroc") -> "pd.DataFrame":
+def best_per_group(frame: pd.DataFrame, by: Sequence[str], metric: str = "val_auroc") -> pd.DataFrame:
     """The best trial of each group of ``by`` columns, best first."""
     by = list(by)
     for column in by:
@@ -105,21 +102,19 @@ def best_per_group(frame: "pd.DataFrame", by: Sequence[str], metric: str = "val_
     return rows.groupby(by, sort=False, dropna=False).head(1).reset_index(drop=True)
 
 
-def roles(frame: "pd.DataFrame") -> "pd.Series":
+def roles(frame: pd.DataFrame) -> pd.Series:
     """Each row's role: ``search`` or ``confirmation`` (rows written before roles were are search trials)."""
-    import pandas as pd
-
     if "role" not in frame:
         return pd.Series(ROLE_SEARCH, index=frame.index, dtype=object)
     return frame["role"].where(frame["role"].notna(), ROLE_SEARCH)
 
 
-def search_rows(frame: "pd.DataFrame") -> "pd.DataFrame":
+def search_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """The trials of the searches themselves, without the confirmation re-trainings."""
     return frame[roles(frame) != ROLE_CONFIRMATION]
 
 
-def resolve_split(frame: "pd.DataFrame", metric: str, split: str | None = None, keys: Sequence[str] = ("method",)
+def resolve_split(frame: pd.DataFrame, metric: str, split: str | None = None, keys: Sequence[str] = ("method",)
                   ) -> str:
     """The split whose values the comparison of ``keys`` shows: ``split``, or by default ``test`` when
     every cell's chosen configuration has the metric's test value (the studies report the test score
@@ -127,7 +122,7 @@ def resolve_split(frame: "pd.DataFrame", metric: str, split: str | None = None, 
     return _split_of(_choices(frame, list(keys), metric), metric, split)
 
 
-def _split_of(choices: list[tuple[Any, "pd.DataFrame"]], metric: str, split: str | None) -> str:
+def _split_of(choices: list[tuple[Any, pd.DataFrame]], metric: str, split: str | None) -> str:
     if split is not None:
         return check_split(split)
     test = get_metric(metric).on_split("test")
@@ -142,16 +137,14 @@ def check_split(split: str) -> str:
     return split
 
 
-def _column(frame: "pd.DataFrame", name: str) -> "pd.Series":
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
     """``frame[name]`` as floats; all NaN when an older leaderboard has no such column."""
-    import pandas as pd
-
     if name not in frame:
         return pd.Series(math.nan, index=frame.index, dtype="float64")
     return frame[name].astype("float64")
 
 
-def _chosen_runs(group: "pd.DataFrame", metric: str) -> "pd.DataFrame":
+def _chosen_runs(group: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The rows behind one cell: the confirmed configuration with the best mean validation value
     (all its seeds), else the best search trial."""
     confirmed = group[roles(group) == ROLE_CONFIRMATION].sort_values("id", kind="stable")
@@ -164,7 +157,7 @@ def _chosen_runs(group: "pd.DataFrame", metric: str) -> "pd.DataFrame":
     return confirmed[config == chosen]
 
 
-def _cell_values(runs: "pd.DataFrame", column: str) -> dict[str, Any]:
+def _cell_values(runs: pd.DataFrame, column: str) -> dict[str, Any]:
     """Mean, sample std (NaN for one value) and count of ``column`` over the chosen runs."""
     values = _column(runs, column).dropna()
     confirmed = bool((roles(runs) == ROLE_CONFIRMATION).any())
@@ -178,15 +171,15 @@ def _cell_values(runs: "pd.DataFrame", column: str) -> dict[str, Any]:
 CELL_COLUMNS = ["split", "mean", "std", "seeds", "confirmed", "experiment", "trial_id", "ids"]
 
 
-def _choices(frame: "pd.DataFrame", keys: list[str], metric: str) -> list[tuple[Any, "pd.DataFrame"]]:
+def _choices(frame: pd.DataFrame, keys: list[str], metric: str) -> list[tuple[Any, pd.DataFrame]]:
     """Each (``keys``, dataset, label ratio) group's key and its chosen runs (:func:`_chosen_runs`)."""
     rows = frame[frame[metric].notna()]
     groups = rows.groupby([*keys, "dataset", "label_ratio"], sort=True)
     return [(key, _chosen_runs(group, metric)) for key, group in groups]
 
 
-def cells(frame: "pd.DataFrame", keys: Sequence[str], metric: str = "val_auroc", split: str | None = None
-          ) -> "pd.DataFrame":
+def cells(frame: pd.DataFrame, keys: Sequence[str], metric: str = "val_auroc", split: str | None = None
+          ) -> pd.DataFrame:
     """The value each group of ``keys`` has at each (dataset, label ratio): one row per cell.
 
     A cell's configuration is chosen on validation ``metric``: where confirmation rows exist, the
@@ -195,8 +188,6 @@ def cells(frame: "pd.DataFrame", keys: Sequence[str], metric: str = "val_auroc",
     values on ``split`` (default: see :func:`resolve_split`), named in column ``split``; ``trial_id``
     is the search trial that proposed it and ``ids`` the rows averaged.
     """
-    import pandas as pd
-
     by = [*keys, "dataset", "label_ratio"]
     choices = _choices(frame, list(keys), metric)
     split = _split_of(choices, metric, split)
@@ -208,11 +199,12 @@ def cells(frame: "pd.DataFrame", keys: Sequence[str], metric: str = "val_auroc",
 @dataclass
 class StudyTable:
     """The studies' comparison table: ``means`` (what :func:`compare` returns: one column per
-    (dataset, label ratio) and ``mean_rank``), with the spread over confirmation seeds beside it."""
+    (dataset, label ratio) and ``mean_rank``), with the spread over confirmation seeds beside it.
+    :func:`~medpeft_ray.leaderboard.formatting.study_text` writes it as text."""
 
-    means: "pd.DataFrame"
-    std: "pd.DataFrame"
-    seeds: "pd.DataFrame"
+    means: pd.DataFrame
+    std: pd.DataFrame
+    seeds: pd.DataFrame
     metric: str
     split: str
 
@@ -225,35 +217,16 @@ class StudyTable:
     def several_seeds(self) -> bool:
         return bool((self.seeds > 1).to_numpy().any())
 
-    def cell_text(self, name: Any, cell: str) -> str:
-        """``0.8120 ± 0.0130`` (several seeds), ``0.8120`` (one) or ``–`` (no value)."""
-        ranking, mean, std = get_metric(self.metric), self.means.at[name, cell], self.std.at[name, cell]
-        if mean != mean:
-            return "–"
-        return ranking.format(mean) + ("" if std != std else f" ± {ranking.format(std)}")
 
-    def text(self) -> "pd.DataFrame":
-        """The display form: every cell as :meth:`cell_text`, and ``mean rank`` with two decimals."""
-        cells_ = [c for c in self.means.columns if c != "mean_rank"]
-        text = self.means[cells_].astype(object)
-        for name in text.index:
-            for cell in cells_:
-                text.at[name, cell] = self.cell_text(name, cell)
-        text["mean rank"] = self.means["mean_rank"].map(lambda v: "–" if v != v else f"{v:.2f}")
-        return text
-
-
-def _wide(long: "pd.DataFrame", by: str, value: str) -> "pd.DataFrame":
+def _wide(long: pd.DataFrame, by: str, value: str) -> pd.DataFrame:
     wide = long.set_index([by, "dataset", "label_ratio"])[value].unstack(["dataset", "label_ratio"]).sort_index(axis=1)
     wide.columns = [cell_label(dataset, ratio) for dataset, ratio in wide.columns]
     return wide.rename_axis(by)
 
 
-def study_table(frame: "pd.DataFrame", by: str = "method", metric: str = "val_auroc", split: str | None = None
+def study_table(frame: pd.DataFrame, by: str = "method", metric: str = "val_auroc", split: str | None = None
                 ) -> StudyTable:
     """:func:`compare`'s table with its standard deviations and seed counts (see :func:`cells`)."""
-    import pandas as pd
-
     if by not in ("method", "backbone", "experiment"):
         raise UsageError(f"cannot compare by {by!r}; compare methods, backbones or experiments")
     ranking = get_metric(metric)
@@ -274,8 +247,8 @@ def study_table(frame: "pd.DataFrame", by: str = "method", metric: str = "val_au
     return StudyTable(means.loc[order], std.loc[order], seeds.loc[order], metric, split)
 
 
-def compare(frame: "pd.DataFrame", by: str = "method", metric: str = "val_auroc", split: str | None = None
-            ) -> "pd.DataFrame":
+def compare(frame: pd.DataFrame, by: str = "method", metric: str = "val_auroc", split: str | None = None
+            ) -> pd.DataFrame:
     """The studies' comparison table: one row per ``by`` value (method or backbone), one column per
     (dataset, label ratio) holding the value of the configuration chosen there on validation
     ``metric`` (see :func:`cells`: the mean over its confirmation seeds where it was confirmed, else
@@ -297,7 +270,7 @@ def compare(frame: "pd.DataFrame", by: str = "method", metric: str = "val_auroc"
 TASK_COLUMNS = ["backbone", "checkpoint", "dataset", "label_ratio"]
 
 
-def task_values(frame: "pd.DataFrame", metric: str = "val_auroc", split: str | None = None) -> "pd.DataFrame":
+def task_values(frame: pd.DataFrame, metric: str = "val_auroc", split: str | None = None) -> pd.DataFrame:
     """One row per task (:data:`TASK_COLUMNS`), one column per method: the value :func:`cells` chose."""
     keyed = frame.assign(checkpoint=checkpoint_labels(frame))
     long = cells(keyed, ["method", "backbone", "checkpoint"], metric, split)
@@ -307,13 +280,11 @@ def task_values(frame: "pd.DataFrame", metric: str = "val_auroc", split: str | N
 WINS_COLUMNS = ["method", "baseline", "wins", "ties", "losses", "tasks", "best_margin"]
 
 
-def wins(frame: "pd.DataFrame", metric: str = "val_auroc", baseline: str = "full", split: str | None = None
-         ) -> "pd.DataFrame":
+def wins(frame: pd.DataFrame, metric: str = "val_auroc", baseline: str = "full", split: str | None = None
+         ) -> pd.DataFrame:
     """Per method, in how many tasks (backbone, checkpoint, dataset, label ratio, where both ran) it
     beats ``baseline``: ``wins``, ``ties``, ``losses``, ``tasks`` and ``best_margin`` (its largest
     lead, in the metric's units). Most wins first; empty when ``baseline`` has no value anywhere."""
-    import pandas as pd
-
     ranking = get_metric(metric)
     values = task_values(frame[frame[metric].notna()], metric, split) if len(frame) else pd.DataFrame()
     if baseline not in values:
@@ -324,7 +295,7 @@ def wins(frame: "pd.DataFrame", metric: str = "val_auroc", baseline: str = "full
     return table.sort_values(["wins", "method"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
-def _wins_of(method: str, mine: "pd.Series", theirs: "pd.Series", baseline: str, ascending: bool) -> tuple:
+def _wins_of(method: str, mine: pd.Series, theirs: pd.Series, baseline: str, ascending: bool) -> tuple:
     both = mine.notna() & theirs.notna()
     lead = (theirs - mine if ascending else mine - theirs)[both]
     best_margin = float(lead.max()) if bool((lead > 0).any()) else math.nan
@@ -332,7 +303,7 @@ def _wins_of(method: str, mine: "pd.Series", theirs: "pd.Series", baseline: str,
             best_margin)
 
 
-def wins_lines(table: "pd.DataFrame", metric: str = "val_auroc") -> list[str]:
+def wins_lines(table: pd.DataFrame, metric: str = "val_auroc") -> list[str]:
     """:func:`wins` in words: ``lora beats full in 13 of 18 tasks (by up to 0.0290)``."""
     ranking, lines = get_metric(metric), []
     for row in table.itertuples(index=False):
@@ -385,13 +356,11 @@ def _validation_name(name: str) -> str:
 GAP_COLUMNS = ["method", "dataset", "label_ratio", "attribute", "gap", "gap_std", "seeds", "worst_group", "trial_id"]
 
 
-def subgroup_gaps(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.DataFrame":
+def subgroup_gaps(frame: pd.DataFrame, metric: str = "val_auroc") -> pd.DataFrame:
     """Per method, (dataset, label ratio) and attribute: the worst-group gap of the configuration
     chosen there (see :func:`cells`; mean and std over its seeds), on the test split: the best
     group's test value minus the worst group's. ``worst_group`` is the group most often worst.
     Empty when no row has subgroup results (``details``)."""
-    import pandas as pd
-
     name = get_metric(metric).on_split("test")
     if "details" not in frame or frame.empty:
         return pd.DataFrame(columns=GAP_COLUMNS)
@@ -403,8 +372,6 @@ def subgroup_gaps(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.DataF
 
 
 def _cell_gaps(cell: Any, runs: list[dict[str, tuple[float, str]]]) -> list[tuple]:
-    import pandas as pd
-
     records = []
     for attribute in sorted({a for run in runs for a in run}):
         gaps = pd.Series([run[attribute][0] for run in runs if attribute in run], dtype="float64")
@@ -415,11 +382,9 @@ def _cell_gaps(cell: Any, runs: list[dict[str, tuple[float, str]]]) -> list[tupl
     return records
 
 
-def pareto_mask(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.Series":
+def pareto_mask(frame: pd.DataFrame, metric: str = "val_auroc") -> pd.Series:
     """True for the rows no other row of the same (dataset, label ratio) beats on both ``metric``
     and trainable parameters (at least as good on both and better on one)."""
-    import pandas as pd
-
     ascending = get_metric(metric).ascending
     mask = pd.Series(False, index=frame.index)
     usable = frame[frame[metric].notna() & frame["trainable_params"].notna()]
@@ -435,20 +400,18 @@ def pareto_mask(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.Series"
     return mask
 
 
-def pareto(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.DataFrame":
+def pareto(frame: pd.DataFrame, metric: str = "val_auroc") -> pd.DataFrame:
     """The Pareto front of each (dataset, label ratio): fewest trainable parameters first."""
     front = frame[pareto_mask(frame, metric)]
     return front.sort_values(["dataset", "label_ratio", "trainable_params", "id"], kind="stable").reset_index(drop=True)
 
 
-def progress(frame: "pd.DataFrame", metric: str = "val_auroc") -> "pd.DataFrame":
+def progress(frame: pd.DataFrame, metric: str = "val_auroc") -> pd.DataFrame:
     """Search progress per study (experiment, method, dataset, label ratio), trials in recorded order.
 
     Columns: the study's columns, ``trial`` (1, 2, ...), ``trial_id``, ``compute_s`` (cumulative
     trial wall time), ``epochs`` (cumulative epochs run), ``metric`` and ``best_so_far``.
     """
-    import pandas as pd
-
     ascending = get_metric(metric).ascending
     columns = [*STUDY_COLUMNS, "trial", "trial_id", "compute_s", "epochs", metric, "best_so_far"]
     parts = []
@@ -470,7 +433,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def importance(frame: "pd.DataFrame", metric: str = "val_auroc", min_trials: int = 3) -> "pd.DataFrame":
+def importance(frame: pd.DataFrame, metric: str = "val_auroc", min_trials: int = 3) -> pd.DataFrame:
     """How strongly each searched hyperparameter goes with the metric, per method.
 
     The metric is first turned into its rank within each (method, dataset, label ratio), so that
@@ -480,8 +443,6 @@ def importance(frame: "pd.DataFrame", metric: str = "val_auroc", min_trials: int
     across its choices. Both lie in [0, 1]. Parameters seen in fewer than ``min_trials`` trials,
     or with a single value, are left out.
     """
-    import pandas as pd
-
     ascending = get_metric(metric).ascending
     columns = ["method", "parameter", "kind", "association", "spearman", "trials"]
     rows = search_rows(frame)
@@ -511,7 +472,7 @@ def importance(frame: "pd.DataFrame", metric: str = "val_auroc", min_trials: int
     return table.sort_values(["method", "association"], ascending=[True, False], kind="stable").reset_index(drop=True)
 
 
-def _correlation_ratio(categories: "pd.Series", score: "pd.Series") -> float:
+def _correlation_ratio(categories: pd.Series, score: pd.Series) -> float:
     """eta = sqrt(between-choice variance / total variance) of ``score``."""
     total = float(((score - score.mean()) ** 2).sum())
     if total == 0:
@@ -521,7 +482,7 @@ def _correlation_ratio(categories: "pd.Series", score: "pd.Series") -> float:
     return math.sqrt(between / total)
 
 
-def markdown_table(frame: "pd.DataFrame", index: bool = False) -> str:
+def markdown_table(frame: pd.DataFrame, index: bool = False) -> str:
     """A GitHub-flavoured Markdown table of ``frame``'s values as text ('|' escaped)."""
     data = frame.reset_index() if index else frame
     header = [str(c) for c in data.columns]

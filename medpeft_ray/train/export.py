@@ -5,6 +5,9 @@
 trial's best checkpoint (trainable weights, state, and peft's adapter folder for peft methods),
 from the results folder or from cloud storage (``s3://``, ``gs://``, read as Ray reads it), and,
 where the method folds into the backbone, writes the merged plain timm weights.
+
+Printing a configuration (``medpeft-ray best``) needs no model: torch, the methods and the models
+are imported inside the functions that rebuild one, so that only writing an adapter pays for them.
 """
 
 from __future__ import annotations
@@ -16,9 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
+from pydantic import ValidationError
+from safetensors import safe_open
+
+from medpeft_ray.config import TrialConfig
 from medpeft_ray.errors import MedpeftError
 from medpeft_ray.metrics import get_metric
-from medpeft_ray.train.checkpoint import PEFT_DIR, STATE_FILE, WEIGHTS_FILE
+from medpeft_ray.storage import download, is_uri
+from medpeft_ray.train.checkpoint import PEFT_DIR, STATE_FILE, WEIGHTS_FILE, load_checkpoint_into
 
 MERGED_FILE = "model.safetensors"
 MANIFEST_FILE = "export.json"
@@ -29,16 +38,12 @@ def _trial_name(row: Mapping[str, Any]) -> str:
     return f"trial {row['trial_id']} of experiment {row['experiment']!r}"
 
 
-def trial_config(row: Mapping[str, Any]) -> Any:
+def trial_config(row: Mapping[str, Any]) -> TrialConfig:
     """The row's stored config as a validated :class:`TrialConfig`.
 
     Raises:
         MedpeftError: the stored config does not validate under this version of medpeft-ray.
     """
-    from pydantic import ValidationError
-
-    from medpeft_ray.config import TrialConfig
-
     try:
         return TrialConfig.model_validate(row["config"])
     except ValidationError as exc:
@@ -55,8 +60,6 @@ def _one_line(value: Any) -> str:
 
 def best_config_yaml(row: Mapping[str, Any], metric: str = "val_auroc") -> str:
     """The trial's config as YAML, after a comment naming the experiment, trial, metric and checkpoint."""
-    import yaml
-
     config = trial_config(row).model_dump(mode="json")
     value = row.get(metric)
     known = isinstance(value, float) and value == value
@@ -101,8 +104,6 @@ class AdapterExport:
 def _checkpoint_folder(row: Mapping[str, Any], scratch: Path) -> Path:
     """The row's checkpoint folder on this machine: the folder itself, or for a checkpoint in cloud
     storage (a search with ``--results s3://...``), what the export reads of it copied into ``scratch``."""
-    from medpeft_ray.storage import download, is_uri
-
     checkpoint = row.get("checkpoint")
     if not checkpoint:
         raise MedpeftError(f"{_trial_name(row)}: no checkpoint recorded (status {row['status']})")
@@ -124,8 +125,6 @@ def _checkpoint_folder(row: Mapping[str, Any], scratch: Path) -> Path:
 
 def _num_classes(folder: Path, family: str, state: dict[str, Any]) -> int:
     """Classes of the trained head: from its weight's shape, else from the state's per-class AUROCs."""
-    from safetensors import safe_open
-
     head = "head.weight" if family == "vit" else "fc.weight"
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
         if head in weights.keys():
@@ -150,7 +149,7 @@ def export_adapter(row: Mapping[str, Any], directory: str | Path, metric: str = 
         return _export_from(row, config, _checkpoint_folder(row, Path(scratch)), Path(directory), metric)
 
 
-def _export_from(row: Mapping[str, Any], config: Any, source: Path, out: Path, metric: str) -> AdapterExport:
+def _export_from(row: Mapping[str, Any], config: TrialConfig, source: Path, out: Path, metric: str) -> AdapterExport:
     """:func:`export_adapter` from the checkpoint folder ``source`` on this machine."""
     from medpeft_ray.methods import get_method
 
@@ -201,11 +200,10 @@ DIFFUSERS_LORA_DIR = "lora"
 MERGED_UNET_DIR = "unet"
 
 
-def _tuned_unet(config: Any, source: Path) -> Any:
+def _tuned_unet(config: TrialConfig, source: Path) -> Any:
     """The trial's U-Net rebuilt: its pipeline's pre-trained U-Net, the method applied, the checkpoint loaded."""
     from medpeft_ray.methods import prepare_model
     from medpeft_ray.models import build_backbone
-    from medpeft_ray.train.checkpoint import load_checkpoint_into
 
     pretrained = config.model.checkpoint
     if pretrained is not None and not Path(pretrained).is_dir():
@@ -220,7 +218,7 @@ def _tuned_unet(config: Any, source: Path) -> Any:
     return model.eval()
 
 
-def _export_generation(row: Mapping[str, Any], config: Any, source: Path, out: Path, metric: str,
+def _export_generation(row: Mapping[str, Any], config: TrialConfig, source: Path, out: Path, metric: str,
                        result: AdapterExport) -> AdapterExport:
     """A generation trial's export: a LoRA in diffusers' format, and the merged U-Net of a mergeable method.
 
@@ -271,7 +269,7 @@ def _export_generation(row: Mapping[str, Any], config: Any, source: Path, out: P
     return result
 
 
-def _write_merged(config: Any, source: Path, target: Path, num_classes: int) -> str | None:
+def _write_merged(config: TrialConfig, source: Path, target: Path, num_classes: int) -> str | None:
     """Rebuilds the tuned model from the pre-trained weights and the checkpoint, merges, saves.
 
     Returns why the trial's options cannot be merged (SSF's final scale-shift before a pooled
@@ -282,7 +280,6 @@ def _write_merged(config: Any, source: Path, target: Path, num_classes: int) -> 
 
     from medpeft_ray.methods import merge_method, prepare_model
     from medpeft_ray.models import build_backbone
-    from medpeft_ray.train.checkpoint import load_checkpoint_into
 
     pretrained = config.model.checkpoint
     if pretrained is not None and not Path(pretrained).is_file():
