@@ -155,23 +155,13 @@ def search(
         if dry_run:
             if config is None:
                 raise UsageError("--dry-run forecasts a new search: give --space FILE, not --resume")
-            from medpeft_ray.search.forecast import dry_run as forecast_search
-            from medpeft_ray.search.manifest import save_dry_run_forecast
-            from medpeft_ray.search.runner import preflight, results_location
+            from medpeft_ray.search.forecast.dry_run import dry_run as forecast_searches
 
-            for cell in config if isinstance(config, list) else [config]:
-                cell_config = getattr(cell, "config", cell)  # a grid's cell, or the search itself
-                console.print(f"[bold]{cell_config.experiment_name}[/bold]: forecast (dry run: no Ray, no trial)",
-                              highlight=False)
-                facts = preflight(cell_config)  # exactly what the search would check before Ray
-                made = forecast_search(cell_config, facts, results=results, db_url=db)
-                for line in made.lines():
-                    console.print(line, highlight=False, markup=False, soft_wrap=True)
-                # the search then keeps it in its manifest, beside what it took
-                storage, _ = results_location(results)
-                kept = save_dry_run_forecast(storage, cell_config.experiment_name, made.to_dict())
-                console.print(f"forecast kept in {kept} (the search of {cell_config.experiment_name} records it)",
-                              highlight=False, soft_wrap=True)
+            for line in forecast_searches(config, results=results, db_url=db):
+                if line.heading:  # a search's first line, its name in bold
+                    console.print(f"[bold]{escape(line.heading)}[/bold]{escape(line.text)}", highlight=False)
+                else:
+                    console.print(line.text, highlight=False, markup=False, soft_wrap=True)
             return
         from medpeft_ray.search.runner import resumable_config, run_grid, run_search
 
