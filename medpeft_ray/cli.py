@@ -153,23 +153,13 @@ def search(
         if dry_run:
             if config is None:
                 raise UsageError("--dry-run forecasts a new search: give --space FILE, not --resume")
-            from medpeft_ray.search.forecast import dry_run as forecast_search
-            from medpeft_ray.search.manifest import save_dry_run_forecast
-            from medpeft_ray.search.runner import preflight, results_location
+            from medpeft_ray.search.forecast.dry_run import dry_run as forecast_searches
 
-            for cell in config if isinstance(config, list) else [config]:
-                cell_config = getattr(cell, "config", cell)  # a grid's cell, or the search itself
-                console.print(f"[bold]{cell_config.experiment_name}[/bold]: forecast (dry run: no Ray, no trial)",
-                              highlight=False)
-                facts = preflight(cell_config)  # exactly what the search would check before Ray
-                made = forecast_search(cell_config, facts, results=results, db_url=db)
-                for line in made.lines():
-                    console.print(line, highlight=False, markup=False, soft_wrap=True)
-                # the search then keeps it in its manifest, beside what it took
-                storage, _ = results_location(results)
-                kept = save_dry_run_forecast(storage, cell_config.experiment_name, made.to_dict())
-                console.print(f"forecast kept in {kept} (the search of {cell_config.experiment_name} records it)",
-                              highlight=False, soft_wrap=True)
+            for line in forecast_searches(config, results=results, db_url=db):
+                if line.heading:  # a search's first line, its name in bold
+                    console.print(f"[bold]{escape(line.heading)}[/bold]{escape(line.text)}", highlight=False)
+                else:
+                    console.print(line.text, highlight=False, markup=False, soft_wrap=True)
             return
         from medpeft_ray.search.runner import resumable_config, run_grid, run_search
 
@@ -484,43 +474,46 @@ def methods_command(
     backbone: str = typer.Option("vit_base_patch16_224", help="timm backbone name (ViT or ResNet), or a diffusion "
                                  "U-Net (unet_tiny, unet_sd15)"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="classes of the task (sizes the head) "
-                                              "[14, or with --space the dataset's num_classes option]"),
+                                              "[14, or with --space the classes the dataset format fixes]"),
     image_size: int = typer.Option(224, "--image-size", min=16, help="input side in pixels"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of a table"),
-    space: Optional[Path] = typer.Option(None, "--space", "-s", help="count the methods this search YAML configures, "
-                                         "with its backbone, image size, classes (dataset option num_classes, else "
-                                         "--num-classes) and method options"),
+    space: Optional[Path] = typer.Option(None, "--space", "-s", help="count the methods this search YAML (or each "
+                                         "cell of this grid file) configures, with its backbone, image size, classes "
+                                         "(those the dataset format fixes, else --num-classes) and method options; "
+                                         "the dataset folder need not exist yet"),
 ) -> None:
     """The PEFT methods for a backbone, with trainable parameters under their default options."""
-    from medpeft_ray.methods import method_summaries
+    from medpeft_ray.config.method_counts import default_method_counts, search_method_counts
 
-    chosen, which = None, "default options"
     try:
-        if space is not None:
-            from medpeft_ray.config.loading import load_search_config
-
-            config = load_search_config(space)
-            backbone, image_size = config.model.backbone, config.dataset.image_size
-            num_classes = num_classes or int(config.dataset.options.get("num_classes", 14))
-            chosen = {name: config.method.options_for(name) for name in config.method.names}
-            which = f"options of {space.name}"
-        num_classes = num_classes or 14
-        rows = method_summaries(backbone, num_classes, image_size, chosen)
+        tables = (search_method_counts(space, num_classes) if space is not None
+                  else [default_method_counts(backbone, num_classes, image_size)])
     except MedpeftError as exc:
         _fail(exc)
     if as_json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps([row for counts in tables for row in counts.rows], indent=1))
         return
+    for counts in tables:
+        _print_method_counts(counts)
+
+
+def _print_method_counts(counts: Any) -> None:
+    """One model's methods as a table, fewest trainable parameters first."""
+    rows = counts.rows
     # a U-Net has no classes: only a classifier's count depends on them
     task = rows[0]["task"] if rows else "classification"
-    shape = f"{image_size} px" if task == "generation" else f"{num_classes} classes, {image_size} px"
-    table = Table(title=f"PEFT methods on {backbone} ({shape}), {which}")
+    noun = "class" if counts.num_classes == 1 else "classes"
+    classes = f", {counts.num_classes} {noun} {counts.classes_from}" if task != "generation" else ""
+    table = Table(title=f"PEFT methods on {counts.backbone} at {counts.image_size} px{classes}; {counts.options_from}")
     for column in ("method", "trainable params", "share", "searched by default", "notes", "what it does"):
         table.add_column(column, justify="right" if column in ("trainable params", "share") else "left")
+    names = [row["method"] for row in rows]
     for row in sorted(rows, key=lambda r: r["trainable_params"]):
         notes = ", ".join(n for n, on in (("identity at init", row["identity_at_init"]), ("mergeable", row["mergeable"]),
                                            ("peft", row["peft_native"])) if on)
-        table.add_row(row["method"], f"{row['trainable_params']:,}", f"{row['trainable_percent']:.3g}%",
+        # a method configured differently in a grid's cells is one row per configuration
+        method = row["method"] if names.count(row["method"]) == 1 else f"{row['method']} {json.dumps(row['options'])}"
+        table.add_row(method, f"{row['trainable_params']:,}", f"{row['trainable_percent']:.3g}%",
                       ", ".join(row["searched"]), notes, row["description"])
     console.print(table)
     console.print(f"total parameters of the backbone: {min(r['total_params'] for r in rows):,}")

@@ -23,7 +23,9 @@ from test_data_smdg import Smdg
 
 from medpeft_ray.config import validate_search_dict
 from medpeft_ray.data.check import check_dataset
+from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.leaderboard import LeaderboardStore
+from medpeft_ray.schema import parse_section
 
 
 
@@ -119,6 +121,16 @@ def test_format_checks_and_searches(name: str, tmp_path: Path, request: pytest.F
     assert len(report.unreadable) == row["skipped_images"]
     if name in SUBGROUPS:
         assert SUBGROUPS[name] <= set((row["details"] or {}).get("subgroups", {})), row["details"]
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_the_classes_a_format_fixes_are_those_its_files_give(name: str, tmp_path: Path) -> None:
+    """What ``methods --space`` sizes a head by before the dataset is there (``DatasetSpec.fixed_classes``)."""
+    build, options = FORMATS[name]
+    report = check_dataset(name, build(tmp_path), options, image_size=32, label_ratios=[1.0])
+    spec = get_dataset(name)
+    fixed = spec.fixed_classes(parse_section(spec.options, options, "dataset.options"))
+    assert fixed is None or list(fixed) == list(report.class_names), (fixed, report.class_names)
 
 
 def _hues(base: Path, per_class: int = 40) -> Path:

@@ -13,9 +13,10 @@ import torch
 from conftest import tiny_search
 
 from medpeft_ray.config import validate_search_dict
+from medpeft_ray.metrics import better
 from medpeft_ray.search.executors import EXIT, ExecutorSpec, TrialCheckpoints, TrialDispatcher
 from medpeft_ray.train.engine import WorkerContext, ensure_process_group
-from medpeft_ray.train.recipe import TrialRecipe, better
+from medpeft_ray.train.recipe import TrialRecipe
 from medpeft_ray.train.recipes import run_training
 
 

@@ -353,3 +353,24 @@ def test_cli_dry_run_of_a_generation_search(tmp_path: Path) -> None:
         trial_seconds.append(made.trial_seconds / made.trials)
     assert trial_seconds[0] < trial_seconds[1] < trial_seconds[2]
     assert trial_seconds[1] - trial_seconds[0] == pytest.approx(statistics.mean(t.sampling_s(4, 128) for t in timings))
+
+
+@pytest.mark.slow
+def test_dry_run_forecasts_each_cell_of_a_grid(tmp_path: Path, ray_starts: list[str | None]) -> None:
+    from medpeft_ray.config.grid import load_grid
+    from medpeft_ray.search.forecast.dry_run import dry_run
+    from medpeft_ray.search.manifest import load_dry_run_forecast
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**tiny_search(), "experiment": "study"}))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"grid": {"base": "base.yaml", "axes": {"ratio": {
+        "half": {"dataset": {"label_ratios": [0.5]}}, "all": {"dataset": {"label_ratios": [1.0]}}}}}}, sort_keys=False))
+    results = tmp_path / "results"
+    lines = list(dry_run(load_grid(grid), results=results))
+    # each cell: its name first, then its forecast, then where it is kept
+    assert [line.heading for line in lines if line.heading] == ["study-half", "study-all"]
+    assert str(lines[0]) == "study-half: forecast (dry run: no Ray, no trial)"
+    assert sum(str(line).startswith("total: 2 trials") for line in lines) == 2
+    assert str(lines[-1]).startswith("forecast kept in ")
+    assert load_dry_run_forecast(str(results), "study-all")["total"]["trials"] == 2
+    assert not ray_starts

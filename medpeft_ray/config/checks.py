@@ -33,15 +33,19 @@ from medpeft_ray.models.families import require_family
 from medpeft_ray.schema import did_you_mean, error_message, parse_section
 
 
-def check_search(config: SearchConfig, base_dir: Path | None) -> SearchConfig:
-    """The search with every cross-section check passed, its paths resolved and its options parsed."""
-    dataset = checked_dataset(config.dataset, base_dir)
-    model = checked_model(config.model, base_dir)
+def check_search(config: SearchConfig, base_dir: Path | None, require_files: bool = True) -> SearchConfig:
+    """The search with every cross-section check passed, its paths resolved and its options parsed.
+
+    ``require_files=False`` leaves out the checks that the dataset folder, the checkpoint and the FID
+    weights exist: what depends on the configuration alone (a parameter count) needs none of them.
+    """
+    dataset = checked_dataset(config.dataset, base_dir, require_files)
+    model = checked_model(config.model, base_dir, require_files)
     _check_task(config)
     search = config.search
     if search.fid_weights is not None:
         weights = _resolve(search.fid_weights, base_dir)
-        if not weights.is_file():
+        if require_files and not weights.is_file():
             raise ConfigError("search.fid_weights", f"file not found: {weights}")
         search = search.model_copy(update={"fid_weights": weights})
     space = config.search_space
@@ -57,8 +61,9 @@ def check_search(config: SearchConfig, base_dir: Path | None) -> SearchConfig:
     })
 
 
-def checked_dataset(dataset: DatasetConfig, base_dir: Path | None) -> DatasetConfig:
-    """A registered format, its parsed options, its root resolved against the YAML's folder."""
+def checked_dataset(dataset: DatasetConfig, base_dir: Path | None, require_files: bool = True) -> DatasetConfig:
+    """A registered format, its parsed options, its root resolved against the YAML's folder (and, with
+    ``require_files``, present)."""
     try:
         spec = get_dataset(dataset.name)
     except KeyError as exc:
@@ -69,16 +74,16 @@ def checked_dataset(dataset: DatasetConfig, base_dir: Path | None) -> DatasetCon
         raise ConfigError("dataset.root", f"required for dataset {dataset.name!r}")
     if root is not None:
         root = _resolve(root, base_dir)
-        if not root.is_dir():
+        if require_files and not root.is_dir():
             raise ConfigError("dataset.root", f"directory not found: {root}")
     return dataset.model_copy(update={"root": root, "options": options})
 
 
-def checked_model(model: ModelConfig, base_dir: Path | None) -> ModelConfig:
-    """The checkpoint path resolved and present (its content is checked in pre-flight, where torch is)."""
-    checkpoint = model.checkpoint
-    if checkpoint is not None:
-        checkpoint = _resolve(checkpoint, base_dir)
+def checked_model(model: ModelConfig, base_dir: Path | None, require_files: bool = True) -> ModelConfig:
+    """The checkpoint path resolved and (with ``require_files``) present; its content is checked in
+    pre-flight, where torch is."""
+    checkpoint = _resolve(model.checkpoint, base_dir) if model.checkpoint is not None else None
+    if checkpoint is not None and require_files:
         if require_family(model.backbone).task == "generation":  # a diffusers pipeline folder
             if not checkpoint.is_dir():
                 raise ConfigError("model.checkpoint", f"pipeline folder not found: {checkpoint} (a diffusion U-Net "

@@ -74,8 +74,11 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def load_grid(path: str | Path, raw: Any = None) -> list[GridCell]:
-    """Every cell of the grid file ``path``, validated; raises :class:`ConfigError` naming file, cell and key."""
+def load_grid(path: str | Path, raw: Any = None, require_files: bool = True) -> list[GridCell]:
+    """Every cell of the grid file ``path``, validated; raises :class:`ConfigError` naming file, cell and key.
+
+    ``require_files=False`` validates the cells as ``load_search_config`` does with it.
+    """
     path = Path(path)
     raw = read_yaml(path) if raw is None else raw
     if set(raw) != {GRID_KEY}:
@@ -100,7 +103,7 @@ def load_grid(path: str | Path, raw: Any = None) -> list[GridCell]:
             data = deep_merge(data, overrides)
         data = {**data, "experiment": "-".join((prefix, *names))}
         source = f"{path.name} (cell {'/'.join(names)})"
-        cells.append(GridCell(names, validate_search_dict(data, source, base_path.parent)))
+        cells.append(GridCell(names, validate_search_dict(data, source, base_path.parent, require_files)))
     experiments = [cell.config.experiment_name for cell in cells]
     if len(set(experiments)) != len(experiments):
         raise ConfigError(f"{GRID_KEY}.axes", "two cells have the same experiment name; give entries distinct names",

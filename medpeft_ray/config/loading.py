@@ -17,10 +17,12 @@ from medpeft_ray.schema import parse_section
 T = TypeVar("T")
 
 
-def load_search_config(path: str | Path, experiment: str | None = None) -> SearchConfig:
+def load_search_config(path: str | Path, experiment: str | None = None, require_files: bool = True) -> SearchConfig:
     """Reads and validates a search-space YAML; raises :class:`ConfigError` naming file and key.
 
-    ``experiment`` replaces the YAML's experiment name (validated like it).
+    ``experiment`` replaces the YAML's experiment name (validated like it). ``require_files=False``
+    accepts a dataset folder, checkpoint or FID weights not (yet) on this machine (see
+    :func:`~medpeft_ray.config.checks.check_search`).
     """
     path = Path(path)
 
@@ -28,7 +30,7 @@ def load_search_config(path: str | Path, experiment: str | None = None) -> Searc
         raw = read_yaml(path)
         if experiment is not None and isinstance(raw, dict):
             raw = {**raw, "experiment": experiment}
-        return _validate_search(raw, path)
+        return _validate_search(raw, path, require_files)
 
     return _with_file(path.name, load)
 
@@ -61,9 +63,10 @@ def load_trial_config(path: str | Path) -> TrialConfig:
     return _with_file(path.name, load)
 
 
-def validate_search_dict(raw: Any, source: str = "<config>", base_dir: Path | None = None) -> SearchConfig:
+def validate_search_dict(raw: Any, source: str = "<config>", base_dir: Path | None = None,
+                         require_files: bool = True) -> SearchConfig:
     """Validates an already-parsed mapping (from a YAML file or a test)."""
-    return _with_file(source, lambda: _validate_search(raw, base_dir))
+    return _with_file(source, lambda: _validate_search(raw, base_dir, require_files))
 
 
 def _with_file(file: str, fn: Callable[[], T]) -> T:
@@ -91,11 +94,11 @@ def read_yaml(path: Path) -> Any:
     return raw
 
 
-def _validate_search(raw: Any, source: Path | None) -> SearchConfig:
+def _validate_search(raw: Any, source: Path | None, require_files: bool = True) -> SearchConfig:
     if not isinstance(raw, dict):
         raise ConfigError("", f"must be a mapping of sections, got {type(raw).__name__}")
     config = parse_section(SearchConfig, raw, "")
     base_dir = source.parent if source is not None and source.suffix else source
     if config.experiment is None and source is not None and source.suffix:
         config = config.model_copy(update={"experiment": source.stem})
-    return check_search(config, base_dir)
+    return check_search(config, base_dir, require_files)

@@ -1,14 +1,20 @@
-"""Datasets: each format decodes once into :class:`DatasetSplits`; label-ratio subsets; the cache."""
+"""Datasets: each format decodes once into :class:`DatasetSplits`; label-ratio subsets; the cache.
+
+The formats' registry is read at the CLI's start (the config validates dataset options), so the
+readers that only decoding needs (pandas, Pillow, pydicom) are imported where the files are read.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from medpeft_ray.data import csv_table, folder, splitfile, synthetic  # noqa: F401  (registers the formats)
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
-from medpeft_ray.data.cache import cached_splits
+from medpeft_ray.data.cache import cache_root, cached_splits
+from medpeft_ray.data.layout import walk
 from medpeft_ray.data.registry import DatasetOptions, get_dataset, list_datasets, register_dataset
 from medpeft_ray.data.splits import label_ratio_index, train_subset_index
 from medpeft_ray.schema import parse_section
@@ -74,11 +80,6 @@ def _fingerprint(root: Path) -> str:
     Linked folders and files count with their targets, so a changed image behind a link
     changes the key.
     """
-    import hashlib
-
-    from medpeft_ray.data.cache import cache_root
-    from medpeft_ray.data.layout import walk
-
     cache = str(cache_root().resolve())
     digest = hashlib.sha256()
     for directory, dirs, files in walk(root):

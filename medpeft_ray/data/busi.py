@@ -55,7 +55,7 @@ def class_images(folder: Path) -> list[Path]:
 
 @register_dataset(
     "busi", options=BusiOptions, needs_root=True,
-    marker=lambda _: MarkerPaths(tuple(f"{name}/" for name in CLASS_NAMES)),
+    marker=lambda _: MarkerPaths(tuple(f"{name}/" for name in CLASS_NAMES)), classes=lambda _: CLASS_NAMES,
 )
 def load_busi(root: Path, image_size: int, options: BusiOptions, seed: int) -> DatasetSplits:
     records = [

@@ -47,7 +47,8 @@ class CaptionsOptions(SplitOptions):
 
 
 @register_dataset(
-    "captions", options=CaptionsOptions, needs_root=True, marker=lambda options: MarkerPaths((options.csv,))
+    "captions", options=CaptionsOptions, needs_root=True, marker=lambda options: MarkerPaths((options.csv,)),
+    classes=lambda options: options.label_columns,
 )
 def load_captions(root: Path, image_size: int, options: CaptionsOptions, seed: int) -> DatasetSplits:
     csv = root / options.csv

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from medpeft_ray.data.records import is_missing, is_missing_report, is_uncaptioned
 from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.data.splits import train_subset_index
+from medpeft_ray.errors import DataError
 from medpeft_ray.schema import parse_section
 
 
@@ -70,8 +71,6 @@ def check_dataset(
         options["skip_unreadable"] = True  # collect every bad file instead of stopping at the first
     parsed = parse_section(spec.options, options, "dataset.options")
     if root is not None and not Path(root).expanduser().is_dir():
-        from medpeft_ray.errors import DataError
-
         # a folder that is not there is named itself, not as the first file the format reads inside it
         raise DataError(f"{root}: {'not a folder' if Path(root).expanduser().exists() else 'folder not found'}")
     root_path = spec.dataset_folder(Path(root).expanduser().resolve(), parsed) if root is not None else None

@@ -199,7 +199,7 @@ def _attributes(frame) -> list[tuple[tuple[str, str], ...]]:  # frame: pandas.Da
 
 @register_dataset(
     "chexpert", options=CheXpertOptions, needs_root=True,
-    marker=lambda _: MarkerPaths(("train.csv", "valid.csv")),
+    marker=lambda _: MarkerPaths(("train.csv", "valid.csv")), classes=lambda options: options.labels,
 )
 def load_chexpert(root: Path, image_size: int, options: CheXpertOptions, seed: int) -> DatasetSplits:
     resolve = PathResolver(root)

@@ -51,7 +51,9 @@ def binary_label(value: str, csv: Path, row: int, column: str) -> float:
 
 
 @register_dataset(
-    "csv", options=CsvOptions, needs_root=True, marker=lambda options: MarkerPaths((options.file,))
+    "csv", options=CsvOptions, needs_root=True, marker=lambda options: MarkerPaths((options.file,)),
+    # a class column's classes, or the default label columns, are what the CSV holds
+    classes=lambda options: None if options.class_column else options.label_columns,
 )
 def load_csv(root: Path, image_size: int, options: CsvOptions, seed: int) -> DatasetSplits:
     csv = root / options.file

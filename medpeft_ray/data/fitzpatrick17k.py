@@ -138,6 +138,8 @@ def read_rows(csv_path: Path, partition: int) -> tuple[tuple[str, ...], list[tup
 @register_dataset(
     "fitzpatrick17k", options=Fitzpatrick17kOptions, needs_root=True,
     marker=lambda options: MarkerPaths((options.csv_file,)),
+    # the 114 conditions are whatever the CSV lists
+    classes=lambda options: {3: THREE_CLASSES, 9: NINE_CLASSES}.get(options.partition),
 )
 def load_fitzpatrick17k(root: Path, image_size: int, options: Fitzpatrick17kOptions, seed: int) -> DatasetSplits:
     csv_path = root / options.csv_file

@@ -76,7 +76,7 @@ def read_metadata(csv_path: Path) -> list[tuple[int, str, str, str, str]]:
 
 @register_dataset(
     "ham10000", options=Ham10000Options, needs_root=True,
-    marker=lambda options: MarkerPaths((options.metadata_file,)),
+    marker=lambda options: MarkerPaths((options.metadata_file,)), classes=lambda _: CLASS_NAMES,
 )
 def load_ham10000(root: Path, image_size: int, options: Ham10000Options, seed: int) -> DatasetSplits:
     csv_path = root / options.metadata_file

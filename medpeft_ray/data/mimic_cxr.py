@@ -221,7 +221,10 @@ def _missing_reports_summary(folder: Path, missing: list[Path], studies: int, ro
     ])
 
 
-@register_dataset("mimic_cxr", options=MimicCxrOptions, needs_root=True, marker=lambda _: MIMIC_MARKER)
+@register_dataset(
+    "mimic_cxr", options=MimicCxrOptions, needs_root=True, marker=lambda _: MIMIC_MARKER,
+    classes=lambda options: options.labels,
+)
 def load_mimic_cxr(root: Path, image_size: int, options: MimicCxrOptions, seed: int) -> DatasetSplits:
     split_csv, metadata_csv = root / SPLIT_FILE, root / METADATA_FILE
     table = read_csv(split_csv, (DICOM, STUDY, SUBJECT, SPLIT))

@@ -135,7 +135,7 @@ def official_splits(root: Path) -> tuple[set[str], set[str]] | None:
     return train_val, test
 
 
-@register_dataset("nih", options=NIHOptions, needs_root=True, marker=lambda _: NIH_MARKER)
+@register_dataset("nih", options=NIHOptions, needs_root=True, marker=lambda _: NIH_MARKER, classes=lambda _: CLASSES)
 def load_nih(root: Path, image_size: int, options: NIHOptions, seed: int) -> DatasetSplits:
     csv = root / CSV_NAME
     frame = read_csv(csv, (IMAGE_COLUMN, FINDINGS_COLUMN, PATIENT_COLUMN))

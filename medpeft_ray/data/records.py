@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
+from rich.progress import track
 
 from medpeft_ray.data.base import DatasetSplits, LabeledImages, Task
 from medpeft_ray.data.registry import DatasetOptions
@@ -399,12 +401,8 @@ def build_splits(
 
 def _progress(source: str, total: int) -> Callable[[Iterable], Iterable] | None:
     """A rich progress bar for the decode pass when a person is watching (stderr is a terminal)."""
-    import sys
-
     if total < 200 or not sys.stderr.isatty():
         return None
-    from rich.progress import track
-
     return lambda items: track(items, total=total, description=f"decoding {source}", transient=True)
 
 

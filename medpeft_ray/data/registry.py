@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +21,8 @@ class DatasetOptions(BaseModel):
 LoadFn = Callable[[Path | None, int, Any, int], DatasetSplits]
 #: what a format's dataset folder holds, given the parsed options (file names can be options)
 MarkerFn = Callable[[Any], RootMarker]
+#: the class names a format fixes, given the parsed options; None where they come from the dataset's files
+ClassesFn = Callable[[Any], Sequence[str] | None]
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,9 @@ class DatasetSpec:
     (``csv`` with a ``class_column``) only know it from their options.
 
     ``marker`` tells the format's dataset folder, so that a root given as the download folder
-    that holds it works as well (:meth:`dataset_folder`).
+    that holds it works as well (:meth:`dataset_folder`). ``classes`` names the classes where the
+    format (and its options) fix them, so that what depends on them alone, such as a classifier
+    head's size, is known before the dataset is on disk (:meth:`fixed_classes`).
     """
 
     name: str
@@ -39,6 +43,12 @@ class DatasetSpec:
     options: type[DatasetOptions]
     needs_root: bool
     marker: MarkerFn | None = None
+    classes: ClassesFn | None = None
+
+    def fixed_classes(self, options: Any) -> tuple[str, ...] | None:
+        """The class names the format fixes under ``options`` (parsed), or None where its files decide them."""
+        names = self.classes(options) if self.classes is not None else None
+        return tuple(names) if names else None
 
     def dataset_folder(self, root: Path, options: Any) -> Path:
         """``root``, or the folder below it that holds this format's dataset (``options`` parsed).
@@ -58,11 +68,12 @@ def register_dataset(
     options: type[DatasetOptions],
     needs_root: bool,
     marker: MarkerFn | None = None,
+    classes: ClassesFn | None = None,
 ) -> Callable[[LoadFn], LoadFn]:
     def decorate(load: LoadFn) -> LoadFn:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        _DATASETS[name] = DatasetSpec(name, load, options, needs_root, marker)
+        _DATASETS[name] = DatasetSpec(name, load, options, needs_root, marker, classes)
         return load
 
     return decorate

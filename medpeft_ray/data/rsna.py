@@ -72,7 +72,7 @@ def read_targets(csv_path: Path) -> dict[str, tuple[float, int]]:
 
 @register_dataset(
     "rsna", options=RsnaOptions, needs_root=True,
-    marker=lambda options: MarkerPaths((options.labels_file, f"{options.images_dir}/")),
+    marker=lambda options: MarkerPaths((options.labels_file, f"{options.images_dir}/")), classes=lambda _: CLASS_NAMES,
 )
 def load_rsna(root: Path, image_size: int, options: RsnaOptions, seed: int) -> DatasetSplits:
     csv_path = root / options.labels_file

@@ -171,6 +171,7 @@ def read_records(root: Path, options: SmdgOptions) -> tuple[Path, list[ImageReco
 @register_dataset(
     "smdg", options=SmdgOptions, needs_root=True,
     marker=lambda options: MarkerPaths((options.metadata_file, f"{options.images_dir}/")),
+    classes=lambda _: CLASS_NAMES,
 )
 def load_smdg(root: Path, image_size: int, options: SmdgOptions, seed: int) -> DatasetSplits:
     csv_path, records = read_records(root, options)

@@ -81,6 +81,7 @@ def read_split_file(path: Path) -> list[tuple[str, tuple[float, ...]]]:
 @register_dataset(
     "splitfile", options=SplitFileOptions, needs_root=True,
     marker=lambda options: MarkerPaths((options.train, options.val, options.test)),
+    classes=lambda options: options.class_names,
 )
 def load_splitfile(root: Path, image_size: int, options: SplitFileOptions, seed: int) -> DatasetSplits:
     images = root / options.images_dir

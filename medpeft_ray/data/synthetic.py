@@ -172,6 +172,7 @@ class SyntheticOptions(DatasetOptions):
     prevalence: float = Field(0.3, gt=0, lt=1, description="probability of each finding per patient")
 
 
-@register_dataset("synthetic", options=SyntheticOptions, needs_root=False)
+@register_dataset("synthetic", options=SyntheticOptions, needs_root=False,
+                  classes=lambda options: FINDINGS[: options.num_classes])
 def load_synthetic(root: Path | None, image_size: int, options: SyntheticOptions, seed: int) -> DatasetSplits:
     return make_synthetic(image_size=image_size, seed=seed, **options.model_dump())

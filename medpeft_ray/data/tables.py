@@ -6,6 +6,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from medpeft_ray.errors import DataError
+
 
 def read_csv(csv: Path, required: tuple[str, ...] = ()) -> Any:  # -> pandas.DataFrame
     """The CSV as strings (blank cells stay ""), checked for the ``required`` columns.
@@ -14,8 +16,6 @@ def read_csv(csv: Path, required: tuple[str, ...] = ()) -> Any:  # -> pandas.Dat
         DataError: the file is missing, unreadable, or lacks a required column.
     """
     import pandas as pd
-
-    from medpeft_ray.errors import DataError
 
     if not csv.is_file():
         raise DataError(f"{csv}: file not found")

@@ -1,6 +1,8 @@
 """PEFT methods: ``prepare_model`` applies a registered method to a backbone.
 
 Adding a method means writing one module that calls ``register_method`` and importing it below.
+The registry is read without torch (the config validates method options, the CLI lists methods):
+torch, timm and peft are imported inside the functions that build or change a model.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from medpeft_ray.methods import additive, peft_family, prompts, reparam, selective  # noqa: F401  (registers the methods)
 from medpeft_ray.methods.registry import MethodOptions, MethodSpec, get_method, list_methods, register_method
+from medpeft_ray.models.backbones import build_backbone, check_backbone_name, head_parameters
+from medpeft_ray.models.families import require_family
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,8 +45,6 @@ def prepare_model(model: "nn.Module", method: str, options: dict[str, Any], fami
     its pre-trained running statistics in training too, and never updates them. Dropout and
     drop-path stay active in training under every method.
     """
-    from medpeft_ray.models.backbones import head_parameters
-
     spec = get_method(method)
     parsed = validate_options(method, options, family)
     model.requires_grad_(False)
@@ -98,9 +100,6 @@ def method_summaries(backbone: str, num_classes: int = 14, image_size: int = 224
         ConfigError: timm does not know ``backbone``, or no backbone family covers it.
     """
     import torch
-
-    from medpeft_ray.models.backbones import build_backbone, check_backbone_name
-    from medpeft_ray.models.families import require_family
 
     check_backbone_name(backbone)
     family = require_family(backbone).name

@@ -1,4 +1,9 @@
-"""Backbones (timm), their families and checkpoint loading."""
+"""Backbones (timm), their families and checkpoint loading.
+
+The families' registry is read without torch (the config checks backbone names, the CLI lists
+them): torch, timm, safetensors and diffusers are imported inside the functions that build a model
+or read a checkpoint.
+"""
 
 # Each family's module registers it; ViT first, as messages list the families in that order.
 from medpeft_ray.models import vit  # noqa: F401  isort: skip

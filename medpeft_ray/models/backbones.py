@@ -7,9 +7,12 @@ in ``model.checkpoint`` or the model starts from random initialisation.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from medpeft_ray.errors import ConfigError
+from medpeft_ray.models.checkpoints import match_checkpoint
 from medpeft_ray.models.families import family_of, get_family, require_family, unsupported_backbone
 
 if TYPE_CHECKING:
@@ -29,10 +32,6 @@ def check_backbone_name(name: str) -> None:
     A name may carry timm's pretrained tag (``vit_huge_patch14_224.orig_in21k``); it must be one timm
     lists. The tag only names the weights: they still come from ``model.checkpoint``, never a hub.
     """
-    import difflib
-
-    from medpeft_ray.errors import ConfigError
-
     family = family_of(name)
     if family is not None and not family.timm:
         return  # the family's own names (its regex matched the whole name)
@@ -94,8 +93,6 @@ def load_checkpoint(model: "nn.Module", path: Path) -> tuple[list[str], list[str
         tensors the model does not have.
     """
     import torch
-
-    from medpeft_ray.models.checkpoints import match_checkpoint
 
     match = match_checkpoint(model, path)
     result = model.load_state_dict(match.state, strict=False)

@@ -16,10 +16,14 @@ whose tensors are read without loading the TorchScript program. Files are read w
 
 from __future__ import annotations
 
+import argparse
+import collections
 import hashlib
 import io
 import os
+import pickle
 import re
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -99,8 +103,6 @@ def read_checkpoint(path: str | Path) -> Any:
     Raises:
         CheckpointError: the file is missing, empty, not a checkpoint, or needs unsafe unpickling.
     """
-    import argparse
-
     import torch
 
     path = Path(path)
@@ -177,9 +179,6 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, "torch.Tensor"]:
     Raises:
         CheckpointError: the archive pickles anything else, or is damaged.
     """
-    import collections
-    import pickle
-
     import torch
 
     path = Path(path)
@@ -289,8 +288,6 @@ def _strip(state: dict[str, "torch.Tensor"], prefix: str) -> dict[str, "torch.Te
 
 def _pretrained_filter(name: str | None) -> Callable[[dict, "nn.Module"], dict] | None:
     """timm's own converter of foreign checkpoint layouts for model ``name`` (``checkpoint_filter_fn``), if any."""
-    import sys
-
     import timm
     from timm.models import model_entrypoint
 

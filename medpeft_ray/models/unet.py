@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from medpeft_ray.data.cache import cache_root
 from medpeft_ray.errors import CheckpointError
 from medpeft_ray.models.families import BackboneFamily, register_family
 
@@ -155,8 +157,6 @@ def built_pipeline_folder(backbone: str, image_size: int) -> Path:
 
     Written to a temporary folder and renamed into place, so concurrent workers never read half a pipeline.
     """
-    from medpeft_ray.data.cache import cache_root
-
     folder = cache_root() / "pipelines" / f"{backbone}-{image_size}px-v{_BUILT_FORMAT}"
     if (folder / "model_index.json").is_file():
         return folder
@@ -166,8 +166,6 @@ def built_pipeline_folder(backbone: str, image_size: int) -> Path:
     try:
         os.rename(tmp, folder)
     except OSError:  # another worker's copy won the race: identical weights, keep theirs
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 

@@ -9,10 +9,16 @@ schedule (one shard per rank under ZeRO), from which a restarted trial resumes e
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medpeft_ray.methods.export import is_peft_model, save_peft_adapter
+
+# torch, safetensors and DeepSpeed are imported where a checkpoint is written or read: what reads
+# only the file names below (the results' readers) stays free of torch; DeepSpeed is first imported
+# by ``engine.load_deepspeed``, which chooses its accelerator
 if TYPE_CHECKING:
     from torch import nn
 
@@ -33,8 +39,6 @@ def trainable_state(model: "nn.Module") -> dict[str, Any]:
 
     Under ZeRO-3 the parameters are gathered first; that is a collective: every rank must call it.
     """
-    import contextlib
-
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     gather: Any = contextlib.nullcontext()
     partitioned = _partitioned([p for _, p in named])
@@ -84,8 +88,6 @@ def save_checkpoint(directory: Path, model: "nn.Module", state: dict[str, Any], 
     """Writes the trainable weights (``weights``, else the model's) and ``state`` (epoch, metrics, trial config)."""
     from safetensors.torch import save_file
 
-    from medpeft_ray.methods.export import is_peft_model, save_peft_adapter
-
     directory.mkdir(parents=True, exist_ok=True)
     save_file(weights if weights is not None else trainable_state(model), str(directory / WEIGHTS_FILE))
     if is_peft_model(model):
@@ -115,8 +117,6 @@ def load_checkpoint_into(directory: Path, model: "nn.Module") -> dict[str, Any]:
 
 def load_trainable_state(model: "nn.Module", weights: dict[str, Any]) -> None:
     """Copies ``weights`` (from :func:`trainable_state`) into the model's parameters of those names."""
-    import contextlib
-
     import torch
 
     params = dict(model.named_parameters())

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import math
+import multiprocessing
 import os
 import queue
 import random
@@ -23,9 +24,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 
 from medpeft_ray.config import TrainConfig
+from medpeft_ray.errors import MedpeftError
 from medpeft_ray.metrics import Predictions
 from medpeft_ray.models.families import family_of_model, get_family
 
@@ -238,8 +244,6 @@ class RandAugment:
     """
 
     def __init__(self, seed: int, device: torch.device) -> None:
-        from timm.data.random_erasing import RandomErasing
-
         self.erase = RandomErasing(probability=0.25, mode="pixel", device=str(device))
         self.rng = random.Random(seed)
 
@@ -254,8 +258,6 @@ class RandAugment:
 
 @functools.lru_cache(maxsize=None)
 def _randaugment_transform(mode: str) -> Any:
-    from timm.data.auto_augment import rand_augment_transform
-
     # Fill with mid-grey. Magnitudes are drawn around 9 and capped just below 10, where timm's
     # increasing posterize asks for 0 bits, which Pillow refuses.
     fill = 128 if mode == "L" else (128, 128, 128)
@@ -264,8 +266,6 @@ def _randaugment_transform(mode: str) -> Any:
 
 def randaugment_images(batch: np.ndarray, seed: int) -> np.ndarray:
     """(B, H, W) grey or (B, H, W, 3) RGB uint8 images, each through RandAugment, drawn from ``seed``."""
-    from PIL import Image
-
     mode = "RGB" if batch.ndim == 4 else "L"
     transform = _randaugment_transform(mode)
     with _own_streams(torch.device("cpu"), seed):
@@ -316,8 +316,6 @@ class AugmentPool:
     _current: "AugmentPool | None" = None
 
     def __init__(self, images: np.ndarray, processes: int) -> None:
-        import multiprocessing
-
         self.images, self.processes = images, processes
         self.pool = multiprocessing.get_context("fork").Pool(processes, initializer=_pool_start, initargs=(images,))
 
@@ -348,8 +346,6 @@ def augment_processes_override() -> int | None:
     Raises:
         MedpeftError: it is not a whole number of 0 or more (the search's pre-flight asks first).
     """
-    from medpeft_ray.errors import MedpeftError
-
     raw = os.environ.get(AUGMENT_PROCESSES_ENV, "").strip()
     if not raw:
         return None
@@ -551,8 +547,6 @@ def ensure_process_group(backend: str) -> None:
     The group rendezvous through an in-process store rather than a TCP port: a free port picked
     here can be taken by another process (a Ray worker, a second run) before the group binds it.
     """
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return
     # DeepSpeed reads these to decide that a launcher already set the process up.
@@ -584,8 +578,6 @@ def mean_over_ranks(loss_sum: torch.Tensor, steps: int, world_size: int) -> floa
     """The epoch's mean training loss over every rank's steps (so all ranks agree on NaN)."""
     total = torch.stack([loss_sum.detach().float(), torch.tensor(float(steps), device=loss_sum.device)])
     if world_size > 1:
-        import torch.distributed as dist
-
         dist.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
@@ -627,8 +619,6 @@ def evaluate(
         scores.append(probs.cpu().numpy())
     local = (index.numpy(), np.concatenate(scores) if scores else np.zeros((0, batches.labels.shape[1])), loss_sum)
     if ctx.world_size > 1:
-        import torch.distributed as dist
-
         gathered: list[Any] = [None] * ctx.world_size
         dist.all_gather_object(gathered, local)
     else:

@@ -24,29 +24,28 @@ against the validation images; other epochs report ``val_fid`` as NaN (never a b
 from __future__ import annotations
 
 import copy
-import json
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medpeft_ray.config import TrialConfig
 from medpeft_ray.errors import TrialFailed
-from medpeft_ray.metrics import better, finite_or_none
-from medpeft_ray.train.engine import (
-    ReportFn,
-    WorkerContext,
-    set_determinism,
-    startup_breakdown,
-)
+from medpeft_ray.methods import count_parameters, prepare_model
+from medpeft_ray.models.unet import pipeline_folder
+from medpeft_ray.train.checkpoint import save_trial_checkpoint
+from medpeft_ray.train.engine import WorkerContext, mean_over_ranks, set_determinism
+from medpeft_ray.train.fid import FidScorer
 from medpeft_ray.train.precision import compute_dtype
-from medpeft_ray.train.recipe import CheckpointOf, Resumed, TrialRecipe, dataset_identity
+from medpeft_ray.train.recipe import TrialRecipe, TrialStopped, dataset_identity
+from medpeft_ray.train.run import CheckpointOf, EpochScores, Resumed, TestScores
+
+if TYPE_CHECKING:
+    from medpeft_ray.config import TrialConfig
 
 #: seed of the validation split's fixed noise and timesteps (one for every trial: comparable losses)
 VALIDATION_NOISE_SEED = 20240601
@@ -112,6 +111,12 @@ class _GenerationState:
     start_epoch: int = 0
     marks: dict[str, float] = field(default_factory=dict)
     samples: np.ndarray | None = None
+    #: the FID scorer of the validation split (its real images' features)
+    scorer: Any = None
+
+    @property
+    def train_images(self) -> int:
+        return len(self.train)
 
 
 class GenerationRecipe(TrialRecipe):
@@ -130,10 +135,9 @@ class GenerationRecipe(TrialRecipe):
 
     def frozen(self, trial: TrialConfig) -> Frozen:
         """The VAE, text encoder, tokenizer and noise schedule of the trial's pipeline, read once per worker."""
+        # diffusers loads where a generation trial runs: every worker imports this module (recipes.py)
         from diffusers import AutoencoderKL, DDPMScheduler
         from transformers import CLIPTextModel, CLIPTokenizer
-
-        from medpeft_ray.models.unet import pipeline_folder
 
         dtype = self.trial_dtype(trial)
         checkpoint = Path(trial.model.checkpoint) if trial.model.checkpoint else None
@@ -203,8 +207,6 @@ class GenerationRecipe(TrialRecipe):
 
     def fid_scorer(self, trial: TrialConfig, name: str, reference: np.ndarray) -> Any:
         """The FID scorer with ``reference`` (a split's images) as its real set, kept per worker."""
-        from medpeft_ray.train.fid import FidScorer
-
         weights = trial.fid.weights if trial.fid is not None else None
         key = (str(weights), name, dataset_identity(trial))
         if key not in self._fid:
@@ -226,15 +228,11 @@ class GenerationRecipe(TrialRecipe):
     # -- per trial ---------------------------------------------------------------------------
     def build_model(self, trial: TrialConfig, num_classes: int) -> torch.nn.Module:
         """A copy of the pristine U-Net with the method applied (its new parameters draw from the trial's seed)."""
-        from medpeft_ray.methods import prepare_model
-
         model = copy.deepcopy(self.pristine_backbone(trial, 0))
         return prepare_model(model, trial.method.name, trial.method.options, trial.family)
 
     def build(self, trial: TrialConfig, dataset_key: dict[str, Any] | None, resume_from: Path | None) -> _GenerationState:
-        from diffusers import DDPMScheduler
-
-        from medpeft_ray.methods import count_parameters
+        from diffusers import DDPMScheduler  # see frozen()
 
         marks: dict[str, float] = {}
         set_determinism(trial.train.seed, trial.train.deterministic)
@@ -277,9 +275,6 @@ class GenerationRecipe(TrialRecipe):
 
     def train_epoch(self, trial: TrialConfig, state: Any, epoch: int, first_step: list[float]) -> float:
         """One epoch of noise-prediction steps on this rank's stride (see :meth:`TrialRecipe.train_epoch`)."""
-        from medpeft_ray.train.engine import mean_over_ranks
-        from medpeft_ray.train.recipe import TrialStopped
-
         ctx, engine = self.ctx, state.engine
         engine.train()
         order_gen = torch.Generator().manual_seed(trial.train.seed * 1000 + epoch)
@@ -310,8 +305,6 @@ class GenerationRecipe(TrialRecipe):
     @torch.no_grad()
     def fixed_loss(self, trial: TrialConfig, state: _GenerationState, encoded: Encoded, name: str) -> float:
         """The split's noise-prediction loss at its fixed noise and timesteps, over every rank."""
-        from medpeft_ray.train.engine import mean_over_ranks
-
         state.engine.eval()
         noise, timesteps = self.fixed_noise(encoded, name, state.noise_scheduler.config.num_train_timesteps)
         index = torch.arange(len(encoded))[self.ctx.rank :: self.ctx.world_size]
@@ -331,8 +324,6 @@ class GenerationRecipe(TrialRecipe):
 
     def save(self, trial: TrialConfig, state: Any, directory: Path, metrics: dict[str, Any],
              per_class: list[float]) -> Path:
-        from medpeft_ray.train.checkpoint import save_trial_checkpoint
-
         record = {"epoch": metrics["epoch"], "metrics": metrics, "trial": trial.model_dump(mode="json")}
         save_trial_checkpoint(directory, state.engine, record, self.ctx.rank)
         if self.ctx.rank == 0 and state.samples is not None:
@@ -347,95 +338,47 @@ class GenerationRecipe(TrialRecipe):
         value = float(self.fid_scorer(trial, name, encoded.images).score(samples))
         return value, samples, prompts
 
-    # -- a whole trial -----------------------------------------------------------------------
-    def run(self, trial: TrialConfig, report: ReportFn, *, evaluate_test: bool = False, resume_from: Path | None = None,
-            dataset_key: dict[str, Any] | None = None, started: dict[str, float] | None = None,
-            history: list[dict[str, Any]] | None = None, checkpoint_of: CheckpointOf | None = None) -> dict[str, Any]:
-        """Trains one generation trial; ``report(metrics, checkpoint_dir)`` every epoch; returns the last metrics.
-
-        ``history`` and ``checkpoint_of`` resume a trial as :meth:`TrialRecipe.run` does.
-
-        The best epoch is the one with the best ``trial.metric`` (``val_fid``: among the epochs it
-        was computed at). With ``evaluate_test`` that epoch's weights are scored on the test split
-        (``test_loss`` at fixed noise, ``test_fid`` for the test prompts against the test images).
-
-        Raises:
-            TrialFailed: the loss became NaN or infinite.
-            TrialStopped: the trial was stopped from outside.
-        """
-        from medpeft_ray.train.checkpoint import load_trainable_state, trainable_state
-
+    # -- the run's hooks (the skeleton is :meth:`Recipe.run`) ------------------------------------
+    def check(self, trial: TrialConfig) -> None:
         if trial.fid is None:
             raise TrialFailed("a generation trial needs its sampling settings (trial.fid)")
-        started_at = time.time()
-        started = {**(started or {}), "recipe": started_at}
-        state: _GenerationState | None = None
-        if self.use_gpu:
-            torch.cuda.reset_peak_memory_stats(self.ctx.device)
-        try:
-            state = self.build(trial, dataset_key, resume_from)
-            scorer = self.fid_scorer(trial, "val", state.val.images)
-            first_step: list[float] = []
-            past = Resumed(history, state.start_epoch)
-            train_time = past.train_time_s
-            metrics: dict[str, Any] = past.last_metrics
-            best = past.best(trial, checkpoint_of, ("val_loss", "val_fid")) if evaluate_test else None
-            for epoch in range(state.start_epoch, trial.train.epochs):
-                epoch_start = time.time()
-                train_loss = self.train_epoch(trial, state, epoch, first_step)
-                if not math.isfinite(train_loss):
-                    raise TrialFailed(f"training loss is {train_loss} in epoch {epoch + 1} (lr {trial.train.lr:g}); trial stopped")
-                steps_time = time.time() - epoch_start
-                val_loss = self.fixed_loss(trial, state, state.val, "val")
-                fid, state.samples, prompts = math.nan, None, []
-                sample_time = 0.0
-                if epoch + 1 in trial.fid.epochs:
-                    sample_start = time.time()
-                    fid, state.samples, prompts = self.score(trial, state, state.val, "val")
-                    sample_time = time.time() - sample_start
-                # as a classification epoch's: training and evaluation (validation loss, and FID where scored)
-                epoch_time = time.time() - epoch_start
-                train_time += epoch_time
-                details = {"fid_features": scorer.features, "fid_stand_in": scorer.stand_in,
-                           "fid_images": trial.fid.images, "fid_steps": trial.fid.steps, "prompts": prompts}
-                metrics = {
-                    "epoch": epoch + 1, "val_loss": val_loss, "val_fid": fid, "train_loss": train_loss,
-                    "trainable_params": state.trainable_params, "total_params": state.total_params,
-                    "train_images": len(state.train), "skipped_images": len(state.data.skipped),
-                    "epoch_time_s": epoch_time, "train_time_s": train_time, "sample_time_s": sample_time,
-                    "train_images_per_s": state.shard_size * self.ctx.world_size / max(steps_time, 1e-9),
-                    "worker_started_at": started_at, "details": json.dumps(finite_or_none(details)),
-                    "first_step_at": first_step[0] if first_step else None, "resumed_from_epoch": state.start_epoch,
-                    **self.memory(),
-                }
-                if "dispatch" in started:
-                    metrics["dispatched_at"] = started["dispatch"]
-                if epoch == state.start_epoch:
-                    metrics["startup"] = startup_breakdown(started, state.marks, metrics["first_step_at"])
-                with tempfile.TemporaryDirectory(prefix="medpeft-ckpt-") as tmp:
-                    report(metrics, self.save(trial, state, Path(tmp), metrics, []))
-                value = metrics[trial.metric]
-                if evaluate_test and better(value, None if best is None else best["value"], trial.mode):
-                    best = {"value": value, "epoch": epoch + 1, "weights": trainable_state(state.engine.module),
-                            "scores": {"val_loss": val_loss, "val_fid": fid}, "details": metrics["details"]}
-            if evaluate_test and best is not None and len(state.data.test):
-                load_trainable_state(state.engine.module, best["weights"])
-                test = self.encode(trial, "test", state.data.test, state.frozen)
-                test_fid, _, test_prompts = self.score(trial, state, test, "test")
-                details = {**json.loads(best["details"]), "test": {"prompts": test_prompts}}
-                metrics = {**metrics, "test_loss": self.fixed_loss(trial, state, test, "test"), "test_fid": test_fid,
-                           "test_epoch": best["epoch"], **{f"best_{k}": v for k, v in best["scores"].items()},
-                           "best_details": json.dumps(finite_or_none(details))}
-            return metrics
-        finally:
-            self.trials_run += 1
-            self.release(state)
-            state = None
+
+    def before_epochs(self, trial: TrialConfig, state: _GenerationState) -> None:
+        state.scorer = self.fid_scorer(trial, "val", state.val.images)
+
+    def score_epoch(self, trial: TrialConfig, state: _GenerationState, epoch: int, steps_time: float) -> EpochScores:
+        """``val_loss`` at fixed noise, and at the epochs of ``trial.fid.epochs`` ``val_fid`` (NaN at the others)."""
+        assert trial.fid is not None
+        val_loss = self.fixed_loss(trial, state, state.val, "val")
+        fid, state.samples, prompts = math.nan, None, []
+        sample_time = 0.0
+        if epoch + 1 in trial.fid.epochs:
+            sample_start = time.time()
+            fid, state.samples, prompts = self.score(trial, state, state.val, "val")
+            sample_time = time.time() - sample_start
+        details = {"fid_features": state.scorer.features, "fid_stand_in": state.scorer.stand_in,
+                   "fid_images": trial.fid.images, "fid_steps": trial.fid.steps, "prompts": prompts}
+        return EpochScores(
+            scores={"val_loss": val_loss, "val_fid": fid}, details=details,
+            extra={"sample_time_s": sample_time,
+                   "train_images_per_s": state.shard_size * self.ctx.world_size / max(steps_time, 1e-9)},
+        )
+
+    def recorded_best(self, trial: TrialConfig, state: _GenerationState, past: Resumed,
+                      checkpoint_of: CheckpointOf | None) -> dict[str, Any] | None:
+        return past.best(trial, checkpoint_of, ("val_loss", "val_fid"))
+
+    def test_scores(self, trial: TrialConfig, state: _GenerationState, best: dict[str, Any]) -> TestScores:
+        """``test_loss`` at fixed noise, and ``test_fid`` of the test prompts' samples against the test images."""
+        test = self.encode(trial, "test", state.data.test, state.frozen)
+        test_fid, _, test_prompts = self.score(trial, state, test, "test")
+        return TestScores(scores={"test_loss": self.fixed_loss(trial, state, test, "test"), "test_fid": test_fid},
+                          details={"prompts": test_prompts})
 
 
 def sampling_pipeline(frozen: Frozen, unet: torch.nn.Module) -> Any:
     """diffusers' Stable Diffusion pipeline around ``unet`` and the frozen parts, sampling with DDIM."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # see GenerationRecipe.frozen()
 
     pipeline = StableDiffusionPipeline(
         vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer, unet=unet,

@@ -23,32 +23,37 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from medpeft_ray.config import TrialConfig
+from medpeft_ray.data import load_splits, train_subset_index
 from medpeft_ray.errors import TrialFailed
-from medpeft_ray.metrics import METRICS, Predictions, better, finite_or_none, metric_values, prediction_details
+from medpeft_ray.methods import count_parameters, prepare_model
+from medpeft_ray.metrics import METRICS, Predictions, metric_values, prediction_details
+from medpeft_ray.models import build_backbone
+from medpeft_ray.models.normalisation import input_statistics
+from medpeft_ray.train.checkpoint import load_deepspeed_state, save_trial_checkpoint
 from medpeft_ray.train.engine import (
     Batches,
-    ReportFn,
-    augment_processes,
     WorkerContext,
+    augment_processes,
     build_optimizer,
     deepspeed_config,
     evaluate,
     load_deepspeed,
     mean_over_ranks,
     set_determinism,
-    startup_breakdown,
     warmup_cosine,
 )
-
-from medpeft_ray.models.normalisation import input_statistics
 from medpeft_ray.train.precision import compute_dtype, fit_buffers
+from medpeft_ray.train.run import CheckpointOf, EpochScores, Recipe, Resumed, TestScores
+
+if TYPE_CHECKING:
+    from medpeft_ray.config import TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +88,12 @@ class _TrialState:
     start_epoch: int = 0
     marks: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def train_images(self) -> int:
+        return len(self.train_rows)
 
-class TrialRecipe:
+
+class TrialRecipe(Recipe):
     """One worker's trainer of trials; keeps imports, data and pristine backbones between trials.
 
     Args:
@@ -97,7 +106,7 @@ class TrialRecipe:
     def __init__(self, ctx: WorkerContext, control_group: Any = None) -> None:
         self.ctx = ctx
         self.use_gpu = ctx.device.type == "cuda"
-        load_deepspeed(self.use_gpu)  # once per worker, not per trial
+        self._deepspeed = load_deepspeed(self.use_gpu)  # once per worker, not per trial
         self.control_group = control_group
         self._splits: dict[str, Any] = {}
         self._pristine: OrderedDict[tuple[Any, ...], torch.nn.Module] = OrderedDict()
@@ -106,8 +115,6 @@ class TrialRecipe:
     # -- set-up that trials share ------------------------------------------------------------
     def dataset(self, trial: TrialConfig, key: dict[str, Any] | None) -> Any:
         """The trial's dataset splits, decoded once per worker (from the decode-once cache)."""
-        from medpeft_ray.data import load_splits
-
         ds = trial.dataset
         cache_key = dataset_identity(trial)
         if cache_key not in self._splits:
@@ -129,8 +136,6 @@ class TrialRecipe:
         It never trains: each trial copies its weights (:meth:`build_model`). Without a checkpoint
         its random weights come from :data:`BACKBONE_INIT_SEED`.
         """
-        from medpeft_ray.models import build_backbone
-
         model_cfg = trial.model
         checkpoint = Path(model_cfg.checkpoint) if model_cfg.checkpoint else None
         stamp = (checkpoint.stat().st_size, checkpoint.stat().st_mtime_ns) if checkpoint and checkpoint.is_file() else None
@@ -167,9 +172,6 @@ class TrialRecipe:
         Call after :func:`set_determinism`: the head and the method's parameters draw from the
         trial's seed.
         """
-        from medpeft_ray.methods import prepare_model
-        from medpeft_ray.models import build_backbone
-
         pristine = self.pristine_backbone(trial, num_classes)
         with torch.device("meta"):
             model = build_backbone(trial.model.backbone, num_classes, trial.dataset.image_size, drop_path=trial.train.drop_path)
@@ -186,8 +188,6 @@ class TrialRecipe:
 
     def build(self, trial: TrialConfig, dataset_key: dict[str, Any] | None, resume_from: Path | None) -> _TrialState:
         """Data, model, optimizer, schedule and DeepSpeed engine of one trial (resumed if asked)."""
-        from medpeft_ray.methods import count_parameters
-
         marks: dict[str, float] = {}
         set_determinism(trial.train.seed, trial.train.deterministic)
         data = self.dataset(trial, dataset_key)
@@ -214,8 +214,6 @@ class TrialRecipe:
     def train_rows(self, trial: TrialConfig, data: Any) -> np.ndarray:
         """The trial's training images, as rows of the train split: the label ratio's subset, enough
         for every worker (an index, not a copy of the images)."""
-        from medpeft_ray.data import train_subset_index
-
         if data.skipped and self.ctx.rank == 0 and self.trials_run == 0:
             log.warning("%d unreadable image(s) skipped, e.g. %s", len(data.skipped), data.skipped[0])
         rows = train_subset_index(data, trial.label_ratio, trial.dataset.seed)
@@ -226,8 +224,6 @@ class TrialRecipe:
     def engine(self, trial: TrialConfig, model: torch.nn.Module, train_images: int) -> tuple[Any, int, int]:
         """The trial's DeepSpeed engine (optimizer, warm-up and cosine schedule) around ``model``;
         returns it with the per-worker micro-batch and the images of each worker's shard."""
-        import deepspeed
-
         ds_config = deepspeed_config(trial.train, self.ctx.world_size, self.use_gpu)
         micro_batch = ds_config["train_micro_batch_size_per_gpu"]
         shard_size = train_images // self.ctx.world_size
@@ -237,15 +233,13 @@ class TrialRecipe:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # DeepSpeed's notes on CPU-only features
-            engine, _, _, _ = deepspeed.initialize(
+            engine, _, _, _ = self._deepspeed.initialize(
                 model=model.to(self.ctx.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
             )
         return engine, micro_batch, shard_size
 
     def load(self, state: _TrialState, directory: Path) -> int:
         """Restores weights, optimizer moments and lr schedule (each rank its shard); returns the epoch."""
-        from medpeft_ray.train.checkpoint import load_deepspeed_state
-
         return int(load_deepspeed_state(directory, state.engine)["epoch"])
 
     def train_epoch(self, trial: TrialConfig, state: _TrialState, epoch: int, first_step: list[float]) -> float:
@@ -294,198 +288,51 @@ class TrialRecipe:
     def save(self, trial: TrialConfig, state: _TrialState, directory: Path, metrics: dict[str, Any],
              per_class: list[float]) -> Path:
         """This rank's part of the epoch's checkpoint in ``directory`` (every rank calls it)."""
-        from medpeft_ray.train.checkpoint import save_trial_checkpoint
-
         record = {"epoch": metrics["epoch"], "metrics": metrics,
                   "val_auroc_per_class": dict(zip(state.data.class_names, per_class)), "trial": trial.model_dump(mode="json")}
         return save_trial_checkpoint(directory, state.engine, record, self.ctx.rank)
-
-    def memory(self) -> dict[str, float]:
-        """This worker's resident memory and (on GPUs) the trial's peak GPU memory, in MiB."""
-        import psutil  # a Ray dependency
-
-        usage = {"worker_rss_mb": psutil.Process().memory_info().rss / 2**20}
-        if self.use_gpu:
-            usage["gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**20
-            usage["gpu_reserved_mb"] = torch.cuda.memory_reserved(self.ctx.device) / 2**20
-        return usage
 
     def stop_requested(self) -> bool:
         """Whether the trial should stop now; all ranks agree (a stop seen by one rank stops all)."""
         stop = self.ctx.should_stop() if self.ctx.should_stop is not None else False
         if self.control_group is None or self.ctx.world_size == 1:
             return stop
-        import torch.distributed as dist
-
         flag = torch.tensor([int(stop)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(flag.item())
 
-    def release(self, state: _TrialState | None) -> None:
-        """Frees what a trial allocated (its model, optimizer and engine); the shared set-up stays."""
-        if state is not None:
-            destroy = getattr(state.engine, "destroy", None)
-            if callable(destroy):
-                try:
-                    destroy()  # removes ZeRO-3's hooks and buffers
-                except Exception as exc:  # noqa: BLE001  (best effort: the memory goes below anyway)
-                    log.debug("engine.destroy failed: %s", exc)
-            state.engine = None
-        gc.collect()
-        if self.use_gpu:
-            torch.cuda.empty_cache()
+    # -- the run's hooks (the skeleton is :meth:`Recipe.run`) ------------------------------------
+    def score_epoch(self, trial: TrialConfig, state: _TrialState, epoch: int, steps_time: float) -> EpochScores:
+        """The validation split's metrics (from the metric registry), per class and per subgroup."""
+        predictions = self.evaluate(trial, state, state.val_batches, state.data.val)
+        return EpochScores(
+            scores=metric_values(predictions), details=prediction_details(predictions, state.data.class_names),
+            per_class=predictions.per_class_auroc,
+            thresholds=predictions.decision_thresholds if predictions.multilabel else None,
+        )
 
-    # -- a whole trial -----------------------------------------------------------------------
-    def run(
-        self,
-        trial: TrialConfig,
-        report: ReportFn,
-        *,
-        evaluate_test: bool = False,
-        resume_from: Path | None = None,
-        dataset_key: dict[str, Any] | None = None,
-        started: dict[str, float] | None = None,
-        history: list[dict[str, Any]] | None = None,
-        checkpoint_of: CheckpointOf | None = None,
-    ) -> dict[str, Any]:
-        """Trains one trial; ``report(metrics, checkpoint_dir)`` is called every epoch; returns the last metrics.
+    def recorded_best(self, trial: TrialConfig, state: _TrialState, past: Resumed,
+                      checkpoint_of: CheckpointOf | None) -> dict[str, Any] | None:
+        """The best recorded epoch, with the thresholds chosen on its validation predictions (multi-label)."""
+        best = past.best(trial, checkpoint_of, _SCORE_NAMES)
+        if best is not None:
+            thresholds = json.loads(best["details"]).get("thresholds") if state.data.task == "multilabel" else None
+            best["thresholds"] = (np.array([thresholds[name] for name in state.data.class_names], dtype=np.float64)
+                                  if thresholds else None)
+        return best
 
-        The best epoch is the one with the best ``trial.metric`` (in ``trial.mode``). With
-        ``evaluate_test``, that epoch is evaluated on the test split at the end (``test_auroc``,
-        ``test_loss``, ``test_epoch``, and that epoch's ``best_val_auroc`` and ``best_val_loss``);
-        the test split never takes part in choosing it.
-
-        A resumed trial (``resume_from``) gives the metrics its earlier epochs reported
-        (``history``) and ``checkpoint_of(epoch)``, a kept checkpoint's folder: its training time
-        goes on from theirs, its best epoch may be one of them, and with nothing left to train it
-        returns its last recorded epoch's metrics.
-
-        Raises:
-            TrialFailed: the loss became NaN or infinite (every rank raises it together).
-            TrialStopped: the trial was stopped from outside.
-        """
-        import tempfile
-
-        from medpeft_ray.train.checkpoint import load_trainable_state, trainable_state
-
-        started_at = time.time()
-        started = {**(started or {}), "recipe": started_at}
-        state: _TrialState | None = None
-        if self.use_gpu:
-            torch.cuda.reset_peak_memory_stats(self.ctx.device)
-        try:
-            state = self.build(trial, dataset_key, resume_from)
-            first_step: list[float] = []
-            past = Resumed(history, state.start_epoch)
-            train_time = past.train_time_s
-            metrics: dict[str, Any] = past.last_metrics
-            # the best epoch: its metric value, number, weights and losses
-            best = past.best(trial, checkpoint_of, _SCORE_NAMES) if evaluate_test else None
-            if best is not None:  # a recorded epoch's: the thresholds chosen on its validation predictions
-                thresholds = json.loads(best["details"]).get("thresholds") if state.data.task == "multilabel" else None
-                best["thresholds"] = (np.array([thresholds[name] for name in state.data.class_names], dtype=np.float64)
-                                      if thresholds else None)
-            for epoch in range(state.start_epoch, trial.train.epochs):
-                epoch_start = time.time()
-                train_loss = self.train_epoch(trial, state, epoch, first_step)
-                if not math.isfinite(train_loss):
-                    raise TrialFailed(f"training loss is {train_loss} in epoch {epoch + 1} (lr {trial.train.lr:g}); trial stopped")
-                predictions = self.evaluate(trial, state, state.val_batches, state.data.val)
-                scores = metric_values(predictions)
-                epoch_time = time.time() - epoch_start
-                train_time += epoch_time
-                metrics = {
-                    "epoch": epoch + 1, **scores, "train_loss": train_loss,
-                    "trainable_params": state.trainable_params, "total_params": state.total_params,
-                    "train_images": len(state.train_rows), "skipped_images": len(state.data.skipped),
-                    "epoch_time_s": epoch_time, "train_time_s": train_time, "worker_started_at": started_at,
-                    # per class and per subgroup, as JSON text: one result value, not hundreds of columns
-                    "details": json.dumps(finite_or_none(prediction_details(predictions, state.data.class_names))),
-                    "first_step_at": first_step[0] if first_step else None, "resumed_from_epoch": state.start_epoch,
-                    **self.memory(),
-                }
-                if "dispatch" in started:  # when a warm executor took the trial (it may have waited for one)
-                    metrics["dispatched_at"] = started["dispatch"]
-                if epoch == state.start_epoch:
-                    metrics["startup"] = startup_breakdown(started, state.marks, metrics["first_step_at"])
-                with tempfile.TemporaryDirectory(prefix="medpeft-ckpt-") as tmp:
-                    report(metrics, self.save(trial, state, Path(tmp), metrics, predictions.per_class_auroc))
-                value = metrics[trial.metric]
-                if evaluate_test and better(value, None if best is None else best["value"], trial.mode):
-                    best = {"value": value, "epoch": epoch + 1, "weights": trainable_state(state.engine.module),
-                            "scores": scores, "details": metrics["details"],
-                            "thresholds": predictions.decision_thresholds if predictions.multilabel else None}
-            if evaluate_test and best is not None and len(state.data.test):
-                load_trainable_state(state.engine.module, best["weights"])
-                test_batches = self.batches(trial, state.data.test)
-                # the validation epoch's thresholds, unchanged: the test split chooses nothing
-                test = self.evaluate(trial, state, test_batches, state.data.test, best["thresholds"])
-                details = {**json.loads(best["details"]), "test": prediction_details(test, state.data.class_names, "test")}
-                metrics = {**metrics, **metric_values(test, "test"), "test_epoch": best["epoch"],
-                           **{f"best_{name}": value for name, value in best["scores"].items()},
-                           "best_details": json.dumps(finite_or_none(details)),
-                           "test_auroc_per_class": dict(zip(state.data.class_names, test.per_class_auroc))}
-            return metrics
-        finally:
-            self.trials_run += 1
-            self.release(state)
-            state = None
+    def test_scores(self, trial: TrialConfig, state: _TrialState, best: dict[str, Any]) -> TestScores:
+        """The test split's metrics at the best epoch's decision thresholds (the test split chooses nothing)."""
+        test_batches = self.batches(trial, state.data.test)
+        test = self.evaluate(trial, state, test_batches, state.data.test, best["thresholds"])
+        return TestScores(
+            scores=metric_values(test, "test"), details=prediction_details(test, state.data.class_names, "test"),
+            extra={"test_auroc_per_class": dict(zip(state.data.class_names, test.per_class_auroc))},
+        )
 
 
-#: ``checkpoint_of(epoch)``: the local folder of a kept checkpoint of the trial being resumed
-CheckpointOf = Callable[[int], Path]
 #: the validation scores a classification epoch reports (what ``best_*`` repeats for the test epoch)
 _SCORE_NAMES = tuple(metric.on_split("val") for metric in METRICS.values() if metric.compute is not None)
-
-
-class Resumed:
-    """What a resumed trial takes over from the epochs it recorded before (none for a fresh trial).
-
-    Args:
-        history: every recorded epoch's metrics, oldest first (the trial record's).
-        start_epoch: the epoch of the checkpoint the trial resumed from; later records are dropped.
-    """
-
-    def __init__(self, history: list[dict[str, Any]] | None, start_epoch: int) -> None:
-        self.epochs = [dict(m) for m in history or [] if int(m["epoch"]) <= start_epoch]
-
-    @property
-    def train_time_s(self) -> float:
-        return float(self.epochs[-1].get("train_time_s") or 0.0) if self.epochs else 0.0
-
-    @property
-    def last_metrics(self) -> dict[str, Any]:
-        return dict(self.epochs[-1]) if self.epochs else {}
-
-    def best(self, trial: TrialConfig, checkpoint_of: CheckpointOf | None,
-             score_names: tuple[str, ...]) -> dict[str, Any] | None:
-        """The best recorded epoch as :meth:`TrialRecipe.run` keeps it (value, epoch, weights, scores,
-        details), its weights read from its checkpoint; None before any finite value.
-
-        Raises:
-            TrialFailed: that epoch's checkpoint is gone (retention keeps the best: it should not be).
-        """
-        from safetensors.torch import load_file
-
-        from medpeft_ray.train.checkpoint import WEIGHTS_FILE
-
-        chosen: dict[str, Any] | None = None
-        for entry in self.epochs:
-            value = entry.get(trial.metric)
-            if value is not None and better(value, None if chosen is None else chosen[trial.metric], trial.mode):
-                chosen = entry
-        if chosen is None:
-            return None
-        epoch = int(chosen["epoch"])
-        if checkpoint_of is None:  # scoring a later epoch on the test split instead would be wrong, silently
-            raise TrialFailed(f"resumed after epoch {self.epochs[-1]['epoch']}, the trial's best epoch {epoch} "
-                              "has no checkpoint to score on the test split; run it again")
-        try:
-            weights = load_file(str(checkpoint_of(epoch) / WEIGHTS_FILE))
-        except (OSError, FileNotFoundError) as exc:
-            raise TrialFailed(f"the checkpoint of best epoch {epoch} cannot be read to resume the trial ({exc})") from None
-        return {"value": chosen[trial.metric], "epoch": epoch, "weights": weights,
-                "scores": {name: chosen.get(name) for name in score_names}, "details": chosen.get("details") or "{}"}
 
 
 def _statistics(trial: TrialConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -13,7 +13,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from medpeft_ray.config import TrialConfig
+from medpeft_ray.metrics import METRICS, better
+from medpeft_ray.train.engine import WorkerContext, ensure_process_group
+from medpeft_ray.train.recipes import run_training
 
 #: ``on_epoch(metrics)``: called after every epoch (progress display)
 EpochFn = Callable[[dict[str, Any]], None]
@@ -24,12 +29,6 @@ def train_single(trial: TrialConfig, out_dir: Path, on_epoch: EpochFn | None = N
 
     ``out_dir/result.json`` gets the metrics of every epoch and the test-split score.
     """
-    import torch
-
-    from medpeft_ray.metrics import METRICS, better
-    from medpeft_ray.train.engine import WorkerContext, ensure_process_group
-    from medpeft_ray.train.recipes import run_training
-
     out_dir.mkdir(parents=True, exist_ok=True)
     use_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
