@@ -12,10 +12,18 @@ its channel's statistics, as an RGB pipeline would feed it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
-if TYPE_CHECKING:  # models sit below config: a config's model section is only read here
-    from medpeft_ray.config.sections import ModelConfig
+
+class ModelSection(Protocol):
+    """What the statistics are chosen from: a config's ``model`` section (``ModelConfig``, which
+    sits on a floor above the models and so is not imported here)."""
+
+    backbone: str
+    checkpoint: Path | None
+    mean: float | list[float] | None
+    std: float | list[float] | None
 
 #: the statistics of a backbone with random weights (no checkpoint)
 RANDOM_WEIGHTS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -39,7 +47,7 @@ def _three(value: float | list[float]) -> tuple[float, float, float]:
     return (values * 3)[:3] if len(values) == 1 else (values[0], values[1], values[2])
 
 
-def input_statistics(model: "ModelConfig") -> InputStatistics:
+def input_statistics(model: ModelSection) -> InputStatistics:
     """The mean and std (three channels each) for ``model``'s inputs, and where they come from."""
     if model.mean is not None and model.std is not None:
         return InputStatistics(_three(model.mean), _three(model.std), "model.mean/std")
