@@ -22,6 +22,7 @@ GROUND_FLOOR = {"medpeft_ray.errors", "medpeft_ray.schema", "medpeft_ray.metrics
 FLOORS = {
     "medpeft_ray": 0, "medpeft_ray.errors": 0, "medpeft_ray.fault_points": 0,
     "medpeft_ray.schema": 1, "medpeft_ray.metrics": 1, "medpeft_ray.label_ratios": 1, "medpeft_ray.storage": 1,
+    "medpeft_ray.samples": 1,
     "medpeft_ray.data": 2,
     "medpeft_ray.models": 3,
     "medpeft_ray.methods": 4,

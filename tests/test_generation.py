@@ -216,7 +216,8 @@ def test_lora_trains_reports_fid_at_its_epochs_and_exports_a_lora_diffusers_load
     from diffusers import StableDiffusionPipeline
 
     from medpeft_ray.train.export import export_adapter
-    from medpeft_ray.train.generation import SAMPLES_FILE, generate
+    from medpeft_ray.samples import SAMPLES_FILE
+    from medpeft_ray.train.generation import generate
 
     trial, epochs, checkpoint = _trained(tmp_path, "lora", {"rank": 4, "dropout": 0.0})
     assert [m["epoch"] for m in epochs] == [1, 2]
@@ -258,7 +259,8 @@ def test_a_mergeable_method_exports_a_merged_unet_that_reproduces_its_samples(tm
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from medpeft_ray.train.export import export_adapter
-    from medpeft_ray.train.generation import SAMPLES_FILE, generate
+    from medpeft_ray.samples import SAMPLES_FILE
+    from medpeft_ray.train.generation import generate
 
     trial, epochs, checkpoint = _trained(tmp_path, method, epochs=1)
     out = tmp_path / "export"

@@ -308,21 +308,12 @@ def test_report_best_and_export_from_a_real_search(ray_session: None, tmp_path: 
 PROMPTS = [f"Finding number {i} of the report text." for i in range(10)]  # 10: the figure shows the first 8
 
 
-def test_the_report_reads_samples_where_the_generation_recipe_writes_them() -> None:
-    """The report repeats the recipe's samples file and seed, so that reading results needs no torch."""
-    from medpeft_ray.leaderboard import report_samples
-    from medpeft_ray.train import generation
-
-    assert report_samples.SAMPLES_FILE == generation.SAMPLES_FILE
-    assert report_samples.SAMPLE_SEED == generation.SAMPLE_SEED
-
-
 def generation_trial(
     trial_id: str, method: str, val_fid: float, checkpoint: Path | str | None, samples: bool = True,
     stand_in: bool = True, prompts: list[str] = PROMPTS, **overrides: Any
 ) -> TrialRecord:
     """A completed generation trial; ``samples``: its checkpoint folder holds a random samples.npy."""
-    from medpeft_ray.train.generation import SAMPLES_FILE
+    from medpeft_ray.samples import SAMPLES_FILE
 
     if samples and checkpoint is not None:
         Path(checkpoint).mkdir(parents=True, exist_ok=True)
@@ -353,7 +344,7 @@ def section(page: str, title: str) -> str:
 
 
 def test_generation_report_shows_each_methods_samples_under_the_prompts(tmp_path: Path) -> None:
-    from medpeft_ray.train.generation import SAMPLE_SEED
+    from medpeft_ray.samples import SAMPLE_SEED
 
     runs = tmp_path / "runs"
     store = generation_store(

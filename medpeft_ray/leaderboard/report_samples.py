@@ -21,6 +21,7 @@ from medpeft_ray.leaderboard import views
 from medpeft_ray.leaderboard.formatting import is_missing
 from medpeft_ray.leaderboard.report_figures import FigureResult, to_png
 from medpeft_ray.metrics import get_metric
+from medpeft_ray.samples import SAMPLE_SEED, SAMPLES_FILE
 from medpeft_ray.storage import is_uri
 
 #: the generated samples' figure (``samples.png``), drawn for generation rows only
@@ -29,12 +30,6 @@ SAMPLES_FIGURE = "samples"
 SAMPLE_COLUMNS = 8
 #: the metric of generation rows, shown beside each method's samples whatever the report ranks by
 FID = "val_fid"
-#: The file of a generation trial's samples in its checkpoint folder, and the seed of its first
-#: prompt's sample (prompt i: seed + i), as the generation recipe writes them
-#: (:mod:`medpeft_ray.train.generation`; a test holds the two equal). They are repeated here because
-#: reading results must not import the training code, which imports torch.
-SAMPLES_FILE = "samples.npy"
-SAMPLE_SEED = 0
 
 
 def generation_rows(frame: pd.DataFrame) -> pd.DataFrame:

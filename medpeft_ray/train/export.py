@@ -26,6 +26,7 @@ from safetensors import safe_open
 from medpeft_ray.config import TrialConfig
 from medpeft_ray.errors import MedpeftError
 from medpeft_ray.metrics import get_metric
+from medpeft_ray.samples import SAMPLE_SEED, SAMPLES_FILE
 from medpeft_ray.storage import download, is_uri
 from medpeft_ray.train.checkpoint import PEFT_DIR, STATE_FILE, WEIGHTS_FILE, load_checkpoint_into
 
@@ -229,7 +230,6 @@ def _export_generation(row: Mapping[str, Any], config: TrialConfig, source: Path
 
     from medpeft_ray.methods import get_method, merge_method
     from medpeft_ray.models.unet import pipeline_folder
-    from medpeft_ray.train.generation import SAMPLE_SEED, SAMPLES_FILE
 
     spec = get_method(config.method.name)
     model = _tuned_unet(config, source)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from medpeft_ray.errors import TrialFailed
 from medpeft_ray.methods import count_parameters, prepare_model
 from medpeft_ray.models.unet import pipeline_folder
+from medpeft_ray.samples import SAMPLE_SEED, SAMPLES_FILE
 from medpeft_ray.train.checkpoint import save_trial_checkpoint
 from medpeft_ray.train.engine import WorkerContext, mean_over_ranks, set_determinism
 from medpeft_ray.train.fid import FidScorer
@@ -49,10 +50,6 @@ if TYPE_CHECKING:
 
 #: seed of the validation split's fixed noise and timesteps (one for every trial: comparable losses)
 VALIDATION_NOISE_SEED = 20240601
-#: seed of the first prompt's sample (prompt i uses SAMPLE_SEED + i) in every trial and every export
-SAMPLE_SEED = 0
-#: the file of a checkpoint holding the epoch's samples (uint8, one image per fixed prompt)
-SAMPLES_FILE = "samples.npy"
 #: encoded splits a worker keeps (train subsets of the label ratios, validation, test)
 MAX_ENCODED = 6
 
