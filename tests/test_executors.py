@@ -13,7 +13,9 @@ import torch
 from conftest import tiny_search
 
 from medpeft_ray.config import validate_search_dict
-from medpeft_ray.search.executors import EXIT, ExecutorSpec, TrialCheckpoints, TrialDispatcher
+from medpeft_ray.search.dispatcher import TrialDispatcher
+from medpeft_ray.search.executor_spec import EXIT, ExecutorSpec
+from medpeft_ray.search.trial_checkpoints import TrialCheckpoints
 from medpeft_ray.train.engine import WorkerContext, ensure_process_group
 from medpeft_ray.train.recipe import TrialRecipe, better
 from medpeft_ray.train.recipes import run_training
@@ -218,7 +220,7 @@ def test_a_restarted_executor_gets_its_trial_back_until_the_trials_failure_budge
 
 
 def test_a_restarted_dispatcher_takes_running_trials_back_from_their_executors_and_queued_ones_from_their_drivers() -> None:
-    from medpeft_ray.search.executors import ADOPT_GRACE_S
+    from medpeft_ray.search.dispatcher import ADOPT_GRACE_S
 
     async def scenario() -> None:
         spec = ExecutorSpec(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}, storage_path="/tmp",
@@ -261,7 +263,7 @@ def test_an_idle_executor_exits_and_all_exit_at_shutdown() -> None:
 
 
 def test_the_trial_record_keeps_every_epoch_and_a_newer_run_fences_an_older_writer_out(tmp_path: Path) -> None:
-    from medpeft_ray.search.executors import FencedOut
+    from medpeft_ray.search.trial_checkpoints import FencedOut
 
     uri = str(tmp_path / "trial")
     first = TrialCheckpoints(uri, keep=1, metric="val_auroc", mode="max", fence=(1, 5, 1))
@@ -321,7 +323,7 @@ def test_a_resumed_studys_trials_queue_in_the_order_tune_created_them() -> None:
     """Restored trials submit again in whatever order their drivers start; the scheduler's decisions
     depend on which reports first, so they queue by their number in their study (Tune's creation
     order, which each driver sends), and a resumed search hands none out until they have settled."""
-    from medpeft_ray.search import executors
+    from medpeft_ray.search import dispatcher
     from medpeft_ray.search.trial import _trial_number
 
     assert _trial_number("/r/tune/tiny-ratio1/run_trial_119ba3c6_2_lr=0.0020_2026-12-07_12-49-27", "119ba3c6") == 2
@@ -335,7 +337,7 @@ def test_a_resumed_studys_trials_queue_in_the_order_tune_created_them() -> None:
         # an executor that asks while the restored trials are still submitting gets nothing yet
         assert await d.next_trial("e0", 0.2) is None
         await d.submit("s/b", {"trial": "s/b", "number": 2, "max_failures": 1})
-        handed = [(await d.next_trial(f"e{i}", executors.RESUME_SETTLE_S + 2))["trial"] for i in range(4)]
+        handed = [(await d.next_trial(f"e{i}", dispatcher.RESUME_SETTLE_S + 2))["trial"] for i in range(4)]
         assert handed == ["s/a", "s/b", "s/c", "other/d"]
 
     asyncio.run(scenario())
@@ -391,7 +393,7 @@ def test_an_epoch_publishes_while_the_next_trains_in_order_and_its_error_reaches
         tmp_path: Path) -> None:
     import threading
 
-    from medpeft_ray.search.executors import EpochPublisher
+    from medpeft_ray.search.executor_worker import EpochPublisher
 
     release = threading.Event()
     seen: list[tuple[int, list[str], Path]] = []

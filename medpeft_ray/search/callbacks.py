@@ -328,7 +328,7 @@ class CheckpointRetention(Callback):
 
     def ended(self, trial_id: str, method: str) -> None:
         from medpeft_ray.metrics import best_first_key
-        from medpeft_ray.search.executors import TrialCheckpoints
+        from medpeft_ray.search.trial_checkpoints import TrialCheckpoints
 
         try:
             checkpoints = TrialCheckpoints(self.trial_folder(trial_id), self.keep_epochs, self.metric, self.mode)

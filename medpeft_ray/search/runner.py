@@ -477,7 +477,7 @@ def _take_executors(run: "SearchRun") -> Any:
     ones where they fit, else new ones (an ExecutorPool)."""
     import ray
 
-    from medpeft_ray.search.executors import ExecutorSpec
+    from medpeft_ray.search.executor_spec import ExecutorSpec
     from medpeft_ray.search.pools import return_executors, take_executors
 
     config, plan, storage, facts = run.config, run.plan, run.storage, run.facts
@@ -640,7 +640,8 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
 
     from medpeft_ray.search.budget import BudgetedSearch
     from medpeft_ray.search.callbacks import CheckpointRetention, LeaderboardCallback, StudyTail
-    from medpeft_ray.search.executors import WAITING_PER_EXECUTOR, ExecutorCallback, ExecutorGate
+    from medpeft_ray.search.dispatcher import WAITING_PER_EXECUTOR
+    from medpeft_ray.search.tune_side import ExecutorCallback, ExecutorGate
     from medpeft_ray.search.trial import trial_folder
     from medpeft_ray.search.optuna_states import EpochStatesSearch
     from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
@@ -705,7 +706,7 @@ def _confirm(run: "SearchRun", label_ratio: float, trials: list[Any], trial_plan
 
     from medpeft_ray.search.callbacks import LeaderboardCallback
     from medpeft_ray.search.confirm import choose, confirm_study, describe, record_confirmation
-    from medpeft_ray.search.executors import ExecutorCallback
+    from medpeft_ray.search.tune_side import ExecutorCallback
     from medpeft_ray.search.trial import confirm_trial
 
     settings = run.config.search

@@ -1,7 +1,7 @@
 """One Tune trial: a small driver function that trains one sampled configuration.
 
 The Tune trainable holds a sliver of CPU; it builds the trial's configuration from the sampled
-values and hands it to a warm executor of the search (:mod:`medpeft_ray.search.executors`), whose
+values and hands it to a warm executor of the search (:mod:`medpeft_ray.search.dispatcher`), whose
 workers hold the real resources and report each epoch back; the driver passes them on to Tune,
 where the scheduler (ASHA) and the searcher (Optuna) see them. Without executors
 (``resources.warm_executors: false``) the trial is a cold Ray Train run of its own: a
@@ -107,7 +107,7 @@ def _run_warm(trial: Any, plan: TrialPlan, started: dict[str, float], evaluate_t
     """Trains ``trial`` on one of the search's warm executors; returns its final metrics."""
     from ray import tune
 
-    from medpeft_ray.search.executors import run_on_executor, trial_key
+    from medpeft_ray.search.tune_side import run_on_executor, trial_key
 
     context = tune.get_context()
     experiment, trial_id = context.get_experiment_name(), context.get_trial_id()
