@@ -157,7 +157,8 @@ def search(
                 raise UsageError("--dry-run forecasts a new search: give --space FILE, not --resume")
             from medpeft_ray.search.forecast import dry_run as forecast_search
             from medpeft_ray.search.manifest import save_dry_run_forecast
-            from medpeft_ray.search.runner import preflight, results_location
+            from medpeft_ray.search.preflight import preflight
+            from medpeft_ray.storage import results_location
 
             for cell in config if isinstance(config, list) else [config]:
                 cell_config = getattr(cell, "config", cell)  # a grid's cell, or the search itself
@@ -231,11 +232,10 @@ class CompareBy(str, Enum):
 
 
 def _open_store(results: Optional[Path], db: Optional[str]) -> Any:
-    from medpeft_ray.leaderboard import LeaderboardStore, default_db_url
+    from medpeft_ray.leaderboard import LeaderboardStore
+    from medpeft_ray.storage import default_db_url, results_location
 
     if db is None and not os.environ.get("MEDPEFT_DB") and results is not None:
-        from medpeft_ray.search.runner import results_location
-
         storage, local = results_location(results)
         if local is None:
             # a search with results on cloud storage keeps its leaderboard in --db, never in the
@@ -606,7 +606,7 @@ def _manifests(results: Optional[Path], experiments: list[str]) -> list[dict[str
     from dataclasses import asdict
 
     from medpeft_ray.search.manifest import SearchManifest
-    from medpeft_ray.search.runner import results_location
+    from medpeft_ray.storage import results_location
 
     storage, _ = results_location(results)
     found = []
@@ -681,7 +681,7 @@ def train(
 ) -> None:
     """Train one configuration and score its best epoch on the test split."""
     from medpeft_ray.config import load_trial_config
-    from medpeft_ray.leaderboard import results_dir
+    from medpeft_ray.storage import results_dir
 
     try:
         trial = load_trial_config(config)

@@ -688,7 +688,7 @@ def dry_run(config: SearchConfig, facts: dict[str, Any], *, results: str | Path 
 
     Starts no Ray and writes nothing to the results folder (the leaderboard is only read, if there is one).
     """
-    from medpeft_ray.leaderboard import default_db_url
+    from medpeft_ray.storage import default_db_url
 
     plan = plan_resources(config, local_capacity())
     # as run_search finds its leaderboard (a cloud results URI names no local file: defaults)
