@@ -16,6 +16,7 @@ from medpeft_ray.config import validate_search_dict
 from medpeft_ray.search.dispatcher import TrialDispatcher
 from medpeft_ray.search.executor_spec import EXIT, ExecutorSpec
 from medpeft_ray.search.trial_checkpoints import TrialCheckpoints
+from medpeft_ray.train.assignment import TrialAssignment
 from medpeft_ray.train.engine import WorkerContext, ensure_process_group
 from medpeft_ray.train.recipe import TrialRecipe, better
 from medpeft_ray.train.recipes import run_training
@@ -145,11 +146,11 @@ def _dispatcher(max_failures_per_trial: int = 1, idle_exit_s: float = 60.0) -> T
 def test_the_dispatcher_hands_trials_out_in_order_and_relays_their_events() -> None:
     async def scenario() -> None:
         d = _dispatcher()
-        await d.submit("s/a", {"trial": "A", "max_failures": 1})
-        await d.submit("s/b", {"trial": "B", "max_failures": 1})
+        await d.submit("s/a", TrialAssignment(trial="A", max_failures=1))
+        await d.submit("s/b", TrialAssignment(trial="B", max_failures=1))
         first = await d.next_trial("e0", 0.1)
         second = await d.next_trial("e1", 0.1)
-        assert first["trial"] == "A" and second["trial"] == "B"
+        assert first.trial == "A" and second.trial == "B"
         assert await d.next_trial("e2", 0.05) is None  # nothing left: the long poll times out
         await d.post("s/a", "epoch", {"epoch": 1})
         await d.post("s/a", "done", {"epoch": 2})
@@ -166,7 +167,7 @@ def test_the_dispatcher_hands_trials_out_in_order_and_relays_their_events() -> N
         assert stats["executors"]["e0"]["trials_run"] == 1 and stats["executors"]["e1"]["trials_run"] == 1
         assert await d.free_slots() == 6  # three idle executors, each with room for one waiting trial
         # a trial ended while it waited in the queue never reaches an executor
-        await d.submit("s/c", {"trial": "C", "max_failures": 1})
+        await d.submit("s/c", TrialAssignment(trial="C", max_failures=1))
         await d.end_trial("s/c")
         assert await d.next_trial("e0", 0.05) is None
 
@@ -180,8 +181,8 @@ def test_each_search_on_kept_executors_gets_its_own_statistics_and_settings() ->
     async def scenario() -> None:
         d = _dispatcher()
         assert await d.begin_search("first", 0, 30.0, "/tmp/first") == 0  # 0 wanted: the test plays the executors
-        await d.submit("first/a", {"trial": "A", "max_failures": 1})
-        assert (await d.next_trial("e0", 0.1))["trial"] == "A"
+        await d.submit("first/a", TrialAssignment(trial="A", max_failures=1))
+        assert (await d.next_trial("e0", 0.1)).trial == "A"
         await d.release("e0", "first/a")
         assert await d.running_searches() == ["first"]
         first = await d.end_search("first")
@@ -190,8 +191,8 @@ def test_each_search_on_kept_executors_gets_its_own_statistics_and_settings() ->
         assert await d.begin_search("second", 0, 5.0, "/tmp/second") == 1  # e0 is alive: found warm
         assert (d.spec.idle_exit_s, d.spec.storage_path) == (5.0, "/tmp/second")
         for key in ("second/a", "second/b"):
-            await d.submit(key, {"trial": key, "max_failures": 1})
-            assert (await d.next_trial("e0", 0.1))["trial"] == key
+            await d.submit(key, TrialAssignment(trial=key, max_failures=1))
+            assert (await d.next_trial("e0", 0.1)).trial == key
             await d.release("e0", key)
         second = await d.end_search("second")
         assert second["executors"]["e0"]["trials_run"] == 2 and second["executors_warm"] == 1
@@ -204,15 +205,15 @@ def test_each_search_on_kept_executors_gets_its_own_statistics_and_settings() ->
 def test_a_restarted_executor_gets_its_trial_back_until_the_trials_failure_budget_is_spent() -> None:
     async def scenario() -> None:
         d = _dispatcher()
-        await d.submit("s/a", {"trial": "A", "max_failures": 1})
-        await d.submit("s/b", {"trial": "B", "max_failures": 1})
-        assert (await d.next_trial("e0", 0.1))["delivery"] == 1
+        await d.submit("s/a", TrialAssignment(trial="A", max_failures=1))
+        await d.submit("s/b", TrialAssignment(trial="B", max_failures=1))
+        assert (await d.next_trial("e0", 0.1)).delivery == 1
         # the worker group died and came back: the same trial again, resumed from its checkpoint
         again = await d.next_trial("e0", 0.1)
-        assert again["trial"] == "A" and again["delivery"] == 2
+        assert again.trial == "A" and again.delivery == 2
         # a second loss spends the budget (max_failures 1): the trial fails, the queue goes on
         third = await d.next_trial("e0", 0.1)
-        assert third["trial"] == "B"
+        assert third.trial == "B"
         assert await d.next_event("s/a", 0.1) == ("failed", "the trial's workers were lost 2 time(s) "
                                                             "(resources.max_failures: 1)")
 
@@ -232,14 +233,14 @@ def test_a_restarted_dispatcher_takes_running_trials_back_from_their_executors_a
         assert await d.next_event("s/a", 0.1) == ("epoch", {"epoch": 2})
         # s/b waited in the dead instance's queue: its driver is told to submit it again
         assert await d.next_event("s/b", 0.01) == ("unknown", None)
-        await d.submit("s/b", {"trial": "B", "max_failures": 1})
+        await d.submit("s/b", TrialAssignment(trial="B", max_failures=1))
         # held while the executors come back, so that no trial is handed out twice
         assert await d.next_trial("e1", 0.05) is None
         d.restarted_at -= ADOPT_GRACE_S
         handed = await d.next_trial("e1", 0.1)
-        assert handed["trial"] == "B" and handed["generation"] == d.generation
+        assert handed.trial == "B" and handed.generation == d.generation
         # s/a's driver submits again too (its poll came before the claim): it stays e0's, not queued twice
-        await d.submit("s/a", {"trial": "A", "max_failures": 1})
+        await d.submit("s/a", TrialAssignment(trial="A", max_failures=1))
         assert await d.next_trial("e2", 0.05) is None
         await d.post("s/a", "done", {"epoch": 3})
         await d.release("e0", "s/a")
@@ -333,11 +334,11 @@ def test_a_resumed_studys_trials_queue_in_the_order_tune_created_them() -> None:
         d = _dispatcher()
         await d.begin_search("s", 0, 60.0, "/tmp/s", resumed=True)
         for key, number in (("s/c", 3), ("other/d", 1), ("s/a", 1)):
-            await d.submit(key, {"trial": key, "number": number, "max_failures": 1})
+            await d.submit(key, TrialAssignment(trial=key, number=number, max_failures=1))
         # an executor that asks while the restored trials are still submitting gets nothing yet
         assert await d.next_trial("e0", 0.2) is None
-        await d.submit("s/b", {"trial": "s/b", "number": 2, "max_failures": 1})
-        handed = [(await d.next_trial(f"e{i}", dispatcher.RESUME_SETTLE_S + 2))["trial"] for i in range(4)]
+        await d.submit("s/b", TrialAssignment(trial="s/b", number=2, max_failures=1))
+        handed = [(await d.next_trial(f"e{i}", dispatcher.RESUME_SETTLE_S + 2)).trial for i in range(4)]
         assert handed == ["s/a", "s/b", "s/c", "other/d"]
 
     asyncio.run(scenario())
@@ -396,11 +397,14 @@ def test_an_epoch_publishes_while_the_next_trains_in_order_and_its_error_reaches
     from medpeft_ray.search.executor_worker import EpochPublisher
 
     release = threading.Event()
+    release_second = threading.Event()  # epoch 2 publishes only once the test has looked
     seen: list[tuple[int, list[str], Path]] = []
 
     def publish(metrics: dict[str, Any], staged: Path) -> None:
         if metrics["epoch"] == 1:
             assert release.wait(60)  # the upload of epoch 1 is still going when epoch 2 trains
+        if metrics["epoch"] == 2:
+            assert release_second.wait(60)
         seen.append((metrics["epoch"], sorted(p.name for p in staged.iterdir()), staged))
         if metrics["epoch"] == 3:
             raise OSError("the bucket refused the upload")
@@ -419,6 +423,7 @@ def test_an_epoch_publishes_while_the_next_trains_in_order_and_its_error_reaches
     release.set()
     publisher.submit({"epoch": 2}, epoch_folder(2))  # waits for epoch 1 first: one at a time, in order
     assert [epoch for epoch, _, _ in seen] == [1]
+    release_second.set()
     publisher.submit({"epoch": 3}, epoch_folder(3))
     with pytest.raises(OSError, match="refused"):
         publisher.close()  # the trial's end waits for its last epoch, and fails with it

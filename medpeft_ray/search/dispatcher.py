@@ -47,6 +47,7 @@ import ray
 from medpeft_ray.fault_points import fault_point
 from medpeft_ray.search.executor_host import ExecutorHost, host_name, host_options
 from medpeft_ray.search.executor_spec import EXIT, NAMESPACE, ExecutorSpec
+from medpeft_ray.train.assignment import TrialAssignment
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ ADOPT_GRACE_S = 12.0
 @dataclass
 class _Trial:
     key: str
-    payload: dict[str, Any]
+    #: what its driver submitted; None while a restarted dispatcher knows the trial by its events only
+    assignment: TrialAssignment | None
     events: asyncio.Queue[tuple[str, Any]]
     ended: asyncio.Event
     executor: str | None = None
@@ -223,17 +225,17 @@ class TrialDispatcher:
         return sorted(self.searches)
 
     # -- trial drivers -----------------------------------------------------------------------
-    async def submit(self, key: str, payload: dict[str, Any]) -> None:
+    async def submit(self, key: str, assignment: TrialAssignment) -> None:
         """Queues a trial (a restarted trial driver submits again: the trial keeps its executor)."""
         self.last_submit = time.time()
         existing = self.trials.get(key)
         if existing is not None and not existing.ended.is_set():
-            existing.payload = payload
+            existing.assignment = assignment
             if existing.executor is None and key not in self.queue:  # known to a restarted dispatcher by its events only
                 self._enqueue(key)
                 self._notify()
             return
-        self.trials[key] = _Trial(key, payload, asyncio.Queue(), asyncio.Event())
+        self.trials[key] = _Trial(key, assignment, asyncio.Queue(), asyncio.Event())
         self._enqueue(key)
         if not self._idle_executors() and self._alive() < self.spec.max_executors:
             self._launch()  # an executor exited while idle: the search needs it again
@@ -271,7 +273,7 @@ class TrialDispatcher:
         executor.alive = True
         if executor.trial is not None:  # the worker group was restarted mid-trial: resume it
             trial = self.trials.get(executor.trial)
-            if trial is not None and not trial.ended.is_set() and not trial.payload:
+            if trial is not None and not trial.ended.is_set() and trial.assignment is None:
                 # adopted by a restarted dispatcher, its driver has not submitted it again yet
                 trial.executor = None
                 self.queue.append(trial.key)
@@ -293,7 +295,7 @@ class TrialDispatcher:
                 trial = self.trials.get(self.queue.popleft())
                 if trial is None or trial.ended.is_set():
                     continue
-                if not trial.payload:  # only its events are known yet: wait for its driver's submission
+                if trial.assignment is None:  # only its events are known yet: wait for its driver's submission
                     self.queue.append(trial.key)
                     continue
                 trial.executor, trial.deliveries = executor_id, trial.deliveries + 1
@@ -333,7 +335,7 @@ class TrialDispatcher:
             fault_point("dispatcher_post", int(data.get("epoch") or 0))
         trial = self.trials.get(key)
         if trial is None and self.restarted_at is not None:
-            trial = self.trials[key] = _Trial(key, {}, asyncio.Queue(), asyncio.Event())  # its driver submits it again
+            trial = self.trials[key] = _Trial(key, None, asyncio.Queue(), asyncio.Event())  # its driver submits it again
         if trial is not None and not trial.ended.is_set():
             trial.events.put_nowait((kind, data))
             trial.outcome_posted = trial.outcome_posted or kind in ("done", "failed")
@@ -355,9 +357,10 @@ class TrialDispatcher:
                 trial.outcome_posted = True
 
     # -- internals ---------------------------------------------------------------------------
-    def _assignment(self, trial: _Trial) -> dict[str, Any]:
-        return {**trial.payload, "key": trial.key, "delivery": trial.deliveries, "generation": self.generation,
-                "dispatched_at": time.time()}
+    def _assignment(self, trial: _Trial) -> TrialAssignment:
+        """The trial's assignment, stamped with this delivery (its number, this dispatcher's generation, the time)."""
+        assert trial.assignment is not None  # only a submitted trial is handed out
+        return trial.assignment.delivered(trial.key, trial.deliveries, self.generation)
 
     def _enqueue(self, key: str) -> None:
         """Queues a trial after the trials of its study that Tune created before it: a resumed study's
@@ -375,7 +378,8 @@ class TrialDispatcher:
         """A trial's study and its number in it (Tune's creation order, sent by its driver; 0 while
         only its events are known)."""
         trial = self.trials.get(key)
-        return key.rpartition("/")[0], int(trial.payload.get("number", 0)) if trial is not None else 0
+        number = trial.assignment.number if trial is not None and trial.assignment is not None else 0
+        return key.rpartition("/")[0], number
 
     def _settling(self) -> bool:
         """Whether a resumed search's restored trials may still be submitting (see :data:`RESUME_SETTLE_S`)."""
@@ -398,7 +402,7 @@ class TrialDispatcher:
             return self.trials.get(key)
         trial = self.trials.get(key)
         if trial is None:
-            trial = self.trials[key] = _Trial(key, {}, asyncio.Queue(), asyncio.Event())
+            trial = self.trials[key] = _Trial(key, None, asyncio.Queue(), asyncio.Event())
         busy_with = self.executors[executor_id].trial if executor_id in self.executors else None
         if trial.ended.is_set() or trial.outcome_posted or trial.executor not in (None, executor_id) \
                 or busy_with not in (None, key):
@@ -435,7 +439,7 @@ class TrialDispatcher:
         """Whether the trial, whose workers or executor were ``lost`` ("workers were", "executor was"),
         has been delivered more often than ``resources.max_failures`` allows; if so its driver is told
         it failed."""
-        max_failures = int(trial.payload.get("max_failures", 0))
+        max_failures = trial.assignment.max_failures if trial.assignment is not None else 0
         if not 0 <= max_failures < trial.deliveries:
             return False
         trial.events.put_nowait(("failed", f"the trial's {lost} lost {trial.deliveries} time(s) "

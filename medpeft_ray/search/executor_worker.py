@@ -29,6 +29,9 @@ from medpeft_ray.search.executor_spec import EXIT
 from medpeft_ray.search.trial_checkpoints import FencedOut, TrialCheckpoints
 
 if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+    from medpeft_ray.train.assignment import TrialAssignment
     from medpeft_ray.train.engine import WorkerContext
 
 # torch and the training modules are imported inside the functions: the executor's host actor
@@ -118,13 +121,13 @@ def _serve_trials(recipe: Any, ctx: WorkerContext, dispatcher: Any, executor_id:
         # each trial its own stop signal: a finished trial's watcher may still answer late
         stop = threading.Event()
         if recipe is None:
-            recipe = make_recipe(assignment["trial"], ctx, control)
+            recipe = make_recipe(assignment.trial, ctx, control)
         recipe.ctx = dataclasses.replace(ctx, should_stop=stop.is_set)
         _run_assignment(recipe, assignment, dispatcher, executor_id, stop, groups, setup_marks)
         setup_marks = {}  # only the executor's first trial paid for its set-up
 
 
-def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, executor_id: str,
+def _run_assignment(recipe: Any, assignment: TrialAssignment, dispatcher: ActorHandle, executor_id: str,
                     stop: threading.Event, groups: tuple[Any, Any], setup_marks: dict[str, float]) -> None:
     """One trial on this worker: the recorded epochs reported again, then training from the latest
     checkpoint with per-epoch uploads, records and reports, then the final event.
@@ -137,18 +140,18 @@ def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, ex
     from medpeft_ray.train.recipe import TrialStopped
 
     ctx = recipe.ctx
-    key = assignment["key"]
-    trial = assignment["trial"]  # a TrialConfig, validated once where it was sampled
+    key = assignment.key
+    trial = assignment.trial  # validated once where it was sampled
+    assert assignment.checkpoint_uri is not None  # a warm trial's assignment names its folder
     # later runs of the search, later dispatchers (one restarted after it died), later deliveries win
-    fence = (int(assignment.get("attempt", 1)), int(assignment.get("generation", 0)), int(assignment["delivery"]))
-    checkpoints = TrialCheckpoints(assignment["checkpoint_uri"], trial.train.checkpoints_to_keep, trial.metric,
-                                   trial.mode, fence)
+    checkpoints = TrialCheckpoints(assignment.checkpoint_uri, trial.train.checkpoints_to_keep, trial.metric,
+                                   trial.mode, assignment.fence)
     watcher = None
     if ctx.rank == 0:
         watcher = threading.Thread(target=_watch_end, args=(dispatcher, key, stop, executor_id), daemon=True)
         watcher.start()
-    started = {**assignment.get("started", {}), **setup_marks, "dispatch": assignment["dispatched_at"]}
-    evaluate_test = bool(assignment.get("evaluate_test"))
+    started = {**assignment.started, **setup_marks, "dispatch": assignment.dispatched_at or time.time()}
+    evaluate_test = assignment.evaluate_test
 
     def post(kind: str, data: Any) -> None:
         if ctx.rank == 0:
@@ -185,7 +188,7 @@ def _run_assignment(recipe: Any, assignment: dict[str, Any], dispatcher: Any, ex
             resume_from = checkpoints.download_latest(Path(tmp))
             try:
                 final = recipe.run(trial, publisher.submit, evaluate_test=evaluate_test, resume_from=resume_from,
-                                   dataset_key=assignment.get("dataset_key"), started=started, history=history,
+                                   dataset_key=assignment.dataset_key, started=started, history=history,
                                    checkpoint_of=lambda epoch: checkpoints.download(epoch, Path(tmp) / "best"))
             except BaseException:
                 publisher.close(failed=True)

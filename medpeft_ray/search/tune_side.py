@@ -8,7 +8,7 @@ while an executor can take it; :class:`ExecutorCallback` tells the dispatcher wh
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
@@ -20,14 +20,20 @@ from medpeft_ray.errors import TrialFailed
 from medpeft_ray.search.budget import ForwardingSearcher
 from medpeft_ray.search.executor_spec import NAMESPACE
 
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
-def run_on_executor(dispatcher: Any, key: str, payload: dict[str, Any], report_epochs: bool) -> dict[str, Any]:
+    from medpeft_ray.train.assignment import TrialAssignment
+
+
+def run_on_executor(dispatcher: ActorHandle, key: str, assignment: TrialAssignment,
+                    report_epochs: bool) -> dict[str, Any]:
     """Inside a Tune trial: hands the trial to an executor, relays its epochs to Tune, returns its final metrics.
 
     Raises:
         TrialFailed: the trial failed on the executor (a NaN loss, too many lost workers, an error).
     """
-    ray.get(dispatcher.submit.remote(key, payload))
+    ray.get(dispatcher.submit.remote(key, assignment))
     reported = 0  # the last epoch this run of the trial told Tune
     while True:
         event = ray.get(dispatcher.next_event.remote(key, 30.0))
@@ -45,7 +51,7 @@ def run_on_executor(dispatcher: Any, key: str, payload: dict[str, Any], report_e
         elif kind == "done":
             return data
         elif kind == "unknown":  # the dispatcher died and was restarted: it learns of the trial again
-            ray.get(dispatcher.submit.remote(key, payload))
+            ray.get(dispatcher.submit.remote(key, assignment))
         else:
             raise TrialFailed(data)
 
