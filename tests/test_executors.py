@@ -174,6 +174,26 @@ def test_the_dispatcher_hands_trials_out_in_order_and_relays_their_events() -> N
     asyncio.run(scenario())
 
 
+def test_the_dispatcher_lists_when_it_handed_each_trial_to_an_executor() -> None:
+    """The search driver says a trial started when an executor takes it, not when Tune starts it."""
+    async def scenario() -> None:
+        d = _dispatcher()
+        assert await d.handouts_since(0, 0.01) == (0, [])  # nothing handed out: the long poll times out
+        await d.submit("s/a", TrialAssignment(trial="A", max_failures=1))
+        await d.submit("s/b", TrialAssignment(trial="B", max_failures=1))
+        waiting = asyncio.ensure_future(d.handouts_since(0, 5.0))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # queued is not handed out
+        first = await d.next_trial("e0", 0.1)
+        cursor, handed = await asyncio.wait_for(waiting, 1.0)  # woken by the hand-out
+        assert (cursor, handed) == (1, [("s/a", first.dispatched_at)])
+        second = await d.next_trial("e1", 0.1)
+        assert await d.handouts_since(cursor, 0.01) == (2, [("s/b", second.dispatched_at)])
+        assert await d.handouts_since(7, 0.01) == (2, [("s/a", first.dispatched_at), ("s/b", second.dispatched_at)])
+
+    asyncio.run(scenario())
+
+
 def test_each_search_on_kept_executors_gets_its_own_statistics_and_settings() -> None:
     """A driver's next search reuses the executors (medpeft_ray.search.pools): each search counts
     only its own trials and busy time, says how many executors it found warm, and sets how many it

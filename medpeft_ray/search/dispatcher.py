@@ -113,6 +113,10 @@ class TrialDispatcher:
         self.last_submit = 0.0
         self.setup_failures: dict[str, str] = {}  # executor -> why it could not set up
         self.released: set[str] = set()  # trials an executor finished with (never taken back after a restart)
+        #: every hand-out of a trial to an executor, (key, when), oldest first: the search driver reads
+        #: them (:meth:`handouts_since`) to say when a trial stops waiting for an executor and starts
+        self.handouts: list[tuple[str, float]] = []
+        self._handed_out = asyncio.Event()  # set, and replaced, at each hand-out: wakes the driver's long polls
         #: orders this instance's deliveries after a dead one's: the middle of a trial's fence
         self.generation = time.time_ns()
         if restarted is None:
@@ -223,6 +227,19 @@ class TrialDispatcher:
 
     async def running_searches(self) -> list[str]:
         return sorted(self.searches)
+
+    async def handouts_since(self, cursor: int, timeout_s: float = 10.0) -> tuple[int, list[tuple[str, float]]]:
+        """The hand-outs of trials to executors after the first ``cursor`` ones, (key, when) each, and the
+        cursor to ask with next; waits up to ``timeout_s`` for one. A restarted dispatcher lists its own
+        hand-outs only: a cursor past their end reads them from the start."""
+        if cursor > len(self.handouts):
+            cursor = 0
+        if cursor == len(self.handouts):
+            try:
+                await asyncio.wait_for(self._handed_out.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return len(self.handouts), self.handouts[cursor:]
 
     # -- trial drivers -----------------------------------------------------------------------
     async def submit(self, key: str, assignment: TrialAssignment) -> None:
@@ -358,9 +375,14 @@ class TrialDispatcher:
 
     # -- internals ---------------------------------------------------------------------------
     def _assignment(self, trial: _Trial) -> TrialAssignment:
-        """The trial's assignment, stamped with this delivery (its number, this dispatcher's generation, the time)."""
+        """The trial's assignment, stamped with this delivery (its number, this dispatcher's generation,
+        the time), which :meth:`handouts_since` lists."""
         assert trial.assignment is not None  # only a submitted trial is handed out
-        return trial.assignment.delivered(trial.key, trial.deliveries, self.generation)
+        assignment = trial.assignment.delivered(trial.key, trial.deliveries, self.generation)
+        self.handouts.append((trial.key, assignment.dispatched_at or time.time()))
+        self._handed_out.set()
+        self._handed_out = asyncio.Event()
+        return assignment
 
     def _enqueue(self, key: str) -> None:
         """Queues a trial after the trials of its study that Tune created before it: a resumed study's

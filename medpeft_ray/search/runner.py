@@ -55,7 +55,7 @@ from medpeft_ray.search.preflight import preflight
 from medpeft_ray.search.progress import SearchReporter
 from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
 from medpeft_ray.search.trial import TrialPlan, confirm_trial, run_trial, trial_folder
-from medpeft_ray.search.tune_side import ExecutorCallback, ExecutorGate
+from medpeft_ray.search.tune_side import ExecutorCallback, ExecutorGate, ExecutorHandouts
 from medpeft_ray.search.warm_start import warm_start_points
 from medpeft_ray.storage import check_results_folder, results_location, search_db_url
 
@@ -422,7 +422,8 @@ def _new_tuner(run: SearchRun, index: int, trainable: Any, study_name: str, num_
         run_config=tune.RunConfig(
             name=experiment,
             storage_path=f"{run.storage}/tune",
-            callbacks=[LeaderboardCallback(config, label_ratio, run.db_url, run.reporter, run.timeline),
+            callbacks=[LeaderboardCallback(config, label_ratio, run.db_url, run.reporter, run.timeline,
+                                           handouts=ExecutorHandouts(dispatcher[1], experiment) if dispatcher else None),
                        StudyTail(num_samples, share, tail),
                        *([ExecutorCallback(dispatcher[1], experiment),
                           # after the row is written: it names the best epoch's checkpoint
@@ -443,7 +444,8 @@ def _confirm(run: SearchRun, label_ratio: float, trials: list[TrialSummary], tri
     trainable = tune.with_resources(tune.with_parameters(confirm_trial, plan=trial_plan), run.plan.driver)
     name = run.config.run_name(label_ratio, confirmation=True)
     # each seed is a leaderboard row of its own (role "confirmation"): views show mean and spread
-    callbacks = [LeaderboardCallback(run.config, label_ratio, run.db_url, role="confirmation"),
+    handouts = ExecutorHandouts(run.dispatcher[1], name) if run.dispatcher is not None else None
+    callbacks = [LeaderboardCallback(run.config, label_ratio, run.db_url, role="confirmation", handouts=handouts),
                  *([ExecutorCallback(run.dispatcher[1], name)] if run.dispatcher is not None else [])]
     confirmed = confirm_study(run.config, label_ratio, top, trainable, run.plan.concurrency, run.storage, callbacks)
     chosen = choose(confirmed, settings.resolved_mode)

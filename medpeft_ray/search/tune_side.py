@@ -2,7 +2,8 @@
 
 A Tune trial hands its assignment to the search's dispatcher and relays the epochs its executor
 reports (:func:`run_on_executor`); :class:`ExecutorGate` lets the searcher suggest a trial only
-while an executor can take it; :class:`ExecutorCallback` tells the dispatcher when Tune ends a trial.
+while an executor can take it; :class:`ExecutorCallback` tells the dispatcher when Tune ends a trial;
+:class:`ExecutorHandouts` tells the driver when an executor took a trial (until then it waits).
 """
 
 from __future__ import annotations
@@ -124,3 +125,48 @@ class ExecutorCallback(Callback):
 def trial_key(experiment: str, trial_id: str) -> str:
     """A trial's name at the dispatcher, unique over the studies of a search."""
     return f"{experiment}/{trial_id}"
+
+
+class ExecutorHandouts:
+    """When the search's executors took a study's trials, learnt in the search driver without ever
+    blocking Tune's loop: one long poll of the dispatcher (:meth:`TrialDispatcher.handouts_since`) is
+    in flight at a time, and :meth:`poll` collects its answer once it has come.
+
+    Found by name like :class:`ExecutorCallback`, so that a restored study's callbacks reach the
+    dispatcher of the search that restored it.
+    """
+
+    def __init__(self, dispatcher_name: str, experiment: str, wait_s: float = 10.0) -> None:
+        self.dispatcher_name = dispatcher_name
+        self.experiment = experiment
+        self.wait_s = wait_s
+        self.since = time.time()  # a kept dispatcher lists the hand-outs of its earlier searches too
+        self._cursor = 0
+        self._pending: ray.ObjectRef | None = None
+
+    def poll(self) -> dict[str, float]:
+        """The study's trials that an executor took since the last call: trial id -> when."""
+        taken: dict[str, float] = {}
+        if self._pending is not None:
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if not ready:
+                return taken
+            try:
+                self._cursor, handouts = ray.get(self._pending)
+            except Exception:  # noqa: BLE001  (a dispatcher that died and restarted: ask it again)
+                handouts = []
+            self._pending = None
+            for key, at in handouts:
+                experiment, _, trial_id = key.rpartition("/")
+                if experiment == self.experiment and at >= self.since:
+                    taken[trial_id] = at
+        try:
+            dispatcher = ray.get_actor(self.dispatcher_name, namespace=NAMESPACE)
+        except ValueError:  # no dispatcher: the search is ending
+            return taken
+        self._pending = dispatcher.handouts_since.remote(self._cursor, self.wait_s)
+        return taken
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a reference of this process; a restored study asks its own dispatcher from the start
+        return {**self.__dict__, "_pending": None, "_cursor": 0}
