@@ -19,13 +19,14 @@ from ray.tune import Callback
 from medpeft_ray.config import SearchConfig
 from medpeft_ray.fault_points import fault_point
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
-from medpeft_ray.metrics import METRICS, better
-from medpeft_ray.search.progress import format_params, format_value
+from medpeft_ray.metrics import METRICS, best_first_key, better, names_on_split
+from medpeft_ray.models.checkpoints import file_sha256
+from medpeft_ray.search.progress import SearchReporter, format_params, format_value
+from medpeft_ray.search.trial_checkpoints import TrialCheckpoints
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-    from medpeft_ray.search.progress import SearchReporter
     from medpeft_ray.search.tune_side import ExecutorHandouts
 
 log = logging.getLogger(__name__)
@@ -272,8 +273,6 @@ class LeaderboardCallback(Callback):
 
         The hash was computed in the pre-flight step and is cached per (path, size, mtime).
         """
-        from medpeft_ray.models.checkpoints import file_sha256
-
         path = self.config.model.checkpoint
         if path is None:
             return {"checkpoint_file": None, "checkpoint_sha256": None}
@@ -293,8 +292,6 @@ class LeaderboardCallback(Callback):
     def _scores(self, best: dict[str, Any], curve: dict[str, list[Any]] | None = None) -> dict[str, Any]:
         """The row's metric columns and details from the result of its best epoch, with the
         per-epoch ``curve`` added to the details when there is one."""
-        from medpeft_ray.metrics import names_on_split
-
         prefix = "best_" if self.role == "confirmation" else ""  # a confirmation reports its best epoch's as best_*
         details = best.get(f"{prefix}details")
         details = json.loads(details) if isinstance(details, str) else None
@@ -387,9 +384,6 @@ class CheckpointRetention(Callback):
         self.ended(trial.trial_id, str(trial.config.get("method", "")))
 
     def ended(self, trial_id: str, method: str) -> None:
-        from medpeft_ray.metrics import best_first_key
-        from medpeft_ray.search.trial_checkpoints import TrialCheckpoints
-
         try:
             checkpoints = TrialCheckpoints(self.trial_folder(trial_id), self.keep_epochs, self.metric, self.mode)
             entries = sorted(checkpoints.index(), key=lambda e: (best_first_key(e["value"], self.mode), e["epoch"]))

@@ -18,9 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Group
+from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -31,8 +32,14 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from medpeft_ray.config import SearchConfig
-    from medpeft_ray.search.callbacks import SearchTimeline
     from medpeft_ray.search.cluster import ClusterCapacity, ResourcePlan
+
+
+class Timeline(Protocol):
+    """When the search's trials ran (``medpeft_ray.search.callbacks.SearchTimeline``): their slot utilisation."""
+
+    def utilisation(self, slots: int) -> float | None: ...
+
 
 #: the study bar's widest and narrowest: it gives way to the counts beside it on a narrow terminal
 BAR_WIDTH, MIN_BAR_WIDTH = 20, 5
@@ -198,7 +205,7 @@ class SearchReporter:
 
     # -- trials and the live view -------------------------------------------------------------
 
-    def watch(self, metric: str, mode: str, slots: int, timeline: SearchTimeline | None = None) -> None:
+    def watch(self, metric: str, mode: str, slots: int, timeline: Timeline | None = None) -> None:
         """What the live view ranks by (the search metric and its direction), the trial slots, and the
         search's ``SearchTimeline`` (its slot utilisation)."""
         self.metric, self.mode, self.slots, self.timeline = metric, mode, max(1, slots), timeline
@@ -278,8 +285,6 @@ class SearchReporter:
     def _start_live(self) -> None:
         if not self.live_view or self._live is not None or self._quiet:
             return
-        from rich.live import Live
-
         with self._live_lock:
             if self._live is None and not self._quiet:
                 # console.print while it runs prints above the panel (so do stray writes to stdout)
