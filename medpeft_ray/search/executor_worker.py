@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
     from medpeft_ray.train.assignment import TrialAssignment
     from medpeft_ray.train.engine import WorkerContext
+    from medpeft_ray.train.recipe import TrialRecipe
 
 # torch and the training modules are imported inside the functions: the executor's host actor
 # imports this module only to hand executor_loop to Ray Train, and never trains
@@ -86,8 +88,8 @@ def executor_loop(loop_config: dict[str, Any]) -> None:
         log.warning("executor %s: its search's dispatcher is gone; exiting", executor_id)
 
 
-def _serve_trials(recipe: Any, ctx: WorkerContext, dispatcher: Any, executor_id: str, groups: tuple[Any, Any],
-                  setup_marks: dict[str, float]) -> None:
+def _serve_trials(recipe: TrialRecipe | None, ctx: WorkerContext, dispatcher: ActorHandle, executor_id: str,
+                  groups: tuple[Any, Any], setup_marks: dict[str, float]) -> None:
     """An executor's trials, one after another, until the dispatcher says to exit. ``groups``: the
     ranks' CPU process groups for control (what to do next, when to stop) and for uploads.
 
@@ -127,7 +129,7 @@ def _serve_trials(recipe: Any, ctx: WorkerContext, dispatcher: Any, executor_id:
         setup_marks = {}  # only the executor's first trial paid for its set-up
 
 
-def _run_assignment(recipe: Any, assignment: TrialAssignment, dispatcher: ActorHandle, executor_id: str,
+def _run_assignment(recipe: TrialRecipe, assignment: TrialAssignment, dispatcher: ActorHandle, executor_id: str,
                     stop: threading.Event, groups: tuple[Any, Any], setup_marks: dict[str, float]) -> None:
     """One trial on this worker: the recorded epochs reported again, then training from the latest
     checkpoint with per-epoch uploads, records and reports, then the final event.
@@ -234,7 +236,7 @@ class EpochPublisher:
     loses at most that epoch too: the trial resumes from the last recorded one, as it always does.
     """
 
-    def __init__(self, publish: Any) -> None:
+    def __init__(self, publish: Callable[[dict[str, Any], Path | None], None]) -> None:
         self.publish = publish
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -301,7 +303,7 @@ def _claim(checkpoints: TrialCheckpoints, ctx: WorkerContext, control: Any) -> l
     return list(box[0])
 
 
-def _watch_end(dispatcher: Any, key: str, stop: threading.Event, executor_id: str) -> None:
+def _watch_end(dispatcher: ActorHandle, key: str, stop: threading.Event, executor_id: str) -> None:
     """Sets ``stop`` once the trial was ended from outside (or once it finished here)."""
     while not stop.is_set():
         try:

@@ -19,7 +19,7 @@ import atexit
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -28,6 +28,9 @@ from medpeft_ray.search.cluster import EXECUTOR_RESOURCE
 from medpeft_ray.search.dispatcher import TrialDispatcher
 from medpeft_ray.search.executor_host import host_options
 from medpeft_ray.search.executor_spec import NAMESPACE, ExecutorSpec
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 #: the start of every dispatcher's actor name (in :data:`NAMESPACE`): a search finds the running ones by it
 DISPATCHER_PREFIX = "medpeft-dispatcher-"
@@ -54,7 +57,7 @@ class PoolKey:
 @dataclass
 class ExecutorPool:
     key: PoolKey
-    dispatcher: Any  # the TrialDispatcher actor
+    dispatcher: ActorHandle  # the TrialDispatcher actor
     name: str  # its name in the NAMESPACE namespace (trial drivers find it by name)
     in_use: bool = True
     searches: int = 0
