@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from medpeft_ray import data
 from medpeft_ray.config import SearchConfig
-from medpeft_ray.data import dataset_key, load_splits, train_subset_index
 from medpeft_ray.errors import ConfigError, DataError, MedpeftError
 from medpeft_ray.methods import count_parameters, prepare_model
 from medpeft_ray.metrics import METRICS, require_defined
@@ -59,8 +59,8 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
         check_fid_weights(config.search.fid_weights)
 
     ds = config.dataset
-    key = dataset_key(ds.name, ds.root, ds.image_size, ds.options, ds.seed)
-    splits = load_splits(ds.name, ds.root, ds.image_size, ds.options, ds.seed, key=key)
+    key = data.dataset_key(ds.name, ds.root, ds.image_size, ds.options, ds.seed)
+    splits = data.load_splits(ds.name, ds.root, ds.image_size, ds.options, ds.seed, key=key)
     for name in ("train", "val"):
         if len(getattr(splits, name)) == 0:
             raise MedpeftError(f"{ds.root or ds.name}: the {name} split has no images")
@@ -70,7 +70,7 @@ def preflight(config: SearchConfig) -> dict[str, Any]:
     for metric in config.search.objectives[0]:  # accuracy has no meaning on multi-label data, say
         if metric in METRICS:  # also_minimize may name a cost column
             require_defined(metric, "generation" if generation else splits.task, ds.name)
-    images_per_ratio = {r: len(train_subset_index(splits, r, ds.seed)) for r in ds.label_ratios}
+    images_per_ratio = {r: len(data.train_subset_index(splits, r, ds.seed)) for r in ds.label_ratios}
 
     # Each method is applied with the first value of each searched option, to catch options that
     # do not fit this backbone (a block index past its depth, say) before trials start.
