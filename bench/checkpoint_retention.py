@@ -46,8 +46,8 @@ def main() -> None:
 
     from medpeft_ray.config import validate_search_dict
     from medpeft_ray.search.callbacks import CheckpointRetention
-    from medpeft_ray.search.executors import TrialCheckpoints
     from medpeft_ray.search.trial import trial_folder
+    from medpeft_ray.search.trial_checkpoints import TrialCheckpoints
 
     config = validate_search_dict(tiny_search(search={"checkpoint_trials": args.checkpoint_trials},
                                               train={"checkpoints_to_keep": args.keep}), "bench.yaml")

@@ -72,7 +72,7 @@ def measure(layout: str, counts: list[int]) -> None:
     from ray.cluster_utils import Cluster
 
     from medpeft_ray.search.cluster import DRIVER_RESOURCE, EXECUTOR_RESOURCE
-    from medpeft_ray.search.executors import ExecutorSpec
+    from medpeft_ray.search.executor_spec import ExecutorSpec
     from medpeft_ray.search.pools import release_executors, return_executors, take_executors
 
     work = Path(tempfile.mkdtemp(prefix="medpeft-bench-"))

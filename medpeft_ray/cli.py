@@ -219,11 +219,10 @@ class CompareBy(str, Enum):
 
 
 def _open_store(results: Optional[Path], db: Optional[str]) -> Any:
-    from medpeft_ray.leaderboard import LeaderboardStore, default_db_url
+    from medpeft_ray.leaderboard import LeaderboardStore
+    from medpeft_ray.storage import default_db_url, results_location
 
     if db is None and not os.environ.get("MEDPEFT_DB") and results is not None:
-        from medpeft_ray.search.runner import results_location
-
         storage, local = results_location(results)
         if local is None:
             # a search with results on cloud storage keeps its leaderboard in --db, never in the
@@ -356,7 +355,7 @@ def _manifests(results: Optional[Path], experiments: list[str]) -> list[dict[str
     from dataclasses import asdict
 
     from medpeft_ray.search.manifest import SearchManifest
-    from medpeft_ray.search.runner import results_location
+    from medpeft_ray.storage import results_location
 
     storage, _ = results_location(results)
     found = []
@@ -431,7 +430,7 @@ def train(
 ) -> None:
     """Train one configuration and score its best epoch on the test split."""
     from medpeft_ray.config import load_trial_config
-    from medpeft_ray.leaderboard import results_dir
+    from medpeft_ray.storage import results_dir
 
     try:
         trial = load_trial_config(config)

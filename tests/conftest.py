@@ -85,7 +85,7 @@ def ray_session(_ray_for_the_run: None) -> None:
     """
     import ray
 
-    from medpeft_ray.search.runner import DRIVER_RESOURCE
+    from medpeft_ray.search.cluster import DRIVER_RESOURCE
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 100}, log_to_driver=False, include_dashboard=True)
@@ -95,16 +95,16 @@ def ray_session(_ray_for_the_run: None) -> None:
 def ray_starts(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
     """The Ray addresses this test's searches joined or started Ray with (None: a local Ray); a
     search refused before Ray leaves it empty (the test run's own Ray may be up meanwhile)."""
-    from medpeft_ray.search import runner
+    from medpeft_ray.search import ray_session
 
     calls: list[str | None] = []
-    connect = runner._connect
+    connect = ray_session.connect
 
     def recorded(address: str | None) -> None:
         calls.append(address)
         connect(address)
 
-    monkeypatch.setattr(runner, "_connect", recorded)
+    monkeypatch.setattr(ray_session, "connect", recorded)
     return calls
 
 

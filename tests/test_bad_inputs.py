@@ -393,12 +393,12 @@ def _snapshot(results: Path) -> dict[str, Any]:
 def _in_process(
     args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, str, str]:
-    from medpeft_ray.search import runner
+    from medpeft_ray.search import ray_session
 
     def no_ray(address: Any) -> None:  # a row that gets this far fails here, loudly
         raise AssertionError("the command connected to Ray before failing")
 
-    monkeypatch.setattr(runner, "_connect", no_ray)
+    monkeypatch.setattr(ray_session, "connect", no_ray)
     run = cli_in_process(args, monkeypatch, capsys)
     return run.returncode, run.stdout, run.stderr
 
@@ -458,7 +458,7 @@ def test_bad_input(row: Row, results: Path, inputs: Path, closed_port: int, tmp_
         assert row.names and fill_in(row.names) in lines[0], shown
         assert out == "", shown
     # (b) before any trial: no trial line, no Ray, nothing of a search in the results folder
-    # (an in-process row that reached Ray failed at runner._connect, replaced by no_ray above)
+    # (an in-process row that reached Ray failed at ray_session.connect, replaced by no_ray above)
     assert not re.search(r"^trial 1/|Ray cluster", out, re.MULTILINE), shown
     assert not (tmp_path / "medpeft-results").exists(), "wrote to the default results folder"
     if results.is_dir():

@@ -93,3 +93,68 @@ def test_best_epoch_follows_a_minimised_metric(tiny_config: Any, tmp_path: Path)
     callback.on_trial_complete(0, [], trial)
     row = LeaderboardStore(url).query().iloc[0]
     assert row["best_epoch"] == 2 and row["val_loss"] == 0.4 and row["val_auroc"] == 0.7
+
+
+class FakeHandouts:
+    """Stands in for ExecutorHandouts: the hand-outs the test makes, given at the next poll."""
+
+    def __init__(self) -> None:
+        self.taken: dict[str, float] = {}
+
+    def poll(self) -> dict[str, float]:
+        taken, self.taken = self.taken, {}
+        return taken
+
+
+class Lines:
+    """Stands in for the SearchReporter: the trials' lines and their live-view status."""
+
+    def __init__(self) -> None:
+        self.said: list[tuple[str, str]] = []
+
+    def trial(self, label_ratio: float, trial_id: str, number: int, total: int, message: str, *,
+              status: str = "running", **event: Any) -> None:
+        self.said.append((f"trial {number}/{total} {message}", status))
+
+
+def test_a_trial_waits_for_an_executor_and_its_wall_time_runs_from_when_one_took_it(
+        tiny_config: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    import medpeft_ray.search.callbacks as callbacks
+
+    now = [1000.0]
+    monkeypatch.setattr(callbacks, "time", type("Clock", (), {"time": staticmethod(lambda: now[0])}))
+    url = f"sqlite:///{tmp_path / 'lb.db'}"
+    lines, handouts = Lines(), FakeHandouts()
+    callback = LeaderboardCallback(tiny_config, 1.0, url, lines, handouts=handouts)  # type: ignore[arg-type]
+    first, second = FakeTrial("a", {"lr": 3e-3}), FakeTrial("b", {"lr": 1e-3})
+    handouts.taken["a"] = 1000.0  # taken at once: a started trial, no wait to speak of
+    callback.on_step_end(0, [])
+    callback.on_trial_start(0, [], first)
+    callback.on_trial_start(0, [], second)  # Tune started it beside the first: it waits for the executor
+    assert lines.said == [("trial 1/2 started  lr=0.003", "running"),
+                          ("trial 2/2 waiting for an executor  lr=0.001", "waiting")]
+    now[0] = 1040.0
+    callback.on_step_end(0, [])  # nothing taken yet: still waiting
+    callback.on_trial_result(0, [], first, {"epoch": 2, "val_auroc": 0.7, "val_loss": 0.5})
+    callback.on_trial_complete(0, [], first)
+    handouts.taken["b"] = 1040.0
+    callback.on_step_end(0, [])
+    assert lines.said[-1] == ("trial 2/2 started  lr=0.001  (waited 40 s for an executor)", "running")
+    now[0] = 1070.0
+    callback.on_trial_result(0, [], second, {"epoch": 2, "val_auroc": 0.6, "val_loss": 0.5})
+    callback.on_trial_complete(0, [], second)
+    assert lines.said[-1][0] == ("trial 2/2 completed: best val_auroc=0.6 at epoch 2 "
+                                 "(30 s, after 40 s waiting for an executor)")
+    walls = LeaderboardStore(url).query().set_index("trial_id")["wall_time_s"]
+    assert (walls["a"], walls["b"]) == (40.0, 30.0)  # from when the executor took each
+
+
+def test_a_trials_first_epoch_starts_it_when_its_hand_out_was_not_heard_of(tiny_config: Any, tmp_path: Path) -> None:
+    lines = Lines()
+    callback = LeaderboardCallback(tiny_config, 1.0, f"sqlite:///{tmp_path / 'lb.db'}", lines,  # type: ignore[arg-type]
+                                   handouts=FakeHandouts())
+    trial = FakeTrial("a", {"lr": 3e-3})
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, {"epoch": 1, "val_auroc": 0.7, "val_loss": 0.5, "dispatched_at": 1e9})
+    assert [status for _, status in lines.said] == ["waiting", "running", "running"]
+    assert lines.said[1][0].startswith("trial 1/2 started  lr=0.003") and lines.said[2][0].startswith("trial 1/2 epoch 1")

@@ -303,7 +303,7 @@ def test_preflight_refuses_a_wrong_checkpoint_before_reading_the_dataset(
     import timm
 
     import medpeft_ray.data as data
-    from medpeft_ray.search.runner import preflight
+    from medpeft_ray.search.preflight import preflight
 
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("resnet18").state_dict(), path)
@@ -317,7 +317,7 @@ def test_preflight_refuses_a_wrong_checkpoint_before_reading_the_dataset(
 
 
 def test_preflight_records_the_checkpoint_identity(tmp_path: Path, vit_state: dict) -> None:
-    from medpeft_ray.search.runner import preflight
+    from medpeft_ray.search.preflight import preflight
 
     path = tmp_path / "mae.pth"
     torch.save({"model": vit_state, "args": argparse.Namespace(epochs=800)}, path)

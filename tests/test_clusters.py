@@ -30,7 +30,8 @@ from medpeft_ray.search.cluster import (
     max_resources,
     plan_resources,
 )
-from medpeft_ray.search.runner import results_location, run_search
+from medpeft_ray.search.runner import run_search
+from medpeft_ray.storage import results_location
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 LAUNCHER_CONFIGS = ["aws-gpu.yaml", "gcp-gpu.yaml", "local-fake.yaml"]
@@ -440,7 +441,7 @@ def test_address_where_nothing_listens_is_one_line_at_once(monkeypatch: pytest.M
 
     import ray
 
-    from medpeft_ray.search.runner import _connect
+    from medpeft_ray.search.ray_session import connect
 
     # as in a fresh process (the test run's own Ray may be up): Ray must not even be asked
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -449,5 +450,5 @@ def test_address_where_nothing_listens_is_one_line_at_once(monkeypatch: pytest.M
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
     with pytest.raises(MedpeftError) as info:
-        _connect(f"127.0.0.1:{port}")
+        connect(f"127.0.0.1:{port}")
     assert str(info.value).startswith(f"--address 127.0.0.1:{port}: no Ray cluster answers there")

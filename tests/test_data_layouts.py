@@ -313,11 +313,11 @@ def test_search_stops_with_the_block_and_exit_2_before_ray(tmp_path: Path, monke
     import yaml
     from conftest import tiny_search
 
-    from medpeft_ray.search import runner
+    from medpeft_ray.search import ray_session
 
     data = make_nih(tmp_path)
     shutil.rmtree(data.root / "images_003")
-    monkeypatch.setattr(runner, "_connect", lambda address: pytest.fail("Ray started"))
+    monkeypatch.setattr(ray_session, "connect", lambda address: pytest.fail("Ray started"))
     space = tmp_path / "nih.yaml"
     space.write_text(yaml.safe_dump(tiny_search(dataset={"name": "nih", "root": str(data.root), "options": {}})))
     result = CliRunner().invoke(app, ["search", "--space", str(space), "--results", str(tmp_path / "results")])

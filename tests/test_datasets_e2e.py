@@ -85,7 +85,8 @@ SUBGROUPS = {"fitzpatrick17k": {"skin_type", "source"}, "smdg": {"source", "sex"
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.ray] if n in SEARCHED else []) for n in sorted(FORMATS)])
 def test_format_checks_and_searches(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    from medpeft_ray.search.runner import preflight, run_search
+    from medpeft_ray.search.preflight import preflight
+    from medpeft_ray.search.runner import run_search
 
     build, options = FORMATS[name]
     root = build(tmp_path)

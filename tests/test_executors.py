@@ -14,7 +14,10 @@ from conftest import tiny_search
 
 from medpeft_ray.config import validate_search_dict
 from medpeft_ray.metrics import better
-from medpeft_ray.search.executors import EXIT, ExecutorSpec, TrialCheckpoints, TrialDispatcher
+from medpeft_ray.search.dispatcher import TrialDispatcher
+from medpeft_ray.search.executor_spec import EXIT, ExecutorSpec
+from medpeft_ray.search.trial_checkpoints import TrialCheckpoints
+from medpeft_ray.train.assignment import TrialAssignment
 from medpeft_ray.train.engine import WorkerContext, ensure_process_group
 from medpeft_ray.train.recipe import TrialRecipe
 from medpeft_ray.train.recipes import run_training
@@ -144,11 +147,11 @@ def _dispatcher(max_failures_per_trial: int = 1, idle_exit_s: float = 60.0) -> T
 def test_the_dispatcher_hands_trials_out_in_order_and_relays_their_events() -> None:
     async def scenario() -> None:
         d = _dispatcher()
-        await d.submit("s/a", {"trial": "A", "max_failures": 1})
-        await d.submit("s/b", {"trial": "B", "max_failures": 1})
+        await d.submit("s/a", TrialAssignment(trial="A", max_failures=1))
+        await d.submit("s/b", TrialAssignment(trial="B", max_failures=1))
         first = await d.next_trial("e0", 0.1)
         second = await d.next_trial("e1", 0.1)
-        assert first["trial"] == "A" and second["trial"] == "B"
+        assert first.trial == "A" and second.trial == "B"
         assert await d.next_trial("e2", 0.05) is None  # nothing left: the long poll times out
         await d.post("s/a", "epoch", {"epoch": 1})
         await d.post("s/a", "done", {"epoch": 2})
@@ -165,9 +168,29 @@ def test_the_dispatcher_hands_trials_out_in_order_and_relays_their_events() -> N
         assert stats["executors"]["e0"]["trials_run"] == 1 and stats["executors"]["e1"]["trials_run"] == 1
         assert await d.free_slots() == 6  # three idle executors, each with room for one waiting trial
         # a trial ended while it waited in the queue never reaches an executor
-        await d.submit("s/c", {"trial": "C", "max_failures": 1})
+        await d.submit("s/c", TrialAssignment(trial="C", max_failures=1))
         await d.end_trial("s/c")
         assert await d.next_trial("e0", 0.05) is None
+
+    asyncio.run(scenario())
+
+
+def test_the_dispatcher_lists_when_it_handed_each_trial_to_an_executor() -> None:
+    """The search driver says a trial started when an executor takes it, not when Tune starts it."""
+    async def scenario() -> None:
+        d = _dispatcher()
+        assert await d.handouts_since(0, 0.01) == (0, [])  # nothing handed out: the long poll times out
+        await d.submit("s/a", TrialAssignment(trial="A", max_failures=1))
+        await d.submit("s/b", TrialAssignment(trial="B", max_failures=1))
+        waiting = asyncio.ensure_future(d.handouts_since(0, 5.0))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # queued is not handed out
+        first = await d.next_trial("e0", 0.1)
+        cursor, handed = await asyncio.wait_for(waiting, 1.0)  # woken by the hand-out
+        assert (cursor, handed) == (1, [("s/a", first.dispatched_at)])
+        second = await d.next_trial("e1", 0.1)
+        assert await d.handouts_since(cursor, 0.01) == (2, [("s/b", second.dispatched_at)])
+        assert await d.handouts_since(7, 0.01) == (2, [("s/a", first.dispatched_at), ("s/b", second.dispatched_at)])
 
     asyncio.run(scenario())
 
@@ -179,8 +202,8 @@ def test_each_search_on_kept_executors_gets_its_own_statistics_and_settings() ->
     async def scenario() -> None:
         d = _dispatcher()
         assert await d.begin_search("first", 0, 30.0, "/tmp/first") == 0  # 0 wanted: the test plays the executors
-        await d.submit("first/a", {"trial": "A", "max_failures": 1})
-        assert (await d.next_trial("e0", 0.1))["trial"] == "A"
+        await d.submit("first/a", TrialAssignment(trial="A", max_failures=1))
+        assert (await d.next_trial("e0", 0.1)).trial == "A"
         await d.release("e0", "first/a")
         assert await d.running_searches() == ["first"]
         first = await d.end_search("first")
@@ -189,8 +212,8 @@ def test_each_search_on_kept_executors_gets_its_own_statistics_and_settings() ->
         assert await d.begin_search("second", 0, 5.0, "/tmp/second") == 1  # e0 is alive: found warm
         assert (d.spec.idle_exit_s, d.spec.storage_path) == (5.0, "/tmp/second")
         for key in ("second/a", "second/b"):
-            await d.submit(key, {"trial": key, "max_failures": 1})
-            assert (await d.next_trial("e0", 0.1))["trial"] == key
+            await d.submit(key, TrialAssignment(trial=key, max_failures=1))
+            assert (await d.next_trial("e0", 0.1)).trial == key
             await d.release("e0", key)
         second = await d.end_search("second")
         assert second["executors"]["e0"]["trials_run"] == 2 and second["executors_warm"] == 1
@@ -203,15 +226,15 @@ def test_each_search_on_kept_executors_gets_its_own_statistics_and_settings() ->
 def test_a_restarted_executor_gets_its_trial_back_until_the_trials_failure_budget_is_spent() -> None:
     async def scenario() -> None:
         d = _dispatcher()
-        await d.submit("s/a", {"trial": "A", "max_failures": 1})
-        await d.submit("s/b", {"trial": "B", "max_failures": 1})
-        assert (await d.next_trial("e0", 0.1))["delivery"] == 1
+        await d.submit("s/a", TrialAssignment(trial="A", max_failures=1))
+        await d.submit("s/b", TrialAssignment(trial="B", max_failures=1))
+        assert (await d.next_trial("e0", 0.1)).delivery == 1
         # the worker group died and came back: the same trial again, resumed from its checkpoint
         again = await d.next_trial("e0", 0.1)
-        assert again["trial"] == "A" and again["delivery"] == 2
+        assert again.trial == "A" and again.delivery == 2
         # a second loss spends the budget (max_failures 1): the trial fails, the queue goes on
         third = await d.next_trial("e0", 0.1)
-        assert third["trial"] == "B"
+        assert third.trial == "B"
         assert await d.next_event("s/a", 0.1) == ("failed", "the trial's workers were lost 2 time(s) "
                                                             "(resources.max_failures: 1)")
 
@@ -219,7 +242,7 @@ def test_a_restarted_executor_gets_its_trial_back_until_the_trials_failure_budge
 
 
 def test_a_restarted_dispatcher_takes_running_trials_back_from_their_executors_and_queued_ones_from_their_drivers() -> None:
-    from medpeft_ray.search.executors import ADOPT_GRACE_S
+    from medpeft_ray.search.dispatcher import ADOPT_GRACE_S
 
     async def scenario() -> None:
         spec = ExecutorSpec(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}, storage_path="/tmp",
@@ -231,14 +254,14 @@ def test_a_restarted_dispatcher_takes_running_trials_back_from_their_executors_a
         assert await d.next_event("s/a", 0.1) == ("epoch", {"epoch": 2})
         # s/b waited in the dead instance's queue: its driver is told to submit it again
         assert await d.next_event("s/b", 0.01) == ("unknown", None)
-        await d.submit("s/b", {"trial": "B", "max_failures": 1})
+        await d.submit("s/b", TrialAssignment(trial="B", max_failures=1))
         # held while the executors come back, so that no trial is handed out twice
         assert await d.next_trial("e1", 0.05) is None
         d.restarted_at -= ADOPT_GRACE_S
         handed = await d.next_trial("e1", 0.1)
-        assert handed["trial"] == "B" and handed["generation"] == d.generation
+        assert handed.trial == "B" and handed.generation == d.generation
         # s/a's driver submits again too (its poll came before the claim): it stays e0's, not queued twice
-        await d.submit("s/a", {"trial": "A", "max_failures": 1})
+        await d.submit("s/a", TrialAssignment(trial="A", max_failures=1))
         assert await d.next_trial("e2", 0.05) is None
         await d.post("s/a", "done", {"epoch": 3})
         await d.release("e0", "s/a")
@@ -262,7 +285,7 @@ def test_an_idle_executor_exits_and_all_exit_at_shutdown() -> None:
 
 
 def test_the_trial_record_keeps_every_epoch_and_a_newer_run_fences_an_older_writer_out(tmp_path: Path) -> None:
-    from medpeft_ray.search.executors import FencedOut
+    from medpeft_ray.search.trial_checkpoints import FencedOut
 
     uri = str(tmp_path / "trial")
     first = TrialCheckpoints(uri, keep=1, metric="val_auroc", mode="max", fence=(1, 5, 1))
@@ -322,7 +345,7 @@ def test_a_resumed_studys_trials_queue_in_the_order_tune_created_them() -> None:
     """Restored trials submit again in whatever order their drivers start; the scheduler's decisions
     depend on which reports first, so they queue by their number in their study (Tune's creation
     order, which each driver sends), and a resumed search hands none out until they have settled."""
-    from medpeft_ray.search import executors
+    from medpeft_ray.search import dispatcher
     from medpeft_ray.search.trial import _trial_number
 
     assert _trial_number("/r/tune/tiny-ratio1/run_trial_119ba3c6_2_lr=0.0020_2026-12-07_12-49-27", "119ba3c6") == 2
@@ -332,11 +355,11 @@ def test_a_resumed_studys_trials_queue_in_the_order_tune_created_them() -> None:
         d = _dispatcher()
         await d.begin_search("s", 0, 60.0, "/tmp/s", resumed=True)
         for key, number in (("s/c", 3), ("other/d", 1), ("s/a", 1)):
-            await d.submit(key, {"trial": key, "number": number, "max_failures": 1})
+            await d.submit(key, TrialAssignment(trial=key, number=number, max_failures=1))
         # an executor that asks while the restored trials are still submitting gets nothing yet
         assert await d.next_trial("e0", 0.2) is None
-        await d.submit("s/b", {"trial": "s/b", "number": 2, "max_failures": 1})
-        handed = [(await d.next_trial(f"e{i}", executors.RESUME_SETTLE_S + 2))["trial"] for i in range(4)]
+        await d.submit("s/b", TrialAssignment(trial="s/b", number=2, max_failures=1))
+        handed = [(await d.next_trial(f"e{i}", dispatcher.RESUME_SETTLE_S + 2)).trial for i in range(4)]
         assert handed == ["s/a", "s/b", "s/c", "other/d"]
 
     asyncio.run(scenario())
@@ -392,14 +415,17 @@ def test_an_epoch_publishes_while_the_next_trains_in_order_and_its_error_reaches
         tmp_path: Path) -> None:
     import threading
 
-    from medpeft_ray.search.executors import EpochPublisher
+    from medpeft_ray.search.executor_worker import EpochPublisher
 
     release = threading.Event()
+    release_second = threading.Event()  # epoch 2 publishes only once the test has looked
     seen: list[tuple[int, list[str], Path]] = []
 
     def publish(metrics: dict[str, Any], staged: Path) -> None:
         if metrics["epoch"] == 1:
             assert release.wait(60)  # the upload of epoch 1 is still going when epoch 2 trains
+        if metrics["epoch"] == 2:
+            assert release_second.wait(60)
         seen.append((metrics["epoch"], sorted(p.name for p in staged.iterdir()), staged))
         if metrics["epoch"] == 3:
             raise OSError("the bucket refused the upload")
@@ -418,6 +444,7 @@ def test_an_epoch_publishes_while_the_next_trains_in_order_and_its_error_reaches
     release.set()
     publisher.submit({"epoch": 2}, epoch_folder(2))  # waits for epoch 1 first: one at a time, in order
     assert [epoch for epoch, _, _ in seen] == [1]
+    release_second.set()
     publisher.submit({"epoch": 3}, epoch_folder(3))
     with pytest.raises(OSError, match="refused"):
         publisher.close()  # the trial's end waits for its last epoch, and fails with it

@@ -152,7 +152,7 @@ def test_preflight_refuses_data_without_captions(monkeypatch) -> None:
     import dataclasses
 
     import medpeft_ray.data as data
-    from medpeft_ray.search.runner import preflight
+    from medpeft_ray.search.preflight import preflight
 
     real = data.load_splits
 
@@ -167,7 +167,7 @@ def test_preflight_refuses_data_without_captions(monkeypatch) -> None:
 
 
 def test_preflight_counts_each_methods_trainable_parameters() -> None:
-    from medpeft_ray.search.runner import preflight
+    from medpeft_ray.search.preflight import preflight
 
     config = validate_search_dict(generation_search(method={"name": ["bitfit", "lora", "full"], "options": {}}),
                                   "gen.yaml")

@@ -222,3 +222,40 @@ def test_ctrl_c_prints_the_command_that_resumes_the_experiment(args: list[str], 
     result = CliRunner().invoke(app, ["search", *args])
     assert result.exit_code == 130
     assert said.replace("RESULTS", str(results)) in result.output, result.output
+
+
+def test_the_panel_fits_80_columns_and_counts_trials_waiting_for_an_executor() -> None:
+    """Each study's heading (label, bar, counts) is one line and no line of the panel is wider than
+    the terminal, whatever the ratio, the counts or the best trial's parameters."""
+    import io
+
+    from rich.console import Console
+
+    from medpeft_ray.search.progress import SearchReporter
+
+    now = [1000.0]
+    console = Console(file=io.StringIO(), width=80, force_terminal=False)
+    reporter = SearchReporter(console, clock=lambda: now[0])
+    reporter.watch("val_auroc", "max", 2)
+    params = {"lr": 0.00123, "method": "lora", "rank": 16, "alpha": 32, "dropout": 0.1, "layer_decay": 0.75}
+    for ratio in (0.125, 1.0):
+        reporter.study_starts(ratio, 100)
+        for number in range(1, 6):
+            status = "waiting" if number > 3 else "running"
+            reporter.trial(ratio, f"t{number}", number, 100, "started", status=status, params=params)
+        now[0] += 100
+        reporter.trial(ratio, "t1", 1, 100, "completed", status="completed", value=0.91)
+        reporter.trial(ratio, "t2", 2, 100, "failed", status="failed")
+        reporter.trial(ratio, "t4", 4, 100, "started", status="running")  # an executor took it
+    screen = Console(file=io.StringIO(), width=80, force_terminal=False)  # the panel alone, as drawn
+    screen.print(reporter.panel())
+    lines = [line.rstrip() for line in screen.file.getvalue().splitlines()]
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    assert len(lines) == 5  # two lines per study, then the slots' line
+    assert lines[0].startswith("ratio 0.125 ") and lines[0].endswith("1/100 done, 2 running, 1 waiting, 0 stopped, 1 failed")
+    assert lines[1].startswith("  3:20 elapsed, left: ~") and "best val_auroc 0.91 (lr=0.00123" in lines[1]
+    assert lines[2].startswith("ratio 1 ") and lines[3].startswith("  1:40 elapsed, left: ~")
+    assert lines[4].startswith("2 slot(s), 4 trial(s) running, 2 waiting for an executor")
+    # a trial's time runs from when an executor took it: t4 has run for no time yet
+    study = reporter._studies[1.0]
+    assert study.trials["t4"].started_at == now[0] and study.trials["t5"].status == "waiting"

@@ -21,7 +21,7 @@ from conftest import tiny_search
 from typer.testing import CliRunner
 
 from medpeft_ray.cli import app
-from medpeft_ray.search import runner
+from medpeft_ray.search import ray_session
 
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
 WORKER_NOTICE = "WARNING: 6 PYTHON worker processes have been started on node: abc with address: 10.0.0.1"
@@ -77,7 +77,7 @@ def later_in_the_search() -> None:
 def test_ray_messages_go_to_the_session_log(terminal: Terminal) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        runner._start_ray(fake_init, verbose=False)
+        ray_session.start_ray(fake_init, verbose=False)
         later_in_the_search()
         warnings.warn("a warning of our own", UserWarning, stacklevel=1)  # not Ray's: still shown
     assert terminal.log_lines.getvalue() == "" and terminal.printed == []
@@ -92,7 +92,7 @@ def test_ray_messages_go_to_the_session_log(terminal: Terminal) -> None:
 def test_verbose_leaves_ray_messages_on_the_terminal(terminal: Terminal) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        runner._start_ray(fake_init, verbose=True)
+        ray_session.start_ray(fake_init, verbose=True)
         later_in_the_search()
     assert TOKEN_NOTICE in terminal.log_lines.getvalue() and TUNE_WARNING in terminal.log_lines.getvalue()
     assert terminal.printed == [WORKER_NOTICE]
@@ -107,7 +107,7 @@ def test_a_failed_start_shows_what_ray_said_and_restores_the_terminal(terminal: 
 
     show = warnings.showwarning
     with pytest.raises(ConnectionError):
-        runner._start_ray(failing_init, verbose=False)
+        ray_session.start_ray(failing_init, verbose=False)
     assert "could not reach the GCS" in terminal.log_lines.getvalue()
     assert warnings.showwarning is show
     later_in_the_search()
@@ -118,7 +118,7 @@ def test_without_a_session_folder_the_search_goes_on(terminal: Terminal, monkeyp
     import ray._private.worker as ray_worker
 
     monkeypatch.setattr(ray_worker, "_global_node", None)
-    runner._start_ray(lambda: logging.getLogger("ray").warning(TOKEN_NOTICE), verbose=False)
+    ray_session.start_ray(lambda: logging.getLogger("ray").warning(TOKEN_NOTICE), verbose=False)
     assert TOKEN_NOTICE in terminal.log_lines.getvalue()
 
 

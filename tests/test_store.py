@@ -16,7 +16,8 @@ import pytest
 import sqlalchemy as sa
 
 from medpeft_ray.errors import MedpeftError
-from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord, default_db_url, results_dir
+from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
+from medpeft_ray.storage import default_db_url, results_dir
 from medpeft_ray.leaderboard.store import SCHEMA_VERSION
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432

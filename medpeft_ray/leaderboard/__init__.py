@@ -8,10 +8,7 @@ from medpeft_ray.leaderboard.store import (
     SCHEMA_VERSION,
     TrialRecord,
     TrialStore,
-    default_db_url,
     optuna_storage,
-    results_dir,
 )
 
-__all__ = ["SCHEMA_VERSION", "LeaderboardStore", "TrialRecord", "TrialStore", "default_db_url", "optuna_storage",
-           "results_dir"]
+__all__ = ["SCHEMA_VERSION", "LeaderboardStore", "TrialRecord", "TrialStore", "optuna_storage"]

@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 5
 TRIALS_TABLE = "medpeft_trials"
 SCHEMA_TABLE = "medpeft_schema"
-DEFAULT_RESULTS_DIR = "medpeft-results"
 Status = Literal["completed", "stopped", "failed"]
 Role = Literal["search", "confirmation"]
 
@@ -160,16 +158,6 @@ class TrialRecord:
         """The record of one row of :meth:`TrialStore.query` (missing values as None)."""
         values = {name: row[name] for name in cls.__dataclass_fields__ if name in row}
         return cls(**{k: None if not isinstance(v, (dict, list)) and pd.isna(v) else v for k, v in values.items()})
-
-
-def results_dir(path: str | Path | None = None) -> Path:
-    """The results store folder: ``path``, else ``$MEDPEFT_RESULTS``, else ``./medpeft-results``."""
-    return Path(path or os.environ.get("MEDPEFT_RESULTS") or DEFAULT_RESULTS_DIR).expanduser().resolve()
-
-
-def default_db_url(results: str | Path | None = None) -> str:
-    """``$MEDPEFT_DB`` if set, else the SQLite file ``leaderboard.db`` in the results folder."""
-    return os.environ.get("MEDPEFT_DB") or f"sqlite:///{results_dir(results) / 'leaderboard.db'}"
 
 
 #: What to install for a database driver SQLAlchemy cannot import (by the driver's module).

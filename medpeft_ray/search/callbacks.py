@@ -12,22 +12,29 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
 from medpeft_ray.config import SearchConfig
 from medpeft_ray.fault_points import fault_point
 from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord
-from medpeft_ray.metrics import METRICS, better
-from medpeft_ray.search.progress import format_params, format_value
+from medpeft_ray.metrics import METRICS, best_first_key, better, names_on_split
+from medpeft_ray.models.checkpoints import file_sha256
+from medpeft_ray.search.progress import SearchReporter, format_params, format_value
+from medpeft_ray.search.trial_checkpoints import TrialCheckpoints
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
+    from medpeft_ray.search.tune_side import ExecutorHandouts
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _TrialProgress:
-    started_at: float
+    started_at: float  # when an executor took the trial (until then: when Tune started it)
     best: dict[str, Any] | None = None
     last: dict[str, Any] | None = None
     epochs_run: int = 0
@@ -35,10 +42,13 @@ class _TrialProgress:
     #: every validation metric per epoch ({"epoch": [...], "<metric>": [...]}): the row keeps only
     #: the best epoch's values in its columns, the report draws the learning curves from this
     curve: dict[str, list[Any]] = field(default_factory=dict)
+    #: seconds the trial waited for an executor before one took it; None until one took it (or
+    #: for a trial with no executor to wait for: a cold trial starts its own workers)
+    waited_s: float | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # a search started before curves were kept, resumed now, unpickles progress without one
-        self.__dict__.update({"curve": {}, **state})
+        # a search started before curves (or waits) were kept, resumed now, unpickles progress without one
+        self.__dict__.update({"curve": {}, "waited_s": None, **state})
 
 
 @dataclass
@@ -125,10 +135,15 @@ class LeaderboardCallback(Callback):
     ``role="confirmation"``: the trials re-train a search trial's configuration with another seed
     (:func:`medpeft_ray.search.confirm.confirm_study`); each reports once, at its end, its best
     validation epoch's values (``best_<metric>``) and that epoch's test-split values.
+
+    With warm executors (``handouts``), a trial that Tune started waits for an executor: its line
+    says so, and says ``started`` once an executor took it; its wall time runs from then (the
+    wait is shown beside it).
     """
 
-    def __init__(self, config: SearchConfig, label_ratio: float, db_url: str, console: Any = None,
-                 timeline: SearchTimeline | None = None, role: str = "search") -> None:
+    def __init__(self, config: SearchConfig, label_ratio: float, db_url: str, console: SearchReporter | None = None,
+                 timeline: SearchTimeline | None = None, role: str = "search",
+                 handouts: ExecutorHandouts | None = None) -> None:
         self.config = config
         self.role = role
         self.timeline = timeline
@@ -139,6 +154,10 @@ class LeaderboardCallback(Callback):
         self.metric = config.search.metric
         self.epochs = config.train.epochs_for(label_ratio)  # this study's budget
         self.progress: dict[str, _TrialProgress] = {}
+        self.handouts = handouts  # when executors took the trials; None: cold trials, which wait for none
+        self._waiting: dict[str, Trial] = {}  # trials Tune started that no executor has taken yet, by id
+        #: trials an executor took before Tune's start of them reached this callback: id -> when
+        self._taken: dict[str, float] = {}
 
     # -- Tune hooks ---------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -146,9 +165,31 @@ class LeaderboardCallback(Callback):
         # recorded epochs again, which rebuild the curve and the best epoch (replacing, not adding).
         if trial.trial_id not in self.progress:
             self.progress[trial.trial_id] = _TrialProgress(started_at=time.time(), number=len(self.progress) + 1)
-        self._say(trial, f"started  {self._params(trial)}", params=dict(sorted(trial.config.items())))
+        params = dict(sorted(trial.config.items()))
+        if self.handouts is None:
+            self._say(trial, f"started  {self._params(trial)}", params=params)
+            return
+        self._waiting[trial.trial_id] = trial
+        taken_at = self._taken.pop(trial.trial_id, None)
+        if taken_at is not None:  # an executor took it at once
+            self._taken_by_executor(trial, taken_at, params=params)
+        else:
+            self._say(trial, f"waiting for an executor  {self._params(trial)}", status="waiting", params=params)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        """Between Tune's steps: the trials that an executor took since the last step start."""
+        if self.handouts is None:
+            return
+        for trial_id, taken_at in self.handouts.poll().items():
+            trial = self._waiting.get(trial_id)
+            if trial is not None:
+                self._taken_by_executor(trial, taken_at)
+            elif trial_id not in self.progress or self.progress[trial_id].waited_s is None:
+                self._taken[trial_id] = taken_at  # Tune's start of it comes next
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if trial.trial_id in self._waiting:  # its first epoch came before the hand-out was heard of
+            self._taken_by_executor(trial, float(result.get("dispatched_at") or time.time()))
         p = self._state(trial)
         p.last, p.epochs_run = result, int(result.get("epoch", p.epochs_run + 1))
         if self.role != "confirmation":  # a confirmation reports once, at its end: no curve to draw
@@ -172,15 +213,22 @@ class LeaderboardCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         p = self._state(trial)
         status = "completed" if p.epochs_run >= self.epochs else "stopped"
+        self._waiting.pop(trial.trial_id, None)
         self._finish(trial, status, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._waiting.pop(trial.trial_id, None)
         self._finish(trial, "failed", error_summary(_error_text(trial)))
 
     # Tune pickles its callbacks with the experiment state: the database engine and the console
-    # are process-local and made again where needed.
+    # are process-local and made again where needed, and the trials waiting for an executor are
+    # started again (and wait again) when the study is restored.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_store": None, "console": None, "timeline": None}
+        return {**self.__dict__, "_store": None, "console": None, "timeline": None, "_waiting": {}, "_taken": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a callback pickled before waits were followed (a search resumed across an upgrade) has none
+        self.__dict__.update({"handouts": None, "_waiting": {}, "_taken": {}, **state})
 
     # What Tune saves beside its experiment state and gives back to the restored callback: the
     # running trials' progress (their start, so that a row's wall time spans the interruption).
@@ -203,6 +251,17 @@ class LeaderboardCallback(Callback):
     def _params(self, trial: Any) -> str:
         return format_params(dict(sorted(trial.config.items())))
 
+    def _taken_by_executor(self, trial: Any, taken_at: float, **event: Any) -> None:
+        """An executor took the waiting ``trial`` at ``taken_at``: its line says it started, and its
+        wall time runs from then (a trial that waited before, restored with the search, keeps its first start)."""
+        self._waiting.pop(trial.trial_id, None)
+        p = self._state(trial)
+        if p.waited_s is None:
+            p.waited_s = max(0.0, taken_at - p.started_at)
+            p.started_at = max(p.started_at, taken_at)
+        waited = f"  (waited {p.waited_s:.0f} s for an executor)" if p.waited_s >= 1 else ""
+        self._say(trial, f"started  {self._params(trial)}{waited}", status="running", **event)
+
     def _say(self, trial: Any, message: str, **event: Any) -> None:
         """The trial's line, and its ``status`` / ``value`` / ``params`` for the reporter's live view."""
         if self.console is not None:
@@ -214,8 +273,6 @@ class LeaderboardCallback(Callback):
 
         The hash was computed in the pre-flight step and is cached per (path, size, mtime).
         """
-        from medpeft_ray.models.checkpoints import file_sha256
-
         path = self.config.model.checkpoint
         if path is None:
             return {"checkpoint_file": None, "checkpoint_sha256": None}
@@ -235,8 +292,6 @@ class LeaderboardCallback(Callback):
     def _scores(self, best: dict[str, Any], curve: dict[str, list[Any]] | None = None) -> dict[str, Any]:
         """The row's metric columns and details from the result of its best epoch, with the
         per-epoch ``curve`` added to the details when there is one."""
-        from medpeft_ray.metrics import names_on_split
-
         prefix = "best_" if self.role == "confirmation" else ""  # a confirmation reports its best epoch's as best_*
         details = best.get(f"{prefix}details")
         details = json.loads(details) if isinstance(details, str) else None
@@ -290,6 +345,8 @@ class LeaderboardCallback(Callback):
             self._say(trial, f"[red]failed[/red]: {error}", status="failed")
         else:
             startup = f", start-up {record.startup_s:.0f} s" if record.startup_s is not None else ""
+            if p.waited_s is not None and p.waited_s >= 1:
+                startup += f", after {p.waited_s:.0f} s waiting for an executor"
             self._say(
                 trial,
                 f"{status}: best {self.metric}={format_value(best.get(self.metric))} at epoch {record.best_epoch} "
@@ -327,9 +384,6 @@ class CheckpointRetention(Callback):
         self.ended(trial.trial_id, str(trial.config.get("method", "")))
 
     def ended(self, trial_id: str, method: str) -> None:
-        from medpeft_ray.metrics import best_first_key
-        from medpeft_ray.search.executors import TrialCheckpoints
-
         try:
             checkpoints = TrialCheckpoints(self.trial_folder(trial_id), self.keep_epochs, self.metric, self.mode)
             entries = sorted(checkpoints.index(), key=lambda e: (best_first_key(e["value"], self.mode), e["epoch"]))

@@ -13,6 +13,10 @@ yet runs as many trials at a time as the full cluster holds. That size is read f
 An autoscaler whose limits none of these give is still recognised; trials are then not refused
 for resources the cluster does not have yet, and concurrency stays at what the cluster holds now
 unless ``search.max_concurrent`` says otherwise.
+
+Ray is imported inside the functions that ask the cluster: the planning arithmetic
+(:func:`plan_resources`) serves ``search --dry-run`` too, which runs without Ray; the private Ray
+APIs some of them read are each behind a guard of their own.
 """
 
 from __future__ import annotations

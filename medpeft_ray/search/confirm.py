@@ -19,7 +19,11 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import optuna
+from ray import tune
+
 from medpeft_ray.config import SearchConfig
+from medpeft_ray.leaderboard import optuna_storage
 from medpeft_ray.metrics import best_of, get_metric
 
 
@@ -66,8 +70,6 @@ def confirm_study(
 
     ``trainable`` is :func:`medpeft_ray.search.trial.confirm_trial` with its plan and resources.
     """
-    from ray import tune
-
     settings = config.search.confirm
     assert settings is not None
     confirmed = {r.trial_id: ConfirmedConfig(r.trial_id, r.method, dict(r.params)) for r in top}
@@ -100,10 +102,6 @@ def record_confirmation(
     study_name: str, db_url: str, confirmed: list[ConfirmedConfig], chosen: ConfirmedConfig | None
 ) -> dict[str, Any]:
     """Stores the confirmation with the study (Optuna user attribute ``confirmation``); returns it."""
-    import optuna
-
-    from medpeft_ray.leaderboard import optuna_storage
-
     record = {"configs": [c.summary() for c in confirmed], "chosen": chosen.summary() if chosen else None}
     study = optuna.load_study(study_name=study_name, storage=optuna_storage(db_url))
     study.set_user_attr("confirmation", record)

@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow.fs
+
 from medpeft_ray.errors import MedpeftError
 from medpeft_ray.storage import filesystem as _filesystem  # what Tune and Ray Train use too
 
@@ -91,8 +93,6 @@ def _write_text(uri: str, text: str) -> None:
 
 
 def _read_text(uri: str) -> str | None:
-    import pyarrow.fs
-
     fs, path = _filesystem(uri)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
@@ -101,8 +101,6 @@ def _read_text(uri: str) -> str | None:
 
 
 def _list(uri: str) -> list[str]:
-    import pyarrow.fs
-
     fs, path = _filesystem(uri)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
         return []

@@ -1,6 +1,6 @@
 """Warm executors that outlive a search: a driver keeps each set it started for its next search.
 
-A search's executors (:mod:`medpeft_ray.search.executors`) cost most of a short search to start:
+A search's executors (:mod:`medpeft_ray.search.dispatcher`) cost most of a short search to start:
 worker processes, imports, the dataset, the pristine backbone. When the search ends, the driver
 keeps them, idle, for its next search that fits them (a grid's next cell, a notebook's next
 ``run_search``, a test suite's next test): same Ray cluster, same task (classification or
@@ -19,11 +19,21 @@ import atexit
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import ray
 
 from medpeft_ray.errors import MedpeftError
 from medpeft_ray.search.cluster import EXECUTOR_RESOURCE
-from medpeft_ray.search.executors import NAMESPACE, ExecutorSpec, check_not_running, start_dispatcher
+from medpeft_ray.search.dispatcher import TrialDispatcher
+from medpeft_ray.search.executor_host import host_options
+from medpeft_ray.search.executor_spec import NAMESPACE, ExecutorSpec
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+#: the start of every dispatcher's actor name (in :data:`NAMESPACE`): a search finds the running ones by it
+DISPATCHER_PREFIX = "medpeft-dispatcher-"
 
 
 @dataclass(frozen=True)
@@ -39,8 +49,6 @@ class PoolKey:
 
     @classmethod
     def of(cls, spec: ExecutorSpec) -> PoolKey:
-        import ray
-
         task = "generation" if spec.warm_up is not None and spec.warm_up.generation else "classification"
         return cls(ray.get_runtime_context().gcs_address, task, spec.num_workers, spec.use_gpu,
                    tuple(sorted(spec.resources_per_worker.items())), spec.threads)
@@ -49,11 +57,42 @@ class PoolKey:
 @dataclass
 class ExecutorPool:
     key: PoolKey
-    dispatcher: Any  # the TrialDispatcher actor
+    dispatcher: ActorHandle  # the TrialDispatcher actor
     name: str  # its name in the NAMESPACE namespace (trial drivers find it by name)
     in_use: bool = True
     searches: int = 0
     last_used: float = field(default_factory=time.time)
+
+
+def start_dispatcher(spec: ExecutorSpec, dataset_key: dict[str, Any] | None) -> tuple[Any, str]:
+    """A dispatcher actor for a new set of executors, and its name (on the head when the cluster
+    has the driver resource). It starts no executor: :meth:`TrialDispatcher.begin_search` does."""
+    name = f"{DISPATCHER_PREFIX}{spec.experiment}-{spec.run_id}"
+    options = host_options()
+    options["max_concurrency"] = 1000  # long polls from every trial driver and executor
+    # A dispatcher that dies is started again (calls in flight are retried on the new one), which
+    # rebuilds its state from the executors and the trial drivers; it dies for good with its driver.
+    options.update(max_restarts=-1, max_task_retries=-1)
+    return ray.remote(TrialDispatcher).options(name=name, namespace=NAMESPACE, **options).remote(spec, dataset_key), name
+
+
+def check_not_running(experiment: str) -> None:
+    """Fails when a search named ``experiment`` runs on this Ray cluster (from any driver): the two
+    would write the same results.
+
+    Raises:
+        MedpeftError: such a search is running.
+    """
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] != NAMESPACE or not entry["name"].startswith(DISPATCHER_PREFIX):
+            continue
+        try:
+            running = ray.get(ray.get_actor(entry["name"], namespace=NAMESPACE).running_searches.remote(), timeout=30)
+        except Exception:  # noqa: BLE001  (a dispatcher ending meanwhile runs no search)
+            continue
+        if experiment in running:
+            raise MedpeftError(f"a search named {experiment!r} is already running on this Ray cluster; "
+                               "give this one another experiment name (--experiment)")
 
 
 _pools: list[ExecutorPool] = []
@@ -89,8 +128,6 @@ def take_executors(spec: ExecutorSpec, dataset_key: dict[str, Any] | None,
             return pool, warm
         except Exception:  # noqa: BLE001  (its dispatcher died with its node: start a new set)
             _stop(pool)
-    import ray
-
     if EXECUTOR_RESOURCE in spec.host_resources:
         _keep_train_coordinator_here()
     dispatcher, name = start_dispatcher(spec, dataset_key)
@@ -125,8 +162,6 @@ def _keep_train_coordinator_here() -> None:
 
 
 def _begin(pool: ExecutorPool, spec: ExecutorSpec, resumed: bool) -> int:
-    import ray
-
     warm = ray.get(pool.dispatcher.begin_search.remote(spec.experiment, spec.max_executors, spec.idle_exit_s,
                                                        spec.storage_path, resumed), timeout=60)
     pool.searches += 1
@@ -136,8 +171,6 @@ def _begin(pool: ExecutorPool, spec: ExecutorSpec, resumed: bool) -> int:
 def return_executors(pool: ExecutorPool, experiment: str, keep: bool = True) -> dict[str, Any] | None:
     """The search ``experiment`` is done with ``pool``: its executors stay warm for this driver's next
     search (``keep``), or end now. Returns the search's executor statistics."""
-    import ray
-
     try:
         stats = ray.get(pool.dispatcher.end_search.remote(experiment), timeout=60)
     except Exception:  # noqa: BLE001  (the statistics are a nicety; a dispatcher that cannot answer is ended)
@@ -164,8 +197,6 @@ def _release_at_exit() -> None:
     """The driver's process ends: on a cluster it joined, its executors give their resources back
     now (their dispatcher's death would reach them only at their next call). A local Ray that this
     process started ends with it, and everything on it, so there is nothing to wait for."""
-    import ray
-
     node = getattr(ray._private.worker, "_global_node", None)
     if node is not None and node.is_head():
         return
@@ -180,8 +211,6 @@ def kept_executors() -> list[ExecutorPool]:
 
 def _stop(pool: ExecutorPool) -> None:
     """Ends the pool's executors (their resources go back to the cluster) and its dispatcher."""
-    import ray
-
     with _lock:
         if pool in _pools:
             _pools.remove(pool)

@@ -1,12 +1,13 @@
 """What a search tells the person running it: one object, so the driver never asks whether anyone listens.
 
 The CLI hands a :class:`SearchReporter` its ``rich`` console; a library caller or a test gets a
-silent one. Trials' own lines (started, epoch, finished) come from the leaderboard callback,
-which speaks through the same reporter (:meth:`SearchReporter.trial`).
+silent one. Trials' own lines (waiting for an executor, started, epoch, finished) come from the
+leaderboard callback, which speaks through the same reporter (:meth:`SearchReporter.trial`).
 
 On an interactive terminal the reporter also keeps a live panel below the scrolling lines: per
-study a bar of its trials (done, running, stopped, failed), the best value of the search metric so
-far with its parameters, elapsed and estimated time left, and the slots' utilisation. Anywhere else
+study a bar of its trials (done, running, waiting, stopped, failed), the best value of the search
+metric so far with its parameters, elapsed and estimated time left, and the slots' utilisation,
+each line no wider than the terminal (80 columns included). Anywhere else
 (a log file, CI, ``ray job logs``) it prints the same lines and nothing else, since cursor movements
 would only garble a file.
 """
@@ -17,13 +18,31 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from rich.console import Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 
 from medpeft_ray.metrics import better
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from medpeft_ray.config import SearchConfig
     from medpeft_ray.search.cluster import ClusterCapacity, ResourcePlan
+
+
+class Timeline(Protocol):
+    """When the search's trials ran (``medpeft_ray.search.callbacks.SearchTimeline``): their slot utilisation."""
+
+    def utilisation(self, slots: int) -> float | None: ...
+
+
+#: the study bar's widest and narrowest: it gives way to the counts beside it on a narrow terminal
+BAR_WIDTH, MIN_BAR_WIDTH = 20, 5
 
 
 def format_value(value: Any) -> str:
@@ -46,10 +65,14 @@ def format_duration(seconds: float) -> str:
 @dataclass
 class _LiveTrial:
     number: int
-    started_at: float
+    started_at: float  # when an executor took it (until then, when it began waiting for one)
     params: dict[str, Any] = field(default_factory=dict)
-    status: str = "running"  # then completed, stopped or failed
+    status: str = "running"  # or waiting (for an executor) first; then completed, stopped or failed
     ended_at: float | None = None
+
+    @property
+    def unfinished(self) -> bool:
+        return self.status in ("running", "waiting")
 
 
 @dataclass
@@ -65,23 +88,27 @@ class _LiveStudy:
     def count(self, status: str) -> int:
         return sum(1 for t in self.trials.values() if t.status == status)
 
+    def finished(self) -> int:
+        return sum(1 for t in self.trials.values() if not t.unfinished)
+
     def time_left(self, now: float, slots: int) -> float | None:
         """Seconds until the study's last trial ends, if its trials keep taking as long as the finished
-        ones took: the work of the trials not started and the rest of the running ones, over the slots.
-        None before any trial has finished (nothing to go by)."""
+        ones took: the work of the trials not started (a trial waiting for an executor has not) and the
+        rest of the running ones, over the slots. None before any trial has finished (nothing to go by)."""
         finished = [t.ended_at - t.started_at for t in self.trials.values() if t.ended_at is not None]
         if not finished:
             return None
         mean = sum(finished) / len(finished)
-        waiting = max(0, self.num_samples - len(self.trials))
-        running = sum(max(0.0, mean - (now - t.started_at)) for t in self.trials.values() if t.ended_at is None)
-        return (waiting * mean + running) / max(1, slots)
+        not_started = max(0, self.num_samples - len(self.trials)) + self.count("waiting")
+        running = sum(max(0.0, mean - (now - t.started_at)) for t in self.trials.values()
+                      if t.ended_at is None and t.status == "running")
+        return (not_started * mean + running) / max(1, slots)
 
 
 class SearchReporter:
     """Progress lines of one search; silent without a console."""
 
-    def __init__(self, console: Any = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.time) -> None:
         self.console = console
         self.clock = clock  # the live view's times (a test gives a clock of its own)
         #: whether the live panel is drawn: a terminal that can move its cursor (rich's
@@ -178,7 +205,7 @@ class SearchReporter:
 
     # -- trials and the live view -------------------------------------------------------------
 
-    def watch(self, metric: str, mode: str, slots: int, timeline: Any = None) -> None:
+    def watch(self, metric: str, mode: str, slots: int, timeline: Timeline | None = None) -> None:
         """What the live view ranks by (the search metric and its direction), the trial slots, and the
         search's ``SearchTimeline`` (its slot utilisation)."""
         self.metric, self.mode, self.slots, self.timeline = metric, mode, max(1, slots), timeline
@@ -203,8 +230,10 @@ class SearchReporter:
               status: str = "running", value: float | None = None, params: dict[str, Any] | None = None) -> None:
         """One event of a trial: its line (``[ratio r] trial n/N message``) and its state in the live view.
 
-        ``status`` is ``running`` until it ends ``completed``, ``stopped`` or ``failed``; ``value`` is
-        a value of the search metric it reached; ``params`` its sampled point (given when it starts).
+        ``status`` is ``waiting`` (for an executor) until an executor takes the trial, then ``running``
+        until it ends ``completed``, ``stopped`` or ``failed``; the live view counts its time from when
+        it runs. ``value`` is a value of the search metric it reached; ``params`` its sampled point
+        (given when it starts).
         """
         with self._lock:
             now = self.clock()
@@ -213,7 +242,9 @@ class SearchReporter:
                 study = self._studies[label_ratio] = _LiveStudy(label_ratio, total, now)
             state = study.trials.get(trial_id)
             if state is None:
-                state = study.trials[trial_id] = _LiveTrial(number, now)
+                state = study.trials[trial_id] = _LiveTrial(number, now, status=status)
+            if state.status == "waiting" and status == "running":
+                state.started_at = now  # an executor took it: its time runs from now
             if params is not None:
                 state.params = params
             state.status = status
@@ -233,10 +264,10 @@ class SearchReporter:
         self.close()
         with self._lock:
             studies = list(self._studies.values())
-        finished = sum(len(s.trials) - s.count("running") for s in studies)
-        running = sum(s.count("running") for s in studies)
+        finished = sum(s.finished() for s in studies)
+        running = sum(len(s.trials) - s.finished() for s in studies)  # those waiting for an executor too
         per_study = "; ".join(f"ratio {s.label_ratio:g}: {_counts(s, with_running=False)}" for s in studies
-                              if len(s.trials) > s.count("running"))
+                              if s.finished())
         text = f"saved: {finished} finished trial(s) in the leaderboard" + (f" ({per_study})" if per_study else "")
         if running:
             text += f"; {running} running trial(s) start again from their last checkpoint when resumed"
@@ -254,8 +285,6 @@ class SearchReporter:
     def _start_live(self) -> None:
         if not self.live_view or self._live is not None or self._quiet:
             return
-        from rich.live import Live
-
         with self._live_lock:
             if self._live is None and not self._quiet:
                 # console.print while it runs prints above the panel (so do stray writes to stdout)
@@ -264,17 +293,14 @@ class SearchReporter:
                 self._live = Live(_Drawn(self.panel), console=self.console, refresh_per_second=2)
                 self._live.start()
 
-    def panel(self) -> Any:
-        """The live view as it looks now (a rich renderable)."""
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-        from rich.text import Text
-
+    def panel(self) -> Group:
+        """The live view as it looks now: per study two lines (its bar and counts; its times and best
+        value), then the slots' line, none wider than the console (a long one ends in an ellipsis)."""
         with self._lock:
             now = self.clock()
-            grid = Table.grid(padding=(0, 1))
+            width = self.console.width if self.console is not None else 80
+            lines: list[Any] = []
             for study in self._studies.values():
-                ended = len(study.trials) - study.count("running")
                 end = study.ended_at if study.ended_at is not None else now
                 times = f"{format_duration(end - study.started_at)} elapsed"
                 if study.ended_at is not None:
@@ -285,16 +311,26 @@ class SearchReporter:
                 best = (f"best {self.metric or 'metric'} {format_value(study.best)}"
                         + (f" ({format_params(study.best_params)})" if study.best_params else "")
                         if study.best is not None else "best: none yet")
-                grid.add_row(Text(f"ratio {study.label_ratio:g}", style="bold"),
-                             ProgressBar(total=max(1, study.num_samples), completed=ended, width=20),
-                             Text(f"{_counts(study)} · {times}\n{best}"))
+                label, counts = f"ratio {study.label_ratio:g}", _counts(study)
+                bar_width = max(MIN_BAR_WIDTH, min(BAR_WIDTH, width - len(label) - len(counts) - 2))
+                heading = Table.grid(padding=(0, 1))
+                heading.add_column(no_wrap=True)
+                heading.add_column(width=bar_width, no_wrap=True)
+                heading.add_column(no_wrap=True, overflow="ellipsis")
+                heading.add_row(Text(label, style="bold"),
+                                ProgressBar(total=max(1, study.num_samples), completed=study.finished(), width=bar_width),
+                                Text(counts))
+                lines += [heading, Text(f"  {times} · {best}", no_wrap=True, overflow="ellipsis")]
             running = sum(s.count("running") for s in self._studies.values())
+            waiting = sum(s.count("waiting") for s in self._studies.values())
             slots = f"{self.slots} slot(s), {running} trial(s) running"
+            if waiting:
+                slots += f", {waiting} waiting for an executor"
             utilisation = self.timeline.utilisation(self.slots) if self.timeline is not None else None
             if utilisation is not None:
                 slots += f", utilisation {utilisation:.0%} (training time over slot-seconds so far)"
-            grid.add_row("", "", Text(slots, style="dim"))
-            return grid
+            lines.append(Text(slots, style="dim", no_wrap=True, overflow="ellipsis"))
+            return Group(*lines)
 
 
 class _Drawn:
@@ -308,10 +344,13 @@ class _Drawn:
 
 
 def _counts(study: _LiveStudy, with_running: bool = True) -> str:
-    """``2/4 done, 1 running, 1 stopped, 0 failed``: done is completed (every epoch run)."""
+    """``2/4 done, 1 running, 1 waiting, 1 stopped, 0 failed``: done is completed (every epoch run);
+    waiting (for an executor) is said only when a trial waits."""
     parts = [f"{study.count('completed')}/{study.num_samples} done"]
     if with_running:
         parts.append(f"{study.count('running')} running")
+        if study.count("waiting"):
+            parts.append(f"{study.count('waiting')} waiting")
     parts += [f"{study.count('stopped')} stopped", f"{study.count('failed')} failed"]
     return ", ".join(parts)
 

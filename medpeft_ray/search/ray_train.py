@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import ray
+
 #: Ray Train's (V2) limit on waiting for a worker group's resources. Its default (60 s) is far
 #: shorter than a cloud GPU node takes to boot and install; the controller reads it from the
 #: environment of the process that calls ``fit``, which passes it on.
@@ -18,8 +20,6 @@ def pin_cluster_address() -> None:
     the stopped trial's CPUs and GPUs stay reserved, so later trials wait forever. ``RAY_ADDRESS`` names the
     cluster; Ray Train passes the variables on its list to the controller, which passes them on.
     """
-    import ray
-
     if not ray.is_initialized():
         return
     try:

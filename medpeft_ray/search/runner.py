@@ -1,36 +1,69 @@
-"""The search driver: pre-flight checks, then one Ray Tune study per label ratio.
+"""The search driver: one Ray Tune study per label ratio, on the search's warm executors.
 
-Each study is a ``Tuner`` over :func:`medpeft_ray.search.trial.run_trial` with ``OptunaSearch``
-(define-by-run, seeded) and ASHA on epochs. Finished trials go to the leaderboard as they end.
+:func:`run_search` checks the results location (:mod:`medpeft_ray.storage`) and runs the
+pre-flight (:mod:`medpeft_ray.search.preflight`) before Ray starts, then joins or starts Ray
+(:mod:`medpeft_ray.search.ray_session`), takes its executors and runs the studies: each a
+``Tuner`` over :func:`medpeft_ray.search.trial.run_trial` with ``OptunaSearch`` (define-by-run,
+seeded) and ASHA on epochs, then the confirmation of its best configurations if asked for.
+Finished trials go to the leaderboard as they end.
+
+This module imports Ray: the CLI imports it only inside the command that runs a search.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
-import re
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import ray
+from ray import tune
 
 from medpeft_ray.config import SearchConfig
-from medpeft_ray.errors import ConfigError, DataError, MedpeftError, UsageError
-from medpeft_ray.leaderboard import LeaderboardStore, default_db_url, optuna_storage, results_dir
-from medpeft_ray.search.manifest import SearchManifest
-from medpeft_ray.search.progress import SearchReporter
-from medpeft_ray.search.cluster import (  # noqa: F401  DRIVER_* are part of this module's interface
-    DRIVER_RESOURCE,
-    DRIVER_SLOTS,
+from medpeft_ray.errors import MedpeftError
+from medpeft_ray.leaderboard import LeaderboardStore, TrialRecord, optuna_storage
+from medpeft_ray.metrics import get_metric
+from medpeft_ray.search import ray_session
+from medpeft_ray.search.budget import BudgetedSearch, SearchBudget, StudyBudget
+from medpeft_ray.search.callbacks import (
+    CheckpointRetention,
+    LeaderboardCallback,
+    SearchTimeline,
+    StudyTail,
+    TrialSummary,
+)
+from medpeft_ray.search.cluster import (
     ClusterCapacity,
     ResourcePlan,
     cluster_capacity,
     plan_resources,
     release_resource_requests,
 )
+from medpeft_ray.search.confirm import choose, confirm_study, describe, record_confirmation
+from medpeft_ray.search.dispatcher import WAITING_PER_EXECUTOR
+from medpeft_ray.search.executor_spec import ExecutorSpec
+from medpeft_ray.search.manifest import SearchManifest, load_dry_run_forecast
+from medpeft_ray.search.optuna_states import EpochStatesSearch
+from medpeft_ray.search.pools import ExecutorPool, release_executors, return_executors, take_executors
+from medpeft_ray.search.preflight import preflight
+from medpeft_ray.search.progress import SearchReporter
+from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
+from medpeft_ray.search.trial import TrialPlan, confirm_trial, run_trial, trial_folder
+from medpeft_ray.search.tune_side import ExecutorCallback, ExecutorGate, ExecutorHandouts
+from medpeft_ray.search.warm_start import warm_start_points
+from medpeft_ray.storage import check_results_folder, results_location, search_db_url
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+    from rich.console import Console
+
+    from medpeft_ray.config.grid import GridCell
 
 
 @dataclass
@@ -39,12 +72,12 @@ class SearchResult:
 
     experiment: str
     wall_time_s: float
-    trials: list[Any]  # TrialSummary, best first per label ratio
+    trials: list[TrialSummary]  # best first per label ratio
     results_dir: Path | str  # a local folder, or a cloud storage URI (s3://, gs://)
     db_url: str
     slots: int = 1  # trials that ran at a time (the slot-seconds of slot utilisation)
     executors: dict[str, Any] | None = None  # the warm executors' statistics, None for cold trials
-    timeline: Any = None  # SearchTimeline: when trials ran, and how long they trained
+    timeline: SearchTimeline | None = None  # when trials ran, and how long they trained
 
     @property
     def slot_utilisation(self) -> float | None:
@@ -63,213 +96,14 @@ class SearchRun:
     db_url: str
     reporter: SearchReporter
     manifest: SearchManifest
-    dispatcher: tuple[Any, str] | None = None  # (actor, name) of the warm executors, None for cold trials
-    timeline: Any = None  # SearchTimeline
-    budget: Any = field(init=False)  # SearchBudget, split among the studies
+    dispatcher: tuple[ActorHandle, str] | None = None  # (actor, name) of the warm executors, None for cold trials
+    timeline: SearchTimeline | None = None
+    budget: SearchBudget = field(init=False)  # split among the studies
     lock: threading.Lock = field(default_factory=threading.Lock)  # overlapping studies share the manifest and budget
 
     def __post_init__(self) -> None:
-        from medpeft_ray.search.budget import SearchBudget
-
         settings = self.config.search
         self.budget = SearchBudget(settings.time_budget_s, settings.max_trials, started_at=self.manifest.started_at)
-
-
-def preflight(config: SearchConfig) -> dict[str, Any]:
-    """Checks what needs torch before any Ray work: backbone name, checkpoint, data, method on the backbone.
-
-    Builds the dataset's decode-once cache on this machine (later trials here only read it) and
-    the model on the meta device (no memory, no weights), with the method applied.
-
-    Returns:
-        facts for the progress line (classes, images per split and ratio, trainable params) and
-        the dataset's cache key, which trials reuse instead of walking the dataset again, and
-        the pre-trained checkpoint's path and SHA-256.
-    """
-    import torch
-
-    from medpeft_ray.data import dataset_key, load_splits, train_subset_index
-    from medpeft_ray.models.normalisation import input_statistics
-    from medpeft_ray.methods import count_parameters, prepare_model
-    from medpeft_ray.metrics import METRICS, require_defined
-    from medpeft_ray.models import build_backbone
-    from medpeft_ray.models.backbones import check_backbone_name
-    from medpeft_ray.models.checkpoints import checkpoint_identity, match_checkpoint
-
-    from medpeft_ray.train.engine import augment_processes_override
-
-    augment_processes_override()  # a worker would read it only once its trial starts
-    backbone = config.model.backbone
-    try:
-        check_backbone_name(backbone)
-    except ConfigError as exc:
-        raise exc.with_file(config.experiment or "") from None
-    checkpoint = None
-    generation = config.task == "generation"
-    if config.model.checkpoint is not None and generation:
-        from medpeft_ray.models.unet import check_pipeline_folder, pipeline_weights
-
-        check_pipeline_folder(config.model.checkpoint)  # every part there, before any worker reads one
-        checkpoint = checkpoint_identity(pipeline_weights(config.model.checkpoint))
-    elif config.model.checkpoint is not None:
-        # the workers' own check, on a meta model: a file of another model stops here, not in a trial
-        # (the head does not take part, so its size does not matter yet)
-        with torch.device("meta"):
-            bare = build_backbone(backbone, 1, config.dataset.image_size)
-        match_checkpoint(bare, config.model.checkpoint)
-        checkpoint = checkpoint_identity(config.model.checkpoint)
-    if config.search.fid_weights is not None:
-        from medpeft_ray.train.fid import check_fid_weights
-
-        check_fid_weights(config.search.fid_weights)
-
-    ds = config.dataset
-    key = dataset_key(ds.name, ds.root, ds.image_size, ds.options, ds.seed)
-    splits = load_splits(ds.name, ds.root, ds.image_size, ds.options, ds.seed, key=key)
-    for name in ("train", "val"):
-        if len(getattr(splits, name)) == 0:
-            raise MedpeftError(f"{ds.root or ds.name}: the {name} split has no images")
-    if generation and not splits.has_captions:
-        raise DataError(f"{ds.root or ds.name}: dataset {ds.name!r} has no captions; a generation search needs images "
-                        "with their report text (mimic_cxr, captions, synthetic)")
-    for metric in config.search.objectives[0]:  # accuracy has no meaning on multi-label data, say
-        if metric in METRICS:  # also_minimize may name a cost column
-            require_defined(metric, "generation" if generation else splits.task, ds.name)
-    images_per_ratio = {r: len(train_subset_index(splits, r, ds.seed)) for r in ds.label_ratios}
-
-    # Each method is applied with the first value of each searched option, to catch options that
-    # do not fit this backbone (a block index past its depth, say) before trials start.
-    space = config.search_space
-    trainable_by_method: dict[str, int] = {}
-    for method in space.methods:
-        trial = space.trial_config(ds.label_ratios[0], space.first_point(method))
-        with torch.device("meta"):
-            model = build_backbone(backbone, splits.num_classes, ds.image_size, drop_path=trial.train.drop_path)
-            try:
-                model = prepare_model(model, trial.method.name, trial.method.options, trial.family)
-            except ValueError as exc:
-                raise ConfigError(config.method.options_key(method), str(exc), config.experiment) from None
-        trainable_by_method[method], total = count_parameters(model)
-    trainable = max(trainable_by_method.values())
-    return {
-        "classes": splits.num_classes,
-        "images": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "train_images_per_ratio": images_per_ratio,
-        "trainable_params": trainable,
-        "trainable_params_by_method": trainable_by_method,
-        "total_params": total,
-        "dataset_key": key,
-        "skipped": list(splits.skipped),
-        "channels": splits.channels,
-        "normalisation": input_statistics(config.model).describe(),
-        "checkpoint": checkpoint,  # {path, sha256} of the pre-trained weights, or None
-        # what warm executors build while they set up (data, pristine backbone, the method's imports)
-        "warm_up": space.trial_config(ds.label_ratios[0], space.first_point(space.methods[0])),
-    }
-
-
-def _connect(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Ray's own notices (token authentication, worker counts, deprecations) and the trials' output
-    # reach the terminal only when asked for: MEDPEFT_WORKER_LOGS=1 or `medpeft-ray search --verbose`
-    verbose = bool(os.environ.get("MEDPEFT_WORKER_LOGS"))
-    level = logging.WARNING if verbose else logging.INFO  # INFO lands in the session log, not the terminal
-    if address:
-        hint = (
-            "start one (`ray start --head --port 6380`, `ray up clusters/aws-gpu.yaml`) or leave --address out "
-            "to run on a local Ray"
-        )
-        # Ray retries an address where nothing listens for minutes; a refused connection says it at once.
-        host, sep, port = address.rpartition(":")
-        if sep and host and port.isdigit() and "://" not in address:
-            try:
-                socket.create_connection((host, int(port)), timeout=10).close()
-            except OSError as exc:
-                raise MedpeftError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); {hint}") from None
-        try:
-            _start_ray(lambda: ray.init(address=address, log_to_driver=verbose, logging_level=level), verbose)
-        except ConnectionError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MedpeftError(f"--address {address}: no Ray cluster to join ({reason}); {hint}") from None
-    else:
-        _start_ray(
-            lambda: ray.init(resources={DRIVER_RESOURCE: DRIVER_SLOTS}, log_to_driver=verbose, logging_level=level),
-            verbose,
-        )
-
-
-def _start_ray(init: Any, verbose: bool) -> None:
-    """Calls ``init`` (a ``ray.init``); unless ``verbose``, Ray's own output goes to its session log.
-
-    For the rest of the process, ``<session>/logs/medpeft-driver.log`` receives the ``ray``
-    loggers' records (token authentication notices, Tune's warnings), Python warnings raised in
-    Ray's code or of Ray's deprecation category, and the notices the raylet sends the driver
-    ("N PYTHON worker processes have been started ..."), which Ray prints even without
-    ``log_to_driver``. Records from before the session folder exists are held and written to it
-    once it does; if ``init`` fails they go to the terminal with the error, as without this.
-    """
-    if verbose:
-        init()
-        return
-    import logging.handlers
-    import warnings
-
-    import ray
-    import ray._private.worker as ray_worker
-    from ray.util.annotations import RayDeprecationWarning
-
-    ray_logger = logging.getLogger("ray")
-    terminal = list(ray_logger.handlers)
-    held = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
-    for handler in terminal:
-        ray_logger.removeHandler(handler)
-    ray_logger.addHandler(held)
-    ray_code = os.path.dirname(ray.__file__) + os.sep
-    show_warning = warnings.showwarning
-    # Ray's private printer of the raylet's notices; a Ray without it leaves those notices alone
-    print_notice = getattr(ray_worker, "print_to_stdstream", None)
-
-    def ray_warning(message: Any, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
-        if issubclass(category, RayDeprecationWarning) or filename.startswith(ray_code):
-            ray_logger.warning("%s:%s: %s: %s", filename, lineno, category.__name__, message)
-        else:
-            show_warning(message, category, filename, lineno, *rest)
-
-    def raylet_notice(data: dict[str, Any], ignore_prefix: bool) -> None:
-        for line in data.get("lines", ()):
-            ray_logger.warning("(%s) %s", data.get("pid", "raylet"), line)
-
-    def back_to_terminal() -> None:
-        warnings.showwarning = show_warning
-        if print_notice is not None:
-            ray_worker.print_to_stdstream = print_notice
-        ray_logger.removeHandler(held)
-        for handler in terminal:
-            ray_logger.addHandler(handler)
-            for record in held.buffer:
-                handler.handle(record)
-
-    warnings.showwarning = ray_warning
-    if print_notice is not None:
-        ray_worker.print_to_stdstream = raylet_notice
-    try:
-        init()
-    except BaseException:
-        back_to_terminal()
-        raise
-    try:
-        log_file = logging.FileHandler(os.path.join(ray_worker._global_node.get_logs_dir_path(), "medpeft-driver.log"))
-    except (AttributeError, OSError):  # no session folder to write to: the search goes on, as if verbose
-        back_to_terminal()
-        return
-    log_file.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"))
-    held.setTarget(log_file)
-    held.flush()
-    ray_logger.removeHandler(held)
-    ray_logger.addHandler(log_file)
 
 
 def _plan_resources(config: SearchConfig, existing_cluster: bool = False) -> tuple[ResourcePlan, ClusterCapacity]:
@@ -278,78 +112,13 @@ def _plan_resources(config: SearchConfig, existing_cluster: bool = False) -> tup
     return plan_resources(config, capacity), capacity
 
 
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")
-
-
-def results_location(results: str | Path | None = None) -> tuple[str, Path | None]:
-    """Where a search writes trial checkpoints and Tune state: (location, local folder or None).
-
-    A cloud storage URI (``s3://bucket/prefix``, ``gs://...``), given or in ``$MEDPEFT_RESULTS``,
-    is used as is, so that every node of a cluster reads and writes the same checkpoints;
-    anything else is a local (or shared file system) folder.
-
-    Raises:
-        UsageError: a URI with query parameters (``?endpoint_override=...``).
-    """
-    raw = results if results is not None else os.environ.get("MEDPEFT_RESULTS")
-    # str(Path("s3://b/x")) is "s3:/b/x": the scheme survives a trip through Path, the slashes do not
-    match = _URI.match(str(raw)) if raw is not None else None
-    if match and match.group(1).lower() != "file":
-        if "?" in match.group(2):
-            # The search appends folders to the location (f"{storage}/tune", ".../train/<trial>"),
-            # which would land inside the query, and the leaderboard's checkpoint URIs would lose it;
-            # pyarrow, and so Ray, read the same settings from the environment instead.
-            raise UsageError(
-                f"{raw}: a results URI takes no query parameters; give the storage's settings in the environment "
-                "of every node, where Ray's storage reads them too (for S3 and S3-compatible servers: "
-                "AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
-            )
-        return f"{match.group(1).lower()}://{match.group(2).rstrip('/')}", None
-    if match:  # file:///path
-        raw = "/" + match.group(2)
-    path = results_dir(raw)
-    return str(path), path
-
-
-#: what a local results folder must take before Ray starts: a search's manifest, Tune's state, first checkpoints
-RESULTS_PROBE_BYTES = 1 << 20
-
-
-def check_results_folder(path: Path | None) -> None:
-    """Refuses, before Ray starts, a local results folder that a search could not write to.
-
-    A search's first write to its results folder (the manifest) comes after Ray has started, and
-    with the leaderboard in another database nothing before it writes there: a read-only folder or
-    a full disk would show only then. A probe file of ``RESULTS_PROBE_BYTES``, written, synced and
-    removed, finds both now. ``path`` None (cloud storage) is not probed.
-
-    Raises:
-        UsageError: the path is a file, not a folder (exit code 2).
-        MedpeftError: the folder cannot be created or written (read-only, full, no permission).
-    """
-    import tempfile
-
-    if path is None:
-        return
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{path}: not a folder; --results (or MEDPEFT_RESULTS) names the folder a search writes to")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".medpeft-write-probe-") as probe:
-            probe.write(bytes(RESULTS_PROBE_BYTES))
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as exc:
-        raise MedpeftError(f"{path}: the results folder cannot be written ({exc.strerror or exc})") from None
-
-
 def run_search(
     config: SearchConfig,
     *,
     results: str | Path | None = None,
     address: str | None = None,
     db_url: str | None = None,
-    console: Any = None,
+    console: Console | None = None,
     resume: bool = False,
     facts: dict[str, Any] | None = None,
 ) -> SearchResult:
@@ -374,14 +143,9 @@ def run_search(
     started = time.time()
     storage, results_path = results_location(results)
     check_results_folder(results_path)  # a read-only or full results folder fails here, before Ray starts
+    db_url = search_db_url(storage, results_path, db_url)  # with cloud results, --db is required
     if results_path is not None:
         results_path.mkdir(parents=True, exist_ok=True)
-    elif not (db_url or os.environ.get("MEDPEFT_DB")):
-        raise MedpeftError(
-            f"{storage}: with results on cloud storage, give a leaderboard database that the machine running "
-            "the search can reach: --db postgresql://user@host/db (or MEDPEFT_DB)"
-        )
-    db_url = db_url or default_db_url(results_path)
     LeaderboardStore(db_url)  # fails now, not after the first trial, if the database is unusable
     facts = facts or preflight(config)
     reporter = SearchReporter(console)
@@ -389,24 +153,21 @@ def run_search(
 
     # Tune's own tables and Optuna's per-study log lines would drown the per-trial progress lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _connect(address)
+    ray_session.connect(address)
     plan, capacity = _plan_resources(config, existing_cluster=bool(address))
     reporter.cluster(config, plan, capacity, storage)
     if resume:
         manifest = SearchManifest.load(storage, config.experiment_name)
         manifest.attempt += 1  # fences off whatever the interrupted run left writing
     else:
+        # forecast.py is imported here, as the dry run's CLI path imports it: it stays free of Ray
         from medpeft_ray.search.forecast import recorded_forecast
-        from medpeft_ray.search.manifest import load_dry_run_forecast
 
         # the leaderboard's epoch times of the same setting, else the last `search --dry-run`'s timing
         forecast = recorded_forecast(config, facts, plan, db_url) or load_dry_run_forecast(storage, config.experiment_name)
         manifest = SearchManifest(config.experiment_name, config.model_dump(mode="json"), forecast=forecast)
     manifest.save(storage)
-    from medpeft_ray.search.callbacks import SearchTimeline
 
     run = SearchRun(config, plan, storage, facts, db_url, reporter, manifest, timeline=SearchTimeline())
     reporter.watch(config.search.metric, config.search.resolved_mode, plan.concurrency, run.timeline)
@@ -416,8 +177,6 @@ def run_search(
             pool = _take_executors(run)
             run.dispatcher = (pool.dispatcher, pool.name)
         else:
-            from medpeft_ray.search.pools import release_executors
-
             release_executors()  # idle executors of an earlier search would hold the cold trials' resources
             reporter.cold_trials()
         summaries = _run_studies(run)
@@ -430,8 +189,6 @@ def run_search(
     finally:
         reporter.close()
         if pool is not None:
-            from medpeft_ray.search.pools import return_executors
-
             # kept warm for this process's next search; after a failure, ended (trials may be mid-way)
             executor_stats = return_executors(pool, config.experiment_name, keep=ended_well)
         if capacity.autoscaling:
@@ -440,7 +197,7 @@ def run_search(
                         slots=plan.concurrency, executors=executor_stats, timeline=run.timeline)
 
 
-def _record_actual_costs(run: "SearchRun", records: list[Any], wall_s: float) -> None:
+def _record_actual_costs(run: SearchRun, records: list[TrialRecord], wall_s: float) -> None:
     """What the search cost, beside its forecast in the manifest (the report shows the two side by side)."""
     from medpeft_ray.search.forecast import actual_costs, devices_per_trial
 
@@ -448,7 +205,7 @@ def _record_actual_costs(run: "SearchRun", records: list[Any], wall_s: float) ->
     run.manifest.save(run.storage)
 
 
-def run_grid(cells: list[Any], *, console: Any = None, **options: Any) -> list[SearchResult]:
+def run_grid(cells: list[GridCell], *, console: Console | None = None, **options: Any) -> list[SearchResult]:
     """Runs a grid's searches one after another on one set of warm executors and one leaderboard.
 
     Every cell is pre-flighted (data, checkpoint, methods on the backbone) before the first one
@@ -472,14 +229,9 @@ def run_grid(cells: list[Any], *, console: Any = None, **options: Any) -> list[S
     return results
 
 
-def _take_executors(run: "SearchRun") -> Any:
+def _take_executors(run: SearchRun) -> ExecutorPool:
     """The search's executors, one per trial slot, ready before Tune starts: this process's warm
-    ones where they fit, else new ones (an ExecutorPool)."""
-    import ray
-
-    from medpeft_ray.search.executors import ExecutorSpec
-    from medpeft_ray.search.pools import return_executors, take_executors
-
+    ones where they fit, else new ones."""
     config, plan, storage, facts = run.config, run.plan, run.storage, run.facts
 
     spec = ExecutorSpec(
@@ -514,7 +266,7 @@ def resumable_config(name: str, results: str | Path | None = None) -> SearchConf
     return SearchConfig.model_validate(manifest.config)
 
 
-def _run_studies(run: "SearchRun") -> list[Any]:
+def _run_studies(run: SearchRun) -> list[TrialSummary]:
     """One Tune study per label ratio; returns the finished trials, best first per ratio.
 
     Each study runs in a thread of its own, and the next one starts as soon as the previous one
@@ -527,7 +279,7 @@ def _run_studies(run: "SearchRun") -> list[Any]:
     """
     config, manifest = run.config, run.manifest
     ratios = config.dataset.label_ratios
-    results: dict[float, list[Any]] = {}
+    results: dict[float, list[TrialSummary]] = {}
     errors: list[BaseException] = []
     threads: list[threading.Thread] = []
 
@@ -563,12 +315,8 @@ def _run_studies(run: "SearchRun") -> list[Any]:
     return [summary for ratio in ratios for summary in results.get(ratio, [])]
 
 
-def _run_study(run: "SearchRun", index: int, tail: threading.Event) -> list[Any]:
+def _run_study(run: SearchRun, index: int, tail: threading.Event) -> list[TrialSummary]:
     """The study of one label ratio (restored if it was interrupted); sets ``tail`` once it starts no more trials."""
-    from ray import tune
-
-    from medpeft_ray.search.trial import run_trial
-
     config, manifest = run.config, run.manifest
     settings = config.search
     ratios = config.dataset.label_ratios
@@ -604,8 +352,6 @@ def _run_study(run: "SearchRun", index: int, tail: threading.Event) -> list[Any]
         _finish_study(manifest, run.storage, label_ratio)
     metrics, _ = settings.objectives
     if len(metrics) > 1 and run.reporter.listening:
-        import optuna
-
         front = optuna.load_study(study_name=study_name, storage=optuna_storage(run.db_url)).best_trials
         run.reporter.pareto_front(label_ratio, metrics, front)
     if share.spent:
@@ -613,10 +359,8 @@ def _run_study(run: "SearchRun", index: int, tail: threading.Event) -> list[Any]
     return trials
 
 
-def _trial_plan(run: "SearchRun", label_ratio: float) -> Any:
+def _trial_plan(run: SearchRun, label_ratio: float) -> TrialPlan:
     """What every trial of ``label_ratio``'s study shares."""
-    from medpeft_ray.search.trial import TrialPlan
-
     config, plan = run.config, run.plan
     return TrialPlan(
         search=config,
@@ -633,19 +377,9 @@ def _trial_plan(run: "SearchRun", label_ratio: float) -> Any:
     )
 
 
-def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, num_samples: int, share: Any,
-               tail: threading.Event) -> Any:
+def _new_tuner(run: SearchRun, index: int, trainable: Any, study_name: str, num_samples: int, share: StudyBudget,
+               tail: threading.Event) -> tune.Tuner:
     """A fresh Tune run of one study: Optuna searcher (warm-started, budgeted, gated on executors) and scheduler."""
-    from ray import tune
-
-    from medpeft_ray.search.budget import BudgetedSearch
-    from medpeft_ray.search.callbacks import CheckpointRetention, LeaderboardCallback, StudyTail
-    from medpeft_ray.search.executors import WAITING_PER_EXECUTOR, ExecutorCallback, ExecutorGate
-    from medpeft_ray.search.trial import trial_folder
-    from medpeft_ray.search.optuna_states import EpochStatesSearch
-    from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
-    from medpeft_ray.search.warm_start import warm_start_points
-
     config, dispatcher, settings, space = run.config, run.dispatcher, run.config.search, run.config.search_space
     ratios = config.dataset.label_ratios
     label_ratio = ratios[index]
@@ -688,7 +422,8 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
         run_config=tune.RunConfig(
             name=experiment,
             storage_path=f"{run.storage}/tune",
-            callbacks=[LeaderboardCallback(config, label_ratio, run.db_url, run.reporter, run.timeline),
+            callbacks=[LeaderboardCallback(config, label_ratio, run.db_url, run.reporter, run.timeline,
+                                           handouts=ExecutorHandouts(dispatcher[1], experiment) if dispatcher else None),
                        StudyTail(num_samples, share, tail),
                        *([ExecutorCallback(dispatcher[1], experiment),
                           # after the row is written: it names the best epoch's checkpoint
@@ -699,15 +434,9 @@ def _new_tuner(run: "SearchRun", index: int, trainable: Any, study_name: str, nu
     )
 
 
-def _confirm(run: "SearchRun", label_ratio: float, trials: list[Any], trial_plan: Any, study_name: str) -> None:
+def _confirm(run: SearchRun, label_ratio: float, trials: list[TrialSummary], trial_plan: TrialPlan,
+             study_name: str) -> None:
     """Re-trains the study's best configurations with several seeds and records which one is chosen."""
-    from ray import tune
-
-    from medpeft_ray.search.callbacks import LeaderboardCallback
-    from medpeft_ray.search.confirm import choose, confirm_study, describe, record_confirmation
-    from medpeft_ray.search.executors import ExecutorCallback
-    from medpeft_ray.search.trial import confirm_trial
-
     settings = run.config.search
     confirm = settings.confirm
     assert confirm is not None
@@ -715,7 +444,8 @@ def _confirm(run: "SearchRun", label_ratio: float, trials: list[Any], trial_plan
     trainable = tune.with_resources(tune.with_parameters(confirm_trial, plan=trial_plan), run.plan.driver)
     name = run.config.run_name(label_ratio, confirmation=True)
     # each seed is a leaderboard row of its own (role "confirmation"): views show mean and spread
-    callbacks = [LeaderboardCallback(run.config, label_ratio, run.db_url, role="confirmation"),
+    handouts = ExecutorHandouts(run.dispatcher[1], name) if run.dispatcher is not None else None
+    callbacks = [LeaderboardCallback(run.config, label_ratio, run.db_url, role="confirmation", handouts=handouts),
                  *([ExecutorCallback(run.dispatcher[1], name)] if run.dispatcher is not None else [])]
     confirmed = confirm_study(run.config, label_ratio, top, trainable, run.plan.concurrency, run.storage, callbacks)
     chosen = choose(confirmed, settings.resolved_mode)
@@ -729,14 +459,9 @@ def _finish_study(manifest: SearchManifest, storage: str, label_ratio: float) ->
     manifest.save(storage)
 
 
-def _recorded_trials(config: SearchConfig, label_ratio: float, db_url: str, manifest: SearchManifest) -> list[Any]:
+def _recorded_trials(config: SearchConfig, label_ratio: float, db_url: str,
+                     manifest: SearchManifest) -> list[TrialSummary]:
     """This run's trials of one label ratio as the leaderboard has them, best first."""
-    from datetime import datetime, timezone
-
-    from medpeft_ray.leaderboard import TrialRecord
-    from medpeft_ray.metrics import get_metric
-    from medpeft_ray.search.callbacks import TrialSummary
-
     since = datetime.fromtimestamp(int(manifest.started_at), timezone.utc)
     rows = LeaderboardStore(db_url).query(
         experiment=config.experiment_name, label_ratio=label_ratio, since=since, role="search",

@@ -12,11 +12,13 @@ import warnings
 from typing import Any
 
 import optuna
-from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+import pyarrow.fs
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
 
 from medpeft_ray.config import Distribution, SearchSettings, SearchSpace, grid_points
 from medpeft_ray.config.space import suggest
 from medpeft_ray.metrics import metric_mode
+from medpeft_ray.storage import filesystem
 
 
 class SpaceSampler:
@@ -132,8 +134,6 @@ class RestorableASHA(AsyncHyperBandScheduler):
     def _save(self) -> None:
         if self.state_uri is None:
             return
-        from medpeft_ray.storage import filesystem
-
         fs, path = filesystem(self.state_uri)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as stream:  # one small pickle; an object store's PUT is whole
@@ -144,10 +144,6 @@ class RestorableASHA(AsyncHyperBandScheduler):
         self.__dict__.setdefault("stopped_at", {})
         if self.__dict__.get("state_uri") is None:
             return
-        import pyarrow.fs
-
-        from medpeft_ray.storage import filesystem
-
         fs, path = filesystem(self.state_uri)
         if fs.get_file_info(path).type == pyarrow.fs.FileType.File:  # a resumed study: its decisions so far
             with fs.open_input_stream(path) as stream:
@@ -160,8 +156,6 @@ def make_scheduler(settings: SearchSettings, epochs: int, state_uri: str | None 
 
     ``state_uri``: where ASHA keeps its decisions, so that a resumed study stops what it stopped.
     """
-    from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule
-
     scheduler = settings.scheduler
     grace = min(scheduler.grace_period, epochs)
     # schedulers stop trials on the search's metric alone, even when Optuna also minimises costs;

@@ -1,7 +1,8 @@
 """One Tune trial: a small driver function that trains one sampled configuration.
 
 The Tune trainable holds a sliver of CPU; it builds the trial's configuration from the sampled
-values and hands it to a warm executor of the search (:mod:`medpeft_ray.search.executors`), whose
+values and hands it, as a :class:`~medpeft_ray.train.assignment.TrialAssignment`, to a warm
+executor of the search (:mod:`medpeft_ray.search.dispatcher`), whose
 workers hold the real resources and report each epoch back; the driver passes them on to Tune,
 where the scheduler (ASHA) and the searcher (Optuna) see them. Without executors
 (``resources.warm_executors: false``) the trial is a cold Ray Train run of its own: a
@@ -15,14 +16,29 @@ restarts from its last checkpoint, which it finds in storage every node reaches,
 
 from __future__ import annotations
 
+import os
+import re
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import psutil  # a Ray dependency
+from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.result import TRAINING_ITERATION
 
 from medpeft_ray.config import SearchConfig
+from medpeft_ray.errors import TrialFailed
 from medpeft_ray.search.ray_train import WORKER_GROUP_START_TIMEOUT_ENV, prepare_fit  # noqa: F401  (its name is this module's too)
+from medpeft_ray.search.tune_side import run_on_executor, trial_key
+from medpeft_ray.train.assignment import ASSIGNMENT_KEY, TrialAssignment
+from medpeft_ray.train.worker import FAILURE_KEY, train_loop_per_worker
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+    from medpeft_ray.config import TrialConfig
 
 
 @dataclass(frozen=True)
@@ -38,7 +54,7 @@ class TrialPlan:
     dataset_key: dict[str, Any] | None = None  # the decode-once cache key, computed once by the driver
     max_failures: int = 0  # restarts from the last checkpoint after a lost worker or node (-1: no limit)
     worker_start_timeout_s: float = 1800.0  # per start of the workers: covers nodes being added
-    dispatcher: Any = None  # the search's warm executors (a TrialDispatcher actor), or None: cold trials
+    dispatcher: ActorHandle | None = None  # the search's warm executors (a TrialDispatcher actor), or None: cold trials
     attempt: int = 1  # the run of the search (SearchManifest.attempt): fences the trial folders
 
 
@@ -81,8 +97,6 @@ def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     ``config["point"]`` holds the study's sampled ``params`` and the ``seed``; the run reports
     once, at its end, its best validation epoch's metrics and that epoch's test-split score.
     """
-    from ray import tune
-
     started = _start_marks()
     point = config["point"]
     trial = plan.search.search_space.trial_config(plan.label_ratio, point["params"])
@@ -96,35 +110,26 @@ def confirm_trial(config: dict[str, Any], plan: TrialPlan) -> None:
 
 def _start_marks() -> dict[str, float]:
     """The start of the trial's start-up breakdown: its process's start, then its function's."""
-    import time
-
-    import psutil  # a Ray dependency
-
     return {"trial_process": psutil.Process().create_time(), "trial_function": time.time()}
 
 
-def _run_warm(trial: Any, plan: TrialPlan, started: dict[str, float], evaluate_test: bool) -> dict[str, Any]:
+def _run_warm(trial: TrialConfig, plan: TrialPlan, started: dict[str, float], evaluate_test: bool) -> dict[str, Any]:
     """Trains ``trial`` on one of the search's warm executors; returns its final metrics."""
-    from ray import tune
-
-    from medpeft_ray.search.executors import run_on_executor, trial_key
-
     context = tune.get_context()
     experiment, trial_id = context.get_experiment_name(), context.get_trial_id()
-    payload = {
-        "trial": trial,
-        # Tune's creation order in the study (its folder is <trainable>_<id>_<number>_<params>):
-        # a resumed study's trials queue at the dispatcher in this order
-        "number": _trial_number(context.get_trial_dir(), trial_id),
+    assignment = TrialAssignment(
+        trial=trial,
+        evaluate_test=evaluate_test,
+        dataset_key=plan.dataset_key,
+        started=started,
         # the same folder a cold trial's Ray Train run uses, so a resumed trial finds its checkpoints
-        "checkpoint_uri": trial_folder(plan.storage_path, experiment, trial_id),
-        "evaluate_test": evaluate_test,
-        "started": started,
-        "dataset_key": plan.dataset_key,
-        "max_failures": plan.max_failures,
-        "attempt": plan.attempt,
-    }
-    return run_on_executor(plan.dispatcher, trial_key(experiment, trial_id), payload, report_epochs=not evaluate_test)
+        checkpoint_uri=trial_folder(plan.storage_path, experiment, trial_id),
+        # Tune's creation order in the study (its folder is <trainable>_<id>_<number>_<params>)
+        number=_trial_number(context.get_trial_dir(), trial_id),
+        max_failures=plan.max_failures,
+        attempt=plan.attempt,
+    )
+    return run_on_executor(plan.dispatcher, trial_key(experiment, trial_id), assignment, report_epochs=not evaluate_test)
 
 
 def trial_folder(storage_path: str, experiment: str, trial_id: str) -> str:
@@ -134,39 +139,30 @@ def trial_folder(storage_path: str, experiment: str, trial_id: str) -> str:
 
 def _trial_number(trial_dir: str, trial_id: str) -> int:
     """The trial's number in its study, from its Tune folder's name (0 if it has none)."""
-    import os
-    import re
-
     found = re.search(rf"{re.escape(trial_id)}_(\d+)", os.path.basename(str(trial_dir).rstrip("/")))
     return int(found.group(1)) if found else 0
 
 
 def _fit(
-    search: SearchConfig, trial: Any, plan: TrialPlan, started: dict[str, float], callbacks: list[Any], evaluate_test: bool
+    search: SearchConfig, trial: TrialConfig, plan: TrialPlan, started: dict[str, float], callbacks: list[Any],
+    evaluate_test: bool,
 ) -> dict[str, Any]:
     """Runs ``trial`` on a TorchTrainer; returns the metrics of its last checkpointed report.
 
     Raises:
         TrialFailed: the workers reported a failure that a restart would repeat (a NaN loss).
     """
-    from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    # ray.train.torch imports torch: only a cold trial's driver needs it, not a warm one's
     from ray.train.torch import TorchTrainer
-
-    from medpeft_ray.errors import TrialFailed
-    from medpeft_ray.train.worker import EVALUATE_TEST_KEY, FAILURE_KEY, TRIAL_KEY, train_loop_per_worker
 
     context = tune.get_context()
     prepare_fit(plan.worker_start_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            TRIAL_KEY: trial,
-            "threads": plan.resources_per_worker.get("CPU", 1),
-            "dataset_key": plan.dataset_key,
-            "started": started,
-            EVALUATE_TEST_KEY: evaluate_test,
-        },
+        train_loop_config={ASSIGNMENT_KEY: TrialAssignment(
+            trial=trial, evaluate_test=evaluate_test, dataset_key=plan.dataset_key, started=started,
+            threads=max(1, int(plan.resources_per_worker.get("CPU", 1))),
+        )},
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=plan.resources_per_worker
         ),

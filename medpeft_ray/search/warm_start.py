@@ -16,6 +16,7 @@ from typing import Any
 
 from medpeft_ray.config import METHOD_PARAM, SearchConfig
 from medpeft_ray.label_ratios import LABEL_RATIO_TOLERANCE
+from medpeft_ray.leaderboard import LeaderboardStore
 from medpeft_ray.metrics import get_metric
 
 
@@ -40,8 +41,6 @@ def _best_known(
     config: SearchConfig, label_ratio: float, db_url: str, searched_ratios: list[float]
 ) -> list[tuple[str, dict[str, Any]]]:
     """(method, sampled params) of the best recorded trials: same ratio (any earlier run), then the nearest searched ratio."""
-    from medpeft_ray.leaderboard import LeaderboardStore
-
     metric = config.search.metric
     rows = LeaderboardStore(db_url).query(dataset=config.dataset.name, backbone=config.model.backbone, role="search",
                                           metric=metric, ascending=get_metric(metric).ascending)

@@ -8,7 +8,7 @@ own optimizer and DeepSpeed engine, trains, evaluates and checkpoints per epoch,
 everything it allocated when it ends, is stopped or fails.
 
 The same recipe runs a cold trial (``run_training``: a fresh recipe, one trial), a warm executor's
-trials (:mod:`medpeft_ray.search.executors`) and ``medpeft-ray train --config``, so a configuration
+trials (:mod:`medpeft_ray.search.executor_worker`) and ``medpeft-ray train --config``, so a configuration
 gives the same numbers whichever way it runs.
 """
 

@@ -1,4 +1,11 @@
-"""The Ray Train worker function of a cold trial: Ray's rank, device and report around :func:`run_training`."""
+"""The Ray Train worker function of a cold trial: Ray's rank, device and report around :func:`run_training`.
+
+The trial comes as the :class:`~medpeft_ray.train.assignment.TrialAssignment` in ``train_loop_config``
+(:data:`~medpeft_ray.train.assignment.ASSIGNMENT_KEY`). Ray, torch and the training modules are
+imported inside the worker function: the Tune trial that imports this module to hand the function
+to Ray Train never trains, and DeepSpeed, which picks its accelerator when it is imported, is
+loaded first (:func:`~medpeft_ray.train.engine.load_deepspeed`).
+"""
 
 from __future__ import annotations
 
@@ -10,37 +17,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: key of the trial config in ``train_loop_config``
-TRIAL_KEY = "trial"
+import psutil  # a Ray dependency
+
+from medpeft_ray.errors import TrialFailed
+from medpeft_ray.metrics import nan_metrics
+from medpeft_ray.train.assignment import ASSIGNMENT_KEY, TrialAssignment
+
 #: metrics key of a trial that ended in a reported failure (a NaN loss); its value is the reason
 FAILURE_KEY = "failure"
-#: key of ``train_loop_config``: after training, score the best validation epoch on the test split
-EVALUATE_TEST_KEY = "evaluate_test"
 #: in a cold trial's checkpoint: every epoch's metrics up to it (a restarted run reports them again)
 HISTORY_FILE = "history.json"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker of a trial (``TorchTrainer(train_loop_per_worker)``)."""
-    started = {**loop_config.get("started", {}), "actor_start": time.time()}
+    assignment: TrialAssignment = loop_config[ASSIGNMENT_KEY]
+    started = {**assignment.started, "actor_start": time.time()}
     from medpeft_ray.train.engine import load_deepspeed
 
     # DeepSpeed picks its accelerator at import: decide before anything imports it
     load_deepspeed(on_gpu=bool(os.environ.get("CUDA_VISIBLE_DEVICES")))
-    import psutil  # a Ray dependency
     import ray.train
     import ray.train.torch
     import torch
 
-    from medpeft_ray.errors import TrialFailed
-    from medpeft_ray.metrics import nan_metrics
     from medpeft_ray.train.engine import WorkerContext
     from medpeft_ray.train.recipes import run_training
 
     started["worker_process"] = psutil.Process().create_time()
     started["imports"] = time.time()
-    trial = loop_config[TRIAL_KEY]  # a TrialConfig, validated once where it was sampled
-    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    trial = assignment.trial  # validated once where it was sampled
+    torch.set_num_threads(max(1, assignment.threads))
     context = ray.train.get_context()
     checkpoint = ray.train.get_checkpoint()
     epochs_reported = 0
@@ -70,10 +77,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             world_size=context.get_world_size(),
             device=ray.train.torch.get_device(),
             resume_from=resume_from,
-            dataset_key=loop_config.get("dataset_key"),
+            dataset_key=assignment.dataset_key,
             started=started,
         )
-        evaluate_test = bool(loop_config.get(EVALUATE_TEST_KEY))
+        evaluate_test = assignment.evaluate_test
         try:
             final = run_training(trial, ctx, report, evaluate_test=evaluate_test, history=list(history))
         except TrialFailed as exc:

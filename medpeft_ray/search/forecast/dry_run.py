@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from medpeft_ray.leaderboard import default_db_url
 from medpeft_ray.search.cluster import DRIVER_RESOURCE, DRIVER_SLOTS, ClusterCapacity, plan_resources
 from medpeft_ray.search.forecast.estimate import SearchForecast, devices_per_trial, forecast
 from medpeft_ray.search.forecast.recorded import startup_figures
 from medpeft_ray.search.forecast.timing import time_steps
 from medpeft_ray.search.manifest import save_dry_run_forecast
-from medpeft_ray.search.runner import preflight, results_location
+from medpeft_ray.search.preflight import preflight
+from medpeft_ray.storage import default_db_url, results_location
 
 if TYPE_CHECKING:
     from medpeft_ray.config import SearchConfig

@@ -169,7 +169,7 @@ def forecast(config: SearchConfig, facts: dict[str, Any], timings: list[MethodTi
              device: str | None = None) -> SearchForecast:
     """The forecast from its inputs: no timing, no I/O.
 
-    ``facts``: :func:`~medpeft_ray.search.runner.preflight`'s (training images per ratio,
+    ``facts``: :func:`~medpeft_ray.search.preflight.preflight`'s (training images per ratio,
     validation images). Several methods share a study's trials evenly (Optuna's choice is not
     known in advance), so an epoch costs the mean of the methods' epochs. ``epoch_seconds``: an
     epoch's seconds per label ratio as recorded
