@@ -20,6 +20,7 @@ from medpeft_ray.search.forecast import (
     StartupFigures,
     expected_epochs,
     forecast,
+    forecast_lines,
     halving_epochs_per_trial,
     halving_milestones,
     recorded_forecast,
@@ -90,12 +91,12 @@ def test_forecast_arithmetic() -> None:
     assert result.device_hours == pytest.approx((trial_seconds + 45.0 * 2) / 3600)
     assert result.wall_s[0] == pytest.approx(45.0 + trial_seconds / 2)
     assert result.to_dict()["total"]["trials"] == 2
-    assert result.to_dict()["total"]["cost"] is None and "cost" not in result.lines()[-1]
+    assert result.to_dict()["total"]["cost"] is None and "cost" not in forecast_lines(result)[-1]
     # a device-hour price in the YAML turns the device-hours into money
     priced = validate_search_dict(tiny_search(resources={"device_hour_price": 2.5}), "tiny.yaml")
     result = forecast(priced, _facts({1.0: 40}, val=20), [timing], StartupFigures(1.0, 45.0), concurrency=2)
     assert result.to_dict()["total"]["cost"] == pytest.approx(2.5 * result.device_hours)
-    assert result.lines()[-1].endswith(f"; cost {2.5 * result.device_hours:,.2f} at 2.5 per device-hour")
+    assert forecast_lines(result)[-1].endswith(f"; cost {2.5 * result.device_hours:,.2f} at 2.5 per device-hour")
 
 
 def test_forecast_with_two_workers_and_two_methods() -> None:
@@ -307,14 +308,14 @@ def test_generation_forecast_adds_fid_samplings_at_their_epochs() -> None:
         assert study.fid_s == pytest.approx(2.0) and study.fid_runs == 2 * len(study.fid_epochs)
         assert study.trial_seconds == pytest.approx(4 * study.epoch_s + study.fid_runs * 2.0 + 2 * 1.0)
         by_epochs[tuple(study.fid_epochs)] = study.trial_seconds
-        lines = result.lines()
+        lines = forecast_lines(result)
         assert "2.00 s per FID sampling (4 images, 2 steps)" in lines[0], lines
         assert f"({study.fid_runs:.1f} samplings expected, 2.00 s each)" in lines[1], lines
     # no scheduler: FID at the last epoch only, or at every epoch (two more samplings)
     assert by_epochs[(1, 2)] == pytest.approx(by_epochs[(2,)] + 2 * 2.0)
     # a classification search's forecast has no FID in it
     plain = forecast(validate_search_dict(tiny_search(), "tiny.yaml"), facts, [timing], StartupFigures(), concurrency=1)
-    assert plain.studies[0].fid_runs == 0 and not any("FID" in line for line in plain.lines())
+    assert plain.studies[0].fid_runs == 0 and not any("FID" in line for line in forecast_lines(plain))
 
 
 @pytest.mark.slow

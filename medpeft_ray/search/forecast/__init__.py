@@ -13,7 +13,7 @@ study and in total: trials, epochs, device-hours and wall time at the planned co
 
 - :mod:`.halving`: the scheduler's expected epochs and each study's trials (pure arithmetic);
 - :mod:`.estimate`: the forecast's figures and :func:`forecast`, the arithmetic alone (step times
-  in, forecast out); :mod:`.lines`: the forecast as text;
+  in, forecast out); :mod:`.lines`: the forecast as text (:func:`forecast_lines`);
 - :mod:`.recorded`: start-up and epoch times of earlier trials, from the leaderboard;
 - :mod:`.timing`: timing the steps with the real recipe (imports the training floor);
 - :mod:`.dry_run`: the command's loop over a search or a grid's cells (imported by itself, as
@@ -41,11 +41,12 @@ from medpeft_ray.search.forecast.halving import (
     halving_milestones,
     study_trials,
 )
+from medpeft_ray.search.forecast.lines import forecast_lines
 from medpeft_ray.search.forecast.recorded import recorded_epoch_seconds, recorded_forecast, startup_figures
 
 __all__ = [
     "DEFAULT_EXECUTOR_SETUP_S", "DEFAULT_WARM_STARTUP_S", "HIGH_FACTOR", "LOW_FACTOR", "MethodTiming", "SearchForecast",
     "StartupFigures", "StudyForecast", "actual_costs", "devices_per_trial", "expected_epochs", "expected_fid_runs",
-    "forecast", "halving_epoch_shares", "halving_epochs_per_trial", "halving_milestones", "recorded_epoch_seconds",
+    "forecast", "forecast_lines", "halving_epoch_shares", "halving_epochs_per_trial", "halving_milestones", "recorded_epoch_seconds",
     "recorded_forecast", "startup_figures", "study_trials",
 ]

@@ -16,6 +16,7 @@ import torch
 
 from medpeft_ray.search.cluster import DRIVER_RESOURCE, DRIVER_SLOTS, ClusterCapacity, plan_resources
 from medpeft_ray.search.forecast.estimate import SearchForecast, devices_per_trial, forecast
+from medpeft_ray.search.forecast.lines import forecast_lines
 from medpeft_ray.search.forecast.recorded import startup_figures
 from medpeft_ray.search.forecast.timing import time_steps
 from medpeft_ray.search.manifest import save_dry_run_forecast
@@ -54,7 +55,7 @@ def dry_run(searches: SearchConfig | list[GridCell], *, results: str | Path | No
         yield DryRunLine(": forecast (dry run: no Ray, no trial)", heading=name)
         facts = preflight(config)  # exactly what the search would check before Ray
         made = timed_forecast(config, facts, results=results, db_url=db_url)
-        for line in made.lines():
+        for line in forecast_lines(made):
             yield DryRunLine(line)
         # the search then keeps it in its manifest, beside what it took
         storage, _ = results_location(results)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from medpeft_ray.errors import MedpeftError
 from medpeft_ray.label_ratios import same_label_ratio
 from medpeft_ray.search.forecast.halving import expected_epochs, expected_fid_runs, study_trials
-from medpeft_ray.search.forecast.lines import forecast_lines
 
 if TYPE_CHECKING:
     from medpeft_ray.config import SearchConfig
@@ -158,10 +157,6 @@ class SearchForecast:
         return {**asdict(self), "total": {"trials": self.trials, "epochs": self.epochs,
                                           "device_hours": self.device_hours,
                                           "wall_s": point, "wall_low_s": low, "wall_high_s": high, "cost": cost}}
-
-    def lines(self) -> list[str]:
-        """The forecast as text: the step times, one line per study, one total line (:func:`.lines.forecast_lines`)."""
-        return forecast_lines(self)
 
 
 def forecast(config: SearchConfig, facts: dict[str, Any], timings: list[MethodTiming], startup: StartupFigures,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from medpeft_ray.search.forecast.estimate import SearchForecast
+from medpeft_ray.search.forecast.estimate import SearchForecast
 
 
 def forecast_lines(forecast: SearchForecast) -> list[str]:
