@@ -471,3 +471,38 @@ def test_bad_input(row: Row, results: Path, inputs: Path, closed_port: int, tmp_
             # the leaderboard file may have gained SQLite's -wal/-shm beside it, and nothing else
             after["names"] = [n for n in after["names"] if not n.endswith(("-wal", "-shm"))]
         assert after == before, shown
+
+
+def test_a_study_saved_by_a_version_laid_out_otherwise_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Tune pickles a study's searcher and callbacks by module path; a resume under a version whose
+    modules moved says so in one line naming the study, instead of an unpickling traceback."""
+    import types
+
+    from ray import tune
+    from ray.tune.search import Searcher
+
+    from medpeft_ray.errors import MedpeftError
+    from medpeft_ray.search.runner import _restore_tuner
+
+    moved = types.ModuleType("medpeft_ray.search.moved_away")
+
+    class Gate(Searcher):
+        def suggest(self, trial_id: str) -> None:
+            return None
+
+    Gate.__module__, Gate.__qualname__, moved.Gate = moved.__name__, "Gate", Gate
+
+    def trainable(config: dict) -> dict:
+        return {"x": 1}
+
+    sys.modules[moved.__name__] = moved
+    try:  # a real Tuner writes its real saved state (tuner.pkl), naming the searcher's module
+        tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=Gate(metric="x", mode="max"), num_samples=1),
+                   run_config=tune.RunConfig(name="study", storage_path=str(tmp_path)))
+    finally:
+        del sys.modules[moved.__name__]
+    with pytest.raises(MedpeftError) as refused:
+        _restore_tuner(str(tmp_path / "study"), trainable)
+    assert str(refused.value) == (
+        f"{tmp_path / 'study'}: the study's saved state was written by another version of medpeft-ray (No module "
+        "named 'medpeft_ray.search.moved_away'); finish the search with that version (its rows and checkpoints are kept)")

@@ -333,9 +333,7 @@ def _run_study(run: SearchRun, index: int, tail: threading.Event) -> list[TrialS
     study_path = f"{run.storage}/tune/{config.run_name(label_ratio)}"
     if label_ratio in manifest.studies_started and tune.Tuner.can_restore(study_path):
         run.reporter.resuming(label_ratio)
-        # finished trials stay finished; trials that were running restart from their last checkpoint;
-        # the searcher comes back with its Optuna study, the leaderboard callback with its database
-        tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = _restore_tuner(study_path, trainable)
     else:
         tuner = _new_tuner(run, index, trainable, study_name, num_samples, share, tail)
         with run.lock:
@@ -357,6 +355,26 @@ def _run_study(run: SearchRun, index: int, tail: threading.Event) -> list[TrialS
     if share.spent:
         run.reporter.budget_spent(label_ratio, share.spent, share.started)
     return trials
+
+
+def _restore_tuner(study_path: str, trainable: Any) -> tune.Tuner:
+    """The interrupted study's tuner, from Tune's saved state.
+
+    Tune pickles the study's searcher and callbacks, which name this package's classes by module:
+    state written by a medpeft-ray whose modules were laid out otherwise cannot be read back.
+
+    Raises:
+        MedpeftError: the state names a medpeft_ray module or class this version does not have.
+    """
+    try:
+        # finished trials stay finished; trials that were running restart from their last checkpoint;
+        # the searcher comes back with its Optuna study, the leaderboard callback with its database
+        return tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        if "medpeft_ray" not in str(exc):
+            raise
+        raise MedpeftError(f"{study_path}: the study's saved state was written by another version of medpeft-ray "
+                           f"({exc}); finish the search with that version (its rows and checkpoints are kept)") from exc
 
 
 def _trial_plan(run: SearchRun, label_ratio: float) -> TrialPlan:
