@@ -346,7 +346,7 @@ class LeaderboardCallback(Callback):
         else:
             startup = f", start-up {record.startup_s:.0f} s" if record.startup_s is not None else ""
             if p.waited_s is not None and p.waited_s >= 1:
-                startup += f", after {p.waited_s:.0f} s waiting for an executor"
+                startup += f", waited {p.waited_s:.0f} s"  # the started line said what for
             self._say(
                 trial,
                 f"{status}: best {self.metric}={format_value(best.get(self.metric))} at epoch {record.best_epoch} "
