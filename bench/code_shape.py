@@ -122,6 +122,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs="*", type=Path, default=[HERE], help="repository roots (default: this one)")
     roots = [t.resolve() for t in parser.parse_args().trees]
+    for root in roots:
+        if not (root / "README.md").is_file() or not (root / "medpeft_ray").is_dir():
+            parser.error(f"{root}: not a medpeft-ray checkout (no README.md and medpeft_ray/ there)")
     shapes = [{**static_shape(root), **leaderboard_import(root)} for root in roots]
     with tempfile.TemporaryDirectory() as scratch:
         make_leaderboard(Path(scratch))
