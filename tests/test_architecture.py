@@ -24,7 +24,7 @@ FLOORS = {
     "medpeft_ray": 0, "medpeft_ray.errors": 0, "medpeft_ray.fault_points": 0,
     "medpeft_ray.schema": 1, "medpeft_ray.metrics": 1, "medpeft_ray.label_ratios": 1, "medpeft_ray.storage": 1,
     "medpeft_ray.samples": 1,
-    "medpeft_ray.data": 2,
+    "medpeft_ray.data": 2, "medpeft_ray.evaluation": 2,
     "medpeft_ray.models": 3,
     "medpeft_ray.methods": 4,
     "medpeft_ray.config": 5,
