@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import tiny_search
@@ -14,6 +15,8 @@ from typer.testing import CliRunner
 from medpeft_ray.cli import app
 from medpeft_ray.config import load_trial_config, validate_search_dict
 from medpeft_ray.errors import ConfigError
+from medpeft_ray.evaluation.predictions import read_predictions
+from medpeft_ray.metrics import metric_values
 
 
 def _trial_yaml(tmp_path: Path, **changes: object) -> Path:
@@ -58,6 +61,14 @@ def test_train_runs_and_scores_the_test_split(tmp_path: Path) -> None:
     # the best epoch's checkpoint is kept, adapter-only, with peft's format beside it
     assert json.loads((run / "checkpoint" / "state.json").read_text())["epoch"] == best["epoch"]
     assert (run / "checkpoint" / "peft" / "adapter_config.json").is_file()
+    # the best epoch's per-image predictions are kept, and give exactly the metrics recorded
+    val, test = (read_predictions(saved["predictions"], split) for split in ("val", "test"))
+    assert val.epoch == test.epoch == best["epoch"] and val.classes == test.classes and len(val.classes) == 3
+    assert metric_values(val.metric_input())["val_auroc"] == pytest.approx(best["val_auroc"], abs=1e-6)
+    scored = metric_values(test.metric_input(), "test")
+    assert scored["test_auroc"] == pytest.approx(saved["test_auroc"], abs=1e-6)
+    assert scored["test_f1"] == pytest.approx(saved["test_f1"], abs=1e-6)
+    assert np.array_equal(test.thresholds, val.thresholds)  # the test split is scored at validation's thresholds
 
 
 def test_train_with_bad_yaml_exits_2(tmp_path: Path) -> None:

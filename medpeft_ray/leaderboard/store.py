@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 #: Version 4 added F1 and the accuracies, every metric's test-split value, the row's ``role``
 #: (a search trial or a confirmation seed), its ``seed`` and ``source_trial``, and ``details``.
 #: Version 5 added FID (``val_fid``, ``test_fid``) of generation searches.
-SCHEMA_VERSION = 5
+#: Version 6 added ``predictions``: the folder of the trial's per-image predictions.
+SCHEMA_VERSION = 6
 TRIALS_TABLE = "medpeft_trials"
 SCHEMA_TABLE = "medpeft_schema"
 Status = Literal["completed", "stopped", "failed"]
@@ -88,6 +89,9 @@ trials_table = sa.Table(
     sa.Column("source_trial", sa.String(100)),
     # per-class values, multi-label thresholds, per-subgroup values and worst-group gaps (JSON)
     sa.Column("details", sa.Text),
+    # the folder (path or URI) of the trial's per-image predictions (medpeft_ray.evaluation.predictions):
+    # its best validation epoch's, and a confirmation seed's test split's; what intervals and paired tests use
+    sa.Column("predictions", sa.Text),
     sa.UniqueConstraint("experiment", "trial_id", name="uq_trial"),
 )
 _indexes = (
@@ -152,6 +156,7 @@ class TrialRecord:
     seed: int | None = None
     source_trial: str | None = None
     details: dict[str, Any] | None = None
+    predictions: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
@@ -494,7 +499,8 @@ def _add_new_columns(conn: sa.Connection) -> None:
 
     Version 3 added the pre-trained checkpoint of each trial, version 4 the new metrics, the test
     values, the role, seed, source trial and details (older rows: not known, or search trials),
-    version 5 FID (older rows: classification trials, which have none).
+    version 5 FID (older rows: classification trials, which have none), version 6 the per-image
+    predictions' folder (older rows: none kept).
     """
     present = {c["name"] for c in sa.inspect(conn).get_columns(TRIALS_TABLE)}
     for column in trials_table.c:
@@ -504,7 +510,7 @@ def _add_new_columns(conn: sa.Connection) -> None:
 
 
 _UPGRADES: dict[int, Callable[[sa.Connection], None]] = {
-    1: _upgrade_1_to_2, 2: _add_new_columns, 3: _add_new_columns, 4: _add_new_columns,
+    1: _upgrade_1_to_2, 2: _add_new_columns, 3: _add_new_columns, 4: _add_new_columns, 5: _add_new_columns,
 }
 
 

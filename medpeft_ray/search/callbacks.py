@@ -331,6 +331,7 @@ class LeaderboardCallback(Callback):
             train_time_s=last.get("train_time_s"),
             skipped_images=last.get("skipped_images"),
             checkpoint=best.get("checkpoint_path"),
+            predictions=best.get("predictions"),
             error=error,
             role=self.role,  # type: ignore[arg-type]
             seed=trial_config.train.seed if seed is None else seed,

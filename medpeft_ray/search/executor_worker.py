@@ -191,7 +191,8 @@ def _run_assignment(recipe: TrialRecipe, assignment: TrialAssignment, dispatcher
             try:
                 final = recipe.run(trial, publisher.submit, evaluate_test=evaluate_test, resume_from=resume_from,
                                    dataset_key=assignment.dataset_key, started=started, history=history,
-                                   checkpoint_of=lambda epoch: checkpoints.download(epoch, Path(tmp) / "best"))
+                                   checkpoint_of=lambda epoch: checkpoints.download(epoch, Path(tmp) / "best"),
+                                   predictions_to=assignment.predictions_uri)
             except BaseException:
                 publisher.close(failed=True)
                 raise

@@ -30,6 +30,7 @@ from ray.tune.result import TRAINING_ITERATION
 
 from medpeft_ray.config import SearchConfig
 from medpeft_ray.errors import TrialFailed
+from medpeft_ray.evaluation.predictions import PREDICTIONS_FOLDER
 from medpeft_ray.search.ray_train import WORKER_GROUP_START_TIMEOUT_ENV, prepare_fit  # noqa: F401  (its name is this module's too)
 from medpeft_ray.search.tune_side import run_on_executor, trial_key
 from medpeft_ray.train.assignment import ASSIGNMENT_KEY, TrialAssignment
@@ -124,6 +125,7 @@ def _run_warm(trial: TrialConfig, plan: TrialPlan, started: dict[str, float], ev
         started=started,
         # the same folder a cold trial's Ray Train run uses, so a resumed trial finds its checkpoints
         checkpoint_uri=trial_folder(plan.storage_path, experiment, trial_id),
+        predictions_uri=predictions_folder(plan.storage_path, experiment, trial_id),
         # Tune's creation order in the study (its folder is <trainable>_<id>_<number>_<params>)
         number=_trial_number(context.get_trial_dir(), trial_id),
         max_failures=plan.max_failures,
@@ -135,6 +137,11 @@ def _run_warm(trial: TrialConfig, plan: TrialPlan, started: dict[str, float], ev
 def trial_folder(storage_path: str, experiment: str, trial_id: str) -> str:
     """A trial's folder in the results storage (its checkpoints and record)."""
     return f"{storage_path}/{experiment}-{trial_id}"
+
+
+def predictions_folder(storage_path: str, experiment: str, trial_id: str) -> str:
+    """Where a trial keeps its per-image predictions: ``predictions/`` in its folder."""
+    return f"{trial_folder(storage_path, experiment, trial_id)}/{PREDICTIONS_FOLDER}"
 
 
 def _trial_number(trial_dir: str, trial_id: str) -> int:
@@ -162,6 +169,8 @@ def _fit(
         train_loop_config={ASSIGNMENT_KEY: TrialAssignment(
             trial=trial, evaluate_test=evaluate_test, dataset_key=plan.dataset_key, started=started,
             threads=max(1, int(plan.resources_per_worker.get("CPU", 1))),
+            predictions_uri=predictions_folder(plan.storage_path, context.get_experiment_name(),
+                                               context.get_trial_id()),
         )},
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=plan.resources_per_worker

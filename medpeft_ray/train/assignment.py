@@ -33,6 +33,10 @@ class TrialAssignment:
     #: the trial's start-up marks so far (its process's start, its function's), for the start-up breakdown
     started: dict[str, float] = field(default_factory=dict)
 
+    #: where the trial keeps its per-image predictions (the ``predictions`` folder in its results
+    #: folder, :mod:`medpeft_ray.evaluation.predictions`); None: not kept
+    predictions_uri: str | None = None
+
     # -- a cold trial's only ----------------------------------------------------------------------
     #: torch threads per worker: a cold trial's workers set them per trial (a warm executor's
     #: workers set theirs once, when the executor sets up)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from medpeft_ray.data import load_splits, train_subset_index
 from medpeft_ray.errors import TrialFailed
 from medpeft_ray.methods import count_parameters, prepare_model
+from medpeft_ray.evaluation.predictions import SplitPredictions
 from medpeft_ray.metrics import METRICS, Predictions, metric_values, prediction_details
 from medpeft_ray.models import build_backbone
 from medpeft_ray.models.normalisation import input_statistics
@@ -309,6 +310,7 @@ class TrialRecipe(Recipe):
             scores=metric_values(predictions), details=prediction_details(predictions, state.data.class_names),
             per_class=predictions.per_class_auroc,
             thresholds=predictions.decision_thresholds if predictions.multilabel else None,
+            kept=SplitPredictions.of(predictions, "val", epoch + 1, state.data.val.groups, state.data.class_names),
         )
 
     def recorded_best(self, trial: TrialConfig, state: _TrialState, past: Resumed,
@@ -328,6 +330,7 @@ class TrialRecipe(Recipe):
         return TestScores(
             scores=metric_values(test, "test"), details=prediction_details(test, state.data.class_names, "test"),
             extra={"test_auroc_per_class": dict(zip(state.data.class_names, test.per_class_auroc))},
+            kept=SplitPredictions.of(test, "test", best["epoch"], state.data.test.groups, state.data.class_names),
         )
 
 

@@ -22,12 +22,13 @@ def make_recipe(trial: TrialConfig, ctx: WorkerContext, control_group: Any = Non
 
 
 def run_training(trial: TrialConfig, ctx: WorkerContext, report: ReportFn, evaluate_test: bool = False,
-                 history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 history: list[dict[str, Any]] | None = None, predictions_to: str | None = None) -> dict[str, Any]:
     """Trains one trial on a fresh recipe (a cold trial, a test, ``train --config``); see :meth:`TrialRecipe.run`
-    (``history``: the epochs recorded before ``ctx.resume_from``)."""
+    (``history``: the epochs recorded before ``ctx.resume_from``; ``predictions_to``: where the
+    per-image predictions are kept)."""
     started = {**(ctx.started or {})}
     started.setdefault("recipe_setup", time.time())
     recipe = make_recipe(trial, ctx)
     started["deepspeed_import"] = time.time()
     return recipe.run(trial, report, evaluate_test=evaluate_test, resume_from=ctx.resume_from,
-                      dataset_key=ctx.dataset_key, started=started, history=history)
+                      dataset_key=ctx.dataset_key, started=started, history=history, predictions_to=predictions_to)

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from medpeft_ray.errors import TrialFailed
+from medpeft_ray.evaluation.predictions import SplitPredictions, write_predictions
 from medpeft_ray.metrics import better, finite_or_none
 from medpeft_ray.train.checkpoint import WEIGHTS_FILE, load_trainable_state, trainable_state
 from medpeft_ray.train.engine import startup_breakdown
@@ -55,6 +56,7 @@ class EpochScores:
         extra: metrics only this kind of trial reports, placed after ``train_time_s``.
         per_class: per-class validation AUROC the checkpoint records (empty where there are no classes).
         thresholds: the decision thresholds the test split is scored with if this epoch is the best.
+        kept: the per-image predictions kept if this epoch is the best (None: this kind of trial has none).
     """
 
     scores: dict[str, Any]
@@ -62,18 +64,21 @@ class EpochScores:
     extra: dict[str, Any] = field(default_factory=dict)
     per_class: list[float] = field(default_factory=list)
     thresholds: np.ndarray | None = None
+    kept: SplitPredictions | None = None
 
 
 @dataclass
 class TestScores:
     """The best epoch scored on the test split: its metrics (``test_*``), the details added under
-    ``best_details["test"]``, and metrics reported after ``best_details``."""
+    ``best_details["test"]``, metrics reported after ``best_details``, and the per-image predictions
+    kept (None: this kind of trial has none)."""
 
     __test__ = False  # not a pytest class
 
     scores: dict[str, Any]
     details: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    kept: SplitPredictions | None = None
 
 
 class Recipe(ABC):
@@ -133,6 +138,7 @@ class Recipe(ABC):
         started: dict[str, float] | None = None,
         history: list[dict[str, Any]] | None = None,
         checkpoint_of: CheckpointOf | None = None,
+        predictions_to: str | None = None,
     ) -> dict[str, Any]:
         """Trains one trial; ``report(metrics, checkpoint_dir)`` is called every epoch; returns the last metrics.
 
@@ -145,6 +151,11 @@ class Recipe(ABC):
         (``history``) and ``checkpoint_of(epoch)``, a kept checkpoint's folder: its training time
         goes on from theirs, its best epoch may be one of them, and with nothing left to train it
         returns its last recorded epoch's metrics.
+
+        With ``predictions_to`` (a folder or storage URI), rank 0 keeps there the per-image
+        predictions of the best validation epoch so far (``val.npz``, written before that epoch is
+        reported) and of the test split (``test.npz``); the metrics name the folder (``predictions``)
+        from the first file on (:mod:`medpeft_ray.evaluation.predictions`).
 
         Raises:
             TrialFailed: the loss became NaN or infinite (every rank raises it together), or the
@@ -166,6 +177,7 @@ class Recipe(ABC):
             metrics: dict[str, Any] = past.last_metrics
             # the best epoch: its metric value, number, weights, scores and details
             best = self.recorded_best(trial, state, past, checkpoint_of) if evaluate_test else None
+            kept = _KeptPredictions(predictions_to if self.ctx.rank == 0 else None, past.best_value(trial))
             for epoch in range(state.start_epoch, trial.train.epochs):
                 epoch_start = time.time()
                 train_loss = self.train_epoch(trial, state, epoch, first_step)
@@ -191,9 +203,10 @@ class Recipe(ABC):
                     metrics["dispatched_at"] = started["dispatch"]
                 if epoch == state.start_epoch:
                     metrics["startup"] = startup_breakdown(started, state.marks, metrics["first_step_at"])
+                value = metrics[trial.metric]
+                metrics.update(kept.epoch_scored(value, trial.mode, scored.kept))
                 with tempfile.TemporaryDirectory(prefix="medpeft-ckpt-") as tmp:
                     report(metrics, self.save(trial, state, Path(tmp), metrics, scored.per_class))
-                value = metrics[trial.metric]
                 if evaluate_test and better(value, None if best is None else best["value"], trial.mode):
                     best = {"value": value, "epoch": epoch + 1, "weights": trainable_state(state.engine.module),
                             "scores": scored.scores, "details": metrics["details"], "thresholds": scored.thresholds}
@@ -203,7 +216,8 @@ class Recipe(ABC):
                 details = {**json.loads(best["details"]), "test": test.details}
                 metrics = {**metrics, **test.scores, "test_epoch": best["epoch"],
                            **{f"best_{name}": value for name, value in best["scores"].items()},
-                           "best_details": json.dumps(finite_or_none(details)), **test.extra}
+                           "best_details": json.dumps(finite_or_none(details)), **test.extra,
+                           **kept.write(test.kept)}
             return metrics
         finally:
             self.trials_run += 1
@@ -234,6 +248,30 @@ class Recipe(ABC):
             torch.cuda.empty_cache()
 
 
+class _KeptPredictions:
+    """Where a trial's per-image predictions go (None: not kept on this rank) and the best
+    validation value whose predictions are there."""
+
+    def __init__(self, folder: str | None, best_value: float | None) -> None:
+        self.folder, self.best_value = folder, best_value
+
+    def epoch_scored(self, value: float, mode: str, predictions: SplitPredictions | None) -> dict[str, Any]:
+        """Keeps an epoch's validation predictions if it is the best so far; the metrics to add."""
+        if better(value, self.best_value, mode):
+            self.best_value = value
+            return self.write(predictions)
+        return {"predictions": self.folder} if self.folder and self.best_value is not None else {}
+
+    def write(self, predictions: SplitPredictions | None) -> dict[str, Any]:
+        if self.folder is None or predictions is None:
+            return {}
+        try:
+            write_predictions(self.folder, predictions)
+        except OSError as exc:  # a full disk, a lost bucket: a row must not point at a missing file
+            raise TrialFailed(f"cannot write the {predictions.split} predictions to {self.folder} ({exc})") from None
+        return {"predictions": self.folder}
+
+
 class Resumed:
     """What a resumed trial takes over from the epochs it recorded before (none for a fresh trial).
 
@@ -253,6 +291,20 @@ class Resumed:
     def last_metrics(self) -> dict[str, Any]:
         return dict(self.epochs[-1]) if self.epochs else {}
 
+    def best_entry(self, trial: TrialConfig) -> dict[str, Any] | None:
+        """The recorded epoch with the best ``trial.metric`` (None before any finite value)."""
+        chosen: dict[str, Any] | None = None
+        for entry in self.epochs:
+            value = entry.get(trial.metric)
+            if value is not None and better(value, None if chosen is None else chosen[trial.metric], trial.mode):
+                chosen = entry
+        return chosen
+
+    def best_value(self, trial: TrialConfig) -> float | None:
+        """The best recorded value of ``trial.metric`` (None before any finite one)."""
+        chosen = self.best_entry(trial)
+        return None if chosen is None else chosen[trial.metric]
+
     def best(self, trial: TrialConfig, checkpoint_of: CheckpointOf | None,
              score_names: tuple[str, ...]) -> dict[str, Any] | None:
         """The best recorded epoch as :meth:`Recipe.run` keeps it (value, epoch, weights, scores,
@@ -261,11 +313,7 @@ class Resumed:
         Raises:
             TrialFailed: that epoch's checkpoint is gone (retention keeps the best: it should not be).
         """
-        chosen: dict[str, Any] | None = None
-        for entry in self.epochs:
-            value = entry.get(trial.metric)
-            if value is not None and better(value, None if chosen is None else chosen[trial.metric], trial.mode):
-                chosen = entry
+        chosen = self.best_entry(trial)
         if chosen is None:
             return None
         epoch = int(chosen["epoch"])

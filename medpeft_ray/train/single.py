@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from medpeft_ray.config import TrialConfig
+from medpeft_ray.evaluation.predictions import PREDICTIONS_FOLDER
 from medpeft_ray.metrics import METRICS, better
 from medpeft_ray.train.engine import WorkerContext, ensure_process_group
 from medpeft_ray.train.recipes import run_training
@@ -27,7 +28,8 @@ EpochFn = Callable[[dict[str, Any]], None]
 def train_single(trial: TrialConfig, out_dir: Path, on_epoch: EpochFn | None = None) -> dict[str, Any]:
     """Trains ``trial``; keeps the best epoch's checkpoint in ``out_dir/checkpoint``; returns the final metrics.
 
-    ``out_dir/result.json`` gets the metrics of every epoch and the test-split score.
+    ``out_dir/result.json`` gets the metrics of every epoch and the test-split score;
+    ``out_dir/predictions`` the best epoch's per-image validation and test predictions.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     use_gpu = torch.cuda.is_available()
@@ -49,10 +51,11 @@ def train_single(trial: TrialConfig, out_dir: Path, on_epoch: EpochFn | None = N
             on_epoch(metrics)
 
     started = time.time()
-    final = run_training(trial, WorkerContext(0, 1, device), report, evaluate_test=True)
+    final = run_training(trial, WorkerContext(0, 1, device), report, evaluate_test=True,
+                         predictions_to=str(out_dir / PREDICTIONS_FOLDER))
     result = {"trial": trial.model_dump(mode="json"), "epochs": history, "wall_time_s": time.time() - started,
               "metric": trial.metric, "best_epoch": best.get("epoch"),
               **{f"best_{name}": best.get(name) for name in METRICS},
-              **{k: v for k, v in final.items() if k.startswith("test_")}}
+              **{k: v for k, v in final.items() if k.startswith("test_")}, "predictions": final.get("predictions")}
     (out_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return result

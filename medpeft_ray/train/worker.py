@@ -82,7 +82,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         evaluate_test = assignment.evaluate_test
         try:
-            final = run_training(trial, ctx, report, evaluate_test=evaluate_test, history=list(history))
+            final = run_training(trial, ctx, report, evaluate_test=evaluate_test, history=list(history),
+                                 predictions_to=assignment.predictions_uri)
         except TrialFailed as exc:
             # A trial that cannot succeed (NaN loss) must not be restarted by Ray Train's
             # FailureConfig, which retries any worker error: report the failure as this trial's
