@@ -28,7 +28,11 @@ RESULTS_HELP = "results folder (default: $MEDPEFT_RESULTS or ./medpeft-results)"
 DB_HELP = "leaderboard database URL (default: $MEDPEFT_DB or SQLite in the results folder)"
 SPLIT_HELP = ("the split whose values the comparison shows, val or test (default: test when every cell's "
               "configuration has a test value, else val); configurations are always chosen on validation")
-BASELINE_HELP = "the method others are counted against, task by task (`lora beats full in 13 of 18 tasks`)"
+BASELINE_HELP = ("the method others are tested against, task by task (`lora vs full: 7 better, 2 worse, 9 not "
+                 "distinguishable of 18 tasks`)")
+ALPHA_HELP = "the tests' significance level; the confidence intervals' level is 1 - alpha"
+CORRECTION_HELP = ("the correction of p-values over each method's tasks: holm (Holm's step-down), bh "
+                   "(Benjamini-Hochberg) or none")
 
 
 class OutputFormat(str, Enum):
@@ -263,6 +267,8 @@ def leaderboard(
                                                         "parameters, per (dataset, label ratio)"),
     split: Optional[str] = typer.Option(None, "--split", help=SPLIT_HELP),
     baseline: str = typer.Option("full", "--baseline", help=BASELINE_HELP),
+    alpha: float = typer.Option(0.05, "--alpha", help=ALPHA_HELP),
+    correction: str = typer.Option("holm", "--correction", help=CORRECTION_HELP),
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", help=_either([f.value for f in OutputFormat])),
     columns: Optional[str] = typer.Option(None, "--columns", help="the columns to show, comma-separated (e.g. "
                                           "method,val_auroc,params); default: those that fit the terminal"),
@@ -284,10 +290,18 @@ def leaderboard(
             _open_store(results, db), filters, sort=sort, top=top, pareto=pareto, split=split, baseline=baseline,
             group_by=None if group_by is None else [c.strip() for c in group_by.split(",") if c.strip()],
             compare=None if compare is None else compare.value, output=output.value, width=console.width,
-            columns=None if columns is None else [c.strip() for c in columns.split(",") if c.strip()])
+            columns=None if columns is None else [c.strip() for c in columns.split(",") if c.strip()],
+            evidence=_evidence(alpha, correction))
     except MedpeftError as exc:
         _fail(exc)
     _show(shown)
+
+
+def _evidence(alpha: float, correction: str) -> Any:
+    """The intervals' and tests' settings from the options (a one-line UsageError for bad ones)."""
+    from medpeft_ray.leaderboard.evidence import EvidenceSettings
+
+    return EvidenceSettings(alpha=alpha, correction=correction)
 
 
 def _show(rendered: Any) -> None:
@@ -314,11 +328,13 @@ def best(
     export_adapter: Optional[Path] = typer.Option(
         None, "--export-adapter", help="write the trained adapter to this folder: checkpoint, peft format for peft "
                                        "methods, merged timm weights (model.safetensors) for mergeable methods"),
+    alpha: float = typer.Option(0.05, "--alpha", help="the confidence interval's level is 1 - alpha"),
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
     """The best trial's config as YAML (`medpeft-ray train --config` runs it), and its adapter."""
     from medpeft_ray.leaderboard import views
+    from medpeft_ray.leaderboard.evidence import best_interval
     from medpeft_ray.leaderboard.render import best_summary
     from medpeft_ray.train.export import best_config_yaml, write_best_yaml
     from medpeft_ray.train.export import export_adapter as write_adapter
@@ -329,8 +345,9 @@ def best(
                                                 backbone=backbone, experiment=experiment)
         row = store.best(metric=metric, dataset=dataset, label_ratio=label_ratio, method=method, backbone=backbone,
                          experiment=experiment).iloc[0].to_dict()
-        confirmed = views.confirmation_summary(store.query(experiment=row["experiment"], role="confirmation"), row,
-                                               metric)
+        experiment_rows = store.query(experiment=row["experiment"])
+        confirmed = views.confirmation_summary(experiment_rows, row, metric)
+        interval = best_interval(experiment_rows, row, metric, _evidence(alpha, "holm"))
         text = best_config_yaml(row, metric)
         if out is not None:
             write_best_yaml(row, out, metric)
@@ -344,6 +361,7 @@ def best(
     err_console.print(best_summary(row, metric) + (f" -> {out}" if out is not None else ""), soft_wrap=True)
     if confirmed is not None:
         err_console.print(confirmed, soft_wrap=True)
+    err_console.print(interval, soft_wrap=True, markup=False)
     if exported is not None:
         err_console.print(f"adapter in {exported.directory}: {', '.join(exported.files)}", soft_wrap=True)
         if exported.note:
@@ -375,6 +393,8 @@ def report(
     metric: Optional[str] = typer.Option(None, help=_metric_help()),
     split: Optional[str] = typer.Option(None, "--split", help=SPLIT_HELP),
     baseline: str = typer.Option("full", "--baseline", help=BASELINE_HELP),
+    alpha: float = typer.Option(0.05, "--alpha", help=ALPHA_HELP),
+    correction: str = typer.Option("holm", "--correction", help=CORRECTION_HELP),
     results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
     db: Optional[str] = typer.Option(None, help=DB_HELP),
 ) -> None:
@@ -385,8 +405,7 @@ def report(
     try:
         store = _open_store(results, db)
         index = write_report(store, experiments, out, metric or store.default_metric(experiment=experiments), split,
-                             baseline,
-                             costs=_manifests(results, experiments))
+                             baseline, costs=_manifests(results, experiments), evidence=_evidence(alpha, correction))
     except MedpeftError as exc:
         _fail(exc)
     except OSError as exc:

@@ -614,9 +614,9 @@ def test_version_1_store_is_upgraded_in_place(db_url: str, open_store: Callable[
 
     create_v1_store(db_url, rows=3)
     store = open_store(db_url, create=False)  # reading an old store upgrades it too
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [5]
+        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [6]
         indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("medpeft_trials")}
     assert {"ix_medpeft_trials_created_at", "ix_medpeft_trials_lookup"} <= indexes
     assert "trials" not in table_names(db_url) and "medpeft_trials" in table_names(db_url)
@@ -663,9 +663,9 @@ def test_version_2_store_gains_the_checkpoint_columns(db_url: str, open_store: C
     create_old_store(db_url, rows=2, version=2)
     store = open_store(db_url, create=False)
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [5]
+        assert conn.execute(sa.text("SELECT version FROM medpeft_schema")).scalars().all() == [6]
         columns = {c["name"] for c in sa.inspect(conn).get_columns("medpeft_trials")}
-    assert set(V3_COLUMNS) | set(V4_COLUMNS) <= columns
+    assert set(V3_COLUMNS) | set(V4_COLUMNS) | {"val_fid", "test_fid", "predictions"} <= columns
     frame = store.query().set_index("trial_id")
     assert list(frame.index) == ["v2-1", "v2-0"]  # old rows kept, best first, checkpoint not known
     assert frame["checkpoint_file"].isna().all() and frame["checkpoint_sha256"].isna().all()

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from medpeft_ray.cli import app
 from medpeft_ray.errors import UsageError
-from medpeft_ray.leaderboard import report_html, views
+from medpeft_ray.leaderboard import evidence, report_html, views
+from medpeft_ray.leaderboard.evidence import EvidenceSettings
 from medpeft_ray.leaderboard.formatting import study_text
 
 _ids = count(1)
@@ -220,13 +221,17 @@ def test_subgroup_gaps_of_the_chosen_configurations() -> None:
 def test_report_tables_show_mean_and_std_wins_and_gaps() -> None:
     rows = lora_and_full()
     rows.loc[rows["trial_id"] == "f1", "details"] = [details(0.60, 0.80)]
-    table = report_html.comparison_html(rows, "val_auroc")
+    study = views.study_table(rows, metric="val_auroc")
+    table = report_html.comparison_html(study)
     assert '<td class="best">0.8100 ± 0.0100 <span class="rank">(1)</span></td>' in table
     assert '<td>0.7700 <span class="rank">(2)</span></td>' in table
-    assert "test_auroc (mean ± std over the confirmation seeds" in report_html.comparison_caption(rows, "val_auroc")
-    wins = report_html.wins_html(rows, "val_auroc")
+    assert "test_auroc (mean over the confirmation seeds" in report_html.comparison_caption(study)
+    settings = EvidenceSettings()
+    no_tests = evidence.task_tests(rows, "val_auroc", "full", study.split, settings)
+    wins = report_html.wins_html(study, rows, "full", no_tests, settings)
     assert '<p class="wins">lora beats full in 1 of 1 tasks (by up to 0.0400)</p>' in wins
-    assert report_html.wins_html(rows, "val_auroc", baseline="linear") == ""
+    linear = evidence.task_tests(rows, "val_auroc", "linear", study.split, settings)
+    assert report_html.wins_html(study, rows, "linear", linear, settings) == ""
     gaps = report_html.subgroups_html(rows, "val_auroc")
     assert "<h2>Worst-group gap</h2>" in gaps and "<th>sex</th>" in gaps
     assert '<td class="name">full</td><td>0.2000 (F)</td>' in gaps

@@ -2,8 +2,9 @@
 
 - a missing value (None, NaN, pandas' NA) is an en dash, ``–``: a hyphen could be read as the
   sign of a number (a Spearman correlation, a worst-group gap) where the table holds numbers;
-- a metric has its registry's digits (``0.8120``; FID ``12.34``), a spread over confirmation seeds
-  follows it (``0.8120 ± 0.0130``), a mean rank has two decimals;
+- a metric has its registry's digits (``0.8120``; FID ``12.34``), a confidence interval follows it
+  in brackets (``0.8120 [0.7901, 0.8302]``), else a spread over confirmation seeds
+  (``0.8120 ± 0.0130``); a mean rank has two decimals;
 - counts group thousands with commas (``1,204,866``), wall times are whole seconds (``1834 s``);
 - hyperparameters are ``name=value`` pairs in the order the search recorded them, separated by a
   comma and a space (``lr=0.000312, rank=16``), floats to three significant digits.
@@ -110,8 +111,21 @@ def cell_text(column: str, value: Any) -> str:
     return str(value)
 
 
+def interval_text(metric: str, low: Any, high: Any) -> str:
+    """A confidence interval: ``[0.7901, 0.8302]``; "" when there is none."""
+    if is_missing(low) or is_missing(high):
+        return ""
+    shown = get_metric(metric)
+    return f"[{shown.format(low)}, {shown.format(high)}]"
+
+
 def study_cell_text(study: StudyTable, name: Any, cell: str) -> str:
-    """One cell of the comparison table: ``0.8120 ± 0.0130`` (several seeds), ``0.8120`` (one) or ``–``."""
+    """One cell of the comparison table: ``0.8120 [0.7901, 0.8302]`` where the cell has a confidence
+    interval, else ``0.8120 ± 0.0130`` (several seeds), ``0.8120`` (one) or ``–``."""
+    if study.low is not None and study.high is not None:
+        interval = interval_text(study.metric, study.low.at[name, cell], study.high.at[name, cell])
+        if interval and not is_missing(study.means.at[name, cell]):
+            return f"{metric_text(study.metric, study.means.at[name, cell])} {interval}"
     return metric_text(study.metric, study.means.at[name, cell], study.std.at[name, cell])
 
 

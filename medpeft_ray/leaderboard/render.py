@@ -23,6 +23,8 @@ from rich.table import Table
 from medpeft_ray.errors import UsageError
 from medpeft_ray.leaderboard import views
 from medpeft_ray.leaderboard.board import LeaderboardStore
+from medpeft_ray.leaderboard.evidence import EvidenceSettings, PredictionFiles, task_tests, with_intervals
+from medpeft_ray.leaderboard.evidence import verdict_lines as evidence_lines
 from medpeft_ray.leaderboard.formatting import cell_text, header, metric_of, plain, study_text
 from medpeft_ray.leaderboard.store import lower_is_better
 from medpeft_ray.leaderboard.tables import Column, fit_table
@@ -62,24 +64,35 @@ def _check_format(output: str) -> str:
 def leaderboard_view(store: LeaderboardStore, filters: dict[str, Any], *, sort: str | None = None,
                      top: int | None = None, group_by: Sequence[str] | None = None, compare: str | None = None,
                      pareto: bool = False, split: str | None = None, baseline: str = "full", output: str = "table",
-                     columns: Sequence[str] | None = None, width: int = 80) -> Rendered:
+                     columns: Sequence[str] | None = None, width: int = 80,
+                     evidence: EvidenceSettings | None = None) -> Rendered:
     """The rows of ``store`` matching ``filters`` as one view, rendered for ``output``.
 
     The view: the rows best first by ``sort`` (default: the store's metric), the best of each
     ``group_by`` group, the Pareto front, or with ``compare`` (one of :data:`COMPARISONS`) the
     studies' comparison table followed by each method's wins against ``baseline``. ``top`` keeps
     the best rows; ``columns`` chooses the rows' columns (default: those that fit ``width``).
+
+    A comparison has each cell's confidence interval and, per task, each method's paired test
+    against ``baseline`` where the rows kept their predictions (``evidence``: the level, the
+    correction and the resamples; None: the defaults of :class:`EvidenceSettings`).
     """
     _check_format(output)
     sort = sort or store.default_metric(**filters)
     if compare is not None:
         if compare not in COMPARISONS:
             raise UsageError(f"cannot compare {compare!r}; compare {', '.join(COMPARISONS)}")
+        settings = evidence or EvidenceSettings()
         rows = store.query(**filters)
         study = views.study_table(rows, by=compare.removesuffix("s"), metric=sort, split=split)
-        won = views.wins(rows, sort, baseline, study.split) if study.means.index.name == "method" else None
+        files = PredictionFiles(rows)
+        study = with_intervals(top_rows(study, top), rows, settings, files)
         store_empty = study.means.empty and store.count() == 0
-        return comparison(top_rows(study, top), output, sort, store_empty) + wins(won, output, sort)
+        if study.means.index.name != "method":
+            return comparison(study, output, sort, store_empty)
+        won = views.wins(rows, sort, baseline, study.split)
+        tests = task_tests(rows, sort, baseline, study.split, settings, files)
+        return comparison(study, output, sort, store_empty) + wins(won, output, sort, tests, settings)
     if pareto:
         frame = views.pareto(store.query(**filters), metric=sort)
     elif group_by is not None:
@@ -175,15 +188,21 @@ def top_rows(study: views.StudyTable, top: int | None) -> views.StudyTable:
 
 
 def comparison_records(study: views.StudyTable) -> pd.DataFrame:
-    """The table for JSON and CSV: means and mean rank; ``<cell> std`` and ``<cell> seeds`` beside each
-    mean where some configuration ran with several seeds."""
+    """The table for JSON and CSV: means and mean rank; ``<cell> low`` and ``<cell> high`` (the
+    confidence interval) where some cell has one, ``<cell> std`` and ``<cell> seeds`` where some
+    configuration ran with several seeds."""
     table = study.means
-    if not study.several_seeds:
+    intervals = study.low is not None and study.high is not None and bool(study.low.notna().to_numpy().any())
+    if not study.several_seeds and not intervals:
         return table
     cells = [c for c in table.columns if c != "mean_rank"]
     columns = {}
     for cell in cells:
-        columns.update({cell: table[cell], f"{cell} std": study.std[cell], f"{cell} seeds": study.seeds[cell]})
+        columns[cell] = table[cell]
+        if intervals:
+            columns.update({f"{cell} low": study.low[cell], f"{cell} high": study.high[cell]})
+        if study.several_seeds:
+            columns.update({f"{cell} std": study.std[cell], f"{cell} seeds": study.seeds[cell]})
     return table[[]].assign(**columns, mean_rank=table["mean_rank"])
 
 
@@ -219,23 +238,37 @@ def comparison(study: views.StudyTable, output: str, metric: str, store_empty: b
     for name, row in text.iterrows():
         marked = [f"[bold]{row[c]}[/bold]" if table.at[name, c] == best[c] else row[c] for c in cells]
         rich_table.add_row(escape(str(name)), *marked, row["mean rank"])
-    return Rendered(shown=[rich_table, comparison_note(study)])
+    return Rendered(shown=[rich_table, *comparison_notes(study)])
 
 
-def comparison_note(study: views.StudyTable) -> str:
-    """What the comparison's cells hold, e.g. ``test_auroc of the configuration chosen on val_auroc ...``."""
+def comparison_notes(study: views.StudyTable) -> list[str]:
+    """What the comparison's cells hold, e.g. ``test_auroc of the configuration chosen on val_auroc ...``,
+    then what the intervals are."""
     ranking = get_metric(study.metric)
     spread = " (mean ± std over confirmation seeds)" if study.several_seeds else ""
+    if study.low is not None and study.low.notna().to_numpy().any():
+        spread = " (mean over confirmation seeds)" if study.several_seeds else ""
     if study.column == study.metric:
-        return f"cells: best {ranking.title}{spread}; bold: best in the column"
-    return f"cells: {study.column}{spread} of the configuration chosen on {ranking.title}; bold: best in the column"
+        first = f"cells: best {ranking.title}{spread}; bold: best in the column"
+    else:
+        first = f"cells: {study.column}{spread} of the configuration chosen on {ranking.title}; bold: best in the column"
+    return [first, study.interval_note] if study.interval_note else [first]
 
 
-def wins(table: pd.DataFrame | None, output: str, metric: str) -> Rendered:
-    """``lora beats full in 13 of 18 tasks`` under the table (not in JSON or CSV, which scripts read)."""
+def wins(table: pd.DataFrame | None, output: str, metric: str, tests: pd.DataFrame | None = None,
+         settings: EvidenceSettings | None = None) -> Rendered:
+    """Under the table (not in JSON or CSV, which scripts read): per method, the paired tests'
+    verdicts against the baseline (``lora vs full: 7 better, 2 worse, 9 not distinguishable of 18
+    tasks``) where the rows kept predictions, and the point estimates' count (``lora beats full in 13
+    of 18 tasks``)."""
     if table is None or _check_format(output) in ("json", "csv"):
         return Rendered()
-    lines = views.wins_lines(table, metric)
+    lines = []
+    if tests is not None and len(tests) and (tests["verdict"] != "").any():
+        lines += evidence_lines(tests, metric, settings or EvidenceSettings())
+        lines += [f"(point estimates: {line})" for line in views.wins_lines(table, metric)]
+    else:
+        lines += views.wins_lines(table, metric)
     if not lines:
         return Rendered()
     if output == "markdown":

@@ -4,7 +4,8 @@
 data URIs, so the file alone opens anywhere; no script, font or stylesheet from the network) and
 the same figures as PNG files beside it. The page's comparison table is the studies' layout
 (methods x (dataset, label ratio), mean ± std over confirmation seeds, mean rank), followed by each
-method's wins against full fine-tuning and, when trials scored subgroups, their worst-group gaps.
+method's paired tests against full fine-tuning (better, worse or not distinguishable per task, with
+bootstrap intervals in the cells) and, when trials scored subgroups, their worst-group gaps.
 Figures:
 
 - ``metric_vs_ratio.png``: the best metric of each method against the label ratio;
@@ -12,6 +13,8 @@ Figures:
 - ``progress.png``: best-so-far metric against cumulative trial time, per study;
 - ``learning_curves.png``: each search trial's metric per epoch (the row's ``details["curve"]``);
 - ``importance.png``: how strongly each searched hyperparameter goes with the metric;
+- ``calibration.png``: per (dataset, label ratio), each compared configuration's reliability
+  diagram (from the predictions its rows kept), beside a table of expected calibration errors;
 - ``samples.png`` (generation searches only): per (dataset, label ratio), a row of images per
   method (its best trial's ``samples.npy``) under the same fixed validation prompts.
 
@@ -33,6 +36,8 @@ import pandas as pd
 
 from medpeft_ray.errors import MedpeftError
 from medpeft_ray.leaderboard import views
+from medpeft_ray.leaderboard.evidence import EvidenceSettings
+from medpeft_ray.leaderboard.report_calibration import report_evidence
 from medpeft_ray.leaderboard.report_figures import FigureResult, draw_figures
 from medpeft_ray.leaderboard.report_html import render_html
 from medpeft_ray.leaderboard.report_samples import SAMPLES_FIGURE, samples_figure
@@ -57,13 +62,15 @@ def report_rows(store: TrialStore, experiments: Sequence[str]) -> pd.DataFrame:
 def write_report(
     store: TrialStore, experiments: Sequence[str], directory: str | Path, metric: str = "val_auroc",
     split: str | None = None, baseline: str = "full", costs: Sequence[dict[str, Any]] = (),
+    evidence: EvidenceSettings | None = None,
 ) -> Path:
     """Writes the report of ``experiments`` to ``directory``; returns the path of ``index.html``.
 
     ``split`` is the split the comparison table shows (default: test where trials have test values);
     ``baseline`` the method the others are counted against, task by task. ``costs`` are the
     searches' manifests (``experiment``, ``forecast``, ``actual``): their forecast and what they
-    took are shown side by side.
+    took are shown side by side. ``evidence``: the intervals' level, the tests' correction and
+    resamples (None: :class:`~medpeft_ray.leaderboard.evidence.EvidenceSettings`' defaults).
     """
     get_metric(metric)  # an unknown metric fails before the database is read
     if split is not None:
@@ -71,7 +78,8 @@ def write_report(
     frame = report_rows(store, experiments)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    figures = make_figures(frame, metric)
+    compared = report_evidence(frame, metric, split, baseline, evidence or EvidenceSettings())
+    figures = [*make_figures(frame, metric), compared.figure]
     for figure in figures:
         path = out / f"{figure.name}.png"
         if figure.png is not None:
@@ -81,7 +89,8 @@ def write_report(
     if all(figure.name != SAMPLES_FIGURE for figure in figures):  # drawn for generation rows only
         (out / f"{SAMPLES_FIGURE}.png").unlink(missing_ok=True)
     index = out / INDEX_FILE
-    index.write_text(render_html(frame, list(experiments), figures, metric, store.label, split, baseline, costs))
+    index.write_text(render_html(frame, list(experiments), figures, metric, store.label, split, baseline, costs,
+                                 compared))
     return index
 
 

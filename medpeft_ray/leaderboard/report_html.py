@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from medpeft_ray.leaderboard import views
+from medpeft_ray.leaderboard.evidence import EvidenceSettings, verdict_lines
 from medpeft_ray.leaderboard.formatting import (
     MISSING,
     cell_text,
@@ -29,6 +30,7 @@ from medpeft_ray.leaderboard.formatting import (
     seconds_text,
     study_cell_text,
 )
+from medpeft_ray.leaderboard.report_calibration import ReportEvidence, calibration_html, report_evidence
 from medpeft_ray.leaderboard.report_figures import FigureResult
 from medpeft_ray.leaderboard.report_samples import FID, SAMPLES_FIGURE, stand_in_note
 from medpeft_ray.metrics import get_metric
@@ -50,11 +52,10 @@ code { font-size: 12px; }
 """
 
 
-def comparison_html(frame: pd.DataFrame, metric: str, split: str | None = None) -> str:
-    """The methods-by-(dataset, ratio) table: each cell's value (mean ± std over confirmation seeds;
-    bold: best in its column), its rank, and the mean rank."""
-    ranking = get_metric(metric)
-    study = views.study_table(frame, metric=metric, split=split)
+def comparison_html(study: views.StudyTable) -> str:
+    """The methods-by-(dataset, ratio) table: each cell's value (its confidence interval, else mean ±
+    std over confirmation seeds; bold: best in its column), its rank, and the mean rank."""
+    ranking = get_metric(study.metric)
     table = study.means
     if table.empty:
         return f'<p class="missing">No trial has a {html.escape(ranking.title)} yet.</p>'
@@ -75,30 +76,59 @@ def comparison_html(frame: pd.DataFrame, metric: str, split: str | None = None) 
         lines.append(f'<tr><td class="name">{html.escape(str(method))}</td>{"".join(tds)}'
                      f"<td>{rank_text(row['mean_rank'])}</td></tr>")
     lines.append("</table>")
+    if study.interval_note:
+        lines.append(f'<p class="meta">{html.escape(study.interval_note)}</p>')
     return "\n".join(lines)
 
 
-def comparison_caption(frame: pd.DataFrame, metric: str, split: str | None = None) -> str:
+def comparison_caption(study: views.StudyTable) -> str:
     """What the comparison table's cells hold, in words."""
-    ranking = get_metric(metric)
-    column = views.study_table(frame, metric=metric, split=split).column
-    value = "its value" if column == metric else f"its {column}"
+    ranking = get_metric(study.metric)
+    value = "its value" if study.column == study.metric else f"its {study.column}"
     return (f"Per method and (dataset, label ratio), the configuration chosen on {ranking.title}: the confirmed "
             "configuration with the best mean over its seeds where the top configurations were confirmed, else the "
-            f"best search trial; {value} (mean ± std over the confirmation seeds where several ran), its rank in "
-            "the column in brackets (1 is best, ties share the mean rank), bold: best in the column; mean rank over "
-            "the columns where the method has a value.")
+            f"best search trial; {value} (mean over the confirmation seeds where several ran, with its bootstrap "
+            "interval in brackets where the trials kept their predictions, else ± the std over the seeds), its rank "
+            "in the column in round brackets (1 is best, ties share the mean rank), bold: best in the column; mean "
+            "rank over the columns where the method has a value.")
 
 
-def wins_html(frame: pd.DataFrame, metric: str, split: str | None = None, baseline: str = "full") -> str:
-    """``lora beats full in 13 of 18 tasks``, one line per method; empty without ``baseline`` trials."""
-    split = views.study_table(frame, metric=metric, split=split).split  # the table's values
-    lines = views.wins_lines(views.wins(frame, metric, baseline, split), metric)
+def wins_html(study: views.StudyTable, frame: pd.DataFrame, baseline: str, tests: pd.DataFrame,
+              settings: EvidenceSettings) -> str:
+    """Per method against ``baseline``: the tests' verdicts (``lora vs full: 7 better, 2 worse, 9 not
+    distinguishable of 18 tasks``) and the point estimates' count; then each task's test."""
+    points = views.wins_lines(views.wins(frame, study.metric, baseline, study.split), study.metric)
+    tested = len(tests) and (tests["verdict"] != "").any()
+    lines = [*verdict_lines(tests, study.metric, settings), *[f"point estimates: {p}" for p in points]] \
+        if tested else points
     if not lines:
         return ""
     return ('<p class="wins">' + "<br>".join(html.escape(line) for line in lines) + "</p>\n"
             f'<p class="meta">A task is one backbone, pre-trained checkpoint, dataset and label ratio where both the '
-            f"method and {html.escape(baseline)} have a value; the values compared are the table's.</p>")
+            f"method and {html.escape(baseline)} have a value; the values compared are the table's.</p>"
+            + (tests_html(tests, study.metric) if tested else ""))
+
+
+def tests_html(tests: pd.DataFrame, metric: str) -> str:
+    """Each task's paired test: the two values, the difference, p, corrected p and the verdict."""
+    head = ("<tr><th class=\"name\">method</th><th class=\"name\">task</th><th>value</th><th>baseline</th>"
+            "<th>difference</th><th>p</th><th>corrected p</th><th class=\"name\">verdict</th>"
+            "<th class=\"name\">test</th></tr>")
+    rows = []
+    for t in tests.sort_values(["method", "task"], kind="stable").itertuples(index=False):
+        verdict = t.verdict or f"no test: {t.why}"
+        rows.append(f'<tr><td class="name">{html.escape(t.method)}</td><td class="name">{html.escape(t.task)}</td>'
+                    f"<td>{metric_text(metric, t.value)}</td><td>{metric_text(metric, t.baseline_value)}</td>"
+                    f"<td>{metric_text(metric, t.difference)}</td><td>{_p_text(t.p_value)}</td>"
+                    f'<td>{_p_text(t.p_adjusted)}</td><td class="name">{html.escape(verdict)}</td>'
+                    f'<td class="name">{html.escape(t.test)}</td></tr>')
+    return f'<table class="tests">{head}{"".join(rows)}</table>'
+
+
+def _p_text(value: Any) -> str:
+    if is_missing(value):
+        return MISSING
+    return f"{value:.4f}" if value >= 1e-4 else "< 0.0001"
 
 
 def subgroups_html(frame: pd.DataFrame, metric: str) -> str:
@@ -213,8 +243,14 @@ def costs_html(costs: Sequence[dict[str, Any]]) -> str:
 def render_html(
     frame: pd.DataFrame, experiments: list[str], figures: list[FigureResult], metric: str, source: str,
     split: str | None = None, baseline: str = "full", costs: Sequence[dict[str, Any]] = (),
+    evidence: ReportEvidence | None = None,
 ) -> str:
-    """The whole report page; images are embedded, nothing is fetched from the network."""
+    """The whole report page; images are embedded, nothing is fetched from the network.
+
+    ``evidence``: the comparison's intervals, tests and calibration (None: made here with the
+    default :class:`~medpeft_ray.leaderboard.evidence.EvidenceSettings`)."""
+    evidence = evidence or report_evidence(frame, metric, split, baseline, EvidenceSettings())
+    study, tests, settings = evidence.study, evidence.tests, evidence.settings
     statuses = frame["status"].value_counts().to_dict()
     counts = ", ".join(f"{statuses.get(s, 0)} {s}" for s in ("completed", "stopped", "failed"))
     names = ", ".join(experiments)
@@ -239,10 +275,11 @@ def render_html(
         f"leaderboard: <code>{html.escape(source)}</code>; generated {generated}</p>",
         "<h2>Methods compared</h2>",
         warn,
-        f'<p class="meta">{html.escape(comparison_caption(frame, metric, split))}</p>',
-        comparison_html(frame, metric, split),
-        wins_html(frame, metric, split, baseline),
+        f'<p class="meta">{html.escape(comparison_caption(study))}</p>',
+        comparison_html(study),
+        wins_html(study, frame, baseline, tests, settings),
         subgroups_html(frame, metric),
+        calibration_html(evidence.calibration, evidence.without_calibration, study.split),
     ]
     for figure in figures:
         parts.append(f"<h2>{html.escape(figure.title)}</h2>")

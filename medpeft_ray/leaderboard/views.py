@@ -207,6 +207,13 @@ class StudyTable:
     seeds: pd.DataFrame
     metric: str
     split: str
+    #: the cells behind the table, one row each (what :func:`cells` returns: their rows' ``ids``)
+    cells: pd.DataFrame | None = None
+    #: each cell's confidence interval, where one was computed
+    #: (:func:`~medpeft_ray.leaderboard.evidence.with_intervals`), and what the intervals are
+    low: pd.DataFrame | None = None
+    high: pd.DataFrame | None = None
+    interval_note: str = ""
 
     @property
     def column(self) -> str:
@@ -218,7 +225,8 @@ class StudyTable:
         return bool((self.seeds > 1).to_numpy().any())
 
 
-def _wide(long: pd.DataFrame, by: str, value: str) -> pd.DataFrame:
+def wide(long: pd.DataFrame, by: str, value: str) -> pd.DataFrame:
+    """A value of :func:`cells`' rows as a table: one row per ``by`` value, one column per cell."""
     wide = long.set_index([by, "dataset", "label_ratio"])[value].unstack(["dataset", "label_ratio"]).sort_index(axis=1)
     wide.columns = [cell_label(dataset, ratio) for dataset, ratio in wide.columns]
     return wide.rename_axis(by)
@@ -239,12 +247,12 @@ def study_table(frame: pd.DataFrame, by: str = "method", metric: str = "val_auro
         rows = rows.assign(**{by: rows[by].astype(str) + " [" + checkpoint_labels(rows) + "]"})
     long = cells(rows, [by], metric, split)
     split = long["split"].iloc[0]
-    means = _wide(long, by, "mean").astype("float64")
+    means = wide(long, by, "mean").astype("float64")
     ranks = means.rank(axis=0, ascending=ranking.ascending, method="average")
     means["mean_rank"] = ranks.mean(axis=1)
     order = means.sort_values(["mean_rank"], kind="stable").index
-    std, seeds = _wide(long, by, "std").astype("float64"), _wide(long, by, "seeds").fillna(0).astype("int64")
-    return StudyTable(means.loc[order], std.loc[order], seeds.loc[order], metric, split)
+    std, seeds = wide(long, by, "std").astype("float64"), wide(long, by, "seeds").fillna(0).astype("int64")
+    return StudyTable(means.loc[order], std.loc[order], seeds.loc[order], metric, split, long)
 
 
 def compare(frame: pd.DataFrame, by: str = "method", metric: str = "val_auroc", split: str | None = None
