@@ -177,7 +177,7 @@ def best_interval(frame: pd.DataFrame, trial: dict[str, Any], metric: str, setti
 
 
 #: one row per (method, task) of :func:`task_tests`
-TEST_COLUMNS = ["method", "baseline", *TASK_COLUMNS, "task", "value", "baseline_value", "difference",
+TEST_COLUMNS = ["method", "baseline", *TASK_COLUMNS, "task", "column", "value", "baseline_value", "difference",
                 "p_value", "p_adjusted", "verdict", "test", "why"]
 
 
@@ -207,7 +207,8 @@ def task_tests(frame: pd.DataFrame, metric: str, baseline: str, split: str | Non
 
 def _test_of(cell: dict, base: dict, metric: str, files: PredictionFiles, settings: EvidenceSettings) -> dict:
     record = {"method": cell["method"], "baseline": base["method"], **{k: cell[k] for k in TASK_COLUMNS},
-              "task": cell_label(cell["dataset"], cell["label_ratio"]), "value": cell["mean"],
+              "task": cell_label(cell["dataset"], cell["label_ratio"]),
+              "column": _metric_column(metric, cell["split"]), "value": cell["mean"],
               "baseline_value": base["mean"], "difference": cell["mean"] - base["mean"],
               "p_value": math.nan, "test": "", "why": ""}
     if get_metric(metric).compute is None or not get_metric(metric).per_subgroup:
@@ -253,7 +254,7 @@ def verdict_lines(tests: pd.DataFrame, metric: str, settings: EvidenceSettings) 
         lines.append(line)
     if lines:
         tests_used = sorted({t for t in tests["test"] if t})
-        lines.append(f"({', '.join(tests_used) or 'no test'} on {_metric_column(metric, 'val').removeprefix('val_')}"
+        lines.append(f"({', '.join(tests_used) or 'no test'} on {tests['column'].iloc[0]}"
                      f" per task; p-values corrected over each method's tasks by "
                      f"{CORRECTION_NAMES[settings.correction]}; alpha {settings.alpha:g})")
     return lines
