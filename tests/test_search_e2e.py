@@ -14,6 +14,9 @@ import yaml
 from conftest import checkpointed_epochs, cli_in_process, leaderboard_rows, tiny_search
 from safetensors.torch import load_file
 
+from medpeft_ray.evaluation.predictions import read_predictions
+from medpeft_ray.metrics import metric_values
+
 pytestmark = pytest.mark.ray
 
 CLI = [sys.executable, "-m", "medpeft_ray.cli"]
@@ -83,6 +86,10 @@ def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_con
         assert sum(t.numel() for t in weights.values()) == row["trainable_params"]
         if method == "lora":
             assert row["config"]["method"]["options"]["rank"] == 2
+        # the best epoch's per-image validation predictions are kept and give the row's values
+        kept = read_predictions(row["predictions"], "val")
+        assert kept.epoch == row["best_epoch"]
+        assert metric_values(kept.metric_input())["val_f1"] == pytest.approx(row["val_f1"], abs=1e-6)
 
     # each label ratio's Optuna study sits in the leaderboard's database, for optuna-dashboard: two
     # objectives, and the confirmation of its best configuration beside them
@@ -109,6 +116,10 @@ def test_two_methods_two_ratios_conditional_spaces_two_objectives_budget_and_con
         assert sorted(r["test_f1"] for r in seeds) == pytest.approx(sorted(chosen["test"]))
         for r in seeds:
             assert r["params"] == best_trial["params"] and r["status"] == "completed"
+            # each seed's test predictions give its test values (at validation's thresholds)
+            test = read_predictions(r["predictions"], "test")
+            scored = metric_values(test.metric_input(), "test")
+            assert scored["test_f1"] == pytest.approx(r["test_f1"], abs=1e-6) and test.epoch == r["best_epoch"]
             assert 0.0 <= r["test_auroc"] <= 1.0 and r["best_epoch"] >= 1
             # the synthetic data's subgroup attribute: each row's test values per group, and the gap
             groups = r["details"]["test"]["subgroups"]["sex"]
