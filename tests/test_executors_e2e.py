@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from conftest import checkpointed_epochs, leaderboard_rows, tiny_search
 from test_ray_output import RAY_LOG_LINE
+
+from medpeft_ray.evaluation.predictions import read_predictions
 
 pytestmark = pytest.mark.ray
 
@@ -94,6 +97,11 @@ def test_the_fifth_trial_on_a_warm_executor_gives_the_numbers_of_a_cold_trial_an
     assert len({tuple(numbers(e)) for e in warm_epochs.values()}) == 1  # all five trials alike
     # the later trials started on the loaded backbone: one executor set-up, reported with the first trial
     assert sum("executor_setup_s" in e[0]["startup"] for e in warm_epochs.values()) == 1
+    # warm, cold and single trials keep the same per-image predictions of the same best epoch
+    (cold_row,) = leaderboard_rows(tmp_path / "cold")
+    kept = [read_predictions(row["predictions"], "val") for row in (rows[-1], cold_row)]
+    kept.append(read_predictions(json.loads(result_file.read_text())["predictions"], "val"))
+    assert all(k.epoch == kept[0].epoch and np.array_equal(k.scores, kept[0].scores) for k in kept), kept
 
 
 def test_stopped_trials_free_their_executors_and_two_workers_train_under_zero3_offload(ray_session: None,
