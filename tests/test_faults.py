@@ -24,6 +24,8 @@ import pytest
 import yaml
 from conftest import leaderboard_rows, tiny_search
 
+from medpeft_ray.evaluation.predictions import read_predictions
+
 pytestmark = [pytest.mark.ray, pytest.mark.fault]
 
 CLI = [sys.executable, "-m", "medpeft_ray.cli"]
@@ -65,8 +67,11 @@ def _compared(row: dict[str, Any]) -> dict[str, Any]:
         return [exact(v) for v in values] if isinstance(values, list) else (
             float(f"{values:.6g}") if isinstance(values, float) else values)
 
+    # the kept per-image predictions: of the best epoch, with the uninterrupted run's scores
+    kept = read_predictions(row["predictions"], "val") if isinstance(row.get("predictions"), str) else None
+    predictions = None if kept is None else [kept.epoch, [float(f"{v:.5g}") for v in kept.scores.ravel()]]
     return exact([row["status"], row["epochs_run"], row["best_epoch"], row["val_auroc"], row["val_loss"], row["error"],
-                  curve.get("epoch"), curve.get("val_auroc"), curve.get("val_loss")])
+                  curve.get("epoch"), curve.get("val_auroc"), curve.get("val_loss"), predictions])
 
 
 @pytest.fixture(scope="module")
