@@ -24,6 +24,7 @@ from medpeft_ray.evaluation.paired import (
     adjust,
     delong,
     delong_macro,
+    paired_bootstrap,
     paired_permutation,
     paired_test,
     verdict,
@@ -482,6 +483,25 @@ def test_permutation_refuses_auroc_and_unequal_seeds_in_one_line() -> None:
         paired_permutation(a_runs, a_runs[:1], "test_accuracy")
     with pytest.raises(MedpeftError, match="not the same test images"):
         paired_test(a_runs, _multiclass(np.random.default_rng(0), 31, 3, 1), "test_accuracy")
+
+
+def test_unequal_seeds_go_to_the_paired_bootstrap_which_holds_its_level() -> None:
+    """A confirmed configuration (2 seeds) against a search trial (1): no seed-for-seed swap exists,
+    so the difference is tested by the paired patient bootstrap; under the null its p-values reject
+    about alpha of the time, and a clear difference gives the smallest p it can."""
+    rng = np.random.default_rng(41)
+    p_values = []
+    for replication in range(150):
+        both = _multiclass(rng, 120, 3, 3, per_patient=2, signal=1.0)
+        a_runs = both[:2]
+        b_runs = [_run(both[2].scores, a_runs[0].labels, a_runs[0].groups, False)]
+        p_values.append(paired_bootstrap(a_runs, b_runs, "test_accuracy", resamples=400, seed=replication).p_value)
+    rejected = np.mean(np.array(p_values) <= 0.05)
+    assert 0.0 <= rejected <= 0.12, rejected
+    a_runs = _multiclass(rng, 200, 3, 2, per_patient=2, signal=2.0)
+    b_runs = [_run(_multiclass(rng, 200, 3, 1, signal=0.3)[0].scores, a_runs[0].labels, a_runs[0].groups, False)]
+    result = paired_test(a_runs, b_runs, "test_accuracy", permutations=1000)
+    assert result.test == "paired bootstrap" and result.difference > 0.1 and result.p_value == pytest.approx(1 / 1001)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,7 +22,14 @@ from scipy import stats
 
 from medpeft_ray.errors import UsageError
 from medpeft_ray.evaluation.predictions import SplitPredictions, check_paired
-from medpeft_ray.evaluation.weighted import group_index, group_statistics, metric_from_totals, resolve_metric
+from medpeft_ray.evaluation.weighted import (
+    RunScorer,
+    counts_of_resamples,
+    group_index,
+    group_statistics,
+    metric_from_totals,
+    resolve_metric,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -279,17 +286,52 @@ def paired_permutation(a_runs: Sequence[SplitPredictions], b_runs: Sequence[Spli
     return PairedResult(metric, float(observed), float(p_value), "paired permutation")
 
 
+def paired_bootstrap(a_runs: Sequence[SplitPredictions], b_runs: Sequence[SplitPredictions], metric: str, *,
+                     resamples: int = 5000, seed: int = 0) -> PairedResult:
+    """Paired bootstrap test of the seed-mean ``metric`` of a minus b, for any numbers of seeds.
+
+    Each resample draws patients with replacement (all their images) and scores every seed of both
+    configurations on it; the difference's bootstrap distribution, centred on the observed
+    difference, stands for its null distribution: p = (1 + #{|d* - d| >= |d|}) / (1 + resamples).
+    What :func:`paired_test` uses when the two configurations ran different numbers of seeds, where
+    a permutation cannot swap seed for seed.
+    """
+    a_runs, b_runs = list(a_runs), list(b_runs)
+    _check_configurations(a_runs, b_runs, metric)
+    resolved = resolve_metric(metric, a_runs + b_runs)
+    observed = (np.mean([resolved.metric.compute(run.metric_input()) for run in a_runs])
+                - np.mean([resolved.metric.compute(run.metric_input()) for run in b_runs]))
+    group_of_image, n_groups = group_index(a_runs[0].groups)
+    scorers = [[RunScorer(run, resolved.kind, group_of_image, n_groups) for run in runs] for runs in (a_runs, b_runs)]
+    rng = np.random.default_rng(seed)
+    differences = []
+    for start in range(0, resamples, PERMUTATION_BATCH):
+        drawn = rng.integers(0, n_groups, (min(PERMUTATION_BATCH, resamples - start), n_groups))
+        counts = counts_of_resamples(drawn, n_groups)
+        mine, theirs = (np.mean([scorer(counts) for scorer in side], axis=0) for side in scorers)
+        differences.append(mine - theirs)
+    null = np.concatenate(differences) - observed
+    null = null[np.isfinite(null)]
+    p_value = (1 + int((np.abs(null) >= abs(observed) - _TOLERANCE).sum())) / (1 + len(null))
+    if math.isnan(observed) or not len(null):
+        p_value = math.nan
+    return PairedResult(metric, float(observed), float(p_value), "paired bootstrap")
+
+
 def paired_test(a_runs: Sequence[SplitPredictions], b_runs: Sequence[SplitPredictions], metric: str, *,
                 permutations: int = 5000, seed: int = 0) -> PairedResult:
     """Configuration a against b on ``metric`` (a registry name on any split), a minus b.
 
     AUROC: DeLong's test of the macro AUROC (per-class tests in ``per_class``), clustered by
     patient when patients have several images; the other per-image metrics: the paired
-    permutation test (:func:`paired_permutation`).
+    permutation test (:func:`paired_permutation`), or where the two ran different numbers of seeds
+    (a confirmed configuration against a search trial) the paired bootstrap (:func:`paired_bootstrap`).
     """
     a_runs, b_runs = list(a_runs), list(b_runs)
     _check_configurations(a_runs, b_runs, metric)
     resolved = resolve_metric(metric, a_runs + b_runs)
+    if resolved.kind != "auroc" and len(a_runs) != len(b_runs):
+        return paired_bootstrap(a_runs, b_runs, metric, resamples=permutations, seed=seed)
     if resolved.kind != "auroc":
         return paired_permutation(a_runs, b_runs, metric, permutations=permutations, seed=seed)
     first = a_runs[0]

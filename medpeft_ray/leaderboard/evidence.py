@@ -151,10 +151,13 @@ def _interval_of(cell: dict, metric: str, settings: EvidenceSettings, files: Pre
     runs = files.of_rows(cell["ids"], cell["split"])
     if isinstance(runs, str):
         return {**none, "why": runs}
-    interval = bootstrap_interval(runs, _metric_column(metric, cell["split"]), level=settings.level,
-                                  resamples=settings.resamples, seed=settings.seed)
+    try:
+        interval = bootstrap_interval(runs, _metric_column(metric, cell["split"]), level=settings.level,
+                                      resamples=settings.resamples, seed=settings.seed)
+    except MedpeftError as exc:  # a metric not defined for the data's task: said in the cell, not raised
+        return {**none, "why": str(exc)}
     return {"low": interval.low, "high": interval.high, "unit": interval.unit, "units": interval.units,
-            "why": "" if math.isfinite(interval.low) else "the interval is not defined on these images"}
+            "why": "" if interval.defined else (interval.note or "the interval is not defined on these images")}
 
 
 def best_interval(frame: pd.DataFrame, trial: dict[str, Any], metric: str, settings: EvidenceSettings) -> str:
@@ -221,7 +224,10 @@ def _test_of(cell: dict, base: dict, metric: str, files: PredictionFiles, settin
         check_paired(theirs[0], mine[0])
     except MedpeftError as exc:
         return {**record, "why": str(exc)}
-    result = paired_test(mine, theirs, _metric_column(metric, cell["split"]), seed=settings.seed)
+    try:
+        result = paired_test(mine, theirs, _metric_column(metric, cell["split"]), seed=settings.seed)
+    except MedpeftError as exc:  # a metric not defined for the data's task: said in the row, not raised
+        return {**record, "why": str(exc)}
     return {**record, "difference": result.difference, "p_value": result.p_value, "test": result.test}
 
 
