@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import load_shipped_space, shipped_presets_in
+from conftest import cli_in_process, load_shipped_space, shipped_presets_in
 
 from medpeft_ray.config import load_search_config, validate_search_dict
 from medpeft_ray.config.grid import load_grid
@@ -72,6 +72,23 @@ def test_medmnist_plus_grid_is_every_2d_set_by_method(tmp_path: Path) -> None:
         lrs = config.distributions()["lr"].choices  # type: ignore[union-attr]
         assert lrs == ([1e-4] if method in ("linear", "full") else [1e-4, 1e-3])  # the paper's lr for its schemes
         assert config.search.num_samples == len(lrs) and config.search.confirm.seeds == 3  # type: ignore[union-attr]
+
+
+
+@pytest.mark.slow  # 48 (classes, method) counts on the meta device: about 15 s
+def test_methods_counts_the_medmnist_grid_with_each_sets_classes_before_the_data_is_there(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    counted = cli_in_process(["methods", "--space", SPACES / "medmnist_plus_grid.yaml", "--json"], monkeypatch, capsys)
+    assert counted.returncode == 0, counted.stderr
+    rows = json.loads(counted.stdout)
+    # the heads of the sets' class counts: OCT 4, Pneumonia and Breast 2, Retina 5, Derma 7, Blood and Tissue 8,
+    # Path 9, the three Organ sets 11, Chest 14
+    assert sorted({row["num_classes"] for row in rows}) == [2, 4, 5, 7, 8, 9, 11, 14]
+    chest = {row["method"]: row for row in rows if row["num_classes"] == 14}
+    assert chest["lora"]["experiments"] == ["medmnist-plus-chestmnist-lora"]
+    assert chest["linear"]["trainable_params"] == 768 * 14 + 14 + 2 * 768  # head and fc_norm
 
 
 def _shrunk(method: str) -> dict[str, Any]:
