@@ -275,7 +275,7 @@ def test_val_auroc_and_accuracy_are_medmnists_auc_and_acc() -> None:
     assert np.isnan(ours["val_accuracy"])
 
 
-@pytest.mark.slow  # four epochs of a tiny ViT on 140 images: about 20 s on two cores
+@pytest.mark.slow  # four epochs of a tiny ViT on 140 images: about 25 s on two idle cores
 def test_a_tiny_model_learns_the_fixture(tmp_path: Path) -> None:
     from medpeft_ray.train.single import train_single
 
