@@ -18,6 +18,7 @@ from test_data_ham10000 import Ham
 from test_data_nih import make_nih, names_of
 from test_data_rsna import Rsna
 from test_data_smdg import Smdg
+from medmnist_fixtures import write_medmnist
 from typer.testing import CliRunner
 
 from medpeft_ray.cli import app
@@ -152,7 +153,10 @@ BUILDERS: dict[str, Callable[[Path], tuple[Path, dict[str, Any]]]] = {
     "smdg": lambda base: (Smdg(base / "SMDG-19").root, {"suspects": "negative"}),
     "mimic_cxr": lambda base: (make_mimic(base).root, {}),
     "captions": lambda base: (make_captions(base), {"patient_column": "patient"}),
+    "medmnist": lambda base: (write_medmnist(base / "medmnist", "dermamnist").parent, {"flag": "dermamnist"}),
 }
+#: the options a format cannot do without (MedMNIST: which set)
+REQUIRED_OPTIONS: dict[str, dict[str, Any]] = {"medmnist": {"flag": "dermamnist"}}
 
 
 def test_every_format_with_files_is_covered() -> None:
@@ -181,7 +185,7 @@ def test_a_root_without_the_dataset_is_one_line_naming_it_and_what_was_looked_fo
     (root / "unrelated" / "deeper").mkdir(parents=True)
     (root / "notes.txt").write_text("no dataset here")
     with pytest.raises(DataError) as err:
-        load_splits(fmt, root, SIZE, {}, 0)
+        load_splits(fmt, root, SIZE, REQUIRED_OPTIONS.get(fmt, {}), 0)
     message = str(err.value)
     assert message.startswith(f"{root}: no {fmt} dataset found: looked for "), message
     assert "in it and in its sub-folders (2 levels down)" in message and "\n" not in message

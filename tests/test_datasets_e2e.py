@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 from conftest import tiny_search
+from medmnist_fixtures import write_medmnist
 from PIL import Image
 from test_captions import make_captions, make_mimic
 from test_data_busi import Busi
@@ -63,6 +64,8 @@ FORMATS: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
     "ham10000": (lambda base: Ham(base / "ham").root, {}),
     "busi": (lambda base: Busi(base / "busi").root, {}),
     "fitzpatrick17k": (lambda base: Fitz(base / "fitzpatrick17k").root, {}),
+    # the folder holding <flag>[_<size>].npz: a colour multi-class set at 28 px, decoded at 32
+    "medmnist": (lambda base: write_medmnist(base / "medmnist", "dermamnist").parent, {"flag": "dermamnist"}),
     "smdg": (lambda base: Smdg(base / "smdg").root, {"suspects": "negative"}),
     "folder": (_folder, {"skip_unreadable": True}),
     "csv": (_csv, {"group_column": "patient"}),

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import load_shipped_space
+from conftest import cli_in_process, load_shipped_space, shipped_presets_in
 
 from medpeft_ray.config import load_search_config, validate_search_dict
+from medpeft_ray.config.grid import load_grid
 from medpeft_ray.methods import get_method, list_methods
 from medpeft_ray.models.families import require_family
 
@@ -38,6 +39,56 @@ def test_med_peft_preset_is_the_papers_recipe(tmp_path: Path) -> None:
     assert {4, 8, 32} <= set(ranks)  # the paper's choices at 1% / 10% / 100%
     lr = config.distributions()["lr"]
     assert lr.low <= 0.05 and lr.high >= 0.2  # type: ignore[union-attr]
+
+
+
+def test_medmnist_plus_preset_is_the_papers_recipe(tmp_path: Path) -> None:
+    """MedMNIST+ (Doerrich et al.): timm ViT-B/16 at 224 px, AdamW lr 1e-4, cosine over 100 epochs
+    without warm-up, batch 64, no augmentation, three seeds scored on the test split."""
+    config = load_shipped_space(SPACES / "medmnist_plus.yaml", tmp_path)
+    assert config.dataset.name == "medmnist" and config.dataset.options == {"flag": "dermamnist", "size": 224}
+    assert config.dataset.image_size == 224 and config.dataset.label_ratios == [1.0]
+    assert config.model.backbone.partition(".")[0] == "vit_base_patch16_224" and config.model.checkpoint is not None
+    train = config.train
+    assert (train.optimizer, train.weight_decay, train.epochs, train.batch_size) == ("adamw", 0.01, 100, 64)
+    assert (train.warmup_epochs, train.min_lr, train.augment, train.precision) == (0, 0, "none", "fp32")
+    assert train.deepspeed.gradient_clipping == 0 and train.eval_batch_size == 256
+    assert config.trial_config(1.0, {"lr": 1e-4}).train.lr == 1e-4
+    assert (config.search.sampler, config.search.num_samples, config.search.metric) == ("grid", 1, "val_auroc")
+    assert config.search.confirm is not None and (config.search.confirm.top_k, config.search.confirm.seeds) == (1, 3)
+
+
+def test_medmnist_plus_grid_is_every_2d_set_by_method(tmp_path: Path) -> None:
+    from medpeft_ray.data.medmnist import SETS
+
+    cells = load_grid(shipped_presets_in(tmp_path) / "medmnist_plus_grid.yaml")
+    assert len(cells) == 12 * 6
+    assert {cell.config.dataset.options["flag"] for cell in cells} == set(SETS)
+    for cell in cells:
+        flag, method = cell.entries
+        config = cell.config
+        assert config.experiment == f"medmnist-plus-{flag}-{method}" and config.method.names == [method]
+        assert config.dataset.options == {"flag": flag, "size": 224} and config.train.epochs == 100
+        lrs = config.distributions()["lr"].choices  # type: ignore[union-attr]
+        assert lrs == ([1e-4] if method in ("linear", "full") else [1e-4, 1e-3])  # the paper's lr for its schemes
+        assert config.search.num_samples == len(lrs) and config.search.confirm.seeds == 3  # type: ignore[union-attr]
+
+
+
+@pytest.mark.slow  # 48 (classes, method) counts on the meta device: about 15 s
+def test_methods_counts_the_medmnist_grid_with_each_sets_classes_before_the_data_is_there(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    counted = cli_in_process(["methods", "--space", SPACES / "medmnist_plus_grid.yaml", "--json"], monkeypatch, capsys)
+    assert counted.returncode == 0, counted.stderr
+    rows = json.loads(counted.stdout)
+    # the heads of the sets' class counts: OCT 4, Pneumonia and Breast 2, Retina 5, Derma 7, Blood and Tissue 8,
+    # Path 9, the three Organ sets 11, Chest 14
+    assert sorted({row["num_classes"] for row in rows}) == [2, 4, 5, 7, 8, 9, 11, 14]
+    chest = {row["method"]: row for row in rows if row["num_classes"] == 14}
+    assert chest["lora"]["experiments"] == ["medmnist-plus-chestmnist-lora"]
+    assert chest["linear"]["trainable_params"] == 768 * 14 + 14 + 2 * 768  # head and fc_norm
 
 
 def _shrunk(method: str) -> dict[str, Any]:

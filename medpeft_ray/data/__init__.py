@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from medpeft_ray.data import csv_table, folder, splitfile, synthetic  # noqa: F401  (registers the formats)
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
@@ -42,7 +42,7 @@ def dataset_key(name: str, root: str | Path | None, image_size: int, options: di
         # the download folder or the dataset folder inside it: both key (and cache) the dataset folder
         root_path = spec.dataset_folder(Path(root).expanduser().resolve(), parsed)
         key["root"] = str(root_path)
-        key["files"] = _fingerprint(root_path)
+        key["files"] = _fingerprint(root_path, None if spec.inputs is None else spec.inputs(root_path, parsed))
     if os.environ.get("MEDPEFT_CACHE"):
         # a folder the user named (shared storage, a node's fast disk): every worker, on every node,
         # reads and builds the entry there, not in its own home folder
@@ -74,14 +74,23 @@ def load_splits(
     return cached_splits(key, lambda: spec.load(root_path, image_size, parsed, seed))
 
 
-def _fingerprint(root: Path) -> str:
+def _fingerprint(root: Path, files: Sequence[Path] | None = None) -> str:
     """A content fingerprint of a tree: paths, sizes and mtimes of its files (not the cache's).
 
     Linked folders and files count with their targets, so a changed image behind a link
-    changes the key.
+    changes the key. ``files``: only these (the format's ``inputs``; a missing one counts as such,
+    and its loader names it).
     """
-    cache = str(cache_root().resolve())
     digest = hashlib.sha256()
+    if files is not None:
+        for path in files:
+            try:
+                stat = os.stat(path)
+                digest.update(f"{os.path.relpath(path, root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{os.path.relpath(path, root)}|missing\n".encode())
+        return digest.hexdigest()
+    cache = str(cache_root().resolve())
     for directory, dirs, files in walk(root):
         if directory == cache or directory.startswith(cache + os.sep):
             dirs[:] = []  # the cache may live inside the dataset folder: its entries must not change the key
@@ -99,4 +108,5 @@ def _fingerprint(root: Path) -> str:
 from medpeft_ray.data import busi, ham10000, rsna  # noqa: F401,E402
 from medpeft_ray.data import chexpert, nih  # noqa: F401,E402
 from medpeft_ray.data import fitzpatrick17k, smdg  # noqa: F401,E402
+from medpeft_ray.data import medmnist  # noqa: F401,E402
 from medpeft_ray.data import captions, mimic_cxr  # noqa: F401,E402  (image-text data)

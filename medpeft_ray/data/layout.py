@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from medpeft_ray.errors import DataError
 
@@ -78,9 +78,14 @@ class RootMarker(Protocol):
 
 @dataclass(frozen=True)
 class MarkerPaths:
-    """A dataset folder holds these files (or, ending in ``/``, folders), relative to it."""
+    """A dataset folder holds these files (or, ending in ``/``, folders), relative to it.
+
+    ``advice``, given the root searched, says what to do when no folder holds them (where the
+    publisher's file is downloaded from): the end of :func:`find_dataset_root`'s error.
+    """
 
     paths: tuple[str, ...]
+    advice: Callable[[Path], str] | None = None
 
     def _present(self, folder: Path) -> list[bool]:
         return [(folder / p).is_dir() if p.endswith("/") else (folder / p).is_file() for p in self.paths]
@@ -126,9 +131,10 @@ def find_dataset_root(root: Path, marker: RootMarker, dataset: str) -> Path:
             level = _sub_folders(level)
             if len(level) > SEARCH_WIDTH:
                 break
+    advice = getattr(marker, "advice", None)  # a marker may say how to get the dataset (MarkerPaths.advice)
     raise DataError(
         f"{root}: no {dataset} dataset found: looked for {marker} in it and in its sub-folders "
-        f"({SEARCH_DEPTH} levels down)"
+        f"({SEARCH_DEPTH} levels down)" + (f"; {advice(root)}" if advice is not None else "")
     )
 
 

@@ -23,6 +23,8 @@ LoadFn = Callable[[Path | None, int, Any, int], DatasetSplits]
 MarkerFn = Callable[[Any], RootMarker]
 #: the class names a format fixes, given the parsed options; None where they come from the dataset's files
 ClassesFn = Callable[[Any], Sequence[str] | None]
+#: the files a format's decoded splits are made from, given its dataset folder and the parsed options
+InputsFn = Callable[[Path, Any], Sequence[Path]]
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,11 @@ class DatasetSpec:
     ``marker`` tells the format's dataset folder, so that a root given as the download folder
     that holds it works as well (:meth:`dataset_folder`). ``classes`` names the classes where the
     format (and its options) fix them, so that what depends on them alone, such as a classifier
-    head's size, is known before the dataset is on disk (:meth:`fixed_classes`).
+    head's size, is known before the dataset is on disk (:meth:`fixed_classes`). ``inputs`` names the
+    files the decoded splits are made from where the format reads a few known files of a folder
+    that may hold many others (MedMNIST's one ``.npz`` of a folder holding every set): the
+    decode-once cache is then keyed by those files alone, so a file added beside them does not
+    decode the dataset again. None: every file under the dataset folder counts.
     """
 
     name: str
@@ -44,6 +50,7 @@ class DatasetSpec:
     needs_root: bool
     marker: MarkerFn | None = None
     classes: ClassesFn | None = None
+    inputs: InputsFn | None = None
 
     def fixed_classes(self, options: Any) -> tuple[str, ...] | None:
         """The class names the format fixes under ``options`` (parsed), or None where its files decide them."""
@@ -69,11 +76,12 @@ def register_dataset(
     needs_root: bool,
     marker: MarkerFn | None = None,
     classes: ClassesFn | None = None,
+    inputs: InputsFn | None = None,
 ) -> Callable[[LoadFn], LoadFn]:
     def decorate(load: LoadFn) -> LoadFn:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        _DATASETS[name] = DatasetSpec(name, load, options, needs_root, marker, classes)
+        _DATASETS[name] = DatasetSpec(name, load, options, needs_root, marker, classes, inputs)
         return load
 
     return decorate
