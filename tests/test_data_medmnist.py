@@ -289,3 +289,13 @@ def test_a_tiny_model_learns_the_fixture(tmp_path: Path) -> None:
     best = max(e["val_auroc"] for e in result["epochs"])
     assert best > 0.85 and result["test_auroc"] > 0.8, result  # chance is 0.5
     assert 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_rows_name_the_set_and_size_not_the_format() -> None:
+    """Twelve sets at four sizes share one format; a leaderboard that called every row "medmnist"
+    would compare DermaMNIST's trials with ChestMNIST's as one task."""
+    from medpeft_ray.config.sections import DatasetConfig
+
+    assert DatasetConfig(name="medmnist", options={"flag": "chestmnist", "size": 224}).row_name == "chestmnist_224"
+    assert DatasetConfig(name="medmnist", options={"flag": "dermamnist"}).row_name == "dermamnist"
+    assert DatasetConfig(name="synthetic").row_name == "synthetic"

@@ -195,3 +195,12 @@ def test_report_has_intervals_tests_and_calibration(results: Path, tmp_path: Pat
     assert '<table class="tests">' in page and "no test: trial lora-old kept no predictions" in page
     assert '<table class="calibration">' in page and (out / "calibration.png").is_file()
     assert "No calibration for lora at old @ 1: trial lora-old kept no predictions" in page
+
+
+def test_experiments_compare_with_intervals(results: Path) -> None:
+    """``--compare experiments``: each experiment a row (its key is a cell's experiment too)."""
+    shown = run("leaderboard", "--results", results, "--compare", "experiments", "--split", "test",
+                "--dataset", "clear", "--method", "lora")
+    assert shown.exit_code == 0, shown.output
+    out = " ".join(shown.stdout.split())
+    assert "experiment clear @ 1" in out and "study 0.9" in out and "[0.9" in out, out

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from medpeft_ray.data.registry import get_dataset
 from medpeft_ray.label_ratios import same_label_ratio
 from medpeft_ray.models.families import require_family
 from medpeft_ray.metrics import METRICS, MetricName, metric_mode
@@ -35,6 +36,13 @@ class DatasetConfig(Strict):
     image_size: int = Field(224, ge=16, le=1024, description="input side in pixels")
     seed: int = Field(0, description="seed of splits and label-ratio subsets")
     options: dict[str, Any] = Field(default_factory=dict, description="format-specific options")
+
+    @property
+    def row_name(self) -> str:
+        """What leaderboard rows call this data: the format's name, or the set it names among
+        several (MedMNIST's ``dermamnist_224``); see ``DatasetSpec.row_name``."""
+        spec = get_dataset(self.name)
+        return spec.rows_name(spec.options.model_validate(self.options))
 
     @field_validator("label_ratios")
     @classmethod

@@ -172,6 +172,8 @@ def download_advice(root: Path, flag: str, size: int) -> str:
                                        advice=lambda root: download_advice(root, options.flag, options.size)),
     classes=lambda options: SETS[options.flag].class_names,
     inputs=lambda root, options: (root / file_name(options.flag, options.size),),
+    # one format, twelve sets at four sizes: each its own task in the leaderboard (dermamnist_224)
+    row_name=lambda options: file_name(options.flag, options.size).removesuffix(".npz"),
 )
 def load_medmnist(root: Path, image_size: int, options: MedmnistOptions, seed: int) -> DatasetSplits:
     path = root / file_name(options.flag, options.size)

@@ -25,6 +25,8 @@ MarkerFn = Callable[[Any], RootMarker]
 ClassesFn = Callable[[Any], Sequence[str] | None]
 #: the files a format's decoded splits are made from, given its dataset folder and the parsed options
 InputsFn = Callable[[Path, Any], Sequence[Path]]
+#: what leaderboard rows call the data, given the parsed options
+RowNameFn = Callable[[Any], str]
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,10 @@ class DatasetSpec:
     files the decoded splits are made from where the format reads a few known files of a folder
     that may hold many others (MedMNIST's one ``.npz`` of a folder holding every set): the
     decode-once cache is then keyed by those files alone, so a file added beside them does not
-    decode the dataset again. None: every file under the dataset folder counts.
+    decode the dataset again. None: every file under the dataset folder counts. ``row_name``
+    names the data in leaderboard rows where one format holds several datasets (MedMNIST's
+    ``dermamnist_224``): rows of different sets must never be compared as one task. None: the
+    format's name.
     """
 
     name: str
@@ -51,6 +56,11 @@ class DatasetSpec:
     marker: MarkerFn | None = None
     classes: ClassesFn | None = None
     inputs: InputsFn | None = None
+    row_name: RowNameFn | None = None
+
+    def rows_name(self, options: Any) -> str:
+        """What leaderboard rows call this format's data under ``options`` (parsed)."""
+        return self.row_name(options) if self.row_name is not None else self.name
 
     def fixed_classes(self, options: Any) -> tuple[str, ...] | None:
         """The class names the format fixes under ``options`` (parsed), or None where its files decide them."""
@@ -77,11 +87,12 @@ def register_dataset(
     marker: MarkerFn | None = None,
     classes: ClassesFn | None = None,
     inputs: InputsFn | None = None,
+    row_name: RowNameFn | None = None,
 ) -> Callable[[LoadFn], LoadFn]:
     def decorate(load: LoadFn) -> LoadFn:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        _DATASETS[name] = DatasetSpec(name, load, options, needs_root, marker, classes, inputs)
+        _DATASETS[name] = DatasetSpec(name, load, options, needs_root, marker, classes, inputs, row_name)
         return load
 
     return decorate

@@ -193,7 +193,8 @@ def cells(frame: pd.DataFrame, keys: Sequence[str], metric: str = "val_auroc", s
     split = _split_of(choices, metric, split)
     column = get_metric(metric).on_split(split)
     records = [{**dict(zip(by, key)), "split": split, **_cell_values(runs, column)} for key, runs in choices]
-    return pd.DataFrame(records, columns=[*by, *CELL_COLUMNS])
+    # comparing experiments: the key is the cell's experiment already, a column only once
+    return pd.DataFrame(records, columns=[*by, *(c for c in CELL_COLUMNS if c not in by)])
 
 
 @dataclass

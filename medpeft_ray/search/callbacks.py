@@ -314,7 +314,7 @@ class LeaderboardCallback(Callback):
         record = TrialRecord(
             experiment=self.config.experiment_name,
             trial_id=trial.trial_id,
-            dataset=self.config.dataset.name,
+            dataset=self.config.dataset.row_name,
             label_ratio=self.label_ratio,
             method=trial_config.method.name,
             backbone=self.config.model.backbone,

@@ -42,7 +42,7 @@ def _best_known(
 ) -> list[tuple[str, dict[str, Any]]]:
     """(method, sampled params) of the best recorded trials: same ratio (any earlier run), then the nearest searched ratio."""
     metric = config.search.metric
-    rows = LeaderboardStore(db_url).query(dataset=config.dataset.name, backbone=config.model.backbone, role="search",
+    rows = LeaderboardStore(db_url).query(dataset=config.dataset.row_name, backbone=config.model.backbone, role="search",
                                           metric=metric, ascending=get_metric(metric).ascending)
     if rows.empty:
         return []

@@ -52,7 +52,7 @@ def recorded_epoch_seconds(config: SearchConfig, db_url: str | None) -> dict[flo
     if db_url is None:
         return {}
     try:
-        rows = LeaderboardStore(db_url, create=False).query(backbone=config.model.backbone, dataset=config.dataset.name,
+        rows = LeaderboardStore(db_url, create=False).query(backbone=config.model.backbone, dataset=config.dataset.row_name,
                                                             role="search")
     except (MedpeftError, sa.exc.SQLAlchemyError, OSError):  # no leaderboard yet, or none readable
         return {}
