@@ -145,7 +145,7 @@ def test_interval_estimate_is_the_seed_mean_of_the_registry_and_resamples_patien
 def test_interval_refuses_what_has_no_per_image_computation_in_one_line() -> None:
     runs = _multilabel(np.random.default_rng(0), 40, 3, 2)
     for metric, words in (("test_loss", "no per-image computation"), ("test_fid", "no per-image computation"),
-                          ("val_auroc", "measured on val predictions"), ("test_accuracy", "multiclass"),
+                          ("val_auroc", "measured on val predictions"), ("test_balanced_accuracy", "multiclass"),
                           ("test_nonsense", "cannot rank trials")):
         with pytest.raises(UsageError, match=words) as error:
             bootstrap_interval(runs, metric)

@@ -265,7 +265,7 @@ def test_best_out_file_with_method_and_experiment(results: Path, tmp_path: Path)
     )
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-    assert result.stderr.strip().endswith(f"(experiment search, trial b2) -> {out}")
+    assert result.stderr.strip().splitlines()[0].endswith(f"(experiment search, trial b2) -> {out}")
     config = TrialConfig.model_validate(yaml.safe_load(out.read_text()))
     assert config.method.name == "bitfit" and config.label_ratio == 1.0
     assert load_trial_config(out) == config  # what `medpeft-ray train --config` reads

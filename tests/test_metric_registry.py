@@ -107,8 +107,10 @@ def test_multilabel_f1_chooses_thresholds_on_validation_and_applies_them_unchang
                        thresholds=val.decision_thresholds)
     assert test.predicted[:, 0].tolist() == [0, 0, 1]
     assert metric_values(test, "test")["test_f1"] == pytest.approx(2 / 3)
-    # multi-label data has no single class per image: accuracy is not defined there
-    assert math.isnan(metric_values(val)["val_accuracy"])
+    # multi-label accuracy is each label's at 0.5 (MedMNIST's ACC), not at F1's thresholds: 3 of 5 right
+    assert metric_values(val)["val_accuracy"] == pytest.approx(3 / 5)
+    # balanced accuracy needs one class per image: not defined for multi-label data
+    assert math.isnan(metric_values(val)["val_balanced_accuracy"])
 
 
 def test_a_tied_score_is_taken_whole_by_a_threshold() -> None:
@@ -139,8 +141,10 @@ def test_a_metric_of_another_task_is_refused_in_one_line() -> None:
     from medpeft_ray.metrics import require_defined
 
     require_defined("val_f1", "multilabel", "nih")
-    with pytest.raises(UsageError, match="search.metric: val_accuracy is defined for multiclass data; dataset 'nih' is multilabel"):
-        require_defined("val_accuracy", "multilabel", "nih")
+    require_defined("val_accuracy", "multilabel", "nih")  # per label at 0.5
+    with pytest.raises(UsageError, match="search.metric: val_balanced_accuracy is defined for multiclass data; "
+                                         "dataset 'nih' is multilabel"):
+        require_defined("val_balanced_accuracy", "multilabel", "nih")
 
 
 @pytest.mark.parametrize("metric", ALL, ids=lambda m: m.name)

@@ -23,7 +23,7 @@ import numpy as np
 
 from medpeft_ray.errors import UsageError
 from medpeft_ray.evaluation.predictions import SplitPredictions
-from medpeft_ray.metrics import VALIDATION_SPLIT, Metric, get_metric
+from medpeft_ray.metrics import ACCURACY_THRESHOLD, VALIDATION_SPLIT, Metric, get_metric
 
 #: the registry metrics (by validation name) that are computed from per-image predictions
 PER_IMAGE_METRICS = ("val_auroc", "val_f1", "val_accuracy", "val_balanced_accuracy")
@@ -152,13 +152,18 @@ def weighted_auroc(ranking: _ClassRanking, counts: np.ndarray) -> np.ndarray:
 def group_statistics(run: SplitPredictions, kind: str, group_of_image: np.ndarray, n_groups: int) -> np.ndarray:
     """(groups, F) per-group counts from which ``kind`` (f1, accuracy, balanced_accuracy) follows:
     f1: true positives, false positives, false negatives per class (3K); accuracy: correct images
-    and images (2); balanced_accuracy: correct images and images per labelled class (2K)."""
+    and images (2), or on multi-label data labels right at 0.5 and known labels per class (2K);
+    balanced_accuracy: correct images and images per labelled class (2K)."""
     predictions = run.metric_input()
     labels = predictions.labels
     if kind == "f1":
         known = ~np.isnan(labels)
         truth, guess = known & (labels > 0.5), known & (predictions.predicted > 0.5)
         per_image = np.concatenate([truth & guess, ~truth & known & guess, truth & ~guess], axis=1)
+    elif kind == "accuracy" and run.multilabel:
+        known = ~np.isnan(labels)
+        right = known & ((predictions.scores > ACCURACY_THRESHOLD) == (labels > 0.5))
+        per_image = np.concatenate([right, known], axis=1)
     else:
         truth_class, guess_class = labels.argmax(axis=1), predictions.scores.argmax(axis=1)
         correct = truth_class == guess_class
@@ -179,7 +184,9 @@ def metric_from_totals(kind: str, totals: np.ndarray) -> np.ndarray:
             tp, fp, fn = np.split(totals, 3, axis=1)
             counted = tp + fp + fn
             return mean_over_defined(np.where(counted > 0, 2 * tp / (2 * tp + fp + fn), np.nan))
-        if kind == "accuracy":
+        # accuracy: (correct, images) of multi-class data; multi-label data's per class, (correct K, known K),
+        # averaged over classes as balanced accuracy's are (one class: the same formula either way)
+        if kind == "accuracy" and totals.shape[1] == 2:
             return np.where(totals[:, 1] > 0, totals[:, 0] / totals[:, 1], np.nan)
         correct, images = np.split(totals, 2, axis=1)
         return mean_over_defined(np.where(images > 0, correct / images, np.nan))

@@ -271,11 +271,11 @@ def interval_note(intervals: pd.DataFrame, settings: EvidenceSettings) -> str:
     have = intervals[intervals["why"] == ""]
     units = sorted({u for u in have["unit"] if u})
     missing = len(intervals) - len(have)
+    reasons = intervals.loc[intervals["why"] != "", "why"]
+    if have.empty:
+        return f"no intervals: {reasons.iloc[0]}" if missing else ""
     text = (f"[low, high]: {settings.level:.0%} bootstrap interval of the seed mean, resampling "
-            f"{' or '.join(units) or 'patients'} ({settings.resamples} resamples)")
-    if missing:
-        reasons = intervals.loc[intervals["why"] != "", "why"]
-        text += f"; {missing} cell(s) without: {reasons.iloc[0]}"
-    return text
+            f"{' or '.join(units)} ({settings.resamples} resamples)")
+    return text + (f"; {missing} cell(s) without: {reasons.iloc[0]}" if missing else "")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,11 +89,12 @@ def leaderboard_view(store: LeaderboardStore, filters: dict[str, Any], *, sort: 
         files = PredictionFiles(rows)
         study = with_intervals(top_rows(study, top), rows, settings, files)
         store_empty = study.means.empty and store.count() == 0
-        if study.means.index.name != "method":
-            return comparison(study, output, sort, store_empty)
-        won = views.wins(rows, sort, baseline, study.split)
-        tests = task_tests(rows, sort, baseline, study.split, settings, files)
-        return comparison(study, output, sort, store_empty) + wins(won, output, sort, tests, settings)
+        shown = comparison(study, output, sort, store_empty)
+        if study.means.index.name == "method":
+            won = views.wins(rows, sort, baseline, study.split)
+            shown += wins(won, output, sort, tests=task_tests(rows, sort, baseline, study.split, settings, files),
+                          settings=settings)
+        return fitted_lines(shown, width)
     if pareto:
         frame = views.pareto(store.query(**filters), metric=sort)
     elif group_by is not None:
@@ -102,6 +104,18 @@ def leaderboard_view(store: LeaderboardStore, filters: dict[str, Any], *, sort: 
     frame = frame.head(top) if top is not None else frame
     store_empty = frame.empty and store.count() == 0
     return trial_rows(frame, output, store_empty, sort, columns, width)
+
+
+def fitted_lines(rendered: Rendered, width: int) -> Rendered:
+    """``rendered`` with its lines of text wrapped at ``width`` (a long note stays on the screen, in
+    words, rather than running past the terminal's edge)."""
+    shown: list[Table | str] = []
+    for item in rendered.shown:
+        if isinstance(item, str) and len(item) > width:
+            shown.append("\n".join(textwrap.wrap(item, width, subsequent_indent="  ", break_on_hyphens=False)))
+        else:
+            shown.append(item)
+    return Rendered(rendered.text, shown)
 
 
 def trial_rows(frame: pd.DataFrame, output: str = "table", store_empty: bool = False, sort: str = "val_auroc",
