@@ -269,6 +269,9 @@ def leaderboard(
     baseline: str = typer.Option("full", "--baseline", help=BASELINE_HELP),
     alpha: float = typer.Option(0.05, "--alpha", help=ALPHA_HELP),
     correction: str = typer.Option("holm", "--correction", help=CORRECTION_HELP),
+    also: Optional[str] = typer.Option(None, "--also", help="with --compare: another metric's values of the same "
+                                       "chosen configurations beside each cell's (e.g. val_accuracy: AUC and ACC "
+                                       "per dataset, as MedMNIST+ tables them)"),
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", help=_either([f.value for f in OutputFormat])),
     columns: Optional[str] = typer.Option(None, "--columns", help="the columns to show, comma-separated (e.g. "
                                           "method,val_auroc,params); default: those that fit the terminal"),
@@ -283,6 +286,8 @@ def leaderboard(
     try:
         if sum((compare is not None, pareto, group_by is not None)) > 1:
             raise UsageError("--compare, --pareto and --group-by are separate views; pick one")
+        if also is not None and compare is None:
+            raise UsageError("--also puts a metric beside --compare's cells; add --compare methods")
         if compare is not None and columns is not None:
             raise UsageError("--columns chooses the trials' columns; --compare's columns are its "
                              "(dataset, label ratio) cells")
@@ -291,7 +296,7 @@ def leaderboard(
             group_by=None if group_by is None else [c.strip() for c in group_by.split(",") if c.strip()],
             compare=None if compare is None else compare.value, output=output.value, width=console.width,
             columns=None if columns is None else [c.strip() for c in columns.split(",") if c.strip()],
-            evidence=_evidence(alpha, correction))
+            evidence=_evidence(alpha, correction), also=also)
     except MedpeftError as exc:
         _fail(exc)
     _show(shown)

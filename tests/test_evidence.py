@@ -61,7 +61,7 @@ def _confirmed(results: Path, method: str, dataset: str, signal: float, seeds: l
         records.append(leaderboard_row(
             f"{source}-s{seed}", method, 1.0, val_auroc=0.8, dataset=dataset, experiment="study", role="confirmation",
             seed=seed, source_trial=source, best_epoch=epoch, predictions=str(folder),
-            test_auroc=scored["test_auroc"], test_f1=scored["test_f1"]))
+            test_auroc=scored["test_auroc"], test_f1=scored["test_f1"], test_accuracy=scored["test_accuracy"]))
     return records
 
 
@@ -204,3 +204,20 @@ def test_experiments_compare_with_intervals(results: Path) -> None:
     assert shown.exit_code == 0, shown.output
     out = " ".join(shown.stdout.split())
     assert "experiment clear @ 1" in out and "study 0.9" in out and "[0.9" in out, out
+
+
+def test_another_metric_beside_each_cell_is_that_of_the_same_configuration(results: Path) -> None:
+    """The benchmark papers' layout (AUC and ACC per dataset): the configuration is chosen on the
+    ranking metric; the other metric is the same seeds' mean, never chosen on."""
+    records = json.loads(run("leaderboard", "--results", results, "--compare", "methods", "--split", "test",
+                             "--also", "val_accuracy", "--format", "json").stdout)
+    rows = _rows(results)
+    for record in records:
+        seeds = rows[rows["trial_id"].str.startswith(f"{record['method']}-clear-s")]
+        assert record["clear @ 1 test_accuracy"] == pytest.approx(seeds["test_accuracy"].mean())
+        assert record["clear @ 1 low"] < record["clear @ 1"] < record["clear @ 1 high"]
+    shown = run("leaderboard", "--results", results, "--compare", "methods", "--split", "test",
+                "--also", "val_accuracy", "--format", "markdown", "--dataset", "clear")
+    assert "| method | clear @ 1 | clear @ 1 test_accuracy | mean rank |" in shown.stdout
+    alone = run("leaderboard", "--results", results, "--also", "val_accuracy")
+    assert alone.exit_code == 2 and "--also puts a metric beside --compare's cells" in alone.output

@@ -121,7 +121,11 @@ def interval_text(metric: str, low: Any, high: Any) -> str:
 
 def study_cell_text(study: StudyTable, name: Any, cell: str) -> str:
     """One cell of the comparison table: ``0.8120 [0.7901, 0.8302]`` where the cell has a confidence
-    interval, else ``0.8120 ± 0.0130`` (several seeds), ``0.8120`` (one) or ``–``."""
+    interval, else ``0.8120 ± 0.0130`` (several seeds), ``0.8120`` (one) or ``–``; a column of
+    another metric beside the cells (``<cell> test_accuracy``) has that metric's value alone."""
+    if cell not in study.std.columns:
+        companion = metric_of(cell.rsplit(" ", 1)[-1])
+        return metric_text(companion.name if companion else study.metric, study.means.at[name, cell])
     if study.low is not None and study.high is not None:
         interval = interval_text(study.metric, study.low.at[name, cell], study.high.at[name, cell])
         if interval and not is_missing(study.means.at[name, cell]):

@@ -66,7 +66,7 @@ def leaderboard_view(store: LeaderboardStore, filters: dict[str, Any], *, sort: 
                      top: int | None = None, group_by: Sequence[str] | None = None, compare: str | None = None,
                      pareto: bool = False, split: str | None = None, baseline: str = "full", output: str = "table",
                      columns: Sequence[str] | None = None, width: int = 80,
-                     evidence: EvidenceSettings | None = None) -> Rendered:
+                     evidence: EvidenceSettings | None = None, also: str | None = None) -> Rendered:
     """The rows of ``store`` matching ``filters`` as one view, rendered for ``output``.
 
     The view: the rows best first by ``sort`` (default: the store's metric), the best of each
@@ -76,7 +76,9 @@ def leaderboard_view(store: LeaderboardStore, filters: dict[str, Any], *, sort: 
 
     A comparison has each cell's confidence interval and, per task, each method's paired test
     against ``baseline`` where the rows kept their predictions (``evidence``: the level, the
-    correction and the resamples; None: the defaults of :class:`EvidenceSettings`).
+    correction and the resamples; None: the defaults of :class:`EvidenceSettings`). ``also`` puts
+    another metric's values of the same chosen configurations beside each cell's (the benchmark
+    papers' layout: AUC and ACC per dataset).
     """
     _check_format(output)
     sort = sort or store.default_metric(**filters)
@@ -89,6 +91,8 @@ def leaderboard_view(store: LeaderboardStore, filters: dict[str, Any], *, sort: 
         files = PredictionFiles(rows)
         study = with_intervals(top_rows(study, top), rows, settings, files)
         store_empty = study.means.empty and store.count() == 0
+        if also is not None:
+            study = dataclasses.replace(study, means=beside(study, views.companion(study, rows, also), also))
         shown = comparison(study, output, sort, store_empty)
         if study.means.index.name == "method":
             won = views.wins(rows, sort, baseline, study.split)
@@ -104,6 +108,17 @@ def leaderboard_view(store: LeaderboardStore, filters: dict[str, Any], *, sort: 
     frame = frame.head(top) if top is not None else frame
     store_empty = frame.empty and store.count() == 0
     return trial_rows(frame, output, store_empty, sort, columns, width)
+
+
+def beside(study: views.StudyTable, other: pd.DataFrame, also: str) -> pd.DataFrame:
+    """The study's means with ``other`` (another metric's values of the same configurations) as a
+    column after each cell's, named ``<cell> <metric>`` (``dermamnist @ 1 test_accuracy``)."""
+    name = get_metric(also).on_split(study.split)
+    columns = {}
+    for cell in (c for c in study.means.columns if c != "mean_rank"):
+        columns[cell] = study.means[cell]
+        columns[f"{cell} {name}"] = other[cell] if cell in other else float("nan")
+    return study.means[[]].assign(**columns, mean_rank=study.means["mean_rank"])
 
 
 def fitted_lines(rendered: Rendered, width: int) -> Rendered:
@@ -213,6 +228,8 @@ def comparison_records(study: views.StudyTable) -> pd.DataFrame:
     columns = {}
     for cell in cells:
         columns[cell] = table[cell]
+        if cell not in study.std:  # another metric's values beside the cells (--also)
+            continue
         if intervals:
             columns.update({f"{cell} low": study.low[cell], f"{cell} high": study.high[cell]})
         if study.several_seeds:

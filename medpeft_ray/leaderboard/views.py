@@ -256,6 +256,20 @@ def study_table(frame: pd.DataFrame, by: str = "method", metric: str = "val_auro
     return StudyTable(means.loc[order], std.loc[order], seeds.loc[order], metric, split, long)
 
 
+def companion(study: StudyTable, frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Another metric's values of the configurations ``study`` chose (on its own metric), cell by
+    cell: the mean over the same rows of ``metric`` on the study's split. What benchmark tables
+    show beside the ranking metric (MedMNIST's ACC beside AUC), never chosen on."""
+    get_metric(metric)
+    if study.cells is None or study.cells.empty:
+        return study.means.drop(columns="mean_rank").astype("float64")
+    column = get_metric(metric).on_split(study.split)
+    values = _column(frame, column).groupby(frame["id"]).mean()
+    long = study.cells.assign(mean=[float(values.reindex(list(ids)).mean()) for ids in study.cells["ids"]])
+    by = study.means.index.name
+    return wide(long, by, "mean").astype("float64").reindex(study.means.index)
+
+
 def compare(frame: pd.DataFrame, by: str = "method", metric: str = "val_auroc", split: str | None = None
             ) -> pd.DataFrame:
     """The studies' comparison table: one row per ``by`` value (method or backbone), one column per
