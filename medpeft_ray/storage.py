@@ -30,6 +30,12 @@ RESULTS_PROBE_BYTES = 1 << 20
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")
 
 
+def cache_root(named: str | None = None) -> Path:
+    """This machine's cache folder (decoded datasets, built pipelines, computed intervals): ``named``
+    (a folder the search driver passed on), else ``$MEDPEFT_CACHE``, else ``~/.cache/medpeft_ray``."""
+    return Path(named or os.environ.get("MEDPEFT_CACHE", Path.home() / ".cache" / "medpeft_ray"))
+
+
 def results_dir(path: str | Path | None = None) -> Path:
     """The results store folder: ``path``, else ``$MEDPEFT_RESULTS``, else ``./medpeft-results``."""
     return Path(path or os.environ.get("MEDPEFT_RESULTS") or DEFAULT_RESULTS_DIR).expanduser().resolve()

@@ -19,9 +19,16 @@ from medpeft_ray.config import validate_search_dict
 from medpeft_ray.errors import UsageError
 from medpeft_ray.evaluation.intervals import bootstrap_interval
 from medpeft_ray.evaluation.paired import paired_test
-from medpeft_ray.evaluation.predictions import SplitPredictions, write_predictions
+from medpeft_ray.evaluation.predictions import SplitPredictions, read_predictions, write_predictions
 from medpeft_ray.leaderboard import LeaderboardStore, views
-from medpeft_ray.leaderboard.evidence import EvidenceSettings, PredictionFiles, task_tests, with_intervals
+from medpeft_ray.leaderboard.evidence import (
+    EvidenceSettings,
+    IntervalCache,
+    PredictionFiles,
+    interval_of,
+    task_tests,
+    with_intervals,
+)
 from medpeft_ray.metrics import metric_values
 
 PATIENTS, IMAGES_PER_PATIENT, CLASSES = 120, 3, ("a", "b")
@@ -221,3 +228,23 @@ def test_another_metric_beside_each_cell_is_that_of_the_same_configuration(resul
     assert "| method | clear @ 1 | clear @ 1 test_accuracy | mean rank |" in shown.stdout
     alone = run("leaderboard", "--results", results, "--also", "val_accuracy")
     assert alone.exit_code == 2 and "--also puts a metric beside --compare's cells" in alone.output
+
+
+def test_intervals_are_kept_per_file_and_recomputed_when_a_file_changes(results: Path, tmp_path: Path) -> None:
+    rows = _rows(results)
+    cell = {"ids": rows.loc[rows["trial_id"].str.startswith("lora-clear-s"), "id"].tolist(), "split": "test"}
+    settings = EvidenceSettings(resamples=200)
+    cache = IntervalCache(tmp_path / "cache")
+    first = interval_of(cell, "val_auroc", settings, PredictionFiles(rows, cache=cache))
+    (kept,) = (tmp_path / "cache" / "intervals").glob("*.json")
+    assert json.loads(kept.read_text()) == first and first["why"] == ""
+    # a second comparison reads it: what the file says is what it gives
+    kept.write_text(json.dumps({**first, "low": 0.123}))
+    assert interval_of(cell, "val_auroc", settings, PredictionFiles(rows, cache=cache))["low"] == 0.123
+    # other settings, or a rewritten predictions file (a trial run again), are another key
+    assert interval_of(cell, "val_auroc", EvidenceSettings(resamples=300), PredictionFiles(rows, cache=cache)
+                        )["low"] != 0.123
+    folder = rows.loc[rows["id"] == cell["ids"][0], "predictions"].iloc[0]
+    write_predictions(folder, read_predictions(folder, "test"))
+    again = interval_of(cell, "val_auroc", settings, PredictionFiles(rows, cache=cache))
+    assert again["low"] == pytest.approx(first["low"])

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from medpeft_ray.data.base import DatasetSplits, LabeledImages
+from medpeft_ray.storage import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 # data has colour (an entry decoded to grey before is not read back for a colour dataset)
 _FORMAT_VERSION = 4
 
-
-def cache_root(named: str | None = None) -> Path:
-    """``named`` (a folder the search driver passed on), else ``$MEDPEFT_CACHE``, else ``~/.cache/medpeft_ray``."""
-    return Path(named or os.environ.get("MEDPEFT_CACHE", Path.home() / ".cache" / "medpeft_ray"))
 
 
 #: key parts that say where an entry lives, not what it holds (left out of the entry's name)

@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 #: (100 images) and 0.946 (60) of the time with BCa, 0.919 and 0.914 with percentiles (see
 #: docs/statistics.md). BCa costs one jackknife pass (one evaluation per patient) more.
 METHOD = "BCa"
+#: above this many patients (or images), the percentile interval instead: BCa's correction shrinks
+#: as the sample grows while its jackknife grows with it (25,000 images of 2,800 patients, 14
+#: classes, 3 seeds: 15.7 s for BCa's AUROC interval, 6.4 s for the percentile one; 2 cores)
+BCA_MAX_UNITS = 1000
+LARGE_SAMPLE_METHOD = "percentile"
 #: resamples per call of the statistic: a few hundred keep the per-class arrays in the CPU's cache
 BATCH = 256
 #: the largest share of resamples that may leave the metric undefined (a class without both labels
@@ -97,7 +102,7 @@ def bootstrap_interval(runs: Sequence[SplitPredictions], metric: str, *, level: 
 
     def interval(low: float, high: float, note: str = "", used: int = resamples) -> Interval:
         return Interval(metric, float(per_seed.mean()), float(low), float(high), level, unit, n_groups, len(runs),
-                        used, METHOD, float(per_seed.std(ddof=1)) if len(runs) > 1 else math.nan, note)
+                        used, _method(n_groups), float(per_seed.std(ddof=1)) if len(runs) > 1 else math.nan, note)
 
     if not np.isfinite(per_seed).all():
         return interval(math.nan, math.nan, f"{metric} is undefined on these predictions")
@@ -114,13 +119,19 @@ def bootstrap_interval(runs: Sequence[SplitPredictions], metric: str, *, level: 
     return interval(low, high, note, used)
 
 
+def _method(units: int) -> str:
+    """scipy's interval method for ``units`` patients (or images): :data:`METHOD`, else, for a large
+    sample, :data:`LARGE_SAMPLE_METHOD`."""
+    return METHOD if units <= BCA_MAX_UNITS else LARGE_SAMPLE_METHOD
+
+
 def _bootstrap(statistic: Callable[..., np.ndarray], n_groups: int, level: float, resamples: int, seed: int,
                metric: str) -> tuple[tuple[float, float], int, str]:
     """scipy's interval of ``statistic`` over resampled group indices: the bounds, the resamples they
     rest on, and a note. Resamples that leave the metric undefined (a class without both labels,
     for a one-class AUROC) are left out, up to :data:`MAX_UNDEFINED_SHARE`; beyond, NaN bounds."""
     data = (np.arange(n_groups),)
-    options = dict(vectorized=True, paired=False, confidence_level=level, method=METHOD, batch=BATCH)
+    options = dict(vectorized=True, paired=False, confidence_level=level, method=_method(n_groups), batch=BATCH)
     with warnings.catch_warnings():  # a degenerate distribution gives NaN bounds, explained below
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -140,6 +151,6 @@ def _bootstrap(statistic: Callable[..., np.ndarray], n_groups: int, level: float
     if not (math.isfinite(low) and math.isfinite(high)):
         spread = np.ptp(result.bootstrap_distribution[np.isfinite(result.bootstrap_distribution)])
         why = (f"every resample gives the same {metric}" if spread == 0
-               else f"the {METHOD} interval of {metric} is undefined (a leave-one-out {metric} is)")
+               else f"the {_method(n_groups)} interval of {metric} is undefined (a leave-one-out {metric} is)")
         return (math.nan, math.nan), used, why
     return (low, high), used, note

@@ -18,9 +18,12 @@ why: nothing is guessed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -41,6 +44,7 @@ from medpeft_ray.leaderboard.views import (
     wide,
 )
 from medpeft_ray.metrics import get_metric
+from medpeft_ray.storage import cache_root, filesystem
 
 #: the corrections for many comparisons ``--correction`` takes
 CORRECTIONS = ("holm", "bh", "none")
@@ -72,12 +76,62 @@ class EvidenceSettings:
         return 1 - self.alpha
 
 
+class IntervalCache:
+    """Intervals computed before, on this machine: ``<cache>/intervals/<key>.json`` (the decode
+    cache's folder, ``$MEDPEFT_CACHE``). An AUROC interval of a 25,000-image test split takes
+    seconds per cell; a kept prediction file does not change once its row is final, so its
+    interval is kept too. The key is the files (path, size, modification time), the metric and the
+    settings: a rewritten file (a trial run again) is a new key. Best effort: a cache that cannot be
+    read or written is recomputed, never an error."""
+
+    VERSION = 1
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = (folder or cache_root()) / "intervals"
+
+    def key(self, runs: Sequence[SplitPredictions], metric: str, settings: EvidenceSettings) -> str | None:
+        try:
+            files = [[run.source, *_identity(run.source)] for run in runs]
+        except (OSError, MedpeftError):
+            return None
+        text = json.dumps([self.VERSION, files, metric, settings.level, settings.resamples, settings.seed])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, key: str | None) -> dict[str, Any] | None:
+        if key is None:
+            return None
+        try:
+            return json.loads((self.folder / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str | None, value: dict[str, Any]) -> None:
+        if key is None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial = self.folder / f"{key}.json.partial"
+            partial.write_text(json.dumps(value))
+            partial.replace(self.folder / f"{key}.json")
+        except OSError:
+            pass
+
+
+def _identity(source: str) -> tuple[int, int]:
+    """A stored file's size and modification time (ns), wherever it lies."""
+    fs, path = filesystem(source)
+    info = fs.get_file_info(path)
+    return int(info.size or 0), int(info.mtime_ns or 0)
+
+
 @dataclass
 class PredictionFiles:
-    """Reads each row's predictions once (by leaderboard id) and says why a row has none."""
+    """Reads each row's predictions once (by leaderboard id) and says why a row has none; its
+    ``cache`` keeps the intervals computed from them."""
 
     frame: pd.DataFrame
     read: dict[tuple[int, str], SplitPredictions | str] = field(default_factory=dict)
+    cache: IntervalCache = field(default_factory=IntervalCache)
 
     def of_row(self, row_id: int, split: str) -> SplitPredictions | str:
         """Row ``row_id``'s predictions on ``split``, or why there are none."""
@@ -127,7 +181,7 @@ def cell_intervals(long: pd.DataFrame, metric: str, settings: EvidenceSettings, 
                    ) -> pd.DataFrame:
     """The cells of :func:`~medpeft_ray.leaderboard.views.cells` (``long``) with each cell's interval:
     ``low``, ``high``, ``unit`` (patients or images), ``units`` and ``why`` (why there is none, else "")."""
-    records = [{**cell, **_interval_of(cell, metric, settings, files)} for cell in long.to_dict(orient="records")]
+    records = [{**cell, **interval_of(cell, metric, settings, files)} for cell in long.to_dict(orient="records")]
     return pd.DataFrame(records, columns=[*long.columns, "low", "high", "unit", "units", "why"])
 
 
@@ -144,20 +198,29 @@ def with_intervals(study: StudyTable, frame: pd.DataFrame, settings: EvidenceSet
     return dataclasses.replace(study, low=low, high=high, interval_note=interval_note(intervals, settings))
 
 
-def _interval_of(cell: dict, metric: str, settings: EvidenceSettings, files: PredictionFiles) -> dict:
+def interval_of(cell: dict, metric: str, settings: EvidenceSettings, files: PredictionFiles) -> dict:
+    """One cell's interval (``cell``: its rows' ``ids`` and its ``split``), from the cache when it was
+    computed before: ``low``, ``high``, ``unit``, ``units`` and ``why`` (why none, else "")."""
     none = {"low": math.nan, "high": math.nan, "unit": "", "units": 0}
     if get_metric(metric).compute is None or not get_metric(metric).per_subgroup:
         return {**none, "why": f"{get_metric(metric).title} has no per-image values"}
     runs = files.of_rows(cell["ids"], cell["split"])
     if isinstance(runs, str):
         return {**none, "why": runs}
+    column = _metric_column(metric, cell["split"])
+    key = files.cache.key(runs, column, settings)
+    found = files.cache.get(key)
+    if found is not None:
+        return found
     try:
-        interval = bootstrap_interval(runs, _metric_column(metric, cell["split"]), level=settings.level,
-                                      resamples=settings.resamples, seed=settings.seed)
+        interval = bootstrap_interval(runs, column, level=settings.level, resamples=settings.resamples,
+                                      seed=settings.seed)
     except MedpeftError as exc:  # a metric not defined for the data's task: said in the cell, not raised
         return {**none, "why": str(exc)}
-    return {"low": interval.low, "high": interval.high, "unit": interval.unit, "units": interval.units,
-            "why": "" if interval.defined else (interval.note or "the interval is not defined on these images")}
+    found = {"low": interval.low, "high": interval.high, "unit": interval.unit, "units": interval.units,
+             "why": "" if interval.defined else (interval.note or "the interval is not defined on these images")}
+    files.cache.put(key, found)
+    return found
 
 
 def best_interval(frame: pd.DataFrame, trial: dict[str, Any], metric: str, settings: EvidenceSettings) -> str:
@@ -170,7 +233,7 @@ def best_interval(frame: pd.DataFrame, trial: dict[str, Any], metric: str, setti
     column = _metric_column(metric, split)
     values = pd.to_numeric((seeds if len(seeds) else frame[frame["id"] == trial["id"]])[column], errors="coerce")
     cell = {"ids": ids, "split": split}
-    found = _interval_of(cell, metric, settings, PredictionFiles(frame))
+    found = interval_of(cell, metric, settings, PredictionFiles(frame))
     shown = get_metric(metric)
     head = f"{column} {shown.format(values.mean())}" if values.notna().any() else column
     if found["why"]:
