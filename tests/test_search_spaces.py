@@ -28,6 +28,26 @@ def test_every_method_has_a_ready_space_on_the_synthetic_default(method: str) ->
         assert set(config.distributions()) == set(get_method(method).space_for(family))
 
 
+def test_the_lora_variants_space_searches_init_rslora_and_lr_ratio_and_each_choice_builds() -> None:
+    import torch
+
+    from medpeft_ray.methods import prepare_model
+    from medpeft_ray.models import build_backbone
+
+    config = load_search_config(SPACES / "lora_variants.yaml")
+    assert config.method.name == "lora" and config.dataset.name == "synthetic" and config.model.checkpoint is None
+    dists = config.distributions()
+    assert dists["init"].choices == ["default", "pissa", "olora"]  # type: ignore[union-attr]
+    assert dists["rslora"].choices == [False, True]  # type: ignore[union-attr]
+    assert dists["lr_ratio"].choices == [1.0, 16.0]  # type: ignore[union-attr]  # plain LoRA, LoRA+'s 2^4
+    for init in dists["init"].choices:  # type: ignore[union-attr]
+        trial = config.trial_config(1.0, {"lr": 1e-3, "rank": 16, "init": init, "rslora": True, "lr_ratio": 16.0})
+        assert trial.method.options["init"] == init and trial.method.options["rslora"] is True
+        with torch.device("meta"):  # as pre-flight builds it: the largest rank fits the backbone's layers
+            backbone = build_backbone(config.model.backbone, 5, config.dataset.image_size)
+            prepare_model(backbone, "lora", trial.method.options, trial.family)
+
+
 def test_med_peft_preset_is_the_papers_recipe(tmp_path: Path) -> None:
     config = load_shipped_space(SPACES / "medpeft_lora_mrm_nih.yaml", tmp_path)
     assert config.dataset.name == "nih" and config.dataset.label_ratios == [0.01, 0.1, 1.0]

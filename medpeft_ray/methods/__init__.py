@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["MethodOptions", "MethodSpec", "get_method", "list_methods", "register_method", "prepare_model",
-           "count_parameters", "validate_options", "merge_method", "method_summaries"]
+           "count_parameters", "validate_options", "merge_method", "method_summaries", "method_lr_scales"]
 
 
 def validate_options(method: str, options: dict[str, Any], family: str) -> MethodOptions:
@@ -34,6 +34,11 @@ def validate_options(method: str, options: dict[str, Any], family: str) -> Metho
     parsed = spec.options.model_validate(options)
     parsed.check_family(family)
     return parsed
+
+
+def method_lr_scales(method: str, options: dict[str, Any], family: str) -> dict[str, float]:
+    """The lr multipliers ``method`` with ``options`` asks of the optimizer (:meth:`MethodOptions.lr_scales`)."""
+    return validate_options(method, options, family).lr_scales()
 
 
 def prepare_model(model: "nn.Module", method: str, options: dict[str, Any], family: str) -> "nn.Module":

@@ -11,11 +11,13 @@ timm's root-level ``blocks.N`` names, so blocks are selected in the ``target_mod
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from medpeft_ray.methods.export import keep_initial_factors
 from medpeft_ray.methods.layers import BlockOptions, chosen_blocks, parse_name_set
 from medpeft_ray.methods.registry import register_method
 from medpeft_ray.models.families import get_family
@@ -62,10 +64,44 @@ class PeftOptions(BlockOptions):
         return parse_name_set(self.targets or self.default_targets[family], known)
 
 
+#: ``init`` -> peft's ``init_lora_weights`` (``default`` is peft's ``True``: the reference LoRA's init)
+LORA_INITS: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+#: initialisations that move a part of each adapted weight into the adapter: the base weight
+#: becomes the residual W - s B0 A0 (peft changes the trial's copy of the backbone, never the pristine one)
+RESIDUAL_INITS = ("pissa", "olora")
+#: a LoRA B matrix's parameter name (LoRA+ trains these at lr_ratio x lr)
+LORA_B_PARAMETER = r"\.lora_B\."
+
+
 class LoraOptions(PeftOptions):
     rank: int = Field(8, ge=1, le=1024, description="rank r of each update")
     alpha: float = Field(32.0, gt=0, description="scaling alpha (update scaled by alpha / r)")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter input")
+    rslora: bool = Field(False, description="rank-stabilised LoRA (Kalajdzievski 2023): update scaled by alpha / sqrt(r) "
+                                            "instead of alpha / r (peft's use_rslora)")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="initialisation, peft's init_lora_weights: default (peft's True: A Kaiming-uniform, "
+                               "B zero), gaussian (A ~ N(0, 1/r), B zero), pissa (A, B from the top r singular values "
+                               "and vectors of W, full SVD; the base weight becomes the residual), olora (A, B from "
+                               "W's QR factorisation; the same residual); ViT only for pissa and olora")
+    lr_ratio: float = Field(1.0, ge=1, description="LoRA+ (Hayou et al. 2024): the B matrices' lr over the A matrices' "
+                                                   "(1: plain LoRA; the paper recommends 16)")
+
+    def check_family(self, family: str) -> None:
+        super().check_family(family)
+        if self.init in RESIDUAL_INITS and family == "resnet":
+            raise ValueError(f"init: {self.init} applies to ViT backbones only (peft has no PiSSA or OLoRA for "
+                             "convolutions); use default or gaussian")
+        if self.init in RESIDUAL_INITS and family == "unet":
+            raise ValueError(f"init: {self.init} applies to ViT backbones only (a U-Net's LoRA is exported in "
+                             "diffusers' format for the pipeline's own U-Net, not for its residual weights); use "
+                             "default or gaussian")
+        if self.rslora and family == "unet":
+            raise ValueError("rslora: not on U-Nets (their LoRA is exported in diffusers' format, which this export "
+                             "writes without a rank-stabilised scaling)")
+
+    def lr_scales(self) -> dict[str, float]:
+        return {LORA_B_PARAMETER: self.lr_ratio} if self.lr_ratio != 1 else {}
 
 
 class LohaOptions(PeftOptions):
@@ -209,23 +245,51 @@ def _peft(name: str, options: type[PeftOptions], description: str, space: dict[s
 _RANKS = {"type": "categorical", "choices": [2, 4, 8, 16, 32]}
 
 
-@_peft("lora", LoraOptions, "LoRA: low-rank updates (ViT: MED-PEFT's Q and V of every block, rank r, alpha 32; "
-       "U-Net: both attentions' projections)",
-       {"rank": _RANKS}, families=("vit", "resnet", "unet"))
-def apply_lora(model: "nn.Module", options: LoraOptions, family: str) -> "nn.Module":
+def inject_lora(model: "nn.Module", options: LoraOptions, family: str, use_dora: bool = False) -> "nn.Module":
+    """LoRA (or DoRA) through peft's ``LoraConfig``, with the options' scaling and initialisation.
+
+    PiSSA and OLoRA replace each adapted weight of ``model`` (the trial's own copy) by its residual
+    and keep the first A and B beside the layer, so that the saved adapter can apply to the
+    original weights (:func:`~medpeft_ray.methods.export.save_peft_adapter`).
+    """
     from peft import LoraConfig
 
-    return inject(model, LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                                    target_modules=target_regex(model, options, family)), family)
+    config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout, use_dora=use_dora,
+                        use_rslora=options.rslora, init_lora_weights=LORA_INITS[options.init],
+                        target_modules=target_regex(model, options, family))
+    if options.init not in RESIDUAL_INITS:
+        return inject(model, config, family)
+    check_rank_fits(split_qkv(model), config.target_modules, options)
+    return keep_initial_factors(inject(model, config, family))
 
 
-@_peft("dora", LoraOptions, "DoRA: LoRA on the direction plus a trained magnitude per output",
+def check_rank_fits(model: "nn.Module", targets: str, options: LoraOptions) -> None:
+    """PiSSA and OLoRA factorise each adapted weight into r components: r cannot exceed its smaller side."""
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and re.fullmatch(targets, name):
+            sides = min(module.in_features, module.out_features)
+            if options.rank > sides:
+                raise ValueError(f"rank: {options.rank} is more than the {sides} features of {name}, which init "
+                                 f"{options.init} factorises into at most {sides} components")
+
+
+_VARIANTS = "; variants as options: rslora, init (gaussian, pissa, olora), lr_ratio (LoRA+)"
+
+
+@_peft("lora", LoraOptions, "LoRA: low-rank updates (ViT: MED-PEFT's Q and V of every block, rank r, alpha 32; "
+       "U-Net: both attentions' projections)" + _VARIANTS,
+       # LoRA+'s ratio: plain LoRA and the paper's recommended 2^4
+       {"rank": _RANKS, "lr_ratio": {"type": "categorical", "choices": [1.0, 16.0]}}, families=("vit", "resnet", "unet"))
+def apply_lora(model: "nn.Module", options: LoraOptions, family: str) -> "nn.Module":
+    return inject_lora(model, options, family)
+
+
+@_peft("dora", LoraOptions, "DoRA: LoRA on the direction plus a trained magnitude per output" + _VARIANTS,
        {"rank": _RANKS})
 def apply_dora(model: "nn.Module", options: LoraOptions, family: str) -> "nn.Module":
-    from peft import LoraConfig
-
-    return inject(model, LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout, use_dora=True,
-                                    target_modules=target_regex(model, options, family)), family)
+    return inject_lora(model, options, family, use_dora=True)
 
 
 @_peft("loha", LohaOptions, "LoHa: low-rank Hadamard-product updates", {"rank": _RANKS})

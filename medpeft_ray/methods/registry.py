@@ -29,6 +29,14 @@ class MethodOptions(BaseModel):
         Called at config validation, before any model is built.
         """
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers the method asks for, by a regex over trainable parameter names.
+
+        The optimizer trains a matching parameter at ``lr x scale`` (LoRA+ trains the B matrices
+        faster than the A matrices); the others at ``lr``. The first matching regex decides.
+        """
+        return {}
+
 
 ApplyFn = Callable[["nn.Module", Any, str], "nn.Module"]
 MergeFn = Callable[["nn.Module"], "nn.Module"]

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import queue
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -157,26 +158,30 @@ def layer_ids(model: torch.nn.Module, family: str | None = None) -> tuple[dict[s
 
 
 def build_optimizer(
-    model: torch.nn.Module, train: TrainConfig, use_gpu: bool = False, family: str | None = None
+    model: torch.nn.Module, train: TrainConfig, use_gpu: bool = False, family: str | None = None,
+    lr_scales: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters; no weight decay on biases and norms (1-d).
 
     With ``layer_decay`` < 1, a parameter ``k`` layers below the top trains at ``lr x decay^k``
     (MAE's fine-tuning recipe); each group's lr is its scaled lr, which the schedule then scales.
-    The layers are those of the backbone's ``family`` (see :func:`layer_ids`).
+    The layers are those of the backbone's ``family`` (see :func:`layer_ids`). ``lr_scales`` (the
+    method's :meth:`~medpeft_ray.methods.MethodOptions.lr_scales`: a regex over parameter names ->
+    factor) multiplies the lr of the parameters whose name matches, in groups of their own.
     """
     # without decay every parameter trains at the top layer's lr: no depths needed
     ids, top = layer_ids(model, family) if train.layer_decay < 1 else ({}, 0)
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    groups: dict[tuple[int, bool, float], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = param.ndim <= 1
         layer = ids[name] if train.layer_decay < 1 else top
-        group = groups.setdefault((layer, no_decay), {
+        scale = next((factor for pattern, factor in (lr_scales or {}).items() if re.search(pattern, name)), 1.0)
+        group = groups.setdefault((layer, no_decay, scale), {
             "params": [],
             "weight_decay": 0.0 if no_decay else train.weight_decay,
-            "lr": train.lr * train.layer_decay ** (top - layer),
+            "lr": train.lr * train.layer_decay ** (top - layer) * scale,
         })
         group["params"].append(param)
     param_groups = [groups[key] for key in sorted(groups)]

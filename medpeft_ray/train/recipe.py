@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from medpeft_ray.data import load_splits, train_subset_index
 from medpeft_ray.errors import TrialFailed
-from medpeft_ray.methods import count_parameters, prepare_model
 from medpeft_ray.evaluation.predictions import SplitPredictions
+from medpeft_ray.methods import count_parameters, method_lr_scales, prepare_model
 from medpeft_ray.metrics import METRICS, Predictions, metric_values, prediction_details
 from medpeft_ray.models import build_backbone
 from medpeft_ray.models.normalisation import input_statistics
@@ -230,7 +230,8 @@ class TrialRecipe(Recipe):
         shard_size = train_images // self.ctx.world_size
         steps_per_epoch = max(1, math.ceil(shard_size / micro_batch) // trial.train.deepspeed.gradient_accumulation_steps)
         fit_buffers(model, compute_dtype(trial.train, self.use_gpu), trial.method.name)
-        optimizer = build_optimizer(model, trial.train, self.use_gpu, trial.family)
+        optimizer = build_optimizer(model, trial.train, self.use_gpu, trial.family,
+                                    method_lr_scales(trial.method.name, trial.method.options, trial.family))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trial.train, steps_per_epoch))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # DeepSpeed's notes on CPU-only features
