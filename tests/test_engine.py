@@ -30,7 +30,11 @@ def test_deepspeed_config_from_train_section() -> None:
     gpu = deepspeed_config(train, world_size=4, use_gpu=True)
     assert gpu["bf16"] == {"enabled": True}
     no_clip = deepspeed_config(TrainConfig(deepspeed={"gradient_clipping": 0}), 1, False)
-    assert "gradient_clipping" not in no_clip
+    # DeepSpeed's own default, where the key is absent, is to clip at 1.0: off is written as 0
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    assert no_clip["gradient_clipping"] == 0 and DeepSpeedConfig(no_clip).gradient_clipping == 0
+    assert DeepSpeedConfig({k: v for k, v in no_clip.items() if k != "gradient_clipping"}).gradient_clipping == 1.0
 
 
 def test_zero_offload_sections() -> None:
@@ -328,3 +332,17 @@ def test_augment_processes_come_from_the_environment_or_the_workers_cpus(monkeyp
     monkeypatch.setenv("MEDPEFT_AUGMENT_PROCESSES", "two")
     with pytest.raises(MedpeftError, match=r"MEDPEFT_AUGMENT_PROCESSES='two': give a whole number"):
         engine.augment_processes_override()
+
+
+def test_sgd_under_zero_is_a_config_error_before_any_trial() -> None:
+    """DeepSpeed's ZeRO refuses torch's SGD when the engine starts, after the search has set up;
+    the config says so first, in one line naming the keys."""
+    from conftest import tiny_search
+
+    from medpeft_ray.config import validate_search_dict
+    from medpeft_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape("tiny.yaml: train: optimizer sgd runs with deepspeed.zero_stage 0 "
+                                                    "only (got 2)")):
+        validate_search_dict(tiny_search(train={"optimizer": "sgd", "deepspeed": {"zero_stage": 2}}), "tiny.yaml")
+    validate_search_dict(tiny_search(train={"optimizer": "sgd", "deepspeed": {"zero_stage": 0}}), "tiny.yaml")

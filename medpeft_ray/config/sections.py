@@ -216,6 +216,15 @@ class TrainConfig(Strict):
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self
 
+    @model_validator(mode="after")
+    def _sgd_without_zero(self) -> "TrainConfig":
+        # DeepSpeed's ZeRO refuses torch's SGD at engine start ("untested ZeRO Optimizer"); allowed
+        # anyway, its steps were not stage 0's on the same batches: refused here, before any trial
+        if self.optimizer == "sgd" and self.deepspeed.zero_stage >= 1:
+            raise ValueError(f"optimizer sgd runs with deepspeed.zero_stage 0 only (got {self.deepspeed.zero_stage}): "
+                             "DeepSpeed's ZeRO does not take torch's SGD; use adamw, or zero_stage 0")
+        return self
+
 
 #: ``train`` fields a ``space`` may search; anything else in ``space`` must be a method option.
 SEARCHABLE_TRAIN_FIELDS = ("lr", "weight_decay", "momentum", "warmup_epochs", "layer_decay", "drop_path", "batch_size")

@@ -108,8 +108,8 @@ def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool) -> dict
         # The optimizer is built here (torch AdamW/SGD, or DeepSpeed's CPU Adam on GPUs); DeepSpeed
         # would otherwise refuse a client optimizer under offload.
         config["zero_force_ds_cpu_optimizer"] = False
-    if train.deepspeed.gradient_clipping > 0:
-        config["gradient_clipping"] = train.deepspeed.gradient_clipping
+    # always written: DeepSpeed clips at 1.0 where the key is absent, so "0 = off" must say 0
+    config["gradient_clipping"] = train.deepspeed.gradient_clipping
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
