@@ -15,7 +15,8 @@ from conftest import tiny_search
 
 from medpeft_ray.config import validate_search_dict
 from medpeft_ray.errors import ConfigError, MedpeftError
-from medpeft_ray.search.tracking import check_tracking, epoch_metrics, resolve_targets, wandb_credentials_found
+from medpeft_ray.search.tracking import check_tracking, resolve_targets, wandb_credentials_found
+from medpeft_ray.search.tracking_callback import epoch_metrics
 
 
 def _config(**tracking: Any) -> Any:
@@ -148,3 +149,76 @@ def test_wandb_online_without_credentials_suggests_offline(tmp_path: Path, no_wa
     (Path.home() / ".netrc").unlink()
     monkeypatch.setenv("WANDB_API_KEY", "b" * 40)
     assert check_tracking(_config(wandb={}), tmp_path) is not None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Any:
+    """A real MLflow server on a free local port (its store an SQLite file), stopped afterwards."""
+    import os
+    import signal
+    import time
+
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+    try:
+        while True:
+            assert server.poll() is None, "the MLflow server exited"
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, "the MLflow server did not answer within 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_server_gets_each_epoch_once_when_a_resumed_search_finds_its_runs_again(
+    mlflow_server: str, tmp_path: Path, no_wandb_login: None
+) -> None:
+    """Over HTTP: the pre-flight passes; a second destination, knowing only the keys (a resumed
+    search's new process), finds the study's and the trial's runs and the epochs they hold."""
+    from mlflow.tracking import MlflowClient
+
+    from medpeft_ray.search.tracking_destinations import MlflowDestination, RunInfo
+
+    targets = check_tracking(_config(mlflow={"tracking_uri": mlflow_server, "experiment": "served"}), tmp_path)
+    assert targets is not None and targets.mlflow is not None
+    study = RunInfo(key="tiny-ratio1-x", name="tiny-ratio1-x", params={"num_samples": 2}, tags={"role": "study"})
+    trial = RunInfo(key="tiny-ratio1-x/t1", name="t1", params={"lr": 0.01, "lora.rank": 8},
+                    tags={"role": "search", "label_ratio": "1"})
+    first = MlflowDestination(targets.mlflow)
+    first.open_study(study)
+    assert first.open_trial("t1", trial) == 0
+    for epoch in (1, 2):
+        first.log_epoch("t1", epoch, {"epoch": epoch, "val_auroc": 0.5 + epoch / 10})
+
+    resumed = MlflowDestination(targets.mlflow)
+    resumed.open_study(study)
+    assert resumed.parent_id == first.parent_id
+    assert resumed.open_trial("t1", trial) == 2  # the caller logs epochs after the second only
+    resumed.log_epoch("t1", 3, {"epoch": 3, "val_auroc": 0.8})
+    resumed.close_trial("t1", {"status": "completed", "epochs_run": 3, "best_epoch": 3, "best_val_auroc": 0.8})
+    resumed.end_study()
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["t1", "tiny-ratio1-x"]
+    (run,) = [r for r in runs if r.info.run_name == "t1"]
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.01", "lora.rank": "8"}
+    assert run.data.tags["mlflow.parentRunId"] == first.parent_id and run.data.tags["status"] == "completed"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_auroc"))
+    assert history == [(1, pytest.approx(0.6)), (2, pytest.approx(0.7)), (3, pytest.approx(0.8))]

@@ -54,7 +54,8 @@ from medpeft_ray.search.pools import ExecutorPool, release_executors, return_exe
 from medpeft_ray.search.preflight import preflight
 from medpeft_ray.search.progress import SearchReporter
 from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
-from medpeft_ray.search.tracking import TrackingTargets, check_tracking, tracking_callbacks
+from medpeft_ray.search.tracking import TrackingTargets, check_tracking
+from medpeft_ray.search.tracking_callback import tracking_callbacks
 from medpeft_ray.search.trial import TrialPlan, confirm_trial, run_trial, trial_folder
 from medpeft_ray.search.tune_side import ExecutorCallback, ExecutorGate, ExecutorHandouts
 from medpeft_ray.search.warm_start import warm_start_points

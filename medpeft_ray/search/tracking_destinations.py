@@ -120,6 +120,8 @@ class MlflowDestination:
 
     def open_trial(self, trial_id: str, run: RunInfo) -> int:
         """Finds or makes the trial's run; returns the last epoch it holds (0 for a new one)."""
+        from mlflow.entities import RunTag
+
         if self.parent_id is None and self.study is not None:  # the study's run failed at set-up: once more
             self.open_study(self.study)
         run_id = self.runs.get(trial_id) or self._find(run.key)
@@ -128,6 +130,8 @@ class MlflowDestination:
             return 0
         self.runs[trial_id] = run_id
         self.client.update_run(run_id, status="RUNNING")  # a resumed trial's run is running again
+        # the tags as this run of the trial has them (a confirmation run again has a new Tune trial id)
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run.tags.items()])
         return max((m.step for m in self.client.get_metric_history(run_id, "epoch")), default=0)
 
     def log_epoch(self, trial_id: str, epoch: int, metrics: dict[str, float]) -> None:
@@ -261,6 +265,7 @@ class WandbDestination:
             project=self.target.project, entity=self.target.entity, mode=self.target.mode,
             dir=str(self.target.dir) if self.target.dir is not None else None,
             id=wandb_run_id(run.key), resume="allow", reinit="create_new", name=run.name, group=study,
+            allow_val_change=True,  # a confirmation run again has a new Tune trial id
             job_type=run.tags.get("role"), config={**run.params, **run.tags},
             tags=[f"{name}={run.tags[name]}" for name in ("role", "method", "label_ratio") if name in run.tags],
             # W&B neither prints to nor captures the driver's console, and starts no system monitor or
