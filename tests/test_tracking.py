@@ -222,3 +222,38 @@ def test_a_server_gets_each_epoch_once_when_a_resumed_search_finds_its_runs_agai
     assert run.data.tags["mlflow.parentRunId"] == first.parent_id and run.data.tags["status"] == "completed"
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_auroc"))
     assert history == [(1, pytest.approx(0.6)), (2, pytest.approx(0.7)), (3, pytest.approx(0.8))]
+
+
+@pytest.mark.slow
+def test_an_offline_wandb_run_resumed_goes_on_after_the_epochs_its_earlier_files_hold(tmp_path: Path) -> None:
+    """Offline, W&B starts every session of a run at step 0 and knows nothing of the earlier ones:
+    the destination reads their files (W&B's own reader) and the caller logs later epochs only. W&B
+    refuses a second init of a run its service still streams: the unfinished one is finished first."""
+    from medpeft_ray.search.tracking_destinations import RunInfo, WandbDestination, WandbTarget, read_wandb_file
+
+    target = WandbTarget(project="p", entity=None, mode="offline", dir=tmp_path, log_adapter=False)
+    study = RunInfo(key="tiny-ratio1-x", name="tiny-ratio1-x", params={}, tags={"role": "study"})
+    trial = RunInfo(key="tiny-ratio1-x/t1", name="t1", params={"lr": 0.01},
+                    tags={"role": "search", "method": "lora", "label_ratio": "1", "trial_id": "t1"})
+    first = WandbDestination(target)
+    first.open_study(study)
+    assert first.open_trial("t1", trial) == 0
+    for epoch in (1, 2):
+        first.log_epoch("t1", epoch, {"epoch": epoch, "val_auroc": 0.5 + epoch / 10})
+    # the search is interrupted and resumed in this process (a notebook): the first destination is
+    # dropped with its run unfinished, and a new one, knowing only the keys, takes the trial on
+    del first
+    resumed = WandbDestination(target)
+    resumed.open_study(study)
+    assert resumed.open_trial("t1", trial) == 2
+    resumed.log_epoch("t1", 3, {"epoch": 3, "val_auroc": 0.8})
+    resumed.close_trial("t1", {"status": "completed", "epochs_run": 3, "best_epoch": 3, "best_val_auroc": 0.8})
+
+    files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and len({f.name for f in files}) == 1  # two sessions of one run
+    records = [r for f in files for r in read_wandb_file(f)]
+    steps = [(r["history"]["item"]["_step"], r["history"]["item"]["val_auroc"]) for r in records
+             if r["type"] == "history"]
+    assert steps == [(1, pytest.approx(0.6)), (2, pytest.approx(0.7)), (3, pytest.approx(0.8))]
+    assert len({r["run"]["run_id"] for r in records if r["type"] == "run"}) == 1
+    assert all(r["run"]["run_group"] == "tiny-ratio1-x" for r in records if r["type"] == "run")

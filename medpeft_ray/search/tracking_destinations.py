@@ -187,6 +187,16 @@ class MlflowDestination:
 # -- Weights & Biases -------------------------------------------------------------------------------
 
 
+#: this process's unfinished W&B runs by id: W&B refuses a second init of a run id its service still
+#: streams, as a search interrupted and resumed in one process (a notebook) would ask
+_LIVE_WANDB_RUNS: dict[str, Any] = {}
+
+
+def _finish(live: Any, exit_code: int = 0) -> None:
+    _LIVE_WANDB_RUNS.pop(live.id, None)
+    live.finish(exit_code=exit_code)
+
+
 def wandb_run_id(key: str) -> str:
     """A W&B run id made from a run's key: the same trial of the same study, the same W&B run."""
     return hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -221,10 +231,11 @@ class WandbDestination:
         self.infos[trial_id] = run
         live = self._init(run)
         self.runs[trial_id] = live
-        if not live.resumed:
-            return 0
-        if self.target.mode == "online":
-            return max(live.starting_step - 1, 0)
+        if self.target.mode == "online":  # the server said where the run stands
+            return max(live.starting_step - 1, 0) if live.resumed else 0
+        # offline, W&B knows nothing of earlier sessions (resumed is False, the step starts at 0); their
+        # files say what they hold. A session killed outright holds less than it was given: W&B's
+        # service writes its buffer at the run's end, so those epochs are logged again, once.
         return offline_last_step(self._wandb_dir(), live.id, exclude=Path(live.dir).parent)
 
     def log_epoch(self, trial_id: str, epoch: int, metrics: dict[str, float]) -> None:
@@ -233,7 +244,7 @@ class WandbDestination:
     def close_trial(self, trial_id: str, summary: dict[str, Any]) -> None:
         live = self.runs.pop(trial_id)
         live.summary.update({k: v for k, v in summary.items() if v is not None})
-        live.finish(exit_code=1 if summary["status"] == "failed" else 0)
+        _finish(live, exit_code=1 if summary["status"] == "failed" else 0)
 
     def log_adapter(self, trial_id: str, key: str, folder: Path) -> None:
         import wandb
@@ -243,11 +254,11 @@ class WandbDestination:
         artifact = wandb.Artifact(f"adapter-{live.id}", type="model", metadata={"trial_id": trial_id})
         artifact.add_dir(str(folder))
         live.log_artifact(artifact)
-        live.finish()
+        _finish(live)
 
     def end_study(self) -> None:
         for trial_id in list(self.runs):  # trials Tune never ended (an interrupted study): their runs stop here
-            self.runs.pop(trial_id).finish()
+            _finish(self.runs.pop(trial_id))
 
     def _wandb_dir(self) -> Path:
         return (self.target.dir or Path.cwd()) / "wandb"
@@ -261,10 +272,14 @@ class WandbDestination:
         # the driver's console is the search's progress: W&B's own lines (an artifact's files) stay out of it
         wandb.setup(settings=wandb.Settings(silent=True))
         study = self.study.key if self.study is not None else run.tags.get("study")
-        return wandb.init(
+        run_id = wandb_run_id(run.key)
+        stale = _LIVE_WANDB_RUNS.get(run_id)
+        if stale is not None:  # finished first: its epochs are then in its files, where a resume reads them
+            _finish(stale)
+        live = wandb.init(
             project=self.target.project, entity=self.target.entity, mode=self.target.mode,
             dir=str(self.target.dir) if self.target.dir is not None else None,
-            id=wandb_run_id(run.key), resume="allow", reinit="create_new", name=run.name, group=study,
+            id=run_id, resume="allow", reinit="create_new", name=run.name, group=study,
             allow_val_change=True,  # a confirmation run again has a new Tune trial id
             job_type=run.tags.get("role"), config={**run.params, **run.tags},
             tags=[f"{name}={run.tags[name]}" for name in ("role", "method", "label_ratio") if name in run.tags],
@@ -273,6 +288,8 @@ class WandbDestination:
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
                                     disable_code=True, save_code=False, x_save_requirements=False),
         )
+        _LIVE_WANDB_RUNS[run_id] = live
+        return live
 
 
 def offline_last_step(wandb_dir: Path, run_id: str, exclude: Path | None = None) -> int:
