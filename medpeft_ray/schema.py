@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -51,7 +52,9 @@ def _section_model(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | 
     for part in loc:
         annotation = parent.model_fields.get(part) if parent is not None else None
         sub = getattr(annotation, "annotation", None) if annotation else None
-        parent = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+        # an optional section (``ConfirmConfig | None``) is the section
+        candidates = typing.get_args(sub) or (sub,)
+        parent = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if parent is None:
             break
     return parent

@@ -163,6 +163,10 @@ def rows() -> list[Row]:
             (*space, "{inputs}/ok.yaml", *res, "--db", "postgresql://postgres@127.0.0.1:{port}/test"), 1,
             r"postgresql://postgres@127\.0\.0\.1:{port}/test: not a usable leaderboard database \(connection failed: "
             r".*Connection refused\)", "postgresql://postgres@127.0.0.1:{port}/test", "filled"),
+        # --- tracking (tests/test_tracking.py has the rest) ---------------------------------------------
+        Row("tracking-mlflow-server-down", (*space, "{inputs}/tracked.yaml", *res), 1,
+            r"tracking\.mlflow\.tracking_uri: http://127\.0\.0\.1:{port}: cannot be used \(Connection refused\)",
+            "tracking.mlflow.tracking_uri", "filled"),
         # --- results folders -----------------------------------------------------------------------
         Row("results-is-a-file", (*space, "{inputs}/ok.yaml", *res), 2,
             r"{results}: not a folder; --results \(or MEDPEFT_RESULTS\) names the folder a search writes to",
@@ -232,7 +236,7 @@ def _write_yaml(path: Path, config: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def inputs(tmp_path_factory: pytest.TempPathFactory, closed_port: int) -> Path:
     import timm
     import torch
 
@@ -255,6 +259,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "unknownbackbone": tiny_search(model={"backbone": "vit_tinyy_patch16_224"}),
         "unknowndataset": tiny_search(dataset={"name": "mimic"}),
         "missingroot": tiny_search(dataset={"name": "nih", "root": str(base / "nowhere"), "options": {}}),
+        "tracked": {**tiny_search(), "tracking": {"mlflow": {"tracking_uri": f"http://127.0.0.1:{closed_port}"}}},
     }
     (base / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01 not text")
 

@@ -199,7 +199,7 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
      "space.rank.low", "must be >= 1 (got 0)"),
     ("top-level-typo", _rename_top("dataset", "datset"),
      "datset", "unknown key (did you mean 'dataset'?); known: dataset, experiment, method, model, resources, "
-     "search, space, task, train"),
+     "search, space, task, tracking, train"),
     ("nested-typo", _set("train", "deepspeed", "zero_stag", value=1),
      "train.deepspeed.zero_stag", "unknown key (did you mean 'zero_stage'?)"),
     ("method-option-typo", _set("method", "options", "alpah", value=3),
@@ -326,7 +326,7 @@ def test_bad_config_exact_messages(tmp_path: Path) -> None:
         load_search_config(write_yaml(tmp_path, data))
     assert str(info.value) == (
         "bad.yaml: datset: unknown key (did you mean 'dataset'?); "
-        "known: dataset, experiment, method, model, resources, search, space, task, train"
+        "known: dataset, experiment, method, model, resources, search, space, task, tracking, train"
     )
 
 

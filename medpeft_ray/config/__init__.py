@@ -37,6 +37,7 @@ from medpeft_ray.config.sections import (  # noqa: E402
     ResourcesConfig,
     SchedulerConfig,
     SearchSettings,
+    TrackingConfig,
     TrainConfig,
     WarmStartConfig,
 )
@@ -48,6 +49,6 @@ __all__ = [
     "CategoricalDistribution", "ConfirmConfig", "DatasetConfig", "DeepSpeedConfig", "Distribution",
     "DEFAULT_EXPERIMENT", "FloatDistribution", "IntDistribution", "METHOD_PARAM", "MethodConfig", "ModelConfig",
     "ResourcesConfig", "SEARCHABLE_TRAIN_FIELDS", "SchedulerConfig", "SearchConfig", "SearchSettings", "SearchSpace",
-    "TrainConfig", "TrialConfig", "WarmStartConfig", "distribution_contains", "grid_points", "load_search_config",
+    "TrackingConfig", "TrainConfig", "TrialConfig", "WarmStartConfig", "distribution_contains", "grid_points", "load_search_config",
     "load_trial_config", "parse_section", "validate_search_dict",
 ]

@@ -14,6 +14,7 @@ from medpeft_ray.config.sections import (
     ModelConfig,
     ResourcesConfig,
     SearchSettings,
+    TrackingConfig,
     TrainConfig,
     check_experiment_name,
 )
@@ -42,6 +43,7 @@ class SearchConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     search: SearchSettings = Field(default_factory=SearchSettings)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("experiment")
     @classmethod

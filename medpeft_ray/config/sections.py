@@ -1,4 +1,5 @@
-"""The sections of a search YAML (``dataset``, ``model``, ``method``, ``train``, ``search``, ``resources``).
+"""The sections of a search YAML (``dataset``, ``model``, ``method``, ``train``, ``search``, ``resources``,
+``tracking``).
 
 Each is a strict pydantic model whose own validators check what the section alone decides;
 checks that span sections live in :mod:`medpeft_ray.config.checks`.
@@ -420,3 +421,70 @@ class ResourcesConfig(Strict):
         if isinstance(value, float) and (value < 0 or (value > 1 and not value.is_integer())):
             raise ValueError("must be 'auto', a fraction in [0, 1] or a whole number of GPUs")
         return value
+
+
+def _absolute_folder(value: Any) -> Any:
+    """A local folder as an absolute path: the manifest keeps it, so a resume from elsewhere finds the same one."""
+    return str(Path(value).expanduser().resolve()) if isinstance(value, (str, Path)) else value
+
+
+def _is_local_folder(uri: str) -> bool:
+    """A tracking URI with no scheme, or ``file:``, names a folder on this machine."""
+    scheme = uri.partition(":")[0] if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
+    return scheme in ("", "file")
+
+
+class MlflowTracking(Strict):
+    """Each trial an MLflow run, nested under one parent run per study (label ratio)."""
+
+    tracking_uri: str | None = Field(
+        None, description="an MLflow server (http://host:5000), a database (sqlite:///path/mlflow.db, "
+        "postgresql://...) or a folder (a path or file: URI; it holds an SQLite store, mlflow.db, and the "
+        "artifacts); default: $MLFLOW_TRACKING_URI, else the folder mlflow/ in the results folder",
+    )
+    experiment: str | None = Field(None, description="the MLflow experiment (default: the search's experiment name)")
+    log_adapter: bool = Field(
+        False, description="at each study's end, its best trial's adapter (the `best --export-adapter` files) as "
+        "artifacts of that trial's run, under adapter/",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return None
+        if not uri.strip():
+            raise ValueError("must not be empty (leave it out for the default)")
+        if _is_local_folder(uri):
+            return _absolute_folder(uri.removeprefix("file://").removeprefix("file:"))
+        return uri
+
+
+class WandbTracking(Strict):
+    """Each trial a Weights & Biases run, the runs of a study (label ratio) one group."""
+
+    project: str | None = Field(None, description="the W&B project (default: $WANDB_PROJECT, else the search's "
+                                "experiment name)")
+    entity: str | None = Field(None, description="the W&B team or user (default: $WANDB_ENTITY, else the "
+                               "login's default)")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="online: sent as the search runs (needs WANDB_API_KEY or `wandb login`); offline: "
+        "written under dir only, for clusters without internet access (upload later with `wandb sync`)",
+    )
+    dir: Path | None = Field(None, description="where W&B writes its files, in a wandb/ folder (default: the "
+                             "results folder; with cloud results, $WANDB_DIR or the working folder)")
+    log_adapter: bool = Field(
+        False, description="at each study's end, its best trial's adapter as a W&B model artifact of that trial's run",
+    )
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _dir(cls, value: Any) -> Any:
+        return _absolute_folder(value)
+
+
+class TrackingConfig(Strict):
+    """Where a search's trials are tracked besides the leaderboard: MLflow, W&B, both or neither."""
+
+    mlflow: MlflowTracking | None = Field(None, description="track in MLflow ({} for every default)")
+    wandb: WandbTracking | None = Field(None, description="track in Weights & Biases ({} for every default)")

@@ -54,6 +54,8 @@ from medpeft_ray.search.pools import ExecutorPool, release_executors, return_exe
 from medpeft_ray.search.preflight import preflight
 from medpeft_ray.search.progress import SearchReporter
 from medpeft_ray.search.space import SpaceSampler, make_sampler, make_scheduler
+from medpeft_ray.search.tracking import TrackingTargets, check_tracking
+from medpeft_ray.search.tracking_callback import tracking_callbacks
 from medpeft_ray.search.trial import TrialPlan, confirm_trial, run_trial, trial_folder
 from medpeft_ray.search.tune_side import ExecutorCallback, ExecutorGate, ExecutorHandouts
 from medpeft_ray.search.warm_start import warm_start_points
@@ -98,6 +100,7 @@ class SearchRun:
     manifest: SearchManifest
     dispatcher: tuple[ActorHandle, str] | None = None  # (actor, name) of the warm executors, None for cold trials
     timeline: SearchTimeline | None = None
+    tracking: TrackingTargets | None = None  # MLflow and W&B, where the YAML's tracking section names them
     budget: SearchBudget = field(init=False)  # split among the studies
     lock: threading.Lock = field(default_factory=threading.Lock)  # overlapping studies share the manifest and budget
 
@@ -147,6 +150,7 @@ def run_search(
     if results_path is not None:
         results_path.mkdir(parents=True, exist_ok=True)
     LeaderboardStore(db_url)  # fails now, not after the first trial, if the database is unusable
+    tracking = check_tracking(config, results_path)  # a missing package or an unreachable server, before Ray
     facts = facts or preflight(config)
     reporter = SearchReporter(console)
     reporter.search_starts(config, facts)
@@ -169,7 +173,8 @@ def run_search(
         manifest = SearchManifest(config.experiment_name, config.model_dump(mode="json"), forecast=forecast)
     manifest.save(storage)
 
-    run = SearchRun(config, plan, storage, facts, db_url, reporter, manifest, timeline=SearchTimeline())
+    run = SearchRun(config, plan, storage, facts, db_url, reporter, manifest, timeline=SearchTimeline(),
+                    tracking=tracking)
     reporter.watch(config.search.metric, config.search.resolved_mode, plan.concurrency, run.timeline)
     executor_stats, pool, ended_well = None, None, False
     try:
@@ -220,6 +225,9 @@ def run_grid(cells: list[GridCell], *, console: Console | None = None, **options
         if cell.config.resources != first:
             raise MedpeftError(f"grid cell {'/'.join(cell.entries)}: its resources differ from the first cell's; "
                                "the cells of a grid share their trial executors (set resources in the base file)")
+    _, results_path = results_location(options.get("results"))
+    for cell in cells:
+        check_tracking(cell.config, results_path)
     all_facts = [preflight(cell.config) for cell in cells]
     results = []
     for cell, facts in zip(cells, all_facts):
@@ -446,7 +454,9 @@ def _new_tuner(run: SearchRun, index: int, trainable: Any, study_name: str, num_
                        *([ExecutorCallback(dispatcher[1], experiment),
                           # after the row is written: it names the best epoch's checkpoint
                           CheckpointRetention(config, functools.partial(trial_folder, f"{run.storage}/train", experiment))]
-                         if dispatcher is not None else [])],
+                         if dispatcher is not None else []),
+                       # last: a trial's row is written when it reaches this, and the best adapter is found by it
+                       *tracking_callbacks(config, label_ratio, study_name, run.tracking, run.db_url, run.facts)],
             verbose=0,
         ),
     )
@@ -464,7 +474,9 @@ def _confirm(run: SearchRun, label_ratio: float, trials: list[TrialSummary], tri
     # each seed is a leaderboard row of its own (role "confirmation"): views show mean and spread
     handouts = ExecutorHandouts(run.dispatcher[1], name) if run.dispatcher is not None else None
     callbacks = [LeaderboardCallback(run.config, label_ratio, run.db_url, role="confirmation", handouts=handouts),
-                 *([ExecutorCallback(run.dispatcher[1], name)] if run.dispatcher is not None else [])]
+                 *([ExecutorCallback(run.dispatcher[1], name)] if run.dispatcher is not None else []),
+                 *tracking_callbacks(run.config, label_ratio, study_name, run.tracking, run.db_url, run.facts,
+                                     role="confirmation")]
     confirmed = confirm_study(run.config, label_ratio, top, trainable, run.plan.concurrency, run.storage, callbacks)
     chosen = choose(confirmed, settings.resolved_mode)
     with run.lock:

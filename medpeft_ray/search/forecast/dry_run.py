@@ -21,6 +21,7 @@ from medpeft_ray.search.forecast.recorded import startup_figures
 from medpeft_ray.search.forecast.timing import time_steps
 from medpeft_ray.search.manifest import save_dry_run_forecast
 from medpeft_ray.search.preflight import preflight
+from medpeft_ray.search.tracking import check_tracking
 from medpeft_ray.storage import default_db_url, results_location
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def dry_run(searches: SearchConfig | list[GridCell], *, results: str | Path | No
         config = getattr(search, "config", search)  # a grid's cell, or the search itself
         name = config.experiment_name
         yield DryRunLine(": forecast (dry run: no Ray, no trial)", heading=name)
+        check_tracking(config, results_location(results)[1])  # as the search does: MLflow and W&B usable
         facts = preflight(config)  # exactly what the search would check before Ray
         made = timed_forecast(config, facts, results=results, db_url=db_url)
         for line in forecast_lines(made):
