@@ -291,16 +291,19 @@ def _write_merged(config: TrialConfig, source: Path, target: Path, num_classes: 
 
     from medpeft_ray.methods import merge_method, prepare_model
     from medpeft_ray.models import build_backbone
+    from medpeft_ray.train.recipe import BACKBONE_INIT_SEED
 
     pretrained = config.model.checkpoint
     if pretrained is not None and not Path(pretrained).is_file():
         raise MedpeftError(f"{pretrained}: the trial's pre-trained weights (model.checkpoint) are not on this "
                            "machine; the merged model is built from them")
-    # the trial seeded torch right before building its backbone: frozen weights that were not
-    # pre-trained (and frozen random projections) are the same draw here
-    torch.manual_seed(config.train.seed)
-    model = build_backbone(config.model.backbone, num_classes, config.dataset.image_size, checkpoint=pretrained,
-                           drop_path=config.train.drop_path)
+    # frozen weights that were not pre-trained are the recipe's draw, at its fixed seed whatever the
+    # trial's seed (the head and the method's weights come from the checkpoint; VeRA's projections
+    # from their own saved key)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BACKBONE_INIT_SEED)
+        model = build_backbone(config.model.backbone, num_classes, config.dataset.image_size, checkpoint=pretrained,
+                               drop_path=config.train.drop_path)
     model = prepare_model(model, config.method.name, config.method.options, config.family)
     try:
         load_checkpoint_into(source, model)
