@@ -254,6 +254,38 @@ def test_lora_trains_reports_fid_at_its_epochs_and_exports_a_lora_diffusers_load
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rslora", [False, True])
+def test_the_exported_lora_loads_in_diffusers_at_the_trials_scaling(tmp_path: Path, rslora: bool) -> None:
+    """alpha 32 at rank 4 scales the update by 8 (16 under rslora): diffusers reads that from the
+    file's metadata, and the loaded U-Net predicts the trained U-Net's noise, not the bare one's."""
+    from diffusers import StableDiffusionPipeline
+
+    from medpeft_ray.methods import prepare_model
+    from medpeft_ray.models import build_backbone
+    from medpeft_ray.train.checkpoint import load_checkpoint_into
+    from medpeft_ray.train.export import export_adapter
+
+    trial, epochs, checkpoint = _trained(tmp_path, "lora", {"rank": 4, "alpha": 32.0, "dropout": 0.0,
+                                                            "rslora": rslora}, epochs=1)
+    out = tmp_path / "export"
+    export_adapter(_row(trial, checkpoint, epochs[-1]["val_fid"]), out, "val_fid")
+    pipeline_dir = json.loads((out / "export.json").read_text())["pipeline"]
+    # the trained U-Net, as the recipe builds it: the pipeline's U-Net, the LoRA, the checkpoint
+    trained = prepare_model(build_backbone("unet_tiny", 0, 32), "lora", trial.method.options, "unet")
+    load_checkpoint_into(checkpoint, trained)
+    loaded = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True)
+    loaded.load_lora_weights(out / "lora")
+    bare = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True).unet
+    gen = torch.Generator().manual_seed(3)
+    latents, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 7, 32, generator=gen)
+    with torch.no_grad():
+        eps = {name: unet.eval()(latents, torch.tensor([500, 50]), encoder_hidden_states=text).sample
+               for name, unet in (("trained", trained), ("loaded", loaded.unet), ("bare", bare))}
+    assert (eps["trained"] - eps["bare"]).abs().max() > 1e-3  # the LoRA moved the U-Net: a lost scaling shows
+    torch.testing.assert_close(eps["loaded"], eps["trained"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["difffit", "sv_diff"])
 def test_a_mergeable_method_exports_a_merged_unet_that_reproduces_its_samples(tmp_path: Path, method: str) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel

@@ -20,6 +20,7 @@ from medpeft_ray.train.export import best_config_yaml, export_adapter, write_bes
 from medpeft_ray.methods import prepare_model
 from medpeft_ray.models import build_backbone
 from medpeft_ray.train.checkpoint import save_checkpoint
+from medpeft_ray.train.recipe import BACKBONE_INIT_SEED
 
 CLASSES = ["Atelectasis", "Effusion", "Nodule"]
 IMAGE_SIZE = 32
@@ -41,8 +42,9 @@ def make_trial_config(
 
 
 def tuned_model(config: TrialConfig) -> torch.nn.Module:
-    """What a trial trains: seeded backbone, method applied, trainable weights moved off their init."""
-    torch.manual_seed(config.train.seed)
+    """What a trial trains: the recipe's backbone (random weights drawn at its fixed seed, not the
+    trial's), method applied, trainable weights moved off their init."""
+    torch.manual_seed(BACKBONE_INIT_SEED)
     model = build_backbone(config.model.backbone, len(CLASSES), IMAGE_SIZE, checkpoint=config.model.checkpoint)
     model = prepare_model(model, config.method.name, config.method.options, config.family)
     generator = torch.Generator().manual_seed(1)
@@ -206,13 +208,43 @@ def test_export_lora_with_pretrained_weights(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method,backbone", [("bitfit", "vit_tiny_patch16_224"), ("ssf", "resnet18")])
 def test_export_mergeable_method_without_pretrained_weights(tmp_path: Path, method: str, backbone: str) -> None:
     config = make_trial_config(method, backbone=backbone, seed=7)
-    model = tuned_model(config)  # random frozen weights: the export must draw the same ones
+    model = tuned_model(config)  # random frozen weights at the recipe's seed, not the trial's 7: the export draws them
     with torch.no_grad():
         expected = model(images())
     result = export_adapter(record_trial(tmp_path, config, model), tmp_path / "export")
     assert result.merged and not result.peft and result.note == ""
     assert not (tmp_path / "export" / "peft").exists()
     torch.testing.assert_close(merged_outputs(tmp_path / "export", backbone), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_trained_trial_without_pretrained_weights_exports_the_model_it_trained(tmp_path: Path) -> None:
+    """Seed 3, no checkpoint: the recipe's frozen backbone is drawn at BACKBONE_INIT_SEED, whatever
+    the trial's seed; the merged export is that backbone with the trained LoRA and head folded in."""
+    import shutil
+
+    from medpeft_ray.train.checkpoint import load_checkpoint_into
+    from medpeft_ray.train.engine import WorkerContext, ensure_process_group
+    from medpeft_ray.train.recipes import make_recipe, run_training
+
+    torch.set_num_threads(1)
+    ensure_process_group("gloo")
+    trial = validate_search_dict(tiny_search(train={"seed": 3, "epochs": 1, "augment": "none"}),
+                                 "tiny.yaml").trial_config(1.0, {"lr": 1e-2})
+    checkpoint = tmp_path / "checkpoint"
+    run_training(trial, WorkerContext(0, 1, torch.device("cpu")),
+                 lambda metrics, directory: shutil.copytree(directory, checkpoint, dirs_exist_ok=True))
+    row = {"experiment": "tiny", "trial_id": "t1", "status": "completed", "checkpoint": str(checkpoint),
+           "method": "lora", "dataset": "synthetic", "label_ratio": 1.0, "config": trial.model_dump(mode="json")}
+    result = export_adapter(row, tmp_path / "export")
+    assert result.merged and result.peft
+    # the trial's model as its recipe builds it (pristine backbone, new head, LoRA), then its trained weights
+    trained = make_recipe(trial, WorkerContext(0, 1, torch.device("cpu"))).build_model(trial, len(CLASSES))
+    load_checkpoint_into(checkpoint, trained)
+    with torch.no_grad():
+        expected = trained.eval()(images())
+    torch.testing.assert_close(merged_outputs(tmp_path / "export", trial.model.backbone), expected,
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_export_unmergeable_method_copies_the_checkpoint_only(tmp_path: Path) -> None:

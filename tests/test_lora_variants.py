@@ -205,8 +205,9 @@ def test_combinations_peft_refuses_are_refused_at_validation_in_one_line() -> No
         "tiny.yaml: method.options.lr_ratio: ")
     with pytest.raises(ConfigError) as info:
         validate_search_dict({"task": "generation", "model": {"backbone": "unet_tiny"}, "train": {"augment": "none"},
-                              "method": {"name": "lora", "options": {"rslora": True}}}, "unet.yaml")
-    assert str(info.value).startswith("unet.yaml: method.options.rslora: not on U-Nets") and "\n" not in str(info.value)
+                              "method": {"name": "lora", "options": {"init": "pissa"}}}, "unet.yaml")
+    assert str(info.value).startswith("unet.yaml: method.options.init: pissa applies to ViT backbones only")
+    assert "\n" not in str(info.value)
     # what only the backbone's layers tell: a rank past a layer's width (pre-flight builds the model on meta)
     with torch.device("meta"), pytest.raises(ValueError) as too_wide:
         prepare_model(build_backbone(BACKBONE, 3, 32), "lora", {"init": "olora", "rank": 256}, "vit")

@@ -96,9 +96,6 @@ class LoraOptions(PeftOptions):
             raise ValueError(f"init: {self.init} applies to ViT backbones only (a U-Net's LoRA is exported in "
                              "diffusers' format for the pipeline's own U-Net, not for its residual weights); use "
                              "default or gaussian")
-        if self.rslora and family == "unet":
-            raise ValueError("rslora: not on U-Nets (their LoRA is exported in diffusers' format, which this export "
-                             "writes without a rank-stabilised scaling)")
 
     def lr_scales(self) -> dict[str, float]:
         return {LORA_B_PARAMETER: self.lr_ratio} if self.lr_ratio != 1 else {}

@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from medpeft_ray.config import TrialConfig
 from medpeft_ray.errors import MedpeftError
+from medpeft_ray.methods.export import ADAPTER_NAME
 from medpeft_ray.metrics import get_metric
 from medpeft_ray.samples import SAMPLE_SEED, SAMPLES_FILE
 from medpeft_ray.storage import download, is_uri
@@ -219,6 +220,22 @@ def _tuned_unet(config: TrialConfig, source: Path) -> Any:
     return model.eval()
 
 
+def _save_diffusers_lora(model: Any, folder: Path) -> None:
+    """Saves the U-Net's LoRA as diffusers saves one, with the trial's LoRA config beside the weights.
+
+    The config (rank, alpha, rslora, targets) goes into the safetensors metadata, which diffusers'
+    ``load_lora_weights`` builds its LoRA from: without it diffusers takes alpha = rank, a scaling of
+    1 where the trial trained at alpha / r (or alpha / sqrt r), and the loaded U-Net is not the trained one.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=model.peft_config[ADAPTER_NAME].to_dict())
+
+
 def _export_generation(row: Mapping[str, Any], config: TrialConfig, source: Path, out: Path, metric: str,
                        result: AdapterExport) -> AdapterExport:
     """A generation trial's export: a LoRA in diffusers' format, and the merged U-Net of a mergeable method.
@@ -234,13 +251,7 @@ def _export_generation(row: Mapping[str, Any], config: TrialConfig, source: Path
     spec = get_method(config.method.name)
     model = _tuned_unet(config, source)
     if config.method.name == "lora":
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-        StableDiffusionPipeline.save_lora_weights(out / DIFFUSERS_LORA_DIR, unet_lora_layers=layers,
-                                                  safe_serialization=True)
+        _save_diffusers_lora(model, out / DIFFUSERS_LORA_DIR)
         result.files.append(DIFFUSERS_LORA_DIR + "/")
     if spec.merge is not None:
         with torch.no_grad():
@@ -280,16 +291,19 @@ def _write_merged(config: TrialConfig, source: Path, target: Path, num_classes: 
 
     from medpeft_ray.methods import merge_method, prepare_model
     from medpeft_ray.models import build_backbone
+    from medpeft_ray.train.recipe import BACKBONE_INIT_SEED
 
     pretrained = config.model.checkpoint
     if pretrained is not None and not Path(pretrained).is_file():
         raise MedpeftError(f"{pretrained}: the trial's pre-trained weights (model.checkpoint) are not on this "
                            "machine; the merged model is built from them")
-    # the trial seeded torch right before building its backbone: frozen weights that were not
-    # pre-trained (and frozen random projections) are the same draw here
-    torch.manual_seed(config.train.seed)
-    model = build_backbone(config.model.backbone, num_classes, config.dataset.image_size, checkpoint=pretrained,
-                           drop_path=config.train.drop_path)
+    # frozen weights that were not pre-trained are the recipe's draw, at its fixed seed whatever the
+    # trial's seed (the head and the method's weights come from the checkpoint; VeRA's projections
+    # from their own saved key)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BACKBONE_INIT_SEED)
+        model = build_backbone(config.model.backbone, num_classes, config.dataset.image_size, checkpoint=pretrained,
+                               drop_path=config.train.drop_path)
     model = prepare_model(model, config.method.name, config.method.options, config.family)
     try:
         load_checkpoint_into(source, model)
