@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              str(work / "results")], env=env, capture_output=True, text=True)
     if search.returncode != 0:
         raise SystemExit(f"search failed:\n{search.stdout[-3000:]}\n{search.stderr[-3000:]}")
-    results = sorted((work / "results" / "tune").glob("*/run_trial_*/result.json"),
+    results = sorted((work / "results" / "tune").glob("*/run_trial*/result.json"),
                      key=lambda p: int(p.parent.name.split("_")[3]))
     trials = []
     for path in results:

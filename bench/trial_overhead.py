@@ -164,8 +164,8 @@ def _search(work: Path, raw: dict[str, Any], mode: str, env: dict[str, str]) -> 
     if search.returncode != 0:
         raise SystemExit(f"{mode} search failed:\n{search.stdout[-3000:]}\n{search.stderr[-3000:]}")
     rows = LeaderboardStore(f"sqlite:///{results / 'leaderboard.db'}", create=False).query()
-    # Tune names trial folders run_trial_<trial id>_<number>_...: order the rows as the trials ran
-    tune_results = sorted((results / "tune").glob("*/run_trial_*/result.json"), key=lambda p: int(p.parent.name.split("_")[3]))
+    # Tune names trial folders run_trial-<study>_<trial id>_<number>_...: order the rows as the trials ran
+    tune_results = sorted((results / "tune").glob("*/run_trial*/result.json"), key=lambda p: int(p.parent.name.split("_")[3]))
     order = [p.parent.name.split("_")[2] for p in tune_results]
     rows = rows.set_index("trial_id").loc[order]
     walls = [float(w) for w in rows["wall_time_s"]]

@@ -177,7 +177,8 @@ def test_a_search_keeps_its_results_in_the_bucket_and_exports_its_best_adapter_f
         for epoch in kept:
             assert f"{trial}/checkpoint_{epoch:06d}/trainable.safetensors" in keys
         # Tune's state of the study, and the trial's results, went to the bucket too
-        assert any(k.startswith(f"tune/tiny-ratio1/run_trial_{row['trial_id']}") and k.endswith("/result.json") for k in keys)
+        assert any(k.startswith(f"tune/tiny-ratio1/run_trial-tiny-ratio1_{row['trial_id']}") and k.endswith("/result.json")
+                   for k in keys)
     assert any(k.startswith("tune/tiny-ratio1/experiment_state-") for k in keys), keys
     manifest = json.loads(bucket.read("searches/tiny.json"))
     assert manifest["finished"] and manifest["studies_done"] == [1.0]
@@ -249,7 +250,7 @@ def test_a_killed_search_on_s3_resumes_from_the_bucket(bucket: Bucket, pg_url: s
     # the interrupted trial went on from its last checkpoint in the bucket instead of starting over
     (interrupted,) = [r for r in rows if r["trial_id"] not in before]
     (result_key,) = [k for k in bucket.keys("tune/tiny-ratio1/")
-                     if f"run_trial_{interrupted['trial_id']}" in k and k.endswith("/result.json")]
+                     if f"_{interrupted['trial_id']}_" in k and k.endswith("/result.json")]
     reported = [json.loads(line) for line in bucket.read(result_key).decode().splitlines() if line.strip()]
     # Tune's results span the whole trial, each epoch once, counted in epochs
     assert [(r["epoch"], r["training_iteration"]) for r in reported] == [(e, e) for e in range(1, epochs + 1)]

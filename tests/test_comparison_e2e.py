@@ -46,7 +46,8 @@ def test_a_two_method_search_ends_with_intervals_and_tested_verdicts(dataset: st
         search={"num_samples": 2, "seed": 0, "points_to_evaluate": [{"method": "lora"}, {"method": "full"}],
                 "confirm": {"top_k": 2, "seeds": 2}},
     )
-    config["dataset"] = _dataset(dataset, tmp_path) or config["dataset"]
+    # two label ratios on the synthetic default: their studies run at once, each with its own plan
+    config["dataset"] = _dataset(dataset, tmp_path) or {**config["dataset"], "label_ratios": [0.5, 1.0]}
     del config["space"]  # each method's own default ranges
     space = tmp_path / "two.yaml"
     space.write_text(yaml.safe_dump(config))
@@ -58,7 +59,15 @@ def test_a_two_method_search_ends_with_intervals_and_tested_verdicts(dataset: st
     # a MedMNIST set is named as its file is, so that two sets are never one task
     assert {r["dataset"] for r in rows} == {"synthetic" if dataset == "synthetic" else "dermamnist"}
     seeds = [r for r in rows if r["role"] == "confirmation"]
-    assert sorted(r["method"] for r in seeds) == ["full", "full", "lora", "lora"]
+    ratios = sorted({r["label_ratio"] for r in rows})
+    assert sorted(r["method"] for r in seeds) == sorted(["full", "full", "lora", "lora"] * len(ratios))
+    # seed 0 re-trains its search trial exactly (same configuration, seed, epochs and label ratio's
+    # images): a confirmation that trained on another study's label ratio would differ here
+    search = {r["trial_id"]: r for r in rows if r["role"] == "search"}
+    for row in (r for r in seeds if r["seed"] == 0):
+        source = search[row["source_trial"]]
+        assert (row["label_ratio"], row["val_auroc"]) == (source["label_ratio"], source["val_auroc"]), row
+    seeds = [r for r in seeds if r["label_ratio"] == 1.0]
     for method in ("lora", "full"):
         runs = [read_predictions(r["predictions"], "test") for r in seeds if r["method"] == method]
         mine = [r for r in seeds if r["method"] == method]
@@ -72,8 +81,8 @@ def test_a_two_method_search_ends_with_intervals_and_tested_verdicts(dataset: st
     assert shown.returncode == 0, shown.stderr
     text = " ".join(shown.stdout.split())
     assert re.search(r"lora 0\.\d{4} \[0\.\d{4}, [01]\.\d{4}\]", text), text
-    verdict = re.search(r"lora vs full: (\d) better, (\d) worse, (\d) not distinguishable of 1 tasks", text)
-    assert verdict and sum(int(n) for n in verdict.groups()) == 1, text
+    verdict = re.search(r"lora vs full: (\d) better, (\d) worse, (\d) not distinguishable of (\d) tasks", text)
+    assert verdict and sum(int(n) for n in verdict.groups()[:3]) == int(verdict.group(4)) == len(ratios), text
     assert "DeLong" in text and "Holm" in text and "bootstrap interval of the seed mean" in text
     records = json.loads(cli("leaderboard", "--results", results, "--compare", "methods", "--format", "json").stdout)
     for record in records:

@@ -349,6 +349,8 @@ def test_a_resumed_studys_trials_queue_in_the_order_tune_created_them() -> None:
     from medpeft_ray.search.trial import _trial_number
 
     assert _trial_number("/r/tune/tiny-ratio1/run_trial_119ba3c6_2_lr=0.0020_2026-12-07_12-49-27", "119ba3c6") == 2
+    # each study's trainable is named after it (runner.study_trainable)
+    assert _trial_number("/r/tune/tiny-ratio1/run_trial-tiny-ratio1_119ba3c6_3_lr=0.0020", "119ba3c6") == 3
     assert _trial_number("/r/tune/x/elsewhere", "119ba3c6") == 0
 
     async def scenario() -> None:

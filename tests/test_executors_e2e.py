@@ -36,8 +36,8 @@ def _cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 
 def _epochs_reported(results: Path) -> dict[str, list[dict[str, Any]]]:
     """Each trial's epochs as Tune recorded them (``result.json``), by trial id, in the order the trials started."""
-    # Tune names trial folders run_trial_<trial id>_<number>_...
-    files = sorted((results / "tune").glob("*/run_trial_*/result.json"), key=lambda p: int(p.parent.name.split("_")[3]))
+    # Tune names trial folders run_trial-<study>_<trial id>_<number>_...
+    files = sorted((results / "tune").glob("*/run_trial*/result.json"), key=lambda p: int(p.parent.name.split("_")[3]))
     return {p.parent.name.split("_")[2]: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
             for p in files}
 

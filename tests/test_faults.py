@@ -193,7 +193,7 @@ def test_a_search_killed_at_every_point_in_turn_resumes_to_the_rows_of_an_uninte
     rows = _rows(results)
     assert {lr: _compared(row) for lr, row in rows.items()} == uninterrupted
     # every trial's Tune results count its epochs, once each, resumed or not (schedulers read this)
-    for result in (results / "tune").glob("*/run_trial_*/result.json"):
+    for result in (results / "tune").glob("*/run_trial*/result.json"):
         reported = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         assert all(r["training_iteration"] == r["epoch"] for r in reported), [(r["training_iteration"], r["epoch"]) for r in reported]
     # the Optuna study holds each grid point once, with the row's value

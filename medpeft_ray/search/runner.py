@@ -337,7 +337,7 @@ def _run_study(run: SearchRun, index: int, tail: threading.Event) -> list[TrialS
         return []
     trial_plan = _trial_plan(run, label_ratio)
     study_name = config.study_name(label_ratio, manifest.run_stamp)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=trial_plan), run.plan.driver)
+    trainable = study_trainable(run_trial, trial_plan, run.plan.driver, config.run_name(label_ratio))
     study_path = f"{run.storage}/tune/{config.run_name(label_ratio)}"
     if label_ratio in manifest.studies_started and tune.Tuner.can_restore(study_path):
         run.reporter.resuming(label_ratio)
@@ -365,6 +365,21 @@ def _run_study(run: SearchRun, index: int, tail: threading.Event) -> list[TrialS
     return trials
 
 
+def study_trainable(function: Any, trial_plan: TrialPlan, resources: Any, study: str) -> Any:
+    """``function`` (a Tune function trainable) with this study's ``trial_plan`` and the driver's
+    ``resources``, named after the ``study``.
+
+    Tune finds a trial's trainable by its name, in one registry for the whole driver, where the
+    studies of the label ratios run at once (a thread each): under one shared name, the study that
+    registered last would hand its plan, and its label ratio, to the other studies' later trials,
+    which would train silently on another ratio's images. The name keeps Tune's folder layout
+    (``run_trial-<study>_<trial id>_<number>_...``) and is the same when the study is resumed.
+    """
+    trainable = tune.with_parameters(function, plan=trial_plan)
+    trainable.__name__ = f"{function.__name__}-{study.replace('_', '-')}"
+    return tune.with_resources(trainable, resources)
+
+
 def _restore_tuner(study_path: str, trainable: Any) -> tune.Tuner:
     """The interrupted study's tuner, from Tune's saved state.
 
@@ -372,14 +387,16 @@ def _restore_tuner(study_path: str, trainable: Any) -> tune.Tuner:
     state written by a medpeft-ray whose modules were laid out otherwise cannot be read back.
 
     Raises:
-        MedpeftError: the state names a medpeft_ray module or class this version does not have.
+        MedpeftError: the state names a medpeft_ray module or class this version does not have, or
+            a trainable of another name (studies saved before each study's trainable was named).
     """
     try:
         # finished trials stay finished; trials that were running restart from their last checkpoint;
         # the searcher comes back with its Optuna study, the leaderboard callback with its database
         return tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    except (ModuleNotFoundError, AttributeError) as exc:
-        if "medpeft_ray" not in str(exc):
+    except (ModuleNotFoundError, AttributeError, ValueError) as exc:
+        # ValueError: Tune's check that the trainable has the name the study was saved with
+        if "medpeft_ray" not in str(exc) and "trainable" not in str(exc):
             raise
         raise MedpeftError(f"{study_path}: the study's saved state was written by another version of medpeft-ray "
                            f"({exc}); finish the search with that version (its rows and checkpoints are kept)") from exc
@@ -469,8 +486,8 @@ def _confirm(run: SearchRun, label_ratio: float, trials: list[TrialSummary], tri
     confirm = settings.confirm
     assert confirm is not None
     top = [t.record for t in trials if t.record.status != "failed"][: confirm.top_k]
-    trainable = tune.with_resources(tune.with_parameters(confirm_trial, plan=trial_plan), run.plan.driver)
     name = run.config.run_name(label_ratio, confirmation=True)
+    trainable = study_trainable(confirm_trial, trial_plan, run.plan.driver, name)
     # each seed is a leaderboard row of its own (role "confirmation"): views show mean and spread
     handouts = ExecutorHandouts(run.dispatcher[1], name) if run.dispatcher is not None else None
     callbacks = [LeaderboardCallback(run.config, label_ratio, run.db_url, role="confirmation", handouts=handouts),
