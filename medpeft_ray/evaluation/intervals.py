@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from scipy import stats
 
 from medpeft_ray.errors import UsageError
 from medpeft_ray.evaluation.predictions import SplitPredictions, check_paired
@@ -130,6 +129,8 @@ def _bootstrap(statistic: Callable[..., np.ndarray], n_groups: int, level: float
     """scipy's interval of ``statistic`` over resampled group indices: the bounds, the resamples they
     rest on, and a note. Resamples that leave the metric undefined (a class without both labels,
     for a one-class AUROC) are left out, up to :data:`MAX_UNDEFINED_SHARE`; beyond, NaN bounds."""
+    from scipy import stats  # about a second to import: only where a statistic is computed, not per leaderboard listing
+
     data = (np.arange(n_groups),)
     options = dict(vectorized=True, paired=False, confidence_level=level, method=_method(n_groups), batch=BATCH)
     with warnings.catch_warnings():  # a degenerate distribution gives NaN bounds, explained below

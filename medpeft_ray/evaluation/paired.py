@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from scipy import stats
 
 from medpeft_ray.errors import UsageError
 from medpeft_ray.evaluation.predictions import SplitPredictions, check_paired
@@ -90,6 +89,8 @@ def _class_influence(labels: np.ndarray, scores: np.ndarray, contrast: np.ndarra
     per-group influences: exactly DeLong's L S L' when every group has one image, and the
     clustered (per-patient) variance of Obuchowski (1997) otherwise.
     """
+    from scipy import stats  # about a second to import: only where a statistic is computed, not per leaderboard listing
+
     known = ~np.isnan(labels)
     truth = labels[known] > 0.5
     rows = scores[:, known]
@@ -117,6 +118,8 @@ def _z_test(difference: float, variance: float) -> tuple[float, float]:
         return math.nan, math.nan
     if variance <= 0:
         return (0.0, 1.0) if difference == 0 else (math.copysign(math.inf, difference), 0.0)
+    from scipy import stats  # about a second to import: only where a statistic is computed
+
     z = difference / math.sqrt(variance)
     return z, float(2 * stats.norm.sf(abs(z)))
 
@@ -366,6 +369,8 @@ def adjust(p_values: Sequence[float], method: Literal["holm", "bh", "none"] = "h
     false ones among those called different; none: unchanged. NaN p-values (tests that could not
     be made) stay NaN and are not counted in the family.
     """
+    from scipy import stats  # about a second to import: only where a statistic is computed
+
     values = np.asarray(list(p_values), dtype=np.float64)
     if method not in ("holm", "bh", "none"):
         raise UsageError(f"unknown p-value adjustment {method!r}; choose holm, bh or none")
