@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from pathlib import Path
 
@@ -129,6 +130,9 @@ def test_paired_tests_say_better_or_not_distinguishable_and_count_them(results: 
     tests = task_tests(rows, "val_auroc", "full", "test", settings).set_index("dataset")
     assert tests.at["clear", "verdict"] == "better" and tests.at["clear", "test"].startswith("DeLong")
     assert tests.at["level", "verdict"] == "not distinguishable"
+    # AUROC's per-class DeLong tests come along (for reading; the verdict is the macro test's)
+    assert set(tests.at["clear", "per_class"]) == set(CLASSES)
+    assert all(d > 0 and 0 <= p < 0.05 for d, p in tests.at["clear", "per_class"].values())
     # the same test as the statistics module gives on the same files, then Holm over lora's two tasks
     files = PredictionFiles(rows)
     mine = files.of_rows(rows.loc[rows["trial_id"].str.startswith("lora-clear-s"), "id"].tolist(), "test")
@@ -200,6 +204,7 @@ def test_report_has_intervals_tests_and_calibration(results: Path, tmp_path: Pat
     page = (out / "index.html").read_text()
     assert "lora vs full: 1 better, 0 worse, 1 not distinguishable of 3 tasks (1 without predictions to test)" in page
     assert '<table class="tests">' in page and "no test: trial lora-old kept no predictions" in page
+    assert "per class: difference (p, uncorrected)" in page and re.search(r"<td class=\"name\">a \+0\.\d{4} \(", page)
     assert '<table class="calibration">' in page and (out / "calibration.png").is_file()
     assert "No calibration for lora at old @ 1: trial lora-old kept no predictions" in page
 

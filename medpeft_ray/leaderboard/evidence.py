@@ -244,7 +244,7 @@ def best_interval(frame: pd.DataFrame, trial: dict[str, Any], metric: str, setti
 
 #: one row per (method, task) of :func:`task_tests`
 TEST_COLUMNS = ["method", "baseline", *TASK_COLUMNS, "task", "column", "value", "baseline_value", "difference",
-                "p_value", "p_adjusted", "verdict", "test", "why"]
+                "p_value", "p_adjusted", "verdict", "test", "why", "per_class"]
 
 
 def task_tests(frame: pd.DataFrame, metric: str, baseline: str, split: str | None,
@@ -276,7 +276,7 @@ def _test_of(cell: dict, base: dict, metric: str, files: PredictionFiles, settin
               "task": cell_label(cell["dataset"], cell["label_ratio"]),
               "column": _metric_column(metric, cell["split"]), "value": cell["mean"],
               "baseline_value": base["mean"], "difference": cell["mean"] - base["mean"],
-              "p_value": math.nan, "test": "", "why": ""}
+              "p_value": math.nan, "test": "", "why": "", "per_class": None}
     if get_metric(metric).compute is None or not get_metric(metric).per_subgroup:
         return {**record, "why": f"{get_metric(metric).title} has no per-image values"}
     mine, theirs = files.of_rows(cell["ids"], cell["split"]), files.of_rows(base["ids"], base["split"])
@@ -291,7 +291,11 @@ def _test_of(cell: dict, base: dict, metric: str, files: PredictionFiles, settin
         result = paired_test(mine, theirs, _metric_column(metric, cell["split"]), seed=settings.seed)
     except MedpeftError as exc:  # a metric not defined for the data's task: said in the row, not raised
         return {**record, "why": str(exc)}
-    return {**record, "difference": result.difference, "p_value": result.p_value, "test": result.test}
+    # AUROC: each class's own DeLong test beside the macro one (uncorrected: for reading, not verdicts)
+    per_class = ({name: [one.difference, one.p_value] for name, one in result.per_class.items()}
+                 if result.per_class else None)
+    return {**record, "difference": result.difference, "p_value": result.p_value, "test": result.test,
+            "per_class": per_class}
 
 
 def _corrected(table: pd.DataFrame, metric: str, settings: EvidenceSettings) -> pd.DataFrame:

@@ -113,7 +113,7 @@ def tests_html(tests: pd.DataFrame, metric: str) -> str:
     """Each task's paired test: the two values, the difference, p, corrected p and the verdict."""
     head = ("<tr><th class=\"name\">method</th><th class=\"name\">task</th><th>value</th><th>baseline</th>"
             "<th>difference</th><th>p</th><th>corrected p</th><th class=\"name\">verdict</th>"
-            "<th class=\"name\">test</th></tr>")
+            "<th class=\"name\">test</th><th class=\"name\">per class: difference (p, uncorrected)</th></tr>")
     rows = []
     for t in tests.sort_values(["method", "task"], kind="stable").itertuples(index=False):
         verdict = t.verdict or f"no test: {t.why}"
@@ -121,8 +121,17 @@ def tests_html(tests: pd.DataFrame, metric: str) -> str:
                     f"<td>{metric_text(metric, t.value)}</td><td>{metric_text(metric, t.baseline_value)}</td>"
                     f"<td>{metric_text(metric, t.difference)}</td><td>{_p_text(t.p_value)}</td>"
                     f'<td>{_p_text(t.p_adjusted)}</td><td class="name">{html.escape(verdict)}</td>'
-                    f'<td class="name">{html.escape(t.test)}</td></tr>')
+                    f'<td class="name">{html.escape(t.test)}</td>'
+                    f'<td class="name">{html.escape(_per_class_text(t.per_class, metric))}</td></tr>')
     return f'<table class="tests">{head}{"".join(rows)}</table>'
+
+
+def _per_class_text(per_class: Any, metric: str) -> str:
+    """``Effusion +0.0210 (0.0312), ...``: each class's own test, where the test has them (AUROC)."""
+    if not isinstance(per_class, dict):
+        return ""
+    return ", ".join(f"{name} {'+' if d > 0 else ''}{metric_text(metric, d)} ({_p_text(p)})"
+                     for name, (d, p) in per_class.items() if d == d)
 
 
 def _p_text(value: Any) -> str:
