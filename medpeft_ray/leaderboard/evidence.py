@@ -195,7 +195,8 @@ def with_intervals(study: StudyTable, frame: pd.DataFrame, settings: EvidenceSet
     order = study.means.index
     low = wide(intervals, by, "low").astype("float64").reindex(order)
     high = wide(intervals, by, "high").astype("float64").reindex(order)
-    return dataclasses.replace(study, low=low, high=high, interval_note=interval_note(intervals, settings))
+    note = interval_note(intervals, settings, study.several_seeds)
+    return dataclasses.replace(study, low=low, high=high, interval_note=note)
 
 
 def interval_of(cell: dict, metric: str, settings: EvidenceSettings, files: PredictionFiles) -> dict:
@@ -333,16 +334,17 @@ def verdict_lines(tests: pd.DataFrame, metric: str, settings: EvidenceSettings) 
     return lines
 
 
-def interval_note(intervals: pd.DataFrame, settings: EvidenceSettings) -> str:
-    """What the intervals are: level, resampling unit, resamples; and how many cells have none."""
+def interval_note(intervals: pd.DataFrame, settings: EvidenceSettings, several_seeds: bool = True) -> str:
+    """What the intervals are: level, of what (the seed mean where configurations ran several
+    seeds), resampling unit, resamples; and how many cells have none."""
     have = intervals[intervals["why"] == ""]
     units = sorted({u for u in have["unit"] if u})
     missing = len(intervals) - len(have)
     reasons = intervals.loc[intervals["why"] != "", "why"]
     if have.empty:
         return f"no intervals: {reasons.iloc[0]}" if missing else ""
-    text = (f"[low, high]: {settings.level:.0%} bootstrap interval of the seed mean, resampling "
-            f"{' or '.join(units)} ({settings.resamples} resamples)")
+    text = (f"[low, high]: {settings.level:.0%} bootstrap interval{' of the seed mean' if several_seeds else ''}, "
+            f"resampling {' or '.join(units)} ({settings.resamples} resamples)")
     return text + (f"; {missing} cell(s) without: {reasons.iloc[0]}" if missing else "")
 
 
