@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 METHOD = "BCa"
 #: above this many patients (or images), the percentile interval instead: BCa's correction shrinks
 #: as the sample grows while its jackknife grows with it (25,000 images of 2,800 patients, 14
-#: classes, 3 seeds: 15.7 s for BCa's AUROC interval, 8.6 s for the percentile one; 2 busy cores)
+#: classes, 3 seeds: 20.2 s for BCa's AUROC interval, 9.3 s for the percentile one; bench/evidence_speed.py)
 BCA_MAX_UNITS = 1000
 LARGE_SAMPLE_METHOD = "percentile"
 #: resamples per call of the statistic: a few hundred keep the per-class arrays in the CPU's cache
