@@ -68,6 +68,13 @@ def reliability(outcomes: np.ndarray, confidences: np.ndarray, bins: int = 15) -
     return Reliability(edges, np.where(count > 0, confidence, np.nan), np.where(count > 0, frequency, np.nan), count)
 
 
+def top_label_outcomes(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-class: whether each image's argmax class is right, and that class's probability."""
+    guess = np.asarray(scores).argmax(axis=1)
+    right = guess == np.nan_to_num(np.asarray(labels, dtype=np.float64), nan=0.0).argmax(axis=1)
+    return right, np.asarray(scores, dtype=np.float64)[np.arange(len(guess)), guess]
+
+
 def calibration(labels: np.ndarray, scores: np.ndarray, multilabel: bool, bins: int = 15) -> Calibration:
     """The expected calibration errors of ``scores`` (N, K probabilities) against ``labels`` (N, K:
     1, 0 or NaN; NaN images are left out of that class) in ``bins`` equal-width bins."""
@@ -78,10 +85,6 @@ def calibration(labels: np.ndarray, scores: np.ndarray, multilabel: bool, bins: 
         per_class.append(reliability(labels[known, k] > 0.5, scores[known, k], bins))
     per_class_ece = tuple(diagram.ece for diagram in per_class)
     defined = [ece for ece in per_class_ece if not math.isnan(ece)]
-    top_label = None
-    if not multilabel:
-        guess = scores.argmax(axis=1)
-        right = guess == np.nan_to_num(labels, nan=0.0).argmax(axis=1)
-        top_label = reliability(right, scores[np.arange(len(scores)), guess], bins)
+    top_label = None if multilabel else reliability(*top_label_outcomes(labels, scores), bins)
     return Calibration(per_class_ece, float(np.mean(defined)) if defined else math.nan,
                        top_label.ece if top_label is not None else None, tuple(per_class), top_label)

@@ -34,13 +34,12 @@ from medpeft_ray.evaluation.paired import adjust, paired_test, verdict
 from medpeft_ray.evaluation.predictions import SplitPredictions, check_paired, read_predictions
 from medpeft_ray.leaderboard.formatting import interval_text
 from medpeft_ray.leaderboard.views import (
-    ROLE_CONFIRMATION,
     TASK_COLUMNS,
     StudyTable,
     cell_label,
     cells,
     checkpoint_labels,
-    roles,
+    confirmation_seeds,
     wide,
 )
 from medpeft_ray.metrics import get_metric
@@ -228,8 +227,7 @@ def best_interval(frame: pd.DataFrame, trial: dict[str, Any], metric: str, setti
     """The interval line ``best`` prints for a search ``trial`` (a row of ``frame``): its
     confirmation seeds' test value where it was confirmed, else its own validation value, e.g.
     ``test_auroc 0.8123, 95% interval [0.7901, 0.8302] (2 seeds, resampling 300 patients)``."""
-    seeds = frame[(roles(frame) == ROLE_CONFIRMATION) & (frame.get("source_trial") == trial["trial_id"])
-                  & (frame["experiment"] == trial["experiment"])] if "source_trial" in frame else frame.iloc[:0]
+    seeds = confirmation_seeds(frame, trial)
     ids, split = (list(seeds["id"]), "test") if len(seeds) else ([int(trial["id"])], "val")
     column = _metric_column(metric, split)
     values = pd.to_numeric((seeds if len(seeds) else frame[frame["id"] == trial["id"]])[column], errors="coerce")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from medpeft_ray.evaluation.calibration import Reliability, calibration, reliability
+from medpeft_ray.evaluation.calibration import Reliability, calibration, reliability, top_label_outcomes
 from medpeft_ray.evaluation.predictions import SplitPredictions
 from medpeft_ray.leaderboard import views
 from medpeft_ray.leaderboard.evidence import EvidenceSettings, PredictionFiles, task_tests, with_intervals
@@ -79,9 +79,9 @@ def _pooled(runs: list[SplitPredictions]) -> Reliability:
             outcomes.append(run.labels[known] > 0.5)
             confidences.append(run.scores[known])
         else:
-            guess = run.scores.argmax(axis=1)
-            outcomes.append(guess == np.nan_to_num(run.labels, nan=0.0).argmax(axis=1))
-            confidences.append(run.scores[np.arange(len(guess)), guess])
+            right, confidence = top_label_outcomes(run.labels, run.scores)
+            outcomes.append(right)
+            confidences.append(confidence)
     return reliability(np.concatenate(outcomes), np.concatenate(confidences), BINS)
 
 

@@ -73,13 +73,18 @@ def best(frame: pd.DataFrame, metric: str = "val_auroc", what: str = "the leader
     return rows.head(1)
 
 
+def confirmation_seeds(frame: pd.DataFrame, trial: dict[str, Any]) -> pd.DataFrame:
+    """The confirmation rows that re-train search ``trial``'s configuration (none if it was not)."""
+    if "source_trial" not in frame:
+        return frame.iloc[:0]
+    return frame[(roles(frame) == ROLE_CONFIRMATION) & (frame["source_trial"] == trial["trial_id"])
+                 & (frame["experiment"] == trial["experiment"])]
+
+
 def confirmation_summary(frame: pd.DataFrame, trial: dict[str, Any], metric: str = "val_auroc") -> str | None:
     """``confirmed with 3 seeds: val_f1 0.81 ± 0.01, test_f1 0.79 ± 0.02`` for a search trial whose
     configuration was re-trained with several seeds; None when it was not."""
-    if "source_trial" not in frame:
-        return None
-    seeds = frame[(roles(frame) == ROLE_CONFIRMATION) & (frame["source_trial"] == trial["trial_id"])
-                  & (frame["experiment"] == trial["experiment"])]
+    seeds = confirmation_seeds(frame, trial)
     if seeds.empty:
         return None
     shown = get_metric(metric)

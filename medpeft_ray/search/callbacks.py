@@ -129,6 +129,15 @@ class StudyTail(Callback):
         return {**self.__dict__, "tail": None}  # an event of this process; a restored study has its own
 
 
+def sampled_point(trial: Any, role: str) -> tuple[dict[str, Any], int | None, str | None]:
+    """A Tune trial's sampled point, its seed where it overrides the config's (a confirmation's),
+    and the search trial a confirmation re-trains (its config is ``{"point": ...}``)."""
+    if role == "confirmation":
+        point = trial.config["point"]
+        return dict(point["params"]), int(point["seed"]), str(point["trial_id"])
+    return dict(trial.config), None, None
+
+
 class LeaderboardCallback(Callback):
     """Records each trial's best epoch, cost and config when the trial completes, stops or fails.
 
@@ -282,13 +291,6 @@ class LeaderboardCallback(Callback):
             sha256 = None
         return {"checkpoint_file": str(path), "checkpoint_sha256": sha256}
 
-    def _sampled(self, trial: Any) -> tuple[dict[str, Any], int | None, str | None]:
-        """The trial's sampled point, its seed when it overrides the config's, and the search trial it re-trains."""
-        if self.role == "confirmation":
-            point = trial.config["point"]
-            return dict(point["params"]), int(point["seed"]), str(point["trial_id"])
-        return dict(trial.config), None, None
-
     def _scores(self, best: dict[str, Any], curve: dict[str, list[Any]] | None = None) -> dict[str, Any]:
         """The row's metric columns and details from the result of its best epoch, with the
         per-epoch ``curve`` added to the details when there is one."""
@@ -308,7 +310,7 @@ class LeaderboardCallback(Callback):
         p = self._state(trial)
         ended = time.time()
         best, last = p.best or {}, p.last or {}
-        sampled, seed, source_trial = self._sampled(trial)
+        sampled, seed, source_trial = sampled_point(trial, self.role)
         first_step = last.get("first_step_at")
         trial_config = self.config.search_space.trial_config(self.label_ratio, sampled)
         record = TrialRecord(

@@ -46,6 +46,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from medpeft_ray.config import SearchConfig
 from medpeft_ray.leaderboard import LeaderboardStore
 from medpeft_ray.metrics import better, get_metric
+from medpeft_ray.search.callbacks import sampled_point
 from medpeft_ray.search.tracking import TrackingTargets
 from medpeft_ray.search.tracking_destinations import MlflowDestination, RunInfo, WandbDestination, short_reason
 from medpeft_ray.train.export import export_adapter
@@ -169,7 +170,7 @@ class TrackingCallback(Callback):
     def _common_tags(self) -> dict[str, str]:
         config = self.config
         return {"experiment": config.experiment_name, "study": self.study_name, "label_ratio": f"{self.label_ratio:g}",
-                "dataset": config.dataset.name, "backbone": config.model.backbone,
+                "dataset": config.dataset.row_name, "backbone": config.model.backbone,
                 **({"checkpoint_sha256": self.checkpoint_sha256} if self.checkpoint_sha256 else {})}
 
     def _study_info(self) -> RunInfo:
@@ -182,12 +183,7 @@ class TrackingCallback(Callback):
 
     def _trial_info(self, trial: Any) -> RunInfo:
         """The run of a search trial (its sampled point) or of a confirmation (a point and a seed)."""
-        seed = source = None
-        if self.role == "confirmation":
-            point = trial.config["point"]
-            params, seed, source = dict(point["params"]), int(point["seed"]), str(point["trial_id"])
-        else:
-            params = dict(trial.config)
+        params, seed, source = sampled_point(trial, self.role)
         trial_config = self.config.search_space.trial_config(self.label_ratio, params)
         seed = trial_config.train.seed if seed is None else seed
         tags = {**self._common_tags(), "trial_id": trial.trial_id, "role": self.role, "seed": str(seed),
