@@ -185,6 +185,9 @@ def test_a_file_from_another_epoch_or_gone_is_named_not_used(results: Path) -> N
     rows.loc[rows["id"] == seed["id"], "best_epoch"] = 3
     found = PredictionFiles(rows).of_row(int(seed["id"]), "test")
     assert isinstance(found, str) and "predictions of epoch 2, but trial lora-clear-s0's best epoch is 3" in found
+    Path(seed["predictions"], "test.npz").write_text("not an archive")
+    garbage = PredictionFiles(_rows(results)).of_row(int(seed["id"]), "test")
+    assert isinstance(garbage, str) and garbage.endswith("test.npz: not a predictions file (no NumPy .npz archive)")
     Path(seed["predictions"], "test.npz").unlink()
     gone = PredictionFiles(_rows(results)).of_row(int(seed["id"]), "test")
     assert isinstance(gone, str) and "test.npz: cannot read the trial's test predictions" in gone

@@ -105,7 +105,11 @@ class SplitPredictions:
     def from_bytes(cls, data: bytes, source: str = "") -> SplitPredictions:
         """Reads a file's bytes; raises a one-line MedpeftError naming ``source`` when it is not one."""
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            archive = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError):  # numpy's own words guess at pickles: say what it is not
+            raise MedpeftError(f"{source or 'predictions'}: not a predictions file (no NumPy .npz archive)") from None
+        try:
+            with archive:
                 meta = json.loads(str(archive["meta"]))
                 arrays = {name: archive[name] for name in ("scores", "labels", "groups", "classes", "thresholds")}
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:

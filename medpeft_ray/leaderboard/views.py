@@ -265,7 +265,10 @@ def companion(study: StudyTable, frame: pd.DataFrame, metric: str) -> pd.DataFra
     """Another metric's values of the configurations ``study`` chose (on its own metric), cell by
     cell: the mean over the same rows of ``metric`` on the study's split. What benchmark tables
     show beside the ranking metric (MedMNIST's ACC beside AUC), never chosen on."""
-    get_metric(metric)
+    try:
+        get_metric(metric)
+    except UsageError as exc:
+        raise UsageError(f"--also: {exc}") from None
     if study.cells is None or study.cells.empty:
         return study.means.drop(columns="mean_rank").astype("float64")
     column = get_metric(metric).on_split(study.split)
